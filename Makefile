@@ -1,0 +1,97 @@
+# xdpguard: `make help` lists the targets. Quiet unless V=1.
+.DELETE_ON_ERROR:
+.SUFFIXES:
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+V ?= 0
+Q := $(if $(filter 1,$(V)),,@)
+
+ARCH := $(shell uname -m)
+CLANG ?= clang
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(ARCH)-linux-gnu -Ibpf
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := .stamp
+
+# Everything the project needs from Debian: toolchain and libraries for the
+# BPF object and the shim, Python for the venv (system site packages so the
+# Debian-packaged bcc is importable), and the tools the labs, tests and
+# benchmarks drive.
+DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
+	python3 python3-venv python3-dev python3-bpfcc \
+	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables
+
+BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o
+SHIM := xdpguard/_shim.abi3.so
+SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py bpf/xdpguard.h
+
+PYTEST_ARGS ?=
+
+.PHONY: all help apt deps build test test-unit test-bpf test-netns lint demo bench clean
+
+all: build
+
+help:
+	@echo "make deps        install Debian packages and the Python venv (idempotent)"
+	@echo "make build       compile the XDP object and the cffi shim"
+	@echo "make test        deps + build + every test tier (what .ci/run calls)"
+	@echo "make test-unit | test-bpf | test-netns   one tier"
+	@echo "make demo        deps + build + a lab with xdpguard forwarding real traffic"
+	@echo "make bench       deps + build + the benchmarks in bench/"
+	@echo "make lint        ruff check and format check"
+
+deps: apt $(STAMP)/venv
+
+# Always checked (a dpkg query, so quick); apt-get runs only for what is missing.
+apt:
+	$(Q)missing=""; \
+	for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q "install ok installed" \
+			|| missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "  APT   $$missing"; \
+		apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$$missing >/dev/null; \
+	fi
+
+# Remade only when the project's metadata changes.
+$(STAMP)/venv: pyproject.toml setup.py | apt
+	$(Q)test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@echo "  PIP    $(VENV)"
+	$(Q)$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(Q)$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(Q)mkdir -p $(STAMP) && touch $@
+
+build: $(BPF_OBJS) $(SHIM)
+
+%.bpf.o: %.bpf.c bpf/xdpguard.h | apt
+	@echo "  CLANG  $@"
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+$(SHIM): $(SHIM_DEPS) | $(STAMP)/venv
+	@echo "  CFFI   $@"
+	$(Q)$(PY) setup.py -q build_ext --inplace 2>&1 | grep -E "error|warning:" >&2 || true
+	$(Q)test -f $@ && touch $@
+
+test: deps build
+	$(Q)$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit test-bpf test-netns: test-%: deps build
+	$(Q)$(PY) -m pytest -m $* $(PYTEST_ARGS)
+
+lint: deps
+	$(Q)$(VENV)/bin/ruff check xdpguard tests bench libxdp_shim
+	$(Q)$(VENV)/bin/ruff format --check xdpguard tests bench libxdp_shim
+
+demo: deps build
+	$(Q)PY=$(abspath $(PY)) scripts/demo.sh
+
+bench: deps build
+	$(Q)$(PY) bench/forwarding.py
+
+clean:
+	$(Q)rm -rf build $(STAMP) $(BPF_OBJS) xdpguard/_shim.* xdpguard/*.so *.egg-info

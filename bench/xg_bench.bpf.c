@@ -1,0 +1,75 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * XDP programs the benchmarks place around the appliance (never part of it):
+ *
+ *   xg_gen   packet generator, run with BPF_PROG_RUN in live-frame mode on
+ *            the client's device: every run sends the template frame out of
+ *            that device with XDP_TX, optionally with a fresh source.
+ *   xg_sink  counts and drops what reaches the origin's device, so the
+ *            forwarded rate is measured without the origin's stack.
+ *   xg_pass  XDP_PASS, so a veth accepts XDP_TX frames from its peer when
+ *            the kernel itself forwards (the bridge baseline).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+/* Set before load by bench/xgbench.py. */
+const volatile __u32 gen_random_saddr; /* host part of 198.18.0.0/15 */
+const volatile __u32 gen_random_sport;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} sink_count SEC(".maps");
+
+SEC("xdp")
+int xg_gen(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = (void *)(eth + 1);
+	struct udphdr *udp;
+	__u32 rnd;
+
+	if (!gen_random_saddr && !gen_random_sport)
+		return XDP_TX;
+	if ((void *)(iph + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_TX;
+	rnd = bpf_get_prandom_u32();
+	if (gen_random_saddr) {
+		/* The IPv4 checksum is left stale on purpose: nothing on the
+		 * path checks it, and recomputing it would slow the generator. */
+		iph->saddr = bpf_htonl(0xc6120000 | (rnd & 0x1ffff)); /* 198.18/15 */
+	}
+	udp = (void *)iph + iph->ihl * 4;
+	if (gen_random_sport && (void *)(udp + 1) <= end)
+		udp->source = bpf_htons(1024 + (rnd >> 17) % 60000);
+	return XDP_TX;
+}
+
+SEC("xdp")
+int xg_sink(struct xdp_md *ctx)
+{
+	__u32 key = 0;
+	__u64 *cnt = bpf_map_lookup_elem(&sink_count, &key);
+
+	if (cnt)
+		(*cnt)++;
+	return XDP_DROP;
+}
+
+SEC("xdp")
+int xg_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+
+char _license[] SEC("license") = "GPL";

@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/*
+ * Definitions shared by the XDP program (xdpguard.bpf.c), the C shim
+ * (libxdp_shim/) and Python (through ffi.cdef()). Everything between the
+ * cffi:begin and cffi:end markers is read verbatim by all three, so it must
+ * stay free of preprocessor directives: cffi's cdef() rejects them. Sizes are
+ * enum constants for the same reason.
+ *
+ * tests/unit/test_layout.py checks that the object's BTF and the cffi view
+ * agree on every struct and enum value below.
+ */
+#ifndef XDPGUARD_H
+#define XDPGUARD_H
+
+#include <linux/types.h>
+
+/* cffi:begin */
+
+enum {
+	/* Bumped when a struct below changes shape. */
+	XG_ABI_VERSION = 1,
+	/* Capacity of the per-queue maps; a device may use fewer. */
+	XG_MAX_QUEUES = 64,
+	/*
+	 * Capacity of every per-reason counter array. Fixed so that adding a
+	 * reason never resizes a map.
+	 */
+	XG_REASON_CAP = 64,
+};
+
+/* Which device a program instance (and a socket) serves. */
+enum xg_role {
+	XG_ROLE_OUTER = 0, /* untrusted side: policy applies */
+	XG_ROLE_INNER = 1, /* the origin's side: everything is forwarded */
+};
+
+/*
+ * Why a frame got its verdict. Append-only: the numbers are read by counters
+ * and scripts, so a retired reason keeps its number forever. Python derives
+ * the stable snake_case names ("XG_REASON_NO_SOCKET" -> "no_socket").
+ */
+enum xg_reason {
+	/* Handed to the AF_XDP socket of the frame's RX queue. */
+	XG_REASON_REDIRECTED = 0,
+	/* No socket is bound to this RX queue: dropped. */
+	XG_REASON_NO_SOCKET = 1,
+	/* Headers truncated or impossible: dropped. */
+	XG_REASON_MALFORMED = 2,
+};
+
+/* Value of the per-CPU per-reason counter array. */
+struct xg_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Load-time settings of one program instance (a const volatile global). */
+struct xg_load_cfg {
+	__u32 role; /* enum xg_role */
+	__u32 pad;
+};
+
+/* cffi:end */
+
+#endif /* XDPGUARD_H */

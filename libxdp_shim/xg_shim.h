@@ -1,0 +1,330 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause */
+/*
+ * xg_shim: the C side of xdpguard. Python reaches it through cffi (the text
+ * between cffi:begin and cffi:end is fed to ffi.cdef(), so it holds no
+ * preprocessor directives); nothing here calls back into Python.
+ *
+ * Objects and who owns what
+ * -------------------------
+ *
+ *   xg_prog    one loaded instance of bpf/xdpguard.bpf.o (maps included) and,
+ *              once attached, the BPF link that ties it to one device. Closing
+ *              the link (or the process dying) detaches the program.
+ *   xg_umem    one UMEM: a single mmap()ed area of @nframes frames shared by
+ *              every socket of the appliance, on every device and namespace.
+ *   xg_sock    one AF_XDP socket bound to (device, queue) with its own RX, TX,
+ *              fill and completion rings. Registered in its UMEM under
+ *              (netns cookie, ifindex, queue): ifindexes repeat across
+ *              namespaces, cookies do not.
+ *   xg_worker  the hot loop for one queue index: it owns the outer and the
+ *              inner socket of that queue, all four of their rings, and a
+ *              private slice of the UMEM's frames.
+ *
+ * Ring ownership, per worker (U = this worker, K = kernel):
+ *
+ *             fill (U->K)                          fill (U->K)
+ *   free  ---------------> outer RX (K->U) --+   <--------------- free
+ *    ^                                       |                     ^
+ *    |                 same descriptor,      v                     |
+ *    |  outer TX (U->K) <---- no copy ---- inner RX (K->U)         |
+ *    |       |                                 inner TX (U->K) <---+ (from outer RX)
+ *    |       v                                       |
+ *    +-- outer completion (K->U)      inner completion (K->U) --> free
+ *
+ * A frame is always in exactly one place: the worker's free stack, a fill,
+ * RX, TX or completion ring, or in flight inside the kernel (taken from a
+ * ring, not yet put on the next). xg_worker_account() proves it.
+ *
+ * Errors are negative errno values; 0 (or a count) is success. Functions do
+ * not print, except that libbpf's own warnings (verifier log included) go to
+ * stderr. Functions marked "netns" act in the network namespace of the
+ * calling thread: call them from a thread that entered the device's
+ * namespace with xg_netns_enter().
+ */
+#ifndef XG_SHIM_H
+#define XG_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "xdpguard.h"
+
+/* cffi:begin */
+
+/* ---- network namespaces ---- */
+
+/*
+ * Move the calling thread (only it) into the network namespace @nsfd (an
+ * open /run/netns/NAME or /proc/PID/ns/net). Needs CAP_SYS_ADMIN. Does not
+ * block. Returns 0 or -errno.
+ */
+int xg_netns_enter(int nsfd);
+
+/*
+ * Store the cookie of the calling thread's network namespace (the value of
+ * SO_NETNS_COOKIE, unique for the boot, unlike an ifindex or inode) in
+ * @cookie. Returns 0 or -errno (-ENOPROTOOPT before Linux 5.14). netns.
+ */
+int xg_netns_cookie(uint64_t *cookie);
+
+/* ---- XDP program ---- */
+
+struct xg_prog;
+
+/*
+ * Open the BPF object at @path, set its load-time config to @cfg and load
+ * it into the kernel. On success *@out owns the object; free it with
+ * xg_prog_close(). Needs CAP_BPF (and CAP_NET_ADMIN to attach later).
+ * Returns 0, -ENOENT (no such file), or libbpf's -errno (verifier log on
+ * stderr).
+ */
+int xg_prog_load(const char *path, const struct xg_load_cfg *cfg,
+		 struct xg_prog **out);
+
+/* Program fd, owned by @prog (do not close). */
+int xg_prog_fd(const struct xg_prog *prog);
+
+/*
+ * Fd of the map called @name, owned by @prog (do not close). Returns the fd
+ * or -ENOENT.
+ */
+int xg_prog_map_fd(const struct xg_prog *prog, const char *name);
+
+/*
+ * Attach @prog to @ifindex with a BPF link; @xdp_flags selects the mode
+ * (XDP_FLAGS_DRV_MODE = 4 for native, XDP_FLAGS_SKB_MODE = 2 for generic).
+ * The link belongs to @prog: it is released by xg_prog_detach(),
+ * xg_prog_close() or the process' exit, so a crash never leaves the program
+ * behind. Returns 0; -EBUSY if another program is attached to the device;
+ * -EEXIST if @prog is already attached; -EOPNOTSUPP if the driver lacks
+ * the mode; -ENODEV. Does not block. netns.
+ */
+int xg_prog_attach(struct xg_prog *prog, int ifindex, uint32_t xdp_flags);
+
+/* Release the link made by xg_prog_attach(). Returns 0 or -ENOENT. */
+int xg_prog_detach(struct xg_prog *prog);
+
+/* Detach if attached, unload, free @prog. NULL is a no-op. */
+void xg_prog_close(struct xg_prog *prog);
+
+/*
+ * The XDP program attached to @ifindex: *@prog_id = 0 if none, else its id,
+ * and *@mode = XDP_ATTACHED_* (1 drv, 2 skb, 3 hw, 4 multi). Returns 0 or
+ * -errno. netns.
+ */
+int xg_xdp_query(int ifindex, uint32_t *prog_id, uint32_t *mode);
+
+/*
+ * Run @prog_fd once over @data (BPF_PROG_TEST_RUN) as if received on
+ * @rx_queue of @ingress_ifindex (0 = no device; a non-zero queue needs a
+ * device). The frame as the program left it is copied to @data_out (up to
+ * *@size_out bytes; *@size_out is updated). Needs CAP_BPF. Returns 0 and the
+ * XDP action in *@action, or -errno.
+ */
+int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
+		     void *data_out, uint32_t *size_out, uint32_t ingress_ifindex,
+		     uint32_t rx_queue, uint32_t *action);
+
+/*
+ * Run @prog_fd @repeat times in live-frame mode (BPF_F_TEST_XDP_LIVE_FRAMES):
+ * frames start as a copy of @data and whatever the program returns happens
+ * for real (XDP_TX leaves through @ingress_ifindex). This is the benchmarks'
+ * packet generator. Blocks until done. netns (for @ingress_ifindex).
+ * Returns 0 or -errno.
+ */
+int xg_prog_run_live(int prog_fd, const void *data, uint32_t size,
+		     uint32_t ingress_ifindex, uint32_t repeat,
+		     uint32_t batch_size);
+
+/* ---- UMEM and AF_XDP sockets ---- */
+
+struct xg_umem;
+struct xg_sock;
+
+/*
+ * Allocate and register a UMEM of @nframes frames of @frame_size bytes
+ * (a power of two, 2048 or 4096). *@out owns the memory; free with
+ * xg_umem_destroy() after every socket on it is destroyed. Needs
+ * CAP_NET_RAW (the UMEM is registered on an AF_XDP socket) and enough
+ * RLIMIT_MEMLOCK. Returns 0 or -errno.
+ */
+int xg_umem_create(uint32_t nframes, uint32_t frame_size,
+		   struct xg_umem **out);
+
+/*
+ * Free @umem. Returns 0, or -EBUSY (and frees nothing) while sockets remain.
+ * NULL is a no-op.
+ */
+int xg_umem_destroy(struct xg_umem *umem);
+
+/* Number of frames and frame size of @umem. */
+uint32_t xg_umem_nframes(const struct xg_umem *umem);
+uint32_t xg_umem_frame_size(const struct xg_umem *umem);
+
+/* What a socket is bound to (see xg_sock_info()). */
+struct xg_sock_info {
+	uint64_t netns_cookie;
+	int32_t ifindex;
+	uint32_t queue;
+	uint32_t role;		/* enum xg_role */
+	uint32_t zerocopy;	/* 1 if bound in zero-copy mode */
+	uint32_t need_wakeup;	/* 1 if the rings use need_wakeup */
+	int32_t fd;
+	char ifname[16];
+};
+
+/* The kernel's XDP_STATISTICS for one socket, field for field. */
+struct xg_xsk_stats {
+	uint64_t rx_dropped;
+	uint64_t rx_invalid_descs;
+	uint64_t tx_invalid_descs;
+	uint64_t rx_ring_full;
+	uint64_t rx_fill_ring_empty_descs;
+	uint64_t tx_ring_empty_descs;
+};
+
+/*
+ * Create an AF_XDP socket on @umem bound to queue @queue of the device
+ * @ifname as seen from the calling thread's namespace, with rings of
+ * @ring_size entries (a power of two) and its own fill and completion rings.
+ * No XDP program is loaded: put xg_sock_fd() into the program's xg_xsks
+ * map. @bind_flags are XDP_COPY (2), XDP_ZEROCOPY (4) and/or
+ * XDP_USE_NEED_WAKEUP (8); @role is recorded for the workers. *@out is owned
+ * by @umem's registry until xg_sock_destroy(). Returns 0; -ENODEV (no such
+ * device here); -EEXIST (this (netns, ifindex, queue) already has a socket
+ * on @umem); -EINVAL (queue beyond the device's queues); -errno from
+ * socket()/bind(). netns.
+ */
+int xg_sock_create(struct xg_umem *umem, const char *ifname, uint32_t queue,
+		   uint32_t ring_size, uint32_t bind_flags, uint32_t role,
+		   struct xg_sock **out);
+
+/*
+ * The socket registered on @umem for (@netns_cookie, @ifindex, @queue), or
+ * NULL. The pointer stays owned by @umem.
+ */
+struct xg_sock *xg_sock_find(const struct xg_umem *umem, uint64_t netns_cookie,
+			     int ifindex, uint32_t queue);
+
+/* Fill *@info. Never fails. */
+void xg_sock_info(const struct xg_sock *sock, struct xg_sock_info *info);
+
+/* Read the kernel's XDP_STATISTICS for @sock. Returns 0 or -errno. */
+int xg_sock_stats(const struct xg_sock *sock, struct xg_xsk_stats *stats);
+
+/*
+ * Unbind, unmap and close @sock and remove it from its UMEM's registry. Its
+ * worker must be destroyed first. NULL is a no-op.
+ */
+void xg_sock_destroy(struct xg_sock *sock);
+
+/* ---- workers ---- */
+
+struct xg_worker;
+
+enum {
+	XG_DIR_IN = 0,		/* outer RX -> inner TX (client to origin) */
+	XG_DIR_OUT = 1,		/* inner RX -> outer TX (origin to client) */
+	XG_NR_DIRS = 2,
+	/* Descriptors moved per ring per step of the loop. */
+	XG_BATCH = 64,
+	/* Longest sleep in poll() when idle; bounds the reaction to stop. */
+	XG_IDLE_POLL_MS = 50,
+};
+
+enum {
+	/* Forward without any per-frame logic: the benchmarks' baseline. */
+	XG_WORKER_NO_POLICY = 1,
+};
+
+/*
+ * Counters of one direction. Written only by the worker thread; any thread
+ * may read them at any time without a lock (each is a naturally aligned
+ * 64-bit integer, so a read never tears).
+ */
+struct xg_dir_stats {
+	uint64_t rx_packets;	/* descriptors taken from the RX ring */
+	uint64_t rx_bytes;
+	uint64_t tx_packets;	/* descriptors put on the other side's TX ring */
+	uint64_t tx_bytes;
+	uint64_t tx_ring_full;	/* frames freed because that TX ring was full */
+	uint64_t dropped;	/* frames freed by a verdict of the loop */
+	uint64_t tx_wakeups;	/* sendto() kicks (only when the ring asked) */
+	uint64_t fill_wakeups;	/* kicks because the fill ring asked */
+	uint64_t fill_short;	/* fill ring not topped up: no free frames */
+	uint64_t completions;	/* frames reaped from the completion ring */
+};
+
+struct xg_worker_stats {
+	struct xg_dir_stats dir[2]; /* indexed by XG_DIR_* */
+	uint64_t loops;		/* iterations of the loop */
+	uint64_t polls;		/* idle poll() calls */
+	uint64_t reasons[64];	/* the loop's own verdicts, by enum xg_reason */
+};
+
+/*
+ * Where every frame of a worker's slice is. When @consistent is 1 the
+ * numbers satisfy
+ *     free + fill + rx + tx + completion + in_flight == total,
+ * with in_flight derived from the worker's own counters (descriptors given
+ * to and taken back from the kernel), so a frame the loop lost or gave out
+ * twice breaks the sum. in_flight is what the kernel holds between rings;
+ * once traffic stops it drains to 0.
+ */
+struct xg_frame_account {
+	uint64_t total;
+	uint64_t free;
+	uint64_t fill;
+	uint64_t rx;
+	uint64_t tx;
+	uint64_t completion;
+	int64_t in_flight;
+	uint32_t consistent;
+	uint32_t pad;
+};
+
+/*
+ * Make the worker for one queue index: it moves frames between @outer and
+ * @inner (two sockets on @umem with the same queue id, possibly in different
+ * namespaces) using frames [@first_frame, @first_frame + @nframes) of
+ * @umem, none of which another worker may use. @flags: XG_WORKER_*. Fills
+ * both fill rings before returning. The worker does not own the sockets.
+ * Returns 0, -EINVAL (bad slice, or sockets from another UMEM), -ENOMEM.
+ */
+int xg_worker_create(struct xg_umem *umem, struct xg_sock *outer,
+		     struct xg_sock *inner, uint32_t first_frame,
+		     uint32_t nframes, uint32_t flags, struct xg_worker **out);
+
+/*
+ * Run the hot loop in the calling thread until xg_worker_stop(). Blocks
+ * (call it with the GIL released: cffi does). Never allocates, logs or calls
+ * back. Sleeps in poll() for at most XG_IDLE_POLL_MS when there is nothing
+ * to do. Returns 0 when stopped, -EALREADY if already running, or -errno
+ * of a fatal socket error (the loop then stops by itself).
+ */
+int xg_worker_run(struct xg_worker *w);
+
+/*
+ * Ask the loop to return; it does within XG_IDLE_POLL_MS plus one batch.
+ * Does not block; safe from any thread and from a signal handler.
+ */
+void xg_worker_stop(struct xg_worker *w);
+
+/* Live counters of @w, owned by @w; valid until xg_worker_destroy(). */
+const struct xg_worker_stats *xg_worker_stats(const struct xg_worker *w);
+
+/*
+ * Take the frame account of @w. While the loop runs, it is taken by the
+ * loop itself between two steps (so nothing is in the loop's hands); this
+ * call waits up to @timeout_ms for that and returns -ETIMEDOUT otherwise.
+ * When the loop is not running it is taken at once. Returns 0 or -errno.
+ */
+int xg_worker_account(struct xg_worker *w, struct xg_frame_account *out,
+		      int timeout_ms);
+
+/* Free @w (stop and join its thread first). NULL is a no-op. */
+void xg_worker_destroy(struct xg_worker *w);
+
+/* cffi:end */
+
+#endif /* XG_SHIM_H */

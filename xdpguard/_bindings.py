@@ -1,0 +1,271 @@
+"""The only importer of the compiled shim (xdpguard._shim).
+
+Turns the C API of libxdp_shim/xg_shim.h into small Python objects: negative
+errno returns become OSError, handles become objects with explicit close(),
+and C structs come back as plain dicts. No other module touches ``ffi``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from xdpguard._shim import ffi, lib
+
+# XDP attach flags and AF_XDP bind flags (linux/if_link.h, linux/if_xdp.h).
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_COPY = 1 << 1
+XDP_ZEROCOPY = 1 << 2
+XDP_USE_NEED_WAKEUP = 1 << 3
+XDP_ATTACHED_MODES = {0: "none", 1: "native", 2: "skb", 3: "hw", 4: "multi"}
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+
+MAX_QUEUES: int = lib.XG_MAX_QUEUES
+REASON_CAP: int = lib.XG_REASON_CAP
+IDLE_POLL_MS: int = lib.XG_IDLE_POLL_MS
+WORKER_NO_POLICY: int = lib.XG_WORKER_NO_POLICY
+ROLE_OUTER: int = lib.XG_ROLE_OUTER
+ROLE_INNER: int = lib.XG_ROLE_INNER
+DIR_IN: int = lib.XG_DIR_IN
+DIR_OUT: int = lib.XG_DIR_OUT
+
+
+def check(ret: int, what: str) -> int:
+    """Return ``ret`` or raise OSError for a negative errno."""
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def enum_members(c_enum: str) -> dict[str, int]:
+    """Names and values of a C enum of the shared header, in value order."""
+    elements: dict[int, str] = ffi.typeof(c_enum).elements
+    return {name: value for value, name in sorted(elements.items())}
+
+
+def struct_layout(c_struct: str) -> tuple[int, dict[str, int]]:
+    """Size of a struct and offset of each field, as the C compiler laid it out."""
+    ctype = ffi.typeof(c_struct)
+    return ffi.sizeof(ctype), {name: ffi.offsetof(ctype, name) for name, _ in ctype.fields}
+
+
+def _to_dict(cdata: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in ffi.typeof(cdata).fields:
+        value = getattr(cdata, name)
+        if field.type.kind == "array":
+            if field.type.item.kind == "primitive" and field.type.item.cname == "char":
+                out[name] = ffi.string(value).decode()
+            elif field.type.item.kind == "struct":
+                out[name] = [_to_dict(v) for v in value]
+            else:
+                out[name] = list(value)
+        elif field.type.kind == "struct":
+            out[name] = _to_dict(value)
+        else:
+            out[name] = value
+    return out
+
+
+# ---- network namespaces ----
+
+
+def netns_enter(fd: int) -> None:
+    """Move the calling thread into the network namespace open at ``fd``."""
+    check(lib.xg_netns_enter(fd), "setns")
+
+
+def netns_cookie() -> int:
+    """Cookie of the calling thread's network namespace."""
+    out = ffi.new("uint64_t *")
+    check(lib.xg_netns_cookie(out), "SO_NETNS_COOKIE")
+    return int(out[0])
+
+
+# ---- XDP program ----
+
+
+class Prog:
+    """One loaded instance of the XDP program (and, once attached, its link)."""
+
+    def __init__(self, path: str, role: int) -> None:
+        cfg = ffi.new("struct xg_load_cfg *", {"role": role})
+        out = ffi.new("struct xg_prog **")
+        check(lib.xg_prog_load(path.encode(), cfg, out), f"loading {path}")
+        self._p = out[0]
+        self.role = role
+
+    @property
+    def fd(self) -> int:
+        return lib.xg_prog_fd(self._p)
+
+    def map_fd(self, name: str) -> int:
+        return check(lib.xg_prog_map_fd(self._p, name.encode()), f"map {name}")
+
+    def attach(self, ifindex: int, xdp_flags: int) -> None:
+        """Attach in the calling thread's namespace; raises OSError (EBUSY: taken)."""
+        check(lib.xg_prog_attach(self._p, ifindex, xdp_flags), "attaching XDP program")
+
+    def detach(self) -> None:
+        lib.xg_prog_detach(self._p)
+
+    def close(self) -> None:
+        if self._p is not None:
+            lib.xg_prog_close(self._p)
+            self._p = None
+
+
+def xdp_query(ifindex: int) -> tuple[int, str]:
+    """(program id, mode name) of the XDP program on ``ifindex`` in this thread's netns."""
+    prog_id = ffi.new("uint32_t *")
+    mode = ffi.new("uint32_t *")
+    check(lib.xg_xdp_query(ifindex, prog_id, mode), "querying XDP state")
+    return int(prog_id[0]), XDP_ATTACHED_MODES.get(int(mode[0]), str(mode[0]))
+
+
+def prog_test_run(
+    prog_fd: int, data: bytes, ingress_ifindex: int = 0, rx_queue: int = 0
+) -> tuple[int, bytes]:
+    """Run a program once over ``data``; returns (XDP action, frame as left)."""
+    out = ffi.new("char[]", max(len(data) + 512, 4096))
+    size = ffi.new("uint32_t *", len(out))
+    action = ffi.new("uint32_t *")
+    check(
+        lib.xg_prog_test_run(
+            prog_fd, data, len(data), out, size, ingress_ifindex, rx_queue, action
+        ),
+        "BPF_PROG_TEST_RUN",
+    )
+    return int(action[0]), bytes(ffi.buffer(out, size[0]))
+
+
+def prog_run_live(
+    prog_fd: int, data: bytes, ingress_ifindex: int, repeat: int, batch_size: int = 64
+) -> None:
+    """Run ``repeat`` times with live frames (the benchmarks' generator)."""
+    check(
+        lib.xg_prog_run_live(prog_fd, data, len(data), ingress_ifindex, repeat, batch_size),
+        "BPF_PROG_RUN (live frames)",
+    )
+
+
+# ---- BPF maps ----
+
+
+def num_possible_cpus() -> int:
+    return check(lib.libbpf_num_possible_cpus(), "possible CPUs")
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """Value stored under ``key``, or None if absent."""
+    value = ffi.new("char[]", value_size)
+    ret = lib.bpf_map_lookup_elem(fd, key, value)
+    if ret == -errno.ENOENT:
+        return None
+    check(ret, "map lookup")
+    return bytes(ffi.buffer(value, value_size))
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    check(lib.bpf_map_update_elem(fd, key, value, flags), "map update")
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete ``key``; False if it was absent."""
+    ret = lib.bpf_map_delete_elem(fd, key)
+    if ret == -errno.ENOENT:
+        return False
+    check(ret, "map delete")
+    return True
+
+
+# ---- UMEM, sockets, workers ----
+
+
+class Umem:
+    def __init__(self, nframes: int, frame_size: int) -> None:
+        out = ffi.new("struct xg_umem **")
+        check(lib.xg_umem_create(nframes, frame_size, out), "creating UMEM")
+        self._u = out[0]
+        self.nframes = nframes
+        self.frame_size = frame_size
+
+    def close(self) -> None:
+        if self._u is not None:
+            check(lib.xg_umem_destroy(self._u), "destroying UMEM")
+            self._u = None
+
+
+class Sock:
+    """An AF_XDP socket on a shared UMEM; create it in the device's netns thread."""
+
+    def __init__(
+        self, umem: Umem, ifname: str, queue: int, ring_size: int, bind_flags: int, role: int
+    ) -> None:
+        out = ffi.new("struct xg_sock **")
+        check(
+            lib.xg_sock_create(
+                umem._u, ifname.encode(), queue, ring_size, bind_flags, role, out
+            ),
+            f"AF_XDP socket on {ifname} queue {queue}",
+        )
+        self._s = out[0]
+        self.umem = umem
+
+    def info(self) -> dict[str, Any]:
+        info = ffi.new("struct xg_sock_info *")
+        lib.xg_sock_info(self._s, info)
+        return _to_dict(info[0])
+
+    def kernel_stats(self) -> dict[str, int]:
+        stats = ffi.new("struct xg_xsk_stats *")
+        check(lib.xg_sock_stats(self._s, stats), "XDP_STATISTICS")
+        return _to_dict(stats[0])
+
+    def close(self) -> None:
+        if self._s is not None:
+            lib.xg_sock_destroy(self._s)
+            self._s = None
+
+
+def sock_registered(umem: Umem, netns_cookie: int, ifindex: int, queue: int) -> bool:
+    """Whether the UMEM's registry holds a socket for this (netns, ifindex, queue)."""
+    return lib.xg_sock_find(umem._u, netns_cookie, ifindex, queue) != ffi.NULL
+
+
+class Worker:
+    """The hot loop of one queue index."""
+
+    def __init__(
+        self, umem: Umem, outer: Sock, inner: Sock, first_frame: int, nframes: int, flags: int
+    ) -> None:
+        out = ffi.new("struct xg_worker **")
+        check(
+            lib.xg_worker_create(umem._u, outer._s, inner._s, first_frame, nframes, flags, out),
+            "creating worker",
+        )
+        self._w = out[0]
+        self._stats = lib.xg_worker_stats(self._w)
+
+    def run(self) -> int:
+        """Block in the loop (GIL released) until stop(); returns 0 or -errno."""
+        return int(lib.xg_worker_run(self._w))
+
+    def stop(self) -> None:
+        lib.xg_worker_stop(self._w)
+
+    def stats(self) -> dict[str, Any]:
+        return _to_dict(self._stats[0])
+
+    def account(self, timeout_ms: int = 500) -> dict[str, int]:
+        out = ffi.new("struct xg_frame_account *")
+        check(lib.xg_worker_account(self._w, out, timeout_ms), "frame account")
+        return _to_dict(out[0])
+
+    def close(self) -> None:
+        if self._w is not None:
+            lib.xg_worker_destroy(self._w)
+            self._w = None

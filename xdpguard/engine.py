@@ -1,0 +1,419 @@
+"""The appliance: devices, XDP programs, the shared UMEM, sockets and workers.
+
+Engine.start() builds everything in an order that lets traffic flow only
+once the whole path exists (sockets and workers first, XDP attachment last,
+inner before outer), and registers an undo step for each thing it builds, so
+that a failure half-way and Engine.stop() both take down exactly what was
+built, in reverse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xdpguard import __version__
+from xdpguard import _bindings as B
+from xdpguard.defs import ROLE_DIRECTION, Direction, Reason, Role
+from xdpguard.errors import XdpguardError
+from xdpguard.netns import Device, Netns, resolve_device
+from xdpguard.xdp import XDP_MODES, XdpProgram
+
+log = logging.getLogger("xdpguard")
+
+# What a frame of the UMEM can carry in copy mode: the kernel puts the data
+# XDP_PACKET_HEADROOM (256) bytes into the frame.
+_XDP_PACKET_HEADROOM = 256
+_MAX_L2_OVERHEAD = 14 + 2 * 4  # Ethernet and two VLAN tags
+
+# Capabilities xdpguard run needs (linux/capability.h bit numbers).
+_CAPS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
+
+
+@dataclass
+class EngineConfig:
+    outer: str
+    inner: str
+    inner_netns: str
+    outer_netns: str | None = None
+    queues: int | None = None
+    xdp_mode: str = "native"
+    frames_per_queue: int = 8192
+    frame_size: int = 2048
+    ring_size: int = 2048
+    no_policy: bool = False
+    bpf_object: Path | None = None
+
+
+def missing_capabilities() -> list[str]:
+    """Capabilities from _CAPS that this process lacks (from /proc, never the user name)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    eff = int(line.split()[1], 16)
+                    return [name for name, bit in _CAPS.items() if not eff & (1 << bit)]
+    except OSError:
+        pass
+    return [] if os.geteuid() == 0 else list(_CAPS)
+
+
+class _QueuePath:
+    """One queue index: its two sockets, its worker and the worker's thread."""
+
+    def __init__(self, queue: int) -> None:
+        self.queue = queue
+        self.outer: B.Sock | None = None
+        self.inner: B.Sock | None = None
+        self.worker: B.Worker | None = None
+        self.thread: threading.Thread | None = None
+        self.exit_code: int | None = None
+        self.first_frame = 0
+        self.nframes = 0
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.started_at = 0.0
+        self.outer_ns = Netns(cfg.outer_netns)
+        self.inner_ns = Netns(cfg.inner_netns)
+        self.outer_dev: Device | None = None
+        self.inner_dev: Device | None = None
+        self.progs: dict[Role, XdpProgram] = {}
+        self.umem: B.Umem | None = None
+        self.paths: list[_QueuePath] = []
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._stats_lock = threading.Lock()
+        self.fatal = threading.Event()
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        self.started_at = time.time()
+
+    def _push_undo(self, what: str, fn: Callable[[], None]) -> None:
+        self._undo.append((what, fn))
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        missing = missing_capabilities()
+        if missing:
+            raise XdpguardError(f"xdpguard run needs root (missing {', '.join(missing)})")
+        if cfg.xdp_mode not in XDP_MODES:
+            raise XdpguardError(f"unknown XDP mode {cfg.xdp_mode!r} (native or skb)")
+
+        self.outer_dev = resolve_device(self.outer_ns, cfg.outer)
+        self.inner_dev = resolve_device(self.inner_ns, cfg.inner)
+        if self.outer_dev.netns_cookie == self.inner_dev.netns_cookie and (
+            self.outer_dev.ifindex == self.inner_dev.ifindex
+        ):
+            raise XdpguardError("--outer and --inner name the same device")
+        nq = self._queue_count(self.outer_dev, self.inner_dev)
+        for dev, ns in ((self.outer_dev, self.outer_ns), (self.inner_dev, self.inner_ns)):
+            self._check_device(dev, ns)
+
+        for role in (Role.OUTER, Role.INNER):
+            prog = XdpProgram(role, cfg.bpf_object)
+            self.progs[role] = prog
+            self._push_undo(f"unload {role.name.lower()} program", prog.close)
+
+        self.umem = B.Umem(nq * cfg.frames_per_queue, cfg.frame_size)
+        self._push_undo("free UMEM", self.umem.close)
+
+        for q in range(nq):
+            self._build_queue(q)
+
+        for q in self.paths:
+            thread = threading.Thread(
+                target=self._run_worker, args=(q,), name=f"xg-worker-{q.queue}", daemon=True
+            )
+            q.thread = thread
+            thread.start()
+        self._push_undo("stop workers", self._stop_workers)
+
+        # The origin's side first, so replies have a path before requests.
+        for role, dev, ns in (
+            (Role.INNER, self.inner_dev, self.inner_ns),
+            (Role.OUTER, self.outer_dev, self.outer_ns),
+        ):
+            prog = self.progs[role]
+            prog.attach(ns, dev, cfg.xdp_mode)
+            self._push_undo(f"detach XDP from {dev.name}", prog.detach)
+        log.info(
+            "forwarding %s (netns %s) <-> %s (netns %s): %d queue(s), XDP %s",
+            self.outer_dev.name,
+            self.outer_ns.label,
+            self.inner_dev.name,
+            self.inner_ns.label,
+            nq,
+            cfg.xdp_mode,
+        )
+
+    def _queue_count(self, outer: Device, inner: Device) -> int:
+        if outer.queues != inner.queues:
+            raise XdpguardError(
+                f"queue count mismatch: {outer.name} has {outer.queues} queue(s), "
+                f"{inner.name} has {inner.queues}; create both with the same "
+                "numrxqueues/numtxqueues"
+            )
+        want = self.cfg.queues
+        if want is None:
+            want = outer.queues
+        if not 1 <= want <= outer.queues:
+            raise XdpguardError(
+                f"queue count mismatch: --queues {want}, but {outer.name} and {inner.name} "
+                f"have {outer.queues} queue(s)"
+            )
+        if want > B.MAX_QUEUES:
+            raise XdpguardError(f"at most {B.MAX_QUEUES} queues are supported, not {want}")
+        if want < outer.queues:
+            log.warning(
+                "queues %d..%d have no worker: frames arriving there are dropped "
+                "(counted as no_socket)",
+                want,
+                outer.queues - 1,
+            )
+        return want
+
+    def _check_device(self, dev: Device, ns: Netns) -> None:
+        if dev.xdp_prog_id:
+            raise XdpguardError(
+                f"{dev.name} (netns {ns.label}) already has an XDP program attached "
+                f"(id {dev.xdp_prog_id}, {dev.xdp_mode} mode); detach it first "
+                f"(ip link set dev {dev.name} xdp off)"
+            )
+        room = self.cfg.frame_size - _XDP_PACKET_HEADROOM - _MAX_L2_OVERHEAD
+        if dev.mtu > room:
+            raise XdpguardError(
+                f"{dev.name} has MTU {dev.mtu}, more than an AF_XDP frame carries ({room})"
+            )
+        if not dev.up:
+            log.warning("%s (netns %s) is down: nothing will arrive on it", dev.name, ns.label)
+
+    def _build_queue(self, q: int) -> None:
+        cfg = self.cfg
+        assert self.umem is not None
+        path = _QueuePath(q)
+        self.paths.append(path)
+        path.first_frame = q * cfg.frames_per_queue
+        path.nframes = cfg.frames_per_queue
+        # need_wakeup is a property of the UMEM's first socket; later ones inherit it.
+        flags = B.XDP_USE_NEED_WAKEUP if q == 0 else 0
+        for role, ns, dev in (
+            (Role.OUTER, self.outer_ns, self.outer_dev),
+            (Role.INNER, self.inner_ns, self.inner_dev),
+        ):
+            assert dev is not None
+            try:
+                sock = ns.run(B.Sock, self.umem, dev.name, q, cfg.ring_size, flags, int(role))
+            except OSError as exc:
+                raise XdpguardError(
+                    f"cannot create AF_XDP socket on {dev.name} queue {q}: {exc.strerror}"
+                ) from exc
+            flags = 0
+            setattr(path, role.name.lower(), sock)
+            self._push_undo(f"close socket {dev.name}/{q}", sock.close)
+            self.progs[role].set_socket(q, sock.info()["fd"])
+        assert path.outer is not None and path.inner is not None
+        path.worker = B.Worker(
+            self.umem,
+            path.outer,
+            path.inner,
+            path.first_frame,
+            path.nframes,
+            B.WORKER_NO_POLICY if cfg.no_policy else 0,
+        )
+        self._push_undo(f"free worker {q}", path.worker.close)
+
+    def _run_worker(self, path: _QueuePath) -> None:
+        assert path.worker is not None
+        rc = path.worker.run()
+        path.exit_code = rc
+        if rc < 0:
+            log.error("worker %d stopped: %s", path.queue, os.strerror(-rc))
+            self.fatal.set()
+
+    def _stop_workers(self) -> None:
+        for path in self.paths:
+            if path.worker is not None:
+                path.worker.stop()
+        for path in self.paths:
+            if path.thread is not None:
+                path.thread.join(timeout=5)
+                if path.thread.is_alive():
+                    raise RuntimeError(f"worker {path.queue} did not stop")
+                path.thread = None
+
+    def stop(self) -> None:
+        """Undo everything start() did, newest first; safe to call twice."""
+        while self._undo:
+            what, fn = self._undo.pop()
+            try:
+                fn()
+            except Exception as exc:  # keep tearing down: each step is independent
+                log.error("teardown: %s failed: %s", what, exc)
+                if what == "stop workers":
+                    # Freeing memory a running loop still uses would be worse
+                    # than leaking it: drop the remaining frees.
+                    self._undo = [(w, f) for w, f in self._undo if w.startswith("detach")]
+
+    # ---- reading ----
+
+    def status(self) -> dict[str, Any]:
+        assert self.outer_dev and self.inner_dev and self.umem
+        devices = {}
+        for role, dev, ns in (
+            (Role.OUTER, self.outer_dev, self.outer_ns),
+            (Role.INNER, self.inner_dev, self.inner_ns),
+        ):
+            prog_id, mode = ns.run(B.xdp_query, dev.ifindex)
+            devices[role.name.lower()] = {
+                "name": dev.name,
+                "netns": ns.label,
+                "netns_cookie": dev.netns_cookie,
+                "ifindex": dev.ifindex,
+                "kind": dev.kind,
+                "mac": dev.mac,
+                "mtu": dev.mtu,
+                "queues": dev.queues,
+                "xdp": {"prog_id": prog_id, "mode": mode, "requested": self.cfg.xdp_mode},
+            }
+        sockets = []
+        for path in self.paths:
+            for role in ("outer", "inner"):
+                sock: B.Sock = getattr(path, role)
+                info = sock.info()
+                sockets.append(
+                    {
+                        "device": role,
+                        "ifname": info["ifname"],
+                        "queue": info["queue"],
+                        "ifindex": info["ifindex"],
+                        "netns_cookie": info["netns_cookie"],
+                        "fd": info["fd"],
+                        "mode": "zerocopy" if info["zerocopy"] else "copy",
+                        "need_wakeup": bool(info["need_wakeup"]),
+                    }
+                )
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started_at, 3),
+            "devices": devices,
+            "queues": len(self.paths),
+            "umem": {
+                "frames": self.umem.nframes,
+                "frame_size": self.umem.frame_size,
+                "bytes": self.umem.nframes * self.umem.frame_size,
+                "sockets": len(sockets),
+            },
+            "sockets": sockets,
+            "workers": [
+                {
+                    "queue": p.queue,
+                    "running": p.thread is not None and p.thread.is_alive(),
+                    "frames": [p.first_frame, p.first_frame + p.nframes],
+                }
+                for p in self.paths
+            ],
+        }
+
+    def stats(self, account: bool = True) -> dict[str, Any]:
+        """Counters per reason, per direction and per queue (cumulative)."""
+        with self._stats_lock:
+            return self._stats(account)
+
+    def _stats(self, account: bool) -> dict[str, Any]:
+        reasons = {d: np.zeros((max(Reason) + 1, 2), dtype=np.uint64) for d in Direction}
+        for role, prog in self.progs.items():
+            reasons[ROLE_DIRECTION[role]] += prog.reason_counters()
+
+        queues = []
+        totals = {d: dict.fromkeys(_DIR_FIELDS, 0) for d in Direction}
+        accounts: list[dict[str, Any]] = []
+        for path in self.paths:
+            assert path.worker and path.outer and path.inner
+            ws = path.worker.stats()
+            entry: dict[str, Any] = {"queue": path.queue}
+            for d in Direction:
+                dstats = ws["dir"][d]
+                entry[d.label] = dstats
+                for k in _DIR_FIELDS:
+                    totals[d][k] += dstats[k]
+            entry["loops"] = ws["loops"]
+            entry["polls"] = ws["polls"]
+            entry["xsk"] = {
+                "outer": path.outer.kernel_stats(),
+                "inner": path.inner.kernel_stats(),
+            }
+            if account:
+                acct = path.worker.account()
+                acct.pop("pad", None)
+                acct["consistent"] = bool(acct["consistent"])
+                entry["frames"] = acct
+                accounts.append(acct)
+            queues.append(entry)
+
+        def named(arr: np.ndarray) -> dict[str, dict[str, int]]:
+            return {
+                r.name: {"packets": int(arr[r, 0]), "bytes": int(arr[r, 1])}
+                for r in Reason
+            }
+
+        total = reasons[Direction.IN] + reasons[Direction.OUT]
+        out: dict[str, Any] = {
+            "time": time.time(),
+            "uptime": round(time.time() - self.started_at, 3),
+            "reasons": named(total),
+            "directions": {
+                d.label: {"reasons": named(reasons[d]), **totals[d]} for d in Direction
+            },
+            "queues": queues,
+        }
+        if account:
+            frames: dict[str, Any] = {
+                k: sum(a[k] for a in accounts) for k in accounts[0] if k != "consistent"
+            }
+            frames["consistent"] = all(a["consistent"] for a in accounts)
+            out["frames"] = frames
+        return out
+
+
+_DIR_FIELDS = (
+    "rx_packets",
+    "rx_bytes",
+    "tx_packets",
+    "tx_bytes",
+    "tx_ring_full",
+    "dropped",
+    "tx_wakeups",
+    "fill_wakeups",
+    "fill_short",
+    "completions",
+)
+
+
+@contextlib.contextmanager
+def running(cfg: EngineConfig):  # type: ignore[no-untyped-def]
+    """Start an engine for the duration of a with-block (tests, benchmarks)."""
+    engine = Engine(cfg)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()

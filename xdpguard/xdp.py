@@ -1,0 +1,108 @@
+"""Loading, attaching and reading the XDP program (bpf/xdpguard.bpf.o)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from xdpguard import _bindings as B
+from xdpguard.defs import COUNTER_DTYPE, Reason, Role
+from xdpguard.errors import XdpguardError
+from xdpguard.netns import Device, Netns
+
+XDP_MODES = {"native": B.XDP_FLAGS_DRV_MODE, "skb": B.XDP_FLAGS_SKB_MODE}
+
+_PKG_DIR = Path(__file__).resolve().parent
+_OBJECT_CANDIDATES = (
+    _PKG_DIR / "xdpguard.bpf.o",  # installed with the package
+    _PKG_DIR.parent / "bpf" / "xdpguard.bpf.o",  # source checkout
+)
+
+
+def bpf_object_path() -> Path:
+    """The compiled XDP object: $XDPGUARD_BPF_OBJECT, else next to the package."""
+    env = os.environ.get("XDPGUARD_BPF_OBJECT")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise XdpguardError(f"XDPGUARD_BPF_OBJECT={env}: no such file")
+        return path
+    for path in _OBJECT_CANDIDATES:
+        if path.is_file():
+            return path
+    raise XdpguardError(
+        f"XDP object not found (looked for {_OBJECT_CANDIDATES[-1]}); run 'make build'"
+    )
+
+
+class XdpProgram:
+    """One instance of the program, for one device (and so one direction)."""
+
+    def __init__(self, role: Role, path: Path | None = None) -> None:
+        self.role = role
+        self.path = path or bpf_object_path()
+        try:
+            self._prog = B.Prog(str(self.path), int(role))
+        except OSError as exc:
+            raise XdpguardError(
+                f"cannot load {self.path} ({exc.strerror}); verifier output, if any, is above"
+            ) from exc
+        self._xsks = self._prog.map_fd("xg_xsks")
+        self._stats = self._prog.map_fd("xg_stats")
+        self._ncpus = B.num_possible_cpus()
+        self.device: Device | None = None
+        self.mode: str | None = None
+
+    @property
+    def fd(self) -> int:
+        return self._prog.fd
+
+    def map_fd(self, name: str) -> int:
+        return self._prog.map_fd(name)
+
+    def attach(self, ns: Netns, dev: Device, mode: str) -> None:
+        """Attach to ``dev`` (inside ``ns``) with a BPF link."""
+        try:
+            ns.run(self._prog.attach, dev.ifindex, XDP_MODES[mode])
+        except OSError as exc:
+            if exc.errno in (errno.EBUSY, errno.EEXIST):
+                prog_id, cur = ns.run(B.xdp_query, dev.ifindex)
+                raise XdpguardError(
+                    f"{dev.name} (netns {ns.label}) already has an XDP program attached "
+                    f"(id {prog_id}, {cur} mode); detach it first "
+                    f"(ip link set dev {dev.name} xdp off)"
+                ) from exc
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and mode == "native":
+                raise XdpguardError(
+                    f"{dev.name} does not support native XDP ({exc.strerror}); "
+                    "use --xdp-mode skb"
+                ) from exc
+            raise XdpguardError(f"cannot attach XDP to {dev.name}: {exc.strerror}") from exc
+        self.device = dev
+        self.mode = mode
+
+    def detach(self) -> None:
+        self._prog.detach()
+        self.device = None
+
+    def set_socket(self, queue: int, sock_fd: int) -> None:
+        """Point RX queue ``queue`` of the device at an AF_XDP socket."""
+        B.map_update(self._xsks, struct.pack("=I", queue), struct.pack("=I", sock_fd))
+
+    def reason_counters(self) -> np.ndarray:
+        """Array [reason] -> (packets, bytes), summed over CPUs."""
+        out = np.zeros((max(Reason) + 1, 2), dtype=np.uint64)
+        size = COUNTER_DTYPE.itemsize * self._ncpus
+        for reason in Reason:
+            raw = B.map_lookup(self._stats, struct.pack("=I", reason), size)
+            if raw is not None:
+                per_cpu = np.frombuffer(raw, dtype=COUNTER_DTYPE)
+                out[reason] = per_cpu["packets"].sum(), per_cpu["bytes"].sum()
+        return out
+
+    def close(self) -> None:
+        self._prog.close()
