@@ -62,9 +62,11 @@ apt:
 $(STAMP)/venv: pyproject.toml setup.py | apt
 	$(Q)test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@echo "  PIP    $(VENV)"
-	$(Q)$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
-	$(Q)$(PY) -m pip install -q --no-build-isolation -e '.[test]'
-	$(Q)mkdir -p $(STAMP) && touch $@
+	$(Q)mkdir -p $(STAMP)
+	$(Q){ $(PY) -m pip install --upgrade pip setuptools wheel cffi && \
+	      $(PY) -m pip install --no-build-isolation -e '.[test]'; } >$(STAMP)/pip.log 2>&1 \
+		|| { cat $(STAMP)/pip.log >&2; exit 1; }
+	$(Q)touch $@
 
 build: $(BPF_OBJS) $(SHIM)
 
@@ -84,8 +86,8 @@ test-unit test-bpf test-netns: test-%: deps build
 	$(Q)$(PY) -m pytest -m $* $(PYTEST_ARGS)
 
 lint: deps
-	$(Q)$(VENV)/bin/ruff check xdpguard tests bench libxdp_shim
-	$(Q)$(VENV)/bin/ruff format --check xdpguard tests bench libxdp_shim
+	$(Q)$(VENV)/bin/ruff check xdpguard tests bench libxdp_shim scripts
+	$(Q)$(VENV)/bin/ruff format --check xdpguard tests bench libxdp_shim scripts
 
 demo: deps build
 	$(Q)PY=$(abspath $(PY)) scripts/demo.sh

@@ -47,7 +47,7 @@ def region(path: Path) -> str:
     if not match:
         raise RuntimeError(f"{path}: no cffi:begin/cffi:end region")
     text = match.group(1)
-    for n, line in enumerate(text.splitlines(), 1):
+    for line in text.splitlines():
         if line.lstrip().startswith("#"):
             raise RuntimeError(f"{path}: preprocessor line in cffi region: {line!r}")
     return text

@@ -19,60 +19,14 @@
 
 #include "xg_shim.h"
 
-#define XG_PROG_NAME "xdpguard_prog"
-#define XG_CFG_VAR "xg_cfg"
-
 struct xg_prog {
 	struct bpf_object *obj;
 	struct bpf_program *prog;
 	int link_fd;
+	int loaded;
 };
 
-/* Copy @cfg over the initial value of the const volatile xg_cfg. */
-static int set_load_cfg(struct bpf_object *obj, const struct xg_load_cfg *cfg)
-{
-	const struct btf_var_secinfo *vsi;
-	const struct btf_type *sec, *var;
-	struct bpf_map *rodata;
-	struct btf *btf;
-	const void *init;
-	size_t size;
-	char *data;
-	int id, i, err;
-
-	btf = bpf_object__btf(obj);
-	rodata = bpf_object__find_map_by_name(obj, ".rodata");
-	if (!btf || !rodata)
-		return -ENOENT;
-	id = btf__find_by_name_kind(btf, ".rodata", BTF_KIND_DATASEC);
-	if (id < 0)
-		return id;
-	sec = btf__type_by_id(btf, id);
-	init = bpf_map__initial_value(rodata, &size);
-	if (!init)
-		return -ENOENT;
-
-	vsi = btf_var_secinfos(sec);
-	for (i = 0; i < btf_vlen(sec); i++, vsi++) {
-		var = btf__type_by_id(btf, vsi->type);
-		if (strcmp(btf__name_by_offset(btf, var->name_off), XG_CFG_VAR))
-			continue;
-		if (vsi->size != sizeof(*cfg) || vsi->offset + vsi->size > size)
-			return -EINVAL; /* object built from another header */
-		data = malloc(size);
-		if (!data)
-			return -ENOMEM;
-		memcpy(data, init, size);
-		memcpy(data + vsi->offset, cfg, sizeof(*cfg));
-		err = bpf_map__set_initial_value(rodata, data, size);
-		free(data);
-		return err;
-	}
-	return -ENOENT;
-}
-
-int xg_prog_load(const char *path, const struct xg_load_cfg *cfg,
-		 struct xg_prog **out)
+int xg_prog_open(const char *path, const char *prog_name, struct xg_prog **out)
 {
 	struct xg_prog *p;
 	int err;
@@ -83,29 +37,78 @@ int xg_prog_load(const char *path, const struct xg_load_cfg *cfg,
 	if (!p)
 		return -ENOMEM;
 	p->link_fd = -1;
-
 	p->obj = bpf_object__open_file(path, NULL);
 	if (!p->obj) {
 		err = -errno;
-		goto fail;
+		free(p);
+		return err;
 	}
-	p->prog = bpf_object__find_program_by_name(p->obj, XG_PROG_NAME);
+	p->prog = bpf_object__find_program_by_name(p->obj, prog_name);
 	if (!p->prog) {
-		err = -ENOENT;
-		goto fail;
+		bpf_object__close(p->obj);
+		free(p);
+		return -ENOENT;
 	}
-	err = set_load_cfg(p->obj, cfg);
-	if (err)
-		goto fail;
-	err = bpf_object__load(p->obj);
-	if (err)
-		goto fail;
 	*out = p;
 	return 0;
-fail:
-	bpf_object__close(p->obj);
-	free(p);
-	return err < 0 ? err : -EINVAL;
+}
+
+int xg_prog_set_rodata(struct xg_prog *prog, const char *var, const void *value,
+		       size_t size)
+{
+	const struct btf_var_secinfo *vsi;
+	const struct btf_type *sec, *v;
+	struct bpf_map *rodata;
+	const void *init;
+	struct btf *btf;
+	size_t len;
+	char *data;
+	int id, i, err;
+
+	if (prog->loaded)
+		return -EBUSY;
+	btf = bpf_object__btf(prog->obj);
+	rodata = bpf_object__find_map_by_name(prog->obj, ".rodata");
+	if (!btf || !rodata)
+		return -ENOENT;
+	id = btf__find_by_name_kind(btf, ".rodata", BTF_KIND_DATASEC);
+	if (id < 0)
+		return -ENOENT;
+	sec = btf__type_by_id(btf, id);
+	init = bpf_map__initial_value(rodata, &len);
+	if (!init)
+		return -ENOENT;
+
+	vsi = btf_var_secinfos(sec);
+	for (i = 0; i < btf_vlen(sec); i++, vsi++) {
+		v = btf__type_by_id(btf, vsi->type);
+		if (strcmp(btf__name_by_offset(btf, v->name_off), var))
+			continue;
+		if (vsi->size != size || vsi->offset + vsi->size > len)
+			return -EINVAL;
+		data = malloc(len);
+		if (!data)
+			return -ENOMEM;
+		memcpy(data, init, len);
+		memcpy(data + vsi->offset, value, size);
+		err = bpf_map__set_initial_value(rodata, data, len);
+		free(data);
+		return err;
+	}
+	return -ENOENT;
+}
+
+int xg_prog_load(struct xg_prog *prog)
+{
+	int err;
+
+	if (prog->loaded)
+		return -EBUSY;
+	err = bpf_object__load(prog->obj);
+	if (err)
+		return err < 0 ? err : -EINVAL;
+	prog->loaded = 1;
+	return 0;
 }
 
 int xg_prog_fd(const struct xg_prog *prog)

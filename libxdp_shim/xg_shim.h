@@ -67,19 +67,40 @@ int xg_netns_enter(int nsfd);
  */
 int xg_netns_cookie(uint64_t *cookie);
 
+/*
+ * Queues of the device @ifname that an AF_XDP socket can use: the device's
+ * real RX and TX queue counts (ETHTOOL_GCHANNELS: dedicated plus combined
+ * channels). Returns 0, -EOPNOTSUPP if the driver does not report channels
+ * (fall back to the netlink counts), -ENODEV, or -errno. netns.
+ */
+int xg_dev_queues(const char *ifname, uint32_t *rx, uint32_t *tx);
+
 /* ---- XDP program ---- */
 
 struct xg_prog;
 
 /*
- * Open the BPF object at @path, set its load-time config to @cfg and load
- * it into the kernel. On success *@out owns the object; free it with
- * xg_prog_close(). Needs CAP_BPF (and CAP_NET_ADMIN to attach later).
- * Returns 0, -ENOENT (no such file), or libbpf's -errno (verifier log on
- * stderr).
+ * Open the BPF object at @path and pick its program @prog_name; nothing is
+ * in the kernel yet. Set load-time constants with xg_prog_set_rodata(), then
+ * xg_prog_load(). *@out owns the object; free it with xg_prog_close().
+ * Returns 0, -ENOENT (no such file or program) or libbpf's -errno.
  */
-int xg_prog_load(const char *path, const struct xg_load_cfg *cfg,
-		 struct xg_prog **out);
+int xg_prog_open(const char *path, const char *prog_name, struct xg_prog **out);
+
+/*
+ * Before xg_prog_load(): set the const volatile global @var (in .rodata) to
+ * the @size bytes at @value. Returns 0, -ENOENT (no such variable), -EINVAL
+ * (@size differs from the variable's: object and header disagree), -EBUSY
+ * (already loaded).
+ */
+int xg_prog_set_rodata(struct xg_prog *prog, const char *var, const void *value,
+		       size_t size);
+
+/*
+ * Load every program and map of the object into the kernel. Needs CAP_BPF.
+ * Returns 0 or libbpf's -errno (the verifier log goes to stderr).
+ */
+int xg_prog_load(struct xg_prog *prog);
 
 /* Program fd, owned by @prog (do not close). */
 int xg_prog_fd(const struct xg_prog *prog);

@@ -18,9 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <linux/ethtool.h>
 #include <linux/if_xdp.h>
+#include <linux/sockios.h>
 
 #include "xg_internal.h"
 
@@ -55,6 +58,29 @@ int xg_netns_cookie(uint64_t *cookie)
 	err = sock_netns_cookie(fd, cookie);
 	close(fd);
 	return err;
+}
+
+int xg_dev_queues(const char *ifname, uint32_t *rx, uint32_t *tx)
+{
+	struct ethtool_channels ch = { .cmd = ETHTOOL_GCHANNELS };
+	struct ifreq ifr = { 0 };
+	int fd, err = 0;
+
+	if (strlen(ifname) >= IF_NAMESIZE)
+		return -EINVAL;
+	fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	strcpy(ifr.ifr_name, ifname);
+	ifr.ifr_data = (void *)&ch;
+	if (ioctl(fd, SIOCETHTOOL, &ifr))
+		err = -errno;
+	close(fd);
+	if (err)
+		return err;
+	*rx = ch.rx_count + ch.combined_count;
+	*tx = ch.tx_count + ch.combined_count;
+	return 0;
 }
 
 static int is_pow2(uint32_t v)

@@ -34,9 +34,9 @@ DIR_OUT: int = lib.XG_DIR_OUT
 
 
 def check(ret: int, what: str) -> int:
-    """Return ``ret`` or raise OSError for a negative errno."""
+    """Return ``ret`` or raise OSError(errno, strerror, what) for a negative errno."""
     if ret < 0:
-        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+        raise OSError(-ret, os.strerror(-ret), what)
     return ret
 
 
@@ -44,6 +44,11 @@ def enum_members(c_enum: str) -> dict[str, int]:
     """Names and values of a C enum of the shared header, in value order."""
     elements: dict[int, str] = ffi.typeof(c_enum).elements
     return {name: value for value, name in sorted(elements.items())}
+
+
+def struct_bytes(c_struct: str, **fields: Any) -> bytes:
+    """The bytes of a shared-header struct with ``fields`` set (the rest zero)."""
+    return bytes(ffi.buffer(ffi.new(f"{c_struct} *", fields)))
 
 
 def struct_layout(c_struct: str) -> tuple[int, dict[str, int]]:
@@ -85,18 +90,37 @@ def netns_cookie() -> int:
     return int(out[0])
 
 
+def dev_queues(ifname: str) -> tuple[int, int] | None:
+    """Real (rx, tx) queue counts of a device in this thread's netns, None if unreported."""
+    rx = ffi.new("uint32_t *")
+    tx = ffi.new("uint32_t *")
+    ret = lib.xg_dev_queues(ifname.encode(), rx, tx)
+    if ret == -errno.EOPNOTSUPP:
+        return None
+    check(ret, f"channels of {ifname}")
+    return int(rx[0]), int(tx[0])
+
+
 # ---- XDP program ----
 
 
 class Prog:
-    """One loaded instance of the XDP program (and, once attached, its link)."""
+    """One loaded instance of a program of a BPF object (and, once attached, its link)."""
 
-    def __init__(self, path: str, role: int) -> None:
-        cfg = ffi.new("struct xg_load_cfg *", {"role": role})
+    def __init__(self, path: str, name: str, rodata: dict[str, bytes] | None = None) -> None:
         out = ffi.new("struct xg_prog **")
-        check(lib.xg_prog_load(path.encode(), cfg, out), f"loading {path}")
+        check(lib.xg_prog_open(path.encode(), name.encode(), out), f"opening {path}:{name}")
         self._p = out[0]
-        self.role = role
+        try:
+            for var, value in (rodata or {}).items():
+                check(
+                    lib.xg_prog_set_rodata(self._p, var.encode(), value, len(value)),
+                    f"setting {var}",
+                )
+            check(lib.xg_prog_load(self._p), f"loading {path}")
+        except OSError:
+            self.close()
+            raise
 
     @property
     def fd(self) -> int:
@@ -207,9 +231,7 @@ class Sock:
     ) -> None:
         out = ffi.new("struct xg_sock **")
         check(
-            lib.xg_sock_create(
-                umem._u, ifname.encode(), queue, ring_size, bind_flags, role, out
-            ),
+            lib.xg_sock_create(umem._u, ifname.encode(), queue, ring_size, bind_flags, role, out),
             f"AF_XDP socket on {ifname} queue {queue}",
         )
         self._s = out[0]

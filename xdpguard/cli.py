@@ -227,7 +227,10 @@ def status(as_json: bool, control: str) -> None:
 @json_option
 @click.option("--watch", is_flag=True, help="Repeat every --interval seconds, with rates.")
 @click.option(
-    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
     help="Seconds between two samples for --watch.",
 )
 @control_option

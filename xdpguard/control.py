@@ -124,7 +124,9 @@ class ControlServer:
             sock.bind(str(self.path))
         except OSError as exc:
             sock.close()
-            raise XdpguardError(f"cannot create control socket {self.path}: {exc.strerror}")
+            raise XdpguardError(
+                f"cannot create control socket {self.path}: {exc.strerror}"
+            ) from None
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)

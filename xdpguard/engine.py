@@ -370,19 +370,14 @@ class Engine:
             queues.append(entry)
 
         def named(arr: np.ndarray) -> dict[str, dict[str, int]]:
-            return {
-                r.name: {"packets": int(arr[r, 0]), "bytes": int(arr[r, 1])}
-                for r in Reason
-            }
+            return {r.name: {"packets": int(arr[r, 0]), "bytes": int(arr[r, 1])} for r in Reason}
 
         total = reasons[Direction.IN] + reasons[Direction.OUT]
         out: dict[str, Any] = {
             "time": time.time(),
             "uptime": round(time.time() - self.started_at, 3),
             "reasons": named(total),
-            "directions": {
-                d.label: {"reasons": named(reasons[d]), **totals[d]} for d in Direction
-            },
+            "directions": {d.label: {"reasons": named(reasons[d]), **totals[d]} for d in Direction},
             "queues": queues,
         }
         if account:

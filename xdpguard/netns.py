@@ -113,14 +113,21 @@ def _lookup(ifname: str, netns: str | None) -> Device | None:
     linkinfo = link.get("IFLA_LINKINFO")
     kind = linkinfo.get("IFLA_INFO_KIND") if linkinfo else None
     prog_id, mode = B.xdp_query(link["index"])
+    # Netlink reports the queues a device was created with; ethtool reports
+    # the ones in use (ethtool -L may have lowered them).
+    real = B.dev_queues(ifname)
+    rx_queues = link.get("IFLA_NUM_RX_QUEUES") or 1
+    tx_queues = link.get("IFLA_NUM_TX_QUEUES") or 1
+    if real is not None and all(real):
+        rx_queues, tx_queues = real
     return Device(
         name=ifname,
         netns=netns,
         netns_cookie=B.netns_cookie(),
         ifindex=link["index"],
         kind=kind or "unknown",
-        rx_queues=link.get("IFLA_NUM_RX_QUEUES") or 1,
-        tx_queues=link.get("IFLA_NUM_TX_QUEUES") or 1,
+        rx_queues=rx_queues,
+        tx_queues=tx_queues,
         mtu=link.get("IFLA_MTU") or 0,
         mac=link.get("IFLA_ADDRESS") or "",
         up=bool(link["flags"] & 1),

@@ -46,7 +46,8 @@ class XdpProgram:
         self.role = role
         self.path = path or bpf_object_path()
         try:
-            self._prog = B.Prog(str(self.path), int(role))
+            cfg = B.struct_bytes("struct xg_load_cfg", role=int(role))
+            self._prog = B.Prog(str(self.path), "xdpguard_prog", {"xg_cfg": cfg})
         except OSError as exc:
             raise XdpguardError(
                 f"cannot load {self.path} ({exc.strerror}); verifier output, if any, is above"
@@ -78,8 +79,7 @@ class XdpProgram:
                 ) from exc
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and mode == "native":
                 raise XdpguardError(
-                    f"{dev.name} does not support native XDP ({exc.strerror}); "
-                    "use --xdp-mode skb"
+                    f"{dev.name} does not support native XDP ({exc.strerror}); use --xdp-mode skb"
                 ) from exc
             raise XdpguardError(f"cannot attach XDP to {dev.name}: {exc.strerror}") from exc
         self.device = dev

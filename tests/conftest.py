@@ -1,0 +1,57 @@
+"""Test tiers and their privileges.
+
+Tiers are markers: ``unit`` needs nothing, ``bpf`` loads programs, ``netns``
+builds labs. Every test carries exactly one; a ``bpf`` or ``netns`` test is
+skipped without the capabilities it needs, decided from the process'
+effective capabilities (never the user name). Under CI=true a skip is a
+failure: CI runs as root, so a test that skips there has silently stopped
+testing anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+TIERS = ("unit", "bpf", "netns")
+# CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_BPF
+_NEEDED_CAPS = (12, 13, 21, 39)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def privileged() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    eff = int(line.split()[1], 16)
+                    return all(eff & (1 << bit) for bit in _NEEDED_CAPS)
+    except OSError:
+        pass
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = privileged()
+    for item in items:
+        tiers = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: needs exactly one tier marker of {TIERS}")
+        if tiers[0] != "unit" and not root:
+            item.add_marker(
+                pytest.mark.skip(reason=f"{tiers[0]} tier needs CAP_NET_ADMIN/SYS_ADMIN/BPF")
+            )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"

@@ -1,0 +1,224 @@
+"""Labs and a running appliance for the netns tier.
+
+A Lab is the topology of DESIGN.md section 1 built by scripts/netns-setup.sh
+under names unique to this test, and always removed again. An Appliance is
+``xdpguard run`` as a subprocess on a lab, talked to through its own control
+socket. Set XDPGUARD_KEEP_LAB=1 to leave a failed test's lab for debugging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xdpguard.control import ControlClient
+from xdpguard.errors import XdpguardError
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+XDPGUARD = Path(sys.executable).parent / "xdpguard"
+TRAFFIC = [sys.executable, str(SCRIPTS / "labtraffic.py")]
+
+CLIENT_V4, ORIGIN_V4 = "169.254.0.1", "169.254.0.2"
+CLIENT_V6, ORIGIN_V6 = "2001:db8::1", "2001:db8::2"
+
+_serial = itertools.count()
+
+
+def sh(
+    *cmd: str, check: bool = True, timeout: float = 60, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True, **kw)
+
+
+@dataclass
+class Lab:
+    queues: int = 2
+    index: int | None = None
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}{next(_serial)}")
+
+    def __post_init__(self) -> None:
+        self.outer = f"xo{self.tag}"
+        self.inner = f"xi{self.tag}"
+        self.inner_ns = f"xg{self.tag}-inner"
+        self.client_ns = f"xg{self.tag}-client"
+        self.origin_ns = f"xg{self.tag}-origin"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            QUEUES=str(self.queues),
+            OUTER=self.outer,
+            INNER=self.inner,
+            INNER_NS=self.inner_ns,
+            CLIENT_NS=self.client_ns,
+            ORIGIN_NS=self.origin_ns,
+        )
+        if self.index is not None:
+            env["INDEX"] = str(self.index)
+        else:
+            env.pop("INDEX", None)
+        return env
+
+    def up(self) -> Lab:
+        sh(str(SCRIPTS / "netns-setup.sh"), env=self.env)
+        return self
+
+    def down(self) -> None:
+        sh(str(SCRIPTS / "netns-teardown.sh"), env=self.env, check=False)
+
+    def ns_exec(
+        self, ns: str, *cmd: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout)
+
+    def client(self, *args: str, timeout: float = 120) -> dict[str, Any]:
+        """Run a labtraffic client command in the client namespace; its JSON verdict."""
+        res = self.ns_exec(self.client_ns, *TRAFFIC, *args, check=False, timeout=timeout)
+        try:
+            return json.loads(res.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            raise AssertionError(f"labtraffic {args} failed: {res.stdout}{res.stderr}") from None
+
+    def ping(self, addr: str, count: int = 3, ns: str | None = None) -> bool:
+        res = self.ns_exec(
+            ns or self.client_ns,
+            "ping",
+            "-c",
+            str(count),
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            addr,
+            check=False,
+        )
+        return res.returncode == 0
+
+    def xdp_attached(self) -> dict[str, bool]:
+        """Whether outer and inner carry any XDP program right now."""
+        out = sh("ip", "-d", "link", "show", self.outer).stdout
+        inn = sh("ip", "-n", self.inner_ns, "-d", "link", "show", self.inner).stdout
+        return {
+            "outer": " xdp" in out or "prog/xdp" in out,
+            "inner": " xdp" in inn or "prog/xdp" in inn,
+        }
+
+    @contextlib.contextmanager
+    def server(self, port: int = 5201) -> Iterator[subprocess.Popen[str]]:
+        """labtraffic's server in the origin namespace for the duration of the block."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.origin_ns, *TRAFFIC, "serve", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert "serving" in line, f"server did not start: {line}"
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def lab(queues: int = 2, index: int | None = None) -> Iterator[Lab]:
+    the_lab = Lab(queues=queues, index=index)
+    ok = False
+    try:
+        yield the_lab.up()
+        ok = True
+    finally:
+        if ok or not os.environ.get("XDPGUARD_KEEP_LAB"):
+            the_lab.down()
+
+
+class Appliance:
+    """``xdpguard run`` on a lab, as a subprocess with its own control socket."""
+
+    def __init__(self, the_lab: Lab, workdir: Path, *extra: str) -> None:
+        self.lab = the_lab
+        self.control = workdir / f"{the_lab.tag}.sock"
+        self.log = workdir / f"{the_lab.tag}.log"
+        self.args = [
+            str(XDPGUARD),
+            "run",
+            "--outer",
+            the_lab.outer,
+            "--inner",
+            the_lab.inner,
+            "--inner-netns",
+            the_lab.inner_ns,
+            "--control",
+            str(self.control),
+            *extra,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15) -> Appliance:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"xdpguard run exited {self.proc.returncode}:\n{self.output()}"
+                )
+            with contextlib.suppress(XdpguardError):
+                self.call("status")
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"xdpguard did not come up:\n{self.output()}")
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        with ControlClient(self.control) as c:
+            return c.call(cmd, **args)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run an xdpguard client command against this appliance."""
+        return sh(str(XDPGUARD), *args, "--control", str(self.control), check=check)
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> tuple[int, float]:
+        """Signal the daemon; its exit code and how long it took to exit."""
+        assert self.proc is not None
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"xdpguard ignored signal {sig}:\n{self.output()}") from None
+        return rc, time.monotonic() - start
+
+    def __enter__(self) -> Appliance:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
+
+def import_bench():  # type: ignore[no-untyped-def]
+    """The benchmarks' building blocks (generator, sink), shared with the tests."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    import xgbench
+
+    return xgbench

@@ -1,0 +1,120 @@
+"""Errors a user can cause: one line naming the thing, non-zero exit, nothing left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lab import ROOT, XDPGUARD, Appliance, Lab, lab, sh
+
+pytestmark = pytest.mark.netns
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+
+
+@pytest.fixture
+def lab2() -> Lab:
+    with lab(queues=2) as the_lab:
+        yield the_lab
+
+
+def run_args(the_lab: Lab, control: Path, **over: str) -> list[str]:
+    opts = {
+        "--outer": the_lab.outer,
+        "--inner": the_lab.inner,
+        "--inner-netns": the_lab.inner_ns,
+        "--control": str(control),
+    }
+    opts.update(over)
+    args = [str(XDPGUARD), "run"]
+    for k, v in opts.items():
+        args += [k, v]
+    return args
+
+
+def assert_user_error(res, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    assert res.returncode != 0, res
+    lines = res.stderr.strip().splitlines()
+    assert lines, res
+    last = lines[-1]
+    assert last.startswith("Error: "), res.stderr
+    for needle in needles:
+        assert needle in last, (needle, res.stderr)
+    assert "Traceback" not in res.stderr
+
+
+def assert_nothing_left(the_lab: Lab, control: Path) -> None:
+    assert the_lab.xdp_attached() == {"outer": False, "inner": False}
+    assert not control.exists()
+
+
+@pytest.mark.parametrize(
+    ("over", "needles"),
+    [
+        ({"--outer": "nosuchdev0"}, ["device 'nosuchdev0' not found"]),
+        ({"--inner": "nosuchdev1"}, ["device 'nosuchdev1' not found in network namespace xg"]),
+        ({"--inner-netns": "xg-no-such-ns"}, ["network namespace 'xg-no-such-ns' not found"]),
+        ({"--outer-netns": "xg-no-such-ns"}, ["network namespace 'xg-no-such-ns' not found"]),
+        ({"--queues": "3"}, ["queue count mismatch", "--queues 3"]),
+        ({"--outer": "bad/name"}, ["bad/name"]),
+    ],
+    ids=["outer-device", "inner-device", "inner-netns", "outer-netns", "queues", "bad-name"],
+)
+def test_run_argument_errors(
+    lab2: Lab, tmp_path: Path, over: dict[str, str], needles: list[str]
+) -> None:
+    control = tmp_path / "c.sock"
+    res = sh(*run_args(lab2, control, **over), check=False)
+    assert_user_error(res, *needles)
+    assert_nothing_left(lab2, control)
+
+
+def test_device_queue_counts_differ(lab2: Lab, tmp_path: Path) -> None:
+    lab2.ns_exec(lab2.inner_ns, "ethtool", "-L", lab2.inner, "rx", "1", "tx", "1")
+    control = tmp_path / "c.sock"
+    res = sh(*run_args(lab2, control), check=False)
+    assert_user_error(res, "queue count mismatch", lab2.outer, lab2.inner)
+    assert_nothing_left(lab2, control)
+
+
+def test_not_root(lab2: Lab, tmp_path: Path) -> None:
+    control = tmp_path / "c.sock"
+    res = sh(*NOBODY, *run_args(lab2, control), check=False)
+    assert_user_error(res, "needs root")
+    assert_nothing_left(lab2, control)
+
+
+def test_program_already_attached(lab2: Lab, tmp_path: Path) -> None:
+    obj = ROOT / "bpf" / "xdpguard.bpf.o"
+    sh("ip", "link", "set", "dev", lab2.outer, "xdp", "obj", str(obj), "sec", "xdp")
+    try:
+        control = tmp_path / "c.sock"
+        res = sh(*run_args(lab2, control), check=False)
+        assert_user_error(res, lab2.outer, "already has an XDP program")
+        # Someone else's program stays; ours never got attached anywhere.
+        assert lab2.xdp_attached() == {"outer": True, "inner": False}
+        assert not control.exists()
+    finally:
+        sh("ip", "link", "set", "dev", lab2.outer, "xdp", "off")
+
+
+def test_second_instance_on_same_control_socket(lab2: Lab, tmp_path: Path) -> None:
+    with Appliance(lab2, tmp_path) as app:
+        res = sh(*run_args(lab2, app.control), check=False)
+        assert_user_error(res, "another xdpguard is running", str(app.control))
+        # The first one is untouched and still answers.
+        assert app.call("status")["devices"]["outer"]["name"] == lab2.outer
+
+
+def test_clients_without_a_daemon(tmp_path: Path) -> None:
+    control = tmp_path / "none.sock"
+    for cmd in ("status", "stats"):
+        res = sh(str(XDPGUARD), cmd, "--control", str(control), check=False)
+        assert_user_error(res, "not running", str(control))
+
+
+def test_clients_not_root(lab2: Lab, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    with Appliance(lab2, tmp_path) as app:
+        res = sh(*NOBODY, str(XDPGUARD), "status", "--control", str(app.control), check=False)
+        assert_user_error(res, "permission denied", "root only")

@@ -1,0 +1,125 @@
+"""xdpguard between two namespaces, with real traffic (issue: the data path)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from lab import CLIENT_V4, CLIENT_V6, ORIGIN_V4, ORIGIN_V6, Appliance, Lab, lab
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def lab2() -> Lab:
+    with lab(queues=2) as the_lab:
+        yield the_lab
+
+
+def test_lab_has_no_path_without_xdpguard(lab2: Lab, tmp_path: Path) -> None:
+    with lab2.server():
+        assert not lab2.ping(ORIGIN_V4, count=2)
+        assert not lab2.ping(ORIGIN_V6, count=2)
+        res = lab2.client("many", "--to", ORIGIN_V4, "--conns", "1", "--timeout", "2")
+        assert not res["ok"]
+        with Appliance(lab2, tmp_path):
+            assert lab2.ping(ORIGIN_V4)
+        # Stopped again: the path is gone with it.
+        assert not lab2.ping(ORIGIN_V4, count=2)
+
+
+def test_ping_tcp_udp_both_ways(lab2: Lab, tmp_path: Path) -> None:
+    with lab2.server(), Appliance(lab2, tmp_path) as app:
+        assert lab2.ping(ORIGIN_V4)
+        assert lab2.ping(ORIGIN_V6)
+        assert lab2.ping(CLIENT_V4, ns=lab2.origin_ns)
+        assert lab2.ping(CLIENT_V6, ns=lab2.origin_ns)
+
+        up = lab2.client("send", "--to", ORIGIN_V4, "--bytes", "64M", "--seed", "7")
+        assert up["ok"], up
+        down = lab2.client("recv", "--to", ORIGIN_V6, "--bytes", "64M", "--seed", "8")
+        assert down["ok"], down
+        assert up["sha256"] != down["sha256"]
+
+        conns = lab2.client("many", "--to", ORIGIN_V4, "--conns", "200")
+        assert conns["ok"] and conns["connections"] == 200, conns
+
+        for addr in (ORIGIN_V4, ORIGIN_V6):
+            udp = lab2.client("udp", "--to", addr, "--count", "200")
+            assert udp["ok"], udp
+
+        stats = app.call("stats")
+        inbound, outbound = stats["directions"]["in"], stats["directions"]["out"]
+        # 64 MiB each way went through the AF_XDP path, not around it.
+        assert inbound["tx_bytes"] > 64 << 20 and outbound["tx_bytes"] > 64 << 20
+        assert stats["reasons"]["redirected"]["packets"] >= inbound["rx_packets"]
+        assert stats["frames"]["consistent"]
+
+
+def test_same_ifindex_both_queues(tmp_path: Path) -> None:
+    """The shared-UMEM netns bug's regression case: outer and inner are both ifindex 4242."""
+    with (
+        lab(queues=2, index=4242) as the_lab,
+        the_lab.server(),
+        Appliance(the_lab, tmp_path) as app,
+    ):
+        status = app.call("status")
+        outer, inner = status["devices"]["outer"], status["devices"]["inner"]
+        assert outer["ifindex"] == inner["ifindex"] == 4242
+        assert outer["netns_cookie"] != inner["netns_cookie"]
+        socks = {(s["netns_cookie"], s["ifindex"], s["queue"]) for s in status["sockets"]}
+        assert len(socks) == 4  # two devices x two queues, all distinct keys
+
+        assert the_lab.ping(ORIGIN_V4)
+        assert the_lab.ping(ORIGIN_V6)
+        # Many flows, so the client's TX queue choice spreads them over both queues.
+        for _ in range(3):
+            res = the_lab.client("many", "--to", ORIGIN_V4, "--conns", "100")
+            assert res["ok"], res
+        up = the_lab.client("send", "--to", ORIGIN_V4, "--bytes", "8M")
+        assert up["ok"], up
+
+        queues = app.call("stats")["queues"]
+        assert len(queues) == 2
+        for q in queues:
+            for direction in ("in", "out"):
+                assert q[direction]["rx_packets"] > 0, (q["queue"], direction, queues)
+                assert q[direction]["tx_packets"] > 0, (q["queue"], direction, queues)
+
+
+def test_sigterm_exits_clean(lab2: Lab, tmp_path: Path) -> None:
+    app = Appliance(lab2, tmp_path).start()
+    assert lab2.xdp_attached() == {"outer": True, "inner": True}
+    assert app.control.exists()
+    assert app.control.stat().st_mode & 0o777 == 0o600
+    rc, seconds = app.stop()
+    assert rc == 0, app.output()
+    assert seconds < 2.0
+    assert lab2.xdp_attached() == {"outer": False, "inner": False}
+    assert not app.control.exists()
+
+
+def test_sigint_exits_clean(lab2: Lab, tmp_path: Path) -> None:
+    import signal
+
+    app = Appliance(lab2, tmp_path).start()
+    rc, seconds = app.stop(signal.SIGINT)
+    assert rc == 0 and seconds < 2.0, app.output()
+    assert lab2.xdp_attached() == {"outer": False, "inner": False}
+    assert not app.control.exists()
+
+
+def test_sigkill_leaves_nothing_attached(lab2: Lab, tmp_path: Path) -> None:
+    """BPF links die with the process: a crash does not strand the program."""
+    import signal
+
+    app = Appliance(lab2, tmp_path).start()
+    app.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while lab2.xdp_attached() != {"outer": False, "inner": False}:
+        assert time.monotonic() < deadline, lab2.xdp_attached()
+        time.sleep(0.1)
+    # The stale socket file of a killed daemon does not block the next start.
+    with Appliance(lab2, tmp_path):
+        assert lab2.ping(ORIGIN_V4)

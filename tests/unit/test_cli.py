@@ -1,0 +1,65 @@
+"""The CLI's surface: help, version, argument validation, client errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from xdpguard import __version__
+from xdpguard.cli import main
+
+pytestmark = pytest.mark.unit
+
+
+def invoke(*args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(main, list(args))
+
+
+def test_version() -> None:
+    res = invoke("--version")
+    assert res.exit_code == 0 and __version__ in res.output
+
+
+@pytest.mark.parametrize("cmd", ["run", "status", "stats"])
+def test_help_teaches(cmd: str) -> None:
+    res = invoke(cmd, "--help")
+    assert res.exit_code == 0
+    assert "--control" in res.output and "XDPGUARD_CONTROL" in res.output
+
+
+def test_run_help_lists_its_options() -> None:
+    out = invoke("run", "--help").output
+    for opt in ("--outer", "--outer-netns", "--inner", "--inner-netns", "--queues", "--xdp-mode"):
+        assert opt in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--outer", "a/b", "--inner", "i", "--inner-netns", "n"], "not a valid device name"),
+        (["--outer", "o", "--inner", "x" * 16, "--inner-netns", "n"], "not a valid device name"),
+        (["--outer", "o", "--inner", "i", "--inner-netns", "../x"], "not a valid namespace"),
+        (["--outer", "o", "--inner", "i", "--inner-netns", "n", "--queues", "0"], "--queues"),
+        (["--outer", "o", "--inner", "i", "--inner-netns", "n", "--xdp-mode", "hw"], "xdp-mode"),
+        (["--outer", "o", "--inner", "i"], "--inner-netns"),
+    ],
+)
+def test_run_rejects_bad_arguments(args: list[str], needle: str) -> None:
+    res = invoke("run", *args)
+    assert res.exit_code == 2
+    assert needle in res.output
+
+
+def test_status_without_daemon_is_one_line(tmp_path: Path) -> None:
+    sock = tmp_path / "c.sock"
+    res = invoke("status", "--control", str(sock))
+    assert res.exit_code == 1
+    assert res.output.strip() == f"Error: xdpguard is not running (no control socket at {sock})"
+
+
+def test_control_from_environment(tmp_path: Path) -> None:
+    sock = tmp_path / "env.sock"
+    res = CliRunner(env={"XDPGUARD_CONTROL": str(sock)}).invoke(main, ["stats"])
+    assert str(sock) in res.output
