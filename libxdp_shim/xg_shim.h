@@ -163,11 +163,12 @@ struct xg_umem;
 struct xg_sock;
 
 /*
- * Allocate and register a UMEM of @nframes frames of @frame_size bytes
- * (a power of two, 2048 or 4096). *@out owns the memory; free with
- * xg_umem_destroy() after every socket on it is destroyed. Needs
- * CAP_NET_RAW (the UMEM is registered on an AF_XDP socket) and enough
- * RLIMIT_MEMLOCK. Returns 0 or -errno.
+ * Allocate a UMEM of @nframes frames of @frame_size bytes (2048 or 4096),
+ * with fill and completion rings of 2048 entries for every socket. The
+ * kernel registration happens in the first xg_sock_create(), in that
+ * caller's namespace (see there). *@out owns the memory; free with
+ * xg_umem_destroy() after every socket on it is destroyed. Does not block.
+ * Returns 0, -EINVAL or -ENOMEM.
  */
 int xg_umem_create(uint32_t nframes, uint32_t frame_size,
 		   struct xg_umem **out);
@@ -208,12 +209,17 @@ struct xg_xsk_stats {
  * Create an AF_XDP socket on @umem bound to queue @queue of the device
  * @ifname as seen from the calling thread's namespace, with rings of
  * @ring_size entries (a power of two) and its own fill and completion rings.
+ * The first socket of a UMEM also registers the UMEM (CAP_NET_RAW, and
+ * RLIMIT_MEMLOCK or CAP_IPC_LOCK for the pinned pages); its @bind_flags
+ * decide need_wakeup and copy/zero-copy for every later socket, whose own
+ * @bind_flags must be 0.
  * No XDP program is loaded: put xg_sock_fd() into the program's xg_xsks
  * map. @bind_flags are XDP_COPY (2), XDP_ZEROCOPY (4) and/or
  * XDP_USE_NEED_WAKEUP (8); @role is recorded for the workers. *@out is owned
  * by @umem's registry until xg_sock_destroy(). Returns 0; -ENODEV (no such
  * device here); -EEXIST (this (netns, ifindex, queue) already has a socket
- * on @umem); -EINVAL (queue beyond the device's queues); -errno from
+ * on @umem); -EINVAL (queue beyond the device's queues); -EXDEV (the
+ * socket did not end up in the caller's namespace); -errno from
  * socket()/bind(). netns.
  */
 int xg_sock_create(struct xg_umem *umem, const char *ifname, uint32_t queue,

@@ -90,15 +90,7 @@ static int is_pow2(uint32_t v)
 
 int xg_umem_create(uint32_t nframes, uint32_t frame_size, struct xg_umem **out)
 {
-	struct xsk_umem_config cfg = {
-		.fill_size = XSK_RING_PROD__DEFAULT_NUM_DESCS,
-		.comp_size = XSK_RING_CONS__DEFAULT_NUM_DESCS,
-		.frame_size = frame_size,
-		.frame_headroom = 0,
-		.flags = 0,
-	};
 	struct xg_umem *u;
-	int err;
 
 	if (!nframes || (frame_size != 2048 && frame_size != 4096))
 		return -EINVAL;
@@ -107,29 +99,42 @@ int xg_umem_create(uint32_t nframes, uint32_t frame_size, struct xg_umem **out)
 		return -ENOMEM;
 	u->nframes = nframes;
 	u->frame_size = frame_size;
-	u->ring_size = cfg.fill_size;
+	u->ring_size = XSK_RING_PROD__DEFAULT_NUM_DESCS;
 	u->size = (size_t)nframes * frame_size;
 	pthread_mutex_init(&u->lock, NULL);
 
 	u->area = mmap(NULL, u->size, PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 	if (u->area == MAP_FAILED) {
-		err = -errno;
-		goto fail_free;
+		pthread_mutex_destroy(&u->lock);
+		free(u);
+		return -ENOMEM;
 	}
-	err = xsk_umem__create(&u->xsk_umem, u->area, u->size, &u->fill0,
-			       &u->comp0, &cfg);
-	if (err)
-		goto fail_unmap;
 	*out = u;
 	return 0;
+}
 
-fail_unmap:
-	munmap(u->area, u->size);
-fail_free:
-	pthread_mutex_destroy(&u->lock);
-	free(u);
-	return err;
+/*
+ * Register the UMEM with the kernel. libxdp registers it on a socket of its
+ * own and then binds that very socket as the first XSK; a socket belongs to
+ * the namespace of the thread that made it, so this must run in the thread
+ * (and namespace) of the first xg_sock_create(), never in the thread that
+ * allocated the memory. Caller holds umem->lock.
+ */
+static int umem_register_locked(struct xg_umem *u)
+{
+	struct xsk_umem_config cfg = {
+		.fill_size = u->ring_size,
+		.comp_size = u->ring_size,
+		.frame_size = u->frame_size,
+		.frame_headroom = 0,
+		.flags = 0,
+	};
+
+	if (u->xsk_umem)
+		return 0;
+	return xsk_umem__create(&u->xsk_umem, u->area, u->size, &u->fill0,
+				&u->comp0, &cfg);
 }
 
 int xg_umem_destroy(struct xg_umem *umem)
@@ -140,9 +145,11 @@ int xg_umem_destroy(struct xg_umem *umem)
 		return 0;
 	if (umem->socks)
 		return -EBUSY;
-	err = xsk_umem__delete(umem->xsk_umem);
-	if (err)
-		return err;
+	if (umem->xsk_umem) {
+		err = xsk_umem__delete(umem->xsk_umem);
+		if (err)
+			return err;
+	}
 	munmap(umem->area, umem->size);
 	pthread_mutex_destroy(&umem->lock);
 	free(umem);
@@ -222,16 +229,27 @@ int xg_sock_create(struct xg_umem *umem, const char *ifname, uint32_t queue,
 		err = -EEXIST;
 		goto fail;
 	}
+	err = umem_register_locked(umem);
+	if (err)
+		goto fail;
 	err = xsk_socket__create_shared(&s->xsk, ifname, queue, umem->xsk_umem,
 					&s->rx, &s->tx, &s->fill, &s->comp,
 					&cfg);
 	if (err)
 		goto fail;
 	s->fd = xsk_socket__fd(s->xsk);
-	/* The socket's own view, not the thread's, is the registry key. */
+	/*
+	 * The socket's own namespace is the registry key, and it must be the
+	 * one the ifindex was resolved in: a socket from another namespace
+	 * would have bound whatever device has that ifindex over there.
+	 */
 	err = sock_netns_cookie(s->fd, &s->netns_cookie);
 	if (err)
 		goto fail_xsk;
+	if (s->netns_cookie != cookie) {
+		err = -EXDEV;
+		goto fail_xsk;
+	}
 	if (!getsockopt(s->fd, SOL_XDP, XDP_OPTIONS, &opts, &optlen))
 		s->zerocopy = !!(opts.flags & XDP_OPTIONS_ZEROCOPY);
 	s->next = umem->socks;

@@ -15,7 +15,8 @@ recv    server -> client bulk transfer; checks the SHA-256 against the seed.
 many    N concurrent short TCP exchanges (connect, echo a line, close).
 udp     N UDP datagrams echoed back; reports how many returned.
 
-Client commands print one JSON object and exit 0 only if everything checked.
+Client commands print one JSON object (one line of text with --text) and
+exit 0 only if everything checked.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
     return socket.create_connection((host, port), timeout=timeout)
 
 
-def send(args: argparse.Namespace) -> int:
+def send(args: argparse.Namespace) -> dict:
     nbytes = parse_size(args.bytes)
     h = hashlib.sha256()
     start = time.monotonic()
@@ -121,23 +122,17 @@ def send(args: argparse.Namespace) -> int:
         s.shutdown(socket.SHUT_WR)
         reply = s.makefile().readline().split()
     secs = time.monotonic() - start
-    ok = reply == [str(nbytes), h.hexdigest()]
-    print(
-        json.dumps(
-            {
-                "bytes": nbytes,
-                "sha256": h.hexdigest(),
-                "server": reply,
-                "seconds": secs,
-                "mbit_s": 8 * nbytes / secs / 1e6,
-                "ok": ok,
-            }
-        )
-    )
-    return 0 if ok else 1
+    return {
+        "bytes": nbytes,
+        "sha256": h.hexdigest(),
+        "server": reply,
+        "seconds": secs,
+        "mbit_s": 8 * nbytes / secs / 1e6,
+        "ok": reply == [str(nbytes), h.hexdigest()],
+    }
 
 
-def recv(args: argparse.Namespace) -> int:
+def recv(args: argparse.Namespace) -> dict:
     nbytes = parse_size(args.bytes)
     h = hashlib.sha256()
     total = 0
@@ -149,23 +144,17 @@ def recv(args: argparse.Namespace) -> int:
             total += len(chunk)
     secs = time.monotonic() - start
     want = expected_digest(nbytes, args.seed)
-    ok = total == nbytes and h.hexdigest() == want
-    print(
-        json.dumps(
-            {
-                "bytes": total,
-                "sha256": h.hexdigest(),
-                "expected": want,
-                "seconds": secs,
-                "mbit_s": 8 * total / secs / 1e6,
-                "ok": ok,
-            }
-        )
-    )
-    return 0 if ok else 1
+    return {
+        "bytes": total,
+        "sha256": h.hexdigest(),
+        "expected": want,
+        "seconds": secs,
+        "mbit_s": 8 * total / secs / 1e6,
+        "ok": total == nbytes and h.hexdigest() == want,
+    }
 
 
-def many(args: argparse.Namespace) -> int:
+def many(args: argparse.Namespace) -> dict:
     results: list[str | None] = [None] * args.conns
     barrier = threading.Barrier(args.conns, timeout=args.timeout)
 
@@ -190,21 +179,16 @@ def many(args: argparse.Namespace) -> int:
     for t in threads:
         t.join()
     errors = [r for r in results if r is not None]
-    print(
-        json.dumps(
-            {
-                "connections": args.conns,
-                "failed": len(errors),
-                "errors": errors[:5],
-                "seconds": time.monotonic() - start,
-                "ok": not errors,
-            }
-        )
-    )
-    return 0 if not errors else 1
+    return {
+        "connections": args.conns,
+        "failed": len(errors),
+        "errors": errors[:5],
+        "seconds": time.monotonic() - start,
+        "ok": not errors,
+    }
 
 
-def udp(args: argparse.Namespace) -> int:
+def udp(args: argparse.Namespace) -> dict:
     family = socket.AF_INET6 if ":" in args.to else socket.AF_INET
     got = 0
     with socket.socket(family, socket.SOCK_DGRAM) as s:
@@ -218,9 +202,15 @@ def udp(args: argparse.Namespace) -> int:
                     got += 1
             except TimeoutError:
                 pass
-    ok = got >= args.count * args.min_ratio
-    print(json.dumps({"sent": args.count, "echoed": got, "ok": ok}))
-    return 0 if ok else 1
+    return {"sent": args.count, "echoed": got, "ok": got >= args.count * args.min_ratio}
+
+
+TEXT = {
+    "send": "sent {bytes} bytes in {seconds:.2f}s ({mbit_s:.0f} Mbit/s), SHA-256 match: {ok}",
+    "recv": "received {bytes} bytes in {seconds:.2f}s ({mbit_s:.0f} Mbit/s), SHA-256 match: {ok}",
+    "many": "{connections} concurrent connections, {failed} failed, in {seconds:.2f}s",
+    "udp": "{echoed}/{sent} UDP datagrams echoed",
+}
 
 
 def main() -> int:
@@ -232,6 +222,7 @@ def main() -> int:
     sp.add_argument("--port", type=int, default=5201)
     for name in ("send", "recv", "many", "udp"):
         c = sub.add_parser(name)
+        c.add_argument("--text", action="store_true", help="one line for people, not JSON")
         c.add_argument("--to", required=True)
         c.add_argument("--port", type=int, default=5201)
         c.add_argument("--timeout", type=float, default=20.0)
@@ -245,7 +236,11 @@ def main() -> int:
             c.add_argument("--size", type=int, default=64)
             c.add_argument("--min-ratio", type=float, default=1.0)
     args = p.parse_args()
-    return {"serve": serve, "send": send, "recv": recv, "many": many, "udp": udp}[args.cmd](args)
+    if args.cmd == "serve":
+        return serve(args)
+    result = {"send": send, "recv": recv, "many": many, "udp": udp}[args.cmd](args)
+    print(TEXT[args.cmd].format(**result) if args.text else json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Build the lab of DESIGN.md section 1:
 #
-#   CLIENT_NS:eth0 <-veth-> OUTER (this ns)   INNER (INNER_NS) <-veth-> ORIGIN_NS:eth0
+#   CLIENT_NS:eth0 <-veth-> OUTER (OUTER_NS)   INNER (INNER_NS) <-veth-> ORIGIN_NS:eth0
 #
 # OUTER and INNER carry no address and have no path between them: only a
 # running xdpguard connects client and origin.
 #
 # Knobs (environment): QUEUES (default: number of CPUs), INDEX (if set, OUTER
 # and INNER are both created with this ifindex, the same-ifindex regression
-# case), OUTER, INNER, INNER_NS, CLIENT_NS, ORIGIN_NS (names, so that two labs
-# can coexist). On any failure the partial lab is removed again.
+# case), OUTER_NS (if set, OUTER lives in this extra "edge" namespace instead
+# of the current one), OUTER, INNER, INNER_NS, CLIENT_NS, ORIGIN_NS (names,
+# so that two labs can coexist). On any failure the partial lab is removed.
 set -euo pipefail
 
 QUEUES=${QUEUES:-$(nproc)}
@@ -17,6 +18,7 @@ INDEX=${INDEX:-}
 OUTER=${OUTER:-outer}
 INNER=${INNER:-inner}
 INNER_NS=${INNER_NS:-inner-ns}
+OUTER_NS=${OUTER_NS:-}
 CLIENT_NS=${CLIENT_NS:-client-ns}
 ORIGIN_NS=${ORIGIN_NS:-origin-ns}
 
@@ -27,23 +29,28 @@ die() { echo "netns-setup: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "must run as root"
 [[ "$QUEUES" =~ ^[1-9][0-9]*$ ]] || die "QUEUES must be a positive integer, got '$QUEUES'"
 [ -z "$INDEX" ] || [[ "$INDEX" =~ ^[1-9][0-9]*$ ]] || die "INDEX must be a positive integer, got '$INDEX'"
-for ns in "$INNER_NS" "$CLIENT_NS" "$ORIGIN_NS"; do
+for ns in $OUTER_NS "$INNER_NS" "$CLIENT_NS" "$ORIGIN_NS"; do
 	[ ! -e "/run/netns/$ns" ] || die "namespace $ns already exists (run netns-teardown.sh first)"
 done
-ip link show "$OUTER" >/dev/null 2>&1 && die "device $OUTER already exists (run netns-teardown.sh first)"
+if [ -z "$OUTER_NS" ] && ip link show "$OUTER" >/dev/null 2>&1; then
+	die "device $OUTER already exists (run netns-teardown.sh first)"
+fi
 
 # Tear down whatever was built if a later step fails.
 trap 'rc=$?; if [ $rc -ne 0 ]; then "$here/netns-teardown.sh" >/dev/null 2>&1 || true; fi' EXIT
 
 idx() { [ -n "$INDEX" ] && echo "index $INDEX"; true; }
 
-for ns in "$INNER_NS" "$CLIENT_NS" "$ORIGIN_NS"; do
+for ns in $OUTER_NS "$INNER_NS" "$CLIENT_NS" "$ORIGIN_NS"; do
 	ip netns add "$ns"
 	ip -n "$ns" link set lo up
 done
 
-# Client side: eth0 in CLIENT_NS, OUTER here.
-ip link add "$OUTER" $(idx) numtxqueues "$QUEUES" numrxqueues "$QUEUES" type veth \
+# Run a command in OUTER's namespace (the current one unless OUTER_NS is set).
+on_outer() { if [ -n "$OUTER_NS" ]; then ip netns exec "$OUTER_NS" "$@"; else "$@"; fi; }
+
+# Client side: eth0 in CLIENT_NS, OUTER here (or in OUTER_NS).
+on_outer ip link add "$OUTER" $(idx) numtxqueues "$QUEUES" numrxqueues "$QUEUES" type veth \
 	peer name eth0 netns "$CLIENT_NS" numtxqueues "$QUEUES" numrxqueues "$QUEUES"
 
 # Origin side: INNER in INNER_NS, eth0 in ORIGIN_NS. The veth is created
@@ -58,18 +65,18 @@ ip -n "$ORIGIN_NS" addr add 2001:db8::2/64 dev eth0 nodad
 
 # The bump in the wire must stay invisible to IPv6 on its own ports.
 ip netns exec "$INNER_NS" sysctl -qw "net.ipv6.conf.$INNER.disable_ipv6=1"
-sysctl -qw "net.ipv6.conf.$OUTER.disable_ipv6=1"
+on_outer sysctl -qw "net.ipv6.conf.$OUTER.disable_ipv6=1"
 
 # Frames must cross AF_XDP with finished checksums: no TX checksum offload
 # (and so no TSO) on any end that sends into the appliance.
 ip netns exec "$CLIENT_NS" ethtool -K eth0 tx off >/dev/null
 ip netns exec "$ORIGIN_NS" ethtool -K eth0 tx off >/dev/null
-ethtool -K "$OUTER" tx off >/dev/null
+on_outer ethtool -K "$OUTER" tx off >/dev/null
 ip netns exec "$INNER_NS" ethtool -K "$INNER" tx off >/dev/null
 
-ip link set "$OUTER" up
+on_outer ip link set "$OUTER" up
 ip -n "$INNER_NS" link set "$INNER" up
 ip -n "$CLIENT_NS" link set eth0 up
 ip -n "$ORIGIN_NS" link set eth0 up
 
-echo "lab up: $CLIENT_NS:eth0 <-> $OUTER | $INNER_NS:$INNER <-> $ORIGIN_NS:eth0 (queues=$QUEUES${INDEX:+, ifindex=$INDEX})"
+echo "lab up: $CLIENT_NS:eth0 <-> ${OUTER_NS:+$OUTER_NS:}$OUTER | $INNER_NS:$INNER <-> $ORIGIN_NS:eth0 (queues=$QUEUES${INDEX:+, ifindex=$INDEX})"

@@ -45,6 +45,7 @@ def sh(
 class Lab:
     queues: int = 2
     index: int | None = None
+    edge: bool = False  # OUTER in a namespace of its own, not the test's
     tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}{next(_serial)}")
 
     def __post_init__(self) -> None:
@@ -53,6 +54,7 @@ class Lab:
         self.inner_ns = f"xg{self.tag}-inner"
         self.client_ns = f"xg{self.tag}-client"
         self.origin_ns = f"xg{self.tag}-origin"
+        self.outer_ns = f"xg{self.tag}-edge" if self.edge else None
 
     @property
     def env(self) -> dict[str, str]:
@@ -65,10 +67,11 @@ class Lab:
             CLIENT_NS=self.client_ns,
             ORIGIN_NS=self.origin_ns,
         )
-        if self.index is not None:
-            env["INDEX"] = str(self.index)
-        else:
-            env.pop("INDEX", None)
+        for knob, value in (("INDEX", self.index), ("OUTER_NS", self.outer_ns)):
+            if value is not None:
+                env[knob] = str(value)
+            else:
+                env.pop(knob, None)
         return env
 
     def up(self) -> Lab:
@@ -108,7 +111,8 @@ class Lab:
 
     def xdp_attached(self) -> dict[str, bool]:
         """Whether outer and inner carry any XDP program right now."""
-        out = sh("ip", "-d", "link", "show", self.outer).stdout
+        outer_ns = ["-n", self.outer_ns] if self.outer_ns else []
+        out = sh("ip", *outer_ns, "-d", "link", "show", self.outer).stdout
         inn = sh("ip", "-n", self.inner_ns, "-d", "link", "show", self.inner).stdout
         return {
             "outer": " xdp" in out or "prog/xdp" in out,
@@ -135,8 +139,8 @@ class Lab:
 
 
 @contextlib.contextmanager
-def lab(queues: int = 2, index: int | None = None) -> Iterator[Lab]:
-    the_lab = Lab(queues=queues, index=index)
+def lab(queues: int = 2, index: int | None = None, edge: bool = False) -> Iterator[Lab]:
+    the_lab = Lab(queues=queues, index=index, edge=edge)
     ok = False
     try:
         yield the_lab.up()
@@ -162,6 +166,7 @@ class Appliance:
             the_lab.inner,
             "--inner-netns",
             the_lab.inner_ns,
+            *(["--outer-netns", the_lab.outer_ns] if the_lab.outer_ns else []),
             "--control",
             str(self.control),
             *extra,

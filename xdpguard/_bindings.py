@@ -271,6 +271,8 @@ class Worker:
         )
         self._w = out[0]
         self._stats = lib.xg_worker_stats(self._w)
+        # The worker uses but does not own these: keep them alive as long as it.
+        self.umem, self.socks = umem, (outer, inner)
 
     def run(self) -> int:
         """Block in the loop (GIL released) until stop(); returns 0 or -errno."""

@@ -70,6 +70,8 @@ def test_same_ifindex_both_queues(tmp_path: Path) -> None:
         assert outer["netns_cookie"] != inner["netns_cookie"]
         socks = {(s["netns_cookie"], s["ifindex"], s["queue"]) for s in status["sockets"]}
         assert len(socks) == 4  # two devices x two queues, all distinct keys
+        for s in status["sockets"]:
+            assert s["netns_cookie"] == status["devices"][s["device"]]["netns_cookie"]
 
         assert the_lab.ping(ORIGIN_V4)
         assert the_lab.ping(ORIGIN_V6)
@@ -86,6 +88,22 @@ def test_same_ifindex_both_queues(tmp_path: Path) -> None:
             for direction in ("in", "out"):
                 assert q[direction]["rx_packets"] > 0, (q["queue"], direction, queues)
                 assert q[direction]["tx_packets"] > 0, (q["queue"], direction, queues)
+
+
+def test_outer_in_its_own_namespace(tmp_path: Path) -> None:
+    """--outer-netns: neither device lives where xdpguard runs (same ifindex, too)."""
+    with lab(queues=2, index=4242, edge=True) as the_lab, the_lab.server():
+        with Appliance(the_lab, tmp_path) as app:
+            status = app.call("status")
+            cookies = {s["netns_cookie"] for s in status["sockets"]}
+            assert cookies == {d["netns_cookie"] for d in status["devices"].values()}
+            assert len(cookies) == 2
+            assert status["devices"]["outer"]["netns"] == the_lab.outer_ns
+            assert the_lab.ping(ORIGIN_V4)
+            assert the_lab.ping(ORIGIN_V6)
+            up = the_lab.client("send", "--to", ORIGIN_V4, "--bytes", "16M")
+            assert up["ok"], up
+        assert the_lab.xdp_attached() == {"outer": False, "inner": False}
 
 
 def test_sigterm_exits_clean(lab2: Lab, tmp_path: Path) -> None:
@@ -123,3 +141,14 @@ def test_sigkill_leaves_nothing_attached(lab2: Lab, tmp_path: Path) -> None:
     # The stale socket file of a killed daemon does not block the next start.
     with Appliance(lab2, tmp_path):
         assert lab2.ping(ORIGIN_V4)
+
+
+def test_idle_appliance_uses_almost_no_cpu(lab2: Lab, tmp_path: Path) -> None:
+    from lab import import_bench
+
+    with Appliance(lab2, tmp_path) as app:
+        assert lab2.ping(ORIGIN_V4, count=1)
+        time.sleep(0.5)
+        assert app.proc is not None
+        busy = import_bench().CpuMeter(app.proc.pid).measure(3.0)
+        assert busy < 0.05, f"idle xdpguard used {busy:.1%} of a core"

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The appliance's demo (make demo): a lab, xdpguard between its two halves,
+# real traffic through it, then a clean stop. Uses lab names of its own so
+# it never touches a lab you built by hand; everything is torn down on exit,
+# failure included.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+PY=${PY:-$root/.venv/bin/python}
+XG=$(dirname "$PY")/xdpguard
+TRAFFIC=("$PY" "$here/labtraffic.py")
+
+export QUEUES=${QUEUES:-2}
+export OUTER=xgdemo-out INNER=xgdemo-in
+export INNER_NS=xgdemo-inner CLIENT_NS=xgdemo-client ORIGIN_NS=xgdemo-origin
+CONTROL=/run/xdpguard/demo.sock
+LOG=$(mktemp /tmp/xdpguard-demo.XXXXXX)
+
+xg_pid= srv_pid=
+cleanup() {
+	set +e
+	if [ -n "$srv_pid" ]; then kill "$srv_pid" 2>/dev/null; wait "$srv_pid" 2>/dev/null; fi
+	if [ -n "$xg_pid" ]; then kill -TERM "$xg_pid" 2>/dev/null; wait "$xg_pid" 2>/dev/null; fi
+	"$here/netns-teardown.sh"
+	rm -f "$LOG"
+}
+trap cleanup EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+client() { ip netns exec "$CLIENT_NS" "$@"; }
+
+step "lab: $CLIENT_NS <-> $OUTER | xdpguard | $INNER ($INNER_NS) <-> $ORIGIN_NS, $QUEUES queues"
+"$here/netns-setup.sh"
+
+step "without xdpguard the client cannot reach the origin"
+if client ping -c 2 -i 0.2 -W 1 169.254.0.2 >/dev/null; then
+	echo "unexpected: the lab has a path around the appliance" >&2
+	exit 1
+fi
+echo "ping 169.254.0.2: no answer (as it should be)"
+
+step "xdpguard run --outer $OUTER --inner $INNER --inner-netns $INNER_NS"
+"$XG" run --outer "$OUTER" --inner "$INNER" --inner-netns "$INNER_NS" \
+	--control "$CONTROL" --summary-interval 2 2>"$LOG" &
+xg_pid=$!
+for _ in $(seq 100); do
+	"$XG" status --control "$CONTROL" >/dev/null 2>&1 && break
+	kill -0 "$xg_pid" 2>/dev/null || { cat "$LOG"; exit 1; }
+	sleep 0.1
+done
+"$XG" status --control "$CONTROL"
+
+step "ping through the appliance, IPv4 and IPv6"
+client ping -c 3 -i 0.2 169.254.0.2 | tail -2
+client ping -c 3 -i 0.2 2001:db8::2 | tail -2
+
+step "TCP and UDP through the appliance (real Linux stacks on both ends)"
+ip netns exec "$ORIGIN_NS" "${TRAFFIC[@]}" serve --port 5201 >/dev/null &
+srv_pid=$!
+sleep 0.5
+client "${TRAFFIC[@]}" send --text --to 169.254.0.2 --bytes 64M
+client "${TRAFFIC[@]}" recv --text --to 2001:db8::2 --bytes 64M
+client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 200
+client "${TRAFFIC[@]}" udp --text --to 169.254.0.2 --count 200
+client "${TRAFFIC[@]}" udp --text --to 2001:db8::2 --count 200
+
+step "xdpguard stats"
+"$XG" stats --control "$CONTROL"
+
+step "what the daemon printed"
+cat "$LOG"
+
+step "SIGTERM: xdpguard detaches and exits"
+kill -TERM "$xg_pid"
+wait "$xg_pid" && echo "exit status 0"
+xg_pid=
+ip -d link show "$OUTER" | grep -q prog/xdp && { echo "XDP still on $OUTER" >&2; exit 1; }
+echo "no XDP program left on $OUTER or $INNER; control socket gone: $([ -e "$CONTROL" ] && echo no || echo yes)"
