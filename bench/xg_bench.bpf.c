@@ -3,8 +3,12 @@
  * XDP programs the benchmarks place around the appliance (never part of it):
  *
  *   xg_gen   packet generator, run with BPF_PROG_RUN in live-frame mode on
- *            the client's device: every run sends the template frame out of
- *            that device with XDP_TX, optionally with a fresh source.
+ *            the client's device: a run sends the template frame out of that
+ *            device with XDP_TX, optionally with a fresh source. Each BPF_PROG_RUN
+ *            call costs an RCU grace period (the kernel swaps the XDP
+ *            dispatcher), so the load is paced inside one long call instead:
+ *            only gen_tx_ratio/2^32 of the runs transmit, the rest drop,
+ *            and gen_sent counts what left.
  *   xg_sink  counts and drops what reaches the origin's device, so the
  *            forwarded rate is measured without the origin's stack.
  *   xg_pass  XDP_PASS, so a veth accepts XDP_TX frames from its peer when
@@ -21,6 +25,14 @@
 /* Set before load by bench/xgbench.py. */
 const volatile __u32 gen_random_saddr; /* host part of 198.18.0.0/15 */
 const volatile __u32 gen_random_sport;
+const volatile __u32 gen_tx_ratio = 0xffffffff; /* fraction of runs sent, of 2^32 */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} gen_sent SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -37,8 +49,14 @@ int xg_gen(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	struct iphdr *iph = (void *)(eth + 1);
 	struct udphdr *udp;
-	__u32 rnd;
+	__u32 rnd, key = 0;
+	__u64 *sent;
 
+	if (gen_tx_ratio != 0xffffffff && bpf_get_prandom_u32() > gen_tx_ratio)
+		return XDP_DROP;
+	sent = bpf_map_lookup_elem(&gen_sent, &key);
+	if (sent)
+		(*sent)++;
 	if (!gen_random_saddr && !gen_random_sport)
 		return XDP_TX;
 	if ((void *)(iph + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))

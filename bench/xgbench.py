@@ -72,7 +72,11 @@ def udp4_frame(
 
 
 class LiveGenerator:
-    """Sends a template frame out of ``ifname`` (in ``netns``) with XDP_TX live frames."""
+    """Sends a template frame out of ``ifname`` (in ``netns``) with XDP_TX live frames.
+
+    ``ratio`` thins the output inside the program (see xg_bench.bpf.c): one
+    long BPF_PROG_RUN gives a smooth load of about ratio x the full rate.
+    """
 
     def __init__(
         self,
@@ -81,54 +85,49 @@ class LiveGenerator:
         frame: bytes,
         random_saddr: bool = False,
         random_sport: bool = False,
+        ratio: float = 1.0,
     ) -> None:
         self.ns = Netns(netns)
         self.dev = resolve_device(self.ns, ifname)
         self.frame = frame
+        threshold = 0xFFFFFFFF if ratio >= 1.0 else int(ratio * 0xFFFFFFFF)
         self.prog = B.Prog(
             str(BENCH_OBJ),
             "xg_gen",
             {
                 "gen_random_saddr": struct.pack("=I", int(random_saddr)),
                 "gen_random_sport": struct.pack("=I", int(random_sport)),
+                "gen_tx_ratio": struct.pack("=I", threshold),
             },
         )
+        self._sent = self.prog.map_fd("gen_sent")
+        self._ncpus = B.num_possible_cpus()
 
-    def send(self, count: int, batch: int = 64) -> float:
-        """Send ``count`` frames as fast as possible; returns the seconds it took."""
+    def sent(self) -> int:
+        """Frames transmitted so far (runs that were not thinned out)."""
+        raw = B.map_lookup(self._sent, struct.pack("=I", 0), 8 * self._ncpus)
+        assert raw is not None
+        return sum(struct.unpack(f"={self._ncpus}Q", raw))
+
+    def run(self, runs: int, cpu: int | None = None, batch: int = 64) -> float:
+        """Execute the program ``runs`` times (pinned to ``cpu``); the seconds it took."""
 
         def body() -> float:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
             start = time.perf_counter()
-            left = count
+            left = runs
             while left:
-                # One syscall per chunk keeps a run interruptible.
-                n = min(left, 1 << 20)
+                n = min(left, 1 << 30)
                 B.prog_run_live(self.prog.fd, self.frame, self.dev.ifindex, n, batch)
                 left -= n
             return time.perf_counter() - start
 
         return self.ns.run(body)
 
-    def send_paced(self, pps: float, seconds: float, cpu: int | None = None) -> tuple[int, float]:
-        """Offer ``pps`` for ``seconds`` (bounded by both); returns (frames, elapsed)."""
-        chunk = max(64, int(pps / 1000))  # ~1 ms of traffic per syscall
-
-        def body() -> tuple[int, float]:
-            if cpu is not None:
-                os.sched_setaffinity(0, {cpu})
-            sent = 0
-            start = time.perf_counter()
-            end = start + seconds
-            while (now := time.perf_counter()) < end:
-                due = (now - start) * pps
-                if sent < due:
-                    B.prog_run_live(self.prog.fd, self.frame, self.dev.ifindex, chunk, 64)
-                    sent += chunk
-                else:
-                    time.sleep(min((sent - due) / pps, 0.001))
-            return sent, time.perf_counter() - start
-
-        return self.ns.run(body)
+    def send(self, count: int) -> float:
+        """Send ``count`` frames (ratio 1) as fast as possible; the seconds it took."""
+        return self.run(count)
 
     def close(self) -> None:
         self.prog.close()

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Forwarding rate client -> origin, 64-byte UDP, one queue, against the alternatives.
+
+Every configuration runs in the same invocation, on the same machine, with
+the same generator and the same sink:
+
+  xdpguard     xdpguard run --queues 1, its process pinned to CPU 1
+  bare-afxdp   the same, --no-policy: the same UMEM and rings, no per-frame logic
+  bridge-rps   Linux bridge between outer and inner in one namespace, RPS
+               steering the forwarding to CPU 1 (the core the worker gets)
+  bridge       the same bridge without RPS: it forwards inside the
+               generator's own softirq on CPU 0 (reference only)
+
+Load: bench/xg_bench.bpf.o's xg_gen in live-frame mode on the client's eth0,
+pinned to CPU 0, thinned inside the program to a set fraction of its full
+rate. Sink: xg_sink on the origin's eth0 counts and drops in XDP. For each
+offered load the forwarded rate is the sink's count over the generator's
+run time. Per-CPU busy time comes from /proc/stat over each run.
+
+Usage: bench/forwarding.py [--seconds-per-point S] [--json PATH]
+(as root; builds and removes its own labs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import xgbench  # noqa: E402
+
+from xdpguard import _bindings as B  # noqa: E402
+from xdpguard.control import ControlClient  # noqa: E402
+from xdpguard.errors import XdpguardError  # noqa: E402
+from xdpguard.netns import Netns, resolve_device  # noqa: E402
+
+XDPGUARD = Path(sys.executable).parent / "xdpguard"
+NAMES = {
+    "OUTER": "xgb-out",
+    "INNER": "xgb-in",
+    "INNER_NS": "xgb-inner",
+    "CLIENT_NS": "xgb-client",
+    "ORIGIN_NS": "xgb-origin",
+}
+EDGE_NS = "xgb-edge"
+RATIOS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+GEN_CPU, FWD_CPU = 0, 1
+
+
+def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+
+
+def cpu_times() -> list[tuple[int, int]]:
+    """(busy, total) jiffies per CPU."""
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                v = [int(x) for x in line.split()[1:]]
+                idle = v[3] + v[4]
+                out.append((sum(v) - idle, sum(v)))
+    return out
+
+
+@contextmanager
+def lab(edge: bool):
+    env = dict(os.environ, QUEUES="1", **NAMES)
+    if edge:
+        env["OUTER_NS"] = EDGE_NS
+    try:
+        sh(str(ROOT / "scripts" / "netns-setup.sh"), env=env)
+        yield
+    finally:
+        subprocess.run([str(ROOT / "scripts" / "netns-teardown.sh")], env=env, capture_output=True)
+
+
+@contextmanager
+def xdpguard(no_policy: bool, control: Path):
+    args = [
+        "taskset",
+        "-c",
+        str(FWD_CPU),
+        str(XDPGUARD),
+        "run",
+        "--outer",
+        NAMES["OUTER"],
+        "--inner",
+        NAMES["INNER"],
+        "--inner-netns",
+        NAMES["INNER_NS"],
+        "--queues",
+        "1",
+        "--control",
+        str(control),
+    ]
+    if no_policy:
+        args.append("--no-policy")
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with ControlClient(control) as c:
+                    c.call("status")
+                break
+            except XdpguardError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"xdpguard did not start: {proc.stderr.read()}") from None
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def bridge(rps: bool):
+    """Kernel forwarding: inner joins outer's namespace, a bridge links them."""
+    sh("ip", "-n", NAMES["INNER_NS"], "link", "set", NAMES["INNER"], "netns", EDGE_NS)
+    e = ["ip", "-n", EDGE_NS]
+    sh(*e, "link", "add", "xgb-br", "type", "bridge")
+    sh(*e, "link", "set", NAMES["OUTER"], "master", "xgb-br")
+    sh(*e, "link", "set", NAMES["INNER"], "master", "xgb-br")
+    sh(*e, "link", "set", NAMES["INNER"], "up")
+    sh(*e, "link", "set", "xgb-br", "up")
+    if rps:
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            EDGE_NS,
+            "sh",
+            "-c",
+            f"echo {1 << FWD_CPU:x} > /sys/class/net/{NAMES['OUTER']}/queues/rx-0/rps_cpus",
+        )
+    # A veth takes XDP_TX frames from its peer only with XDP (or GRO) on.
+    passp = B.Prog(str(xgbench.BENCH_OBJ), "xg_pass")
+    ns = Netns(EDGE_NS)
+    ns.run(passp.attach, resolve_device(ns, NAMES["OUTER"]).ifindex, B.XDP_FLAGS_DRV_MODE)
+    try:
+        yield None
+    finally:
+        passp.close()
+
+
+def sweep(seconds: float) -> list[dict]:
+    """Offer each load in RATIOS; what the sink saw."""
+    client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
+    origin = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
+    frame = xgbench.udp4_frame(client.mac, origin.mac, "169.254.0.1", "169.254.0.2", 40000, 9, 60)
+    sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
+    points = []
+    try:
+        # Calibrate: program runs per second at full load, to size each point.
+        probe = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame)
+        rate = 200_000 / probe.run(200_000, cpu=GEN_CPU)
+        probe.close()
+        for ratio in RATIOS:
+            gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame, ratio=ratio)
+            runs = int(min(rate / max(ratio, 0.05), 20e6) * seconds)
+            time.sleep(0.3)
+            c0, t0 = sink.count(), cpu_times()
+            elapsed = gen.run(runs, cpu=GEN_CPU)
+            t1 = cpu_times()
+            time.sleep(0.2)
+            got = sink.count() - c0
+            busy = [(b1 - b0) / max(a1 - a0, 1) for (b0, a0), (b1, a1) in zip(t0, t1, strict=True)]
+            points.append(
+                {
+                    "ratio": ratio,
+                    "offered_pps": gen.sent() / elapsed,
+                    "forwarded_pps": got / elapsed,
+                    "seconds": elapsed,
+                    "cpu_busy": busy,
+                }
+            )
+            gen.close()
+    finally:
+        sink.close()
+    return points
+
+
+def idle_cpu(pid: int, seconds: float = 5.0) -> float:
+    time.sleep(1.0)
+    return xgbench.CpuMeter(pid).measure(seconds)
+
+
+def summarize(name: str, points: list[dict], idle: float | None) -> dict:
+    sat = max(p["forwarded_pps"] for p in points)
+    top = max(points, key=lambda p: p["offered_pps"])
+    return {
+        "name": name,
+        "saturated_pps": sat,
+        "max_offered_pps": top["offered_pps"],
+        "overload_factor": top["offered_pps"] / sat,
+        "forwarded_at_max_offered_pps": top["forwarded_pps"],
+        "cpu_busy_at_max": top["cpu_busy"],
+        "idle_cpu": idle,
+        "points": points,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--seconds-per-point", type=float, default=1.0)
+    ap.add_argument("--json", type=Path, default=HERE / "results" / "forwarding.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        ap.error("needs root")
+    if os.cpu_count() < 2:
+        ap.error("needs two CPUs: one for the generator, one for the forwarder")
+    control = Path(f"/run/xdpguard/bench-{os.getpid()}.sock")
+
+    results = []
+    for name, no_policy in (("xdpguard", False), ("bare-afxdp", True)):
+        with lab(edge=False), xdpguard(no_policy, control) as proc:
+            idle = idle_cpu(proc.pid)
+            results.append(summarize(name, sweep(args.seconds_per_point), idle))
+    for name, rps in (("bridge-rps", True), ("bridge", False)):
+        with lab(edge=True), bridge(rps):
+            results.append(summarize(name, sweep(args.seconds_per_point), None))
+
+    by = {r["name"]: r for r in results}
+    report = {
+        "benchmark": "forwarding, 64-byte UDP, one queue",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "results": results,
+        "xdpguard_over_bare": by["xdpguard"]["saturated_pps"] / by["bare-afxdp"]["saturated_pps"],
+        "xdpguard_over_bridge_rps": (
+            by["xdpguard"]["saturated_pps"] / by["bridge-rps"]["saturated_pps"]
+        ),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(
+        f"{'config':<12}{'saturated':>12}{'max offered':>14}{'x':>6}{'fwd there':>12}"
+        f"{'cpu0/cpu1 busy':>16}{'idle cpu':>10}"
+    )
+    for r in results:
+        busy = "/".join(f"{b:.0%}" for b in r["cpu_busy_at_max"][:2])
+        idle = f"{r['idle_cpu']:.1%}" if r["idle_cpu"] is not None else "-"
+        sat, top = r["saturated_pps"] / 1e6, r["max_offered_pps"] / 1e6
+        there = r["forwarded_at_max_offered_pps"] / 1e6
+        print(
+            f"{r['name']:<12}{sat:>9.3f} Mp{top:>11.3f} Mp{r['overload_factor']:>6.1f}"
+            f"{there:>9.3f} Mp{busy:>16}{idle:>10}"
+        )
+    print(f"xdpguard / bare AF_XDP: {report['xdpguard_over_bare']:.2f} (goal >= 0.9)")
+    print(f"xdpguard / kernel bridge (RPS to one core): {report['xdpguard_over_bridge_rps']:.2f}")
+    print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
