@@ -26,6 +26,26 @@ enum {
 	 * reason never resizes a map.
 	 */
 	XG_REASON_CAP = 64,
+	/*
+	 * Capacity of one list's LPM trie (memory is taken per entry, not up
+	 * front: the tries are BPF_F_NO_PREALLOC).
+	 */
+	XG_LPM_V4_MAX = 4194304,
+	XG_LPM_V6_MAX = 1048576,
+	/* UDP source ports as a bitmap: 65536 bits in 64-bit words. */
+	XG_PORT_WORDS = 1024,
+};
+
+/* Slots of the xg_lists_v4/v6 map-of-maps: one LPM trie per list. */
+enum xg_list {
+	XG_LIST_ALLOW = 0,
+	XG_LIST_BLOCK = 1,
+	XG_NR_LISTS = 2,
+};
+
+enum xg_frag_policy {
+	XG_FRAG_PASS = 0,
+	XG_FRAG_DROP = 1,
 };
 
 /* Which device a program instance (and a socket) serves. */
@@ -46,12 +66,42 @@ enum xg_reason {
 	XG_REASON_NO_SOCKET = 1,
 	/* Headers truncated or impossible: dropped. */
 	XG_REASON_MALFORMED = 2,
+	/* Source in the allowlist: passed, every later check skipped. */
+	XG_REASON_ALLOWLIST = 3,
+	/* Source in the blocklist: dropped. */
+	XG_REASON_BLOCKLIST = 4,
+	/* UDP from a source port of the reflection set: dropped. */
+	XG_REASON_UDP_SRC_PORT = 5,
+	/* IPv4 fragment or IPv6 fragment header, policy "drop": dropped. */
+	XG_REASON_FRAGMENT = 6,
 };
 
 /* Value of the per-CPU per-reason counter array. */
 struct xg_counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* Keys of the LPM tries: prefix length in bits, then the address. */
+struct xg_lpm_v4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct xg_lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Runtime switches of the outer program: xg_policy[0], rewritten whole. */
+struct xg_policy {
+	__u32 frag_policy; /* enum xg_frag_policy */
+	__u32 pad;
+};
+
+/* UDP source ports to drop: port p is bit (p % 64) of bits[p / 64]. */
+struct xg_port_set {
+	__u64 bits[1024];
 };
 
 /* Load-time settings of one program instance (a const volatile global). */

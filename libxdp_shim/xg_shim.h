@@ -157,6 +157,34 @@ int xg_prog_run_live(int prog_fd, const void *data, uint32_t size,
 		     uint32_t ingress_ifindex, uint32_t repeat,
 		     uint32_t batch_size);
 
+/* ---- policy maps ---- */
+
+/*
+ * Create an empty LPM trie shaped like the inner maps of xg_lists_v4 (@v6 =
+ * 0) or xg_lists_v6 (@v6 = 1), ready to be filled and put into a slot. The
+ * caller owns the returned fd (close() it; a slot holding the map keeps it
+ * alive). Needs CAP_BPF. Returns the fd or -errno.
+ */
+int xg_lpm_create(int v6);
+
+/*
+ * Write @count entries (@keys and @values: arrays of the map's key and
+ * value size) into the map @fd: with BPF_MAP_UPDATE_BATCH, or one by one
+ * where the kernel refuses batches for this map type. *@done is the number
+ * written, also on failure (entries before it are in the map). Blocks for
+ * the duration of the syscalls. Returns 0 or -errno.
+ */
+int xg_map_update_many(int fd, const void *keys, const void *values,
+		       uint32_t count, uint32_t *done);
+
+/*
+ * Delete @count keys from the map @fd, batched where the kernel can. A key
+ * that is not there stops the batch, so pass only keys that are. *@done as
+ * above. Returns 0 or -errno.
+ */
+int xg_map_delete_many(int fd, const void *keys, uint32_t count,
+		       uint32_t *done);
+
 /* ---- UMEM and AF_XDP sockets ---- */
 
 struct xg_umem;

@@ -157,6 +157,8 @@ class Appliance:
         self.lab = the_lab
         self.control = workdir / f"{the_lab.tag}.sock"
         self.log = workdir / f"{the_lab.tag}.log"
+        # Per lab, not per start: a restart finds what the last run saved.
+        self.state_dir = workdir / f"{the_lab.tag}-state"
         self.args = [
             str(XDPGUARD),
             "run",
@@ -169,6 +171,8 @@ class Appliance:
             *(["--outer-netns", the_lab.outer_ns] if the_lab.outer_ns else []),
             "--control",
             str(self.control),
+            "--state-dir",
+            str(self.state_dir),
             *extra,
         ]
         self.proc: subprocess.Popen[bytes] | None = None

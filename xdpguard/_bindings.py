@@ -11,6 +11,8 @@ import errno
 import os
 from typing import Any
 
+import numpy as np
+
 from xdpguard._shim import ffi, lib
 
 # XDP attach flags and AF_XDP bind flags (linux/if_link.h, linux/if_xdp.h).
@@ -24,6 +26,11 @@ XDP_ATTACHED_MODES = {0: "none", 1: "native", 2: "skb", 3: "hw", 4: "multi"}
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 
 MAX_QUEUES: int = lib.XG_MAX_QUEUES
+LIST_ALLOW: int = lib.XG_LIST_ALLOW
+LIST_BLOCK: int = lib.XG_LIST_BLOCK
+FRAG_PASS: int = lib.XG_FRAG_PASS
+FRAG_DROP: int = lib.XG_FRAG_DROP
+PORT_WORDS: int = lib.XG_PORT_WORDS
 REASON_CAP: int = lib.XG_REASON_CAP
 IDLE_POLL_MS: int = lib.XG_IDLE_POLL_MS
 WORKER_NO_POLICY: int = lib.XG_WORKER_NO_POLICY
@@ -55,6 +62,40 @@ def struct_layout(c_struct: str) -> tuple[int, dict[str, int]]:
     """Size of a struct and offset of each field, as the C compiler laid it out."""
     ctype = ffi.typeof(c_struct)
     return ffi.sizeof(ctype), {name: ffi.offsetof(ctype, name) for name, _ in ctype.fields}
+
+
+_NUMPY_PRIMITIVES = {
+    "uint8_t": "u1",
+    "uint16_t": "<u2",
+    "uint32_t": "<u4",
+    "uint64_t": "<u8",
+    "int32_t": "<i4",
+    "int64_t": "<i8",
+    "unsigned char": "u1",
+    "unsigned short": "<u2",
+    "unsigned int": "<u4",
+    "unsigned long long": "<u8",
+    "long long": "<i8",
+    "int": "<i4",
+}
+
+
+def struct_dtype(c_struct: str) -> np.dtype:
+    """A numpy dtype with the C compiler's layout of ``c_struct`` (scalars and arrays)."""
+    ctype = ffi.typeof(c_struct)
+    names, formats, offsets = [], [], []
+    for name, field in ctype.fields:
+        t = field.type
+        if t.kind == "array":
+            fmt: Any = (_NUMPY_PRIMITIVES[t.item.cname], t.length)
+        else:
+            fmt = _NUMPY_PRIMITIVES[t.cname]
+        names.append(name)
+        formats.append(fmt)
+        offsets.append(field.offset)
+    return np.dtype(
+        {"names": names, "formats": formats, "offsets": offsets, "itemsize": ffi.sizeof(ctype)}
+    )
 
 
 def _to_dict(cdata: Any) -> dict[str, Any]:
@@ -204,6 +245,28 @@ def map_delete(fd: int, key: bytes) -> bool:
         return False
     check(ret, "map delete")
     return True
+
+
+def lpm_create(v6: bool) -> int:
+    """An empty LPM trie shaped like the list slots' inner maps; caller closes the fd."""
+    return check(lib.xg_lpm_create(int(v6)), "creating LPM trie")
+
+
+def map_update_many(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
+    """Write all ``keys``/``values`` (contiguous arrays of the map's types); batched."""
+    assert len(keys) == len(values)
+    done = ffi.new("uint32_t *")
+    ret = lib.xg_map_update_many(
+        fd, ffi.from_buffer(keys), ffi.from_buffer(values), len(keys), done
+    )
+    check(ret, f"map update ({done[0]} of {len(keys)} written)")
+
+
+def map_delete_many(fd: int, keys: np.ndarray) -> None:
+    """Delete all ``keys`` (each must be present); batched."""
+    done = ffi.new("uint32_t *")
+    ret = lib.xg_map_delete_many(fd, ffi.from_buffer(keys), len(keys), done)
+    check(ret, f"map delete ({done[0]} of {len(keys)} deleted)")
 
 
 # ---- UMEM, sockets, workers ----

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -47,14 +48,45 @@ class NetnsName(click.ParamType):
         return value
 
 
+class Cidr(click.ParamType):
+    """An IPv4/IPv6 address or prefix; host bits set are an error, not masked."""
+
+    name = "CIDR"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from xdpguard.policy import format_prefix, parse_prefix
+
+        try:
+            return format_prefix(*parse_prefix(str(value).strip()))
+        except ValueError as exc:
+            self.fail(f"{value!r}: {exc}", param, ctx)
+
+
 class Group(click.Group):
-    """Turns the operator's errors into one line and a non-zero exit."""
+    """Every error the operator can cause ends as one line and a non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except XdpguardError as exc:
             raise click.ClickException(str(exc)) from None
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 control_option = click.option(
@@ -114,6 +146,13 @@ def main() -> None:
     help="Seconds between the rate lines printed to stderr.",
 )
 @click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="/var/lib/xdpguard",
+    show_default=True,
+    help="Where the policy is saved after every change and restored from at start.",
+)
+@click.option(
     "--no-policy",
     is_flag=True,
     hidden=True,
@@ -128,6 +167,7 @@ def run(
     queues: int | None,
     xdp_mode: str,
     summary_interval: float,
+    state_dir: Path,
     no_policy: bool,
     control: str,
 ) -> None:
@@ -165,6 +205,7 @@ def run(
             queues=queues,
             xdp_mode=xdp_mode,
             no_policy=no_policy,
+            state_dir=state_dir,
         )
     )
     ready = threading.Event()
@@ -178,11 +219,7 @@ def run(
         return handler
 
     server = ControlServer(
-        control,
-        {
-            "status": when_ready(lambda _a: engine.status()),
-            "stats": when_ready(lambda _a: engine.stats()),
-        },
+        control, {name: when_ready(fn) for name, fn in engine.control_handlers().items()}
     )
     # The socket first: a second instance on the same path fails before
     # touching any device.
@@ -262,6 +299,169 @@ def stats(as_json: bool, watch: bool, interval: float, control: str) -> None:
                 time.sleep(interval)
             except KeyboardInterrupt:
                 return
+
+
+def _call(control: str, cmd: str, **args: Any) -> Any:
+    with _client(control) as c:
+        return c.call(cmd, **args)
+
+
+def _emit(result: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(result, indent=2) if as_json else text)
+
+
+def _list_group(lst: str, what: str) -> click.Group:
+    """`xdpguard block ...` and `xdpguard allow ...`: the same verbs on two lists."""
+
+    @click.group(name=lst, cls=Group, help=what)
+    def group() -> None:
+        pass
+
+    @group.command("add")
+    @click.argument("prefixes", nargs=-1, required=True, type=Cidr())
+    @click.option(
+        "--ttl",
+        type=click.FloatRange(min=0, min_open=True, max=10 * 365 * 86400),
+        help="Remove the entries again after this many seconds.",
+    )
+    @click.option("--comment", help="A note kept with the entries (why, ticket, ...).")
+    @json_option
+    @control_option
+    def add(
+        prefixes: tuple[str, ...],
+        ttl: float | None,
+        comment: str | None,
+        as_json: bool,
+        control: str,
+    ) -> None:
+        """Add addresses or CIDR prefixes; an existing entry gets the new TTL and comment."""
+        r = _call(control, f"{lst}.add", prefixes=list(prefixes), ttl=ttl, comment=comment)
+        _emit(r, as_json, f"{lst}list: {r['added']} added, {r['updated']} updated")
+
+    @group.command("del")
+    @click.argument("prefixes", nargs=-1, required=True, type=Cidr())
+    @json_option
+    @control_option
+    def delete(prefixes: tuple[str, ...], as_json: bool, control: str) -> None:
+        """Delete entries; ones that are not there are reported, not an error."""
+        r = _call(control, f"{lst}.del", prefixes=list(prefixes))
+        missing = f" (not there: {', '.join(r['missing'])})" if r["missing"] else ""
+        _emit(r, as_json, f"{lst}list: {r['deleted']} deleted{missing}")
+
+    @group.command("list")
+    @json_option
+    @control_option
+    def list_(as_json: bool, control: str) -> None:
+        """The entries, with the seconds left of their TTL and their comment."""
+        r = _call(control, f"{lst}.list")
+        if as_json:
+            _emit(r, True, "")
+            return
+        for e in r["entries"]:
+            ttl = f"ttl {e['ttl']:.0f}s" if e["ttl"] is not None else ""
+            comment = f"# {e['comment']}" if e["comment"] else ""
+            click.echo(f"{e['prefix']:<44} {ttl:<14} {comment}".rstrip())
+        click.echo(f"{r['count']} entries", err=True)
+
+    @group.command("load")
+    @click.argument("file", type=click.File("r"))
+    @click.option(
+        "--replace",
+        is_flag=True,
+        help="Swap the whole list for the file's (atomically) instead of adding to it.",
+    )
+    @json_option
+    @control_option
+    def load(file: Any, replace: bool, as_json: bool, control: str) -> None:
+        """Load FILE (or - for stdin): one address or CIDR per line, '#' comments.
+
+        The whole file is checked first: one bad line changes nothing.
+        """
+        text = file.read()
+        try:
+            r = _call(control, f"{lst}.load", text=text, replace=replace)
+        except XdpguardError as exc:
+            raise XdpguardError(f"{file.name}: {exc}") from None
+        how = "replaced the list with" if r["replaced"] else "loaded"
+        _emit(r, as_json, f"{lst}list: {how} {r['loaded']} prefixes ({r['added']} new)")
+
+    @group.command("clear")
+    @json_option
+    @control_option
+    def clear(as_json: bool, control: str) -> None:
+        """Remove every entry."""
+        r = _call(control, f"{lst}.clear")
+        _emit(r, as_json, f"{lst}list: {r['deleted']} deleted")
+
+    return group
+
+
+main.add_command(
+    _list_group("block", "Drop everything from these sources (IPv4 and IPv6 prefixes).")
+)
+main.add_command(
+    _list_group("allow", "Always pass these sources: an allowlist match skips every later check.")
+)
+
+
+@main.group(cls=Group)
+def ports() -> None:
+    """UDP source ports to drop (reflection and amplification floods).
+
+    The set is empty by default: dropping source port 53 also drops the
+    origin's own DNS answers, so it is the operator's call.
+    """
+
+
+@ports.command("add")
+@click.argument("numbers", nargs=-1, type=click.IntRange(0, 65535))
+@click.option(
+    "--preset",
+    type=click.Choice(["drdos"]),
+    help="drdos: 19, 53, 123, 161, 389, 1900, 3702, 11211.",
+)
+@json_option
+@control_option
+def ports_add(numbers: tuple[int, ...], preset: str | None, as_json: bool, control: str) -> None:
+    """Drop UDP from these source ports."""
+    if not numbers and not preset:
+        raise click.UsageError("give PORT... or --preset")
+    r = _call(control, "ports.add", ports=list(numbers), preset=preset)
+    _emit(r, as_json, f"ports: {r['added']} added; dropping {_ports_text(r['ports'])}")
+
+
+@ports.command("del")
+@click.argument("numbers", nargs=-1, required=True, type=click.IntRange(0, 65535))
+@json_option
+@control_option
+def ports_del(numbers: tuple[int, ...], as_json: bool, control: str) -> None:
+    """Stop dropping UDP from these source ports."""
+    r = _call(control, "ports.del", ports=list(numbers))
+    missing = f" (not there: {', '.join(map(str, r['missing']))})" if r["missing"] else ""
+    _emit(r, as_json, f"ports: {r['deleted']} deleted{missing}; dropping {_ports_text(r['ports'])}")
+
+
+@ports.command("list")
+@json_option
+@control_option
+def ports_list(as_json: bool, control: str) -> None:
+    """The UDP source ports dropped."""
+    r = _call(control, "ports.list")
+    _emit(r, as_json, _ports_text(r["ports"]))
+
+
+def _ports_text(ports: list[int]) -> str:
+    return ", ".join(map(str, ports)) if ports else "no ports"
+
+
+@main.command()
+@click.argument("policy", required=False, type=click.Choice(["drop", "pass"]))
+@json_option
+@control_option
+def frags(policy: str | None, as_json: bool, control: str) -> None:
+    """Drop or pass IPv4 fragments and IPv6 fragment headers; no argument: show."""
+    r = _call(control, "frags.set", policy=policy) if policy else _call(control, "frags.get")
+    _emit(r, as_json, f"fragments: {r['frags']}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,22 @@ COMMANDS: dict[str, Command] = {
         Command("help", "list the commands this server understands"),
         Command("status", "devices, namespaces, netns cookies, sockets and workers"),
         Command("stats", "counters per reason, direction and queue; frame account"),
+        *(
+            Command(f"{lst}.{verb}", text.format(lst=lst))
+            for lst in ("block", "allow")
+            for verb, text in (
+                ("add", "add prefixes to the {lst}list: {{prefixes, ttl?, comment?}}"),
+                ("del", "delete prefixes from the {lst}list: {{prefixes}}"),
+                ("list", "the {lst}list's entries"),
+                ("load", "load a list file into the {lst}list: {{text, replace?}}"),
+                ("clear", "empty the {lst}list"),
+            )
+        ),
+        Command("ports.add", "add UDP source ports to drop: {ports, preset?}"),
+        Command("ports.del", "stop dropping UDP source ports: {ports}"),
+        Command("ports.list", "the UDP source ports dropped"),
+        Command("frags.set", "fragment policy: {policy: drop|pass}"),
+        Command("frags.get", "the fragment policy"),
     )
 }
 

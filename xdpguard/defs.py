@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-import numpy as np
-
 from xdpguard import _bindings as B
 
 
@@ -37,8 +35,10 @@ class Direction(IntEnum):
 # Which program instance counts which direction.
 ROLE_DIRECTION = {Role.OUTER: Direction.IN, Role.INNER: Direction.OUT}
 
-# struct xg_counter, one per CPU in a per-CPU array slot.
-COUNTER_DTYPE = np.dtype([("packets", "<u8"), ("bytes", "<u8")])
+# numpy views of the shared structs, laid out by the C compiler via cffi.
+COUNTER_DTYPE = B.struct_dtype("struct xg_counter")  # one per CPU per reason
+LPM_DTYPE = {"v4": B.struct_dtype("struct xg_lpm_v4"), "v6": B.struct_dtype("struct xg_lpm_v6")}
+POLICY_DTYPE = B.struct_dtype("struct xg_policy")
 
 MAX_QUEUES = B.MAX_QUEUES
 REASON_CAP = B.REASON_CAP

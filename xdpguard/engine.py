@@ -26,7 +26,8 @@ from xdpguard import _bindings as B
 from xdpguard.defs import ROLE_DIRECTION, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.netns import Device, Netns, resolve_device
-from xdpguard.xdp import XDP_MODES, XdpProgram
+from xdpguard.policy import Policy
+from xdpguard.xdp import XDP_MODES, PolicyMaps, XdpProgram
 
 log = logging.getLogger("xdpguard")
 
@@ -52,6 +53,9 @@ class EngineConfig:
     ring_size: int = 2048
     no_policy: bool = False
     bpf_object: Path | None = None
+    state_dir: Path | None = Path("/var/lib/xdpguard")
+    # How often TTL expiry runs: entries leave within this of their deadline.
+    expiry_interval: float = 0.2
 
 
 def missing_capabilities() -> list[str]:
@@ -95,6 +99,8 @@ class Engine:
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._stats_lock = threading.Lock()
         self.fatal = threading.Event()
+        self.policy: Policy | None = None
+        self._stopping = threading.Event()
 
     # ---- lifecycle ----
 
@@ -132,6 +138,23 @@ class Engine:
             self.progs[role] = prog
             self._push_undo(f"unload {role.name.lower()} program", prog.close)
 
+        # The policy is in the maps before the program sees a packet.
+        maps = PolicyMaps(self.progs[Role.OUTER])
+        self._push_undo("close policy maps", maps.close)
+        self.policy = Policy(maps, cfg.state_dir)
+        restored = self.policy.restore()
+        log.info(
+            "policy: blocklist %d+%d, allowlist %d+%d prefixes (v4+v6), %d UDP source ports, "
+            "fragments %s%s",
+            restored["block"]["v4"],
+            restored["block"]["v6"],
+            restored["allow"]["v4"],
+            restored["allow"]["v6"],
+            len(restored["ports"]),
+            restored["frags"],
+            f", state {restored['state_file']}" if restored["state_file"] else "",
+        )
+
         self.umem = B.Umem(nq * cfg.frames_per_queue, cfg.frame_size)
         self._push_undo("free UMEM", self.umem.close)
 
@@ -154,6 +177,9 @@ class Engine:
             prog = self.progs[role]
             prog.attach(ns, dev, cfg.xdp_mode)
             self._push_undo(f"detach XDP from {dev.name}", prog.detach)
+        expiry = threading.Thread(target=self._expire_loop, name="xg-expiry", daemon=True)
+        expiry.start()
+        self._push_undo("stop TTL expiry", lambda: (self._stopping.set(), expiry.join(2)))
         log.info(
             "forwarding %s (netns %s) <-> %s (netns %s): %d queue(s), XDP %s",
             self.outer_dev.name,
@@ -240,6 +266,17 @@ class Engine:
         )
         self._push_undo(f"free worker {q}", path.worker.close)
 
+    def _expire_loop(self) -> None:
+        assert self.policy is not None
+        while not self._stopping.wait(self.cfg.expiry_interval):
+            try:
+                n = self.policy.expire()
+            except XdpguardError as exc:
+                log.error("TTL expiry: %s", exc)
+                continue
+            if n:
+                log.info("TTL expiry: %d prefix(es) removed", n)
+
     def _run_worker(self, path: _QueuePath) -> None:
         assert path.worker is not None
         rc = path.worker.run()
@@ -271,6 +308,43 @@ class Engine:
                     # Freeing memory a running loop still uses would be worse
                     # than leaking it: drop the remaining frees.
                     self._undo = [(w, f) for w, f in self._undo if w.startswith("detach")]
+
+    # ---- control ----
+
+    def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """The control socket's commands (control.COMMANDS) served by this engine."""
+
+        def policy() -> Policy:
+            if self.policy is None:
+                raise XdpguardError("xdpguard is starting")
+            return self.policy
+
+        def strings(args: dict[str, Any], key: str) -> list[str]:
+            value = args.get(key)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise XdpguardError(f"{key}: expected a list of strings")
+            return value
+
+        h: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "status": lambda a: self.status(),
+            "stats": lambda a: self.stats(),
+            "ports.add": lambda a: policy().ports_add(a.get("ports") or [], a.get("preset")),
+            "ports.del": lambda a: policy().ports_del(a.get("ports") or []),
+            "ports.list": lambda a: policy().ports_list(),
+            "frags.set": lambda a: policy().frags_set(a.get("policy")),
+            "frags.get": lambda a: policy().frags_get(),
+        }
+        for lst in ("block", "allow"):
+            h[f"{lst}.add"] = lambda a, lst=lst: policy().list_add(
+                lst, strings(a, "prefixes"), a.get("ttl"), a.get("comment")
+            )
+            h[f"{lst}.del"] = lambda a, lst=lst: policy().list_del(lst, strings(a, "prefixes"))
+            h[f"{lst}.list"] = lambda a, lst=lst: policy().list_entries(lst)
+            h[f"{lst}.load"] = lambda a, lst=lst: policy().list_load(
+                lst, _text(a), bool(a.get("replace"))
+            )
+            h[f"{lst}.clear"] = lambda a, lst=lst: policy().list_clear(lst)
+        return h
 
     # ---- reading ----
 
@@ -313,6 +387,7 @@ class Engine:
         return {
             "version": __version__,
             "pid": os.getpid(),
+            "policy": self.policy.summary() if self.policy else None,
             "uptime": round(time.time() - self.started_at, 3),
             "devices": devices,
             "queues": len(self.paths),
@@ -387,6 +462,13 @@ class Engine:
             frames["consistent"] = all(a["consistent"] for a in accounts)
             out["frames"] = frames
         return out
+
+
+def _text(args: dict[str, Any]) -> str:
+    text = args.get("text")
+    if not isinstance(text, str):
+        raise XdpguardError("text: expected the file's contents as a string")
+    return text
 
 
 _DIR_FIELDS = (

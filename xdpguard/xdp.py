@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from xdpguard import _bindings as B
-from xdpguard.defs import COUNTER_DTYPE, Reason, Role
+from xdpguard.defs import COUNTER_DTYPE, LPM_DTYPE, POLICY_DTYPE, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.netns import Device, Netns
 
@@ -106,3 +108,74 @@ class XdpProgram:
 
     def close(self) -> None:
         self._prog.close()
+
+
+class PolicyMaps:
+    """The stateless policy's maps of the outer program (see xdpguard.policy.Policy).
+
+    Each list has one LPM trie per family in a map-of-maps slot. Adding and
+    deleting write the live trie; replacing builds a new trie off to the
+    side and swaps the slot in one update, so a packet sees the old list or
+    the new one, never a mix and never an empty list.
+    """
+
+    _SLOTS: ClassVar[dict[str, int]] = {"allow": B.LIST_ALLOW, "block": B.LIST_BLOCK}
+
+    def __init__(self, prog: XdpProgram) -> None:
+        self._outer = {"v4": prog.map_fd("xg_lists_v4"), "v6": prog.map_fd("xg_lists_v6")}
+        self._ports = prog.map_fd("xg_udp_ports")
+        self._policy = prog.map_fd("xg_policy")
+        self._tries: dict[tuple[str, str], int] = {}
+        for lst in self._SLOTS:
+            for family in self._outer:
+                self._swap_in(lst, family, B.lpm_create(family == "v6"))
+
+    def _swap_in(self, lst: str, family: str, fd: int) -> None:
+        B.map_update(
+            self._outer[family], struct.pack("=I", self._SLOTS[lst]), struct.pack("=i", fd)
+        )
+        old = self._tries.get((lst, family))
+        self._tries[(lst, family)] = fd
+        if old is not None:
+            os.close(old)  # the slot no longer holds it; programs still in it keep it alive
+
+    @staticmethod
+    def _keys(family: str, canon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from xdpguard.policy import lpm_keys
+
+        keys = lpm_keys(family, canon, LPM_DTYPE[family])
+        return keys, np.ones(len(keys), dtype=np.uint32)
+
+    def lists_add(self, lst: str, family: str, canon: np.ndarray) -> None:
+        if len(canon):
+            B.map_update_many(self._tries[(lst, family)], *self._keys(family, canon))
+
+    def lists_delete(self, lst: str, family: str, canon: np.ndarray) -> None:
+        if len(canon):
+            B.map_delete_many(self._tries[(lst, family)], self._keys(family, canon)[0])
+
+    def lists_replace(self, lst: str, family: str, canon: np.ndarray) -> None:
+        fd = B.lpm_create(family == "v6")
+        try:
+            if len(canon):
+                B.map_update_many(fd, *self._keys(family, canon))
+        except OSError:
+            os.close(fd)
+            raise
+        self._swap_in(lst, family, fd)
+
+    def set_ports(self, ports: Sequence[int]) -> None:
+        bits = np.zeros(B.PORT_WORDS, dtype=np.uint64)
+        for p in ports:
+            bits[p >> 6] |= np.uint64(1) << np.uint64(p & 63)
+        B.map_update(self._ports, struct.pack("=I", 0), bits.tobytes())
+
+    def set_frag_policy(self, policy: str) -> None:
+        value = np.zeros(1, dtype=POLICY_DTYPE)
+        value["frag_policy"] = B.FRAG_DROP if policy == "drop" else B.FRAG_PASS
+        B.map_update(self._policy, struct.pack("=I", 0), value.tobytes())
+
+    def close(self) -> None:
+        for fd in self._tries.values():
+            os.close(fd)
+        self._tries.clear()

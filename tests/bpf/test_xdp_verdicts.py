@@ -14,14 +14,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    ICMPv6ND_NS,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+)
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 from xdpguard import _bindings as B
 from xdpguard.defs import Reason, Role
 from xdpguard.netns import Netns
-from xdpguard.xdp import XdpProgram
+from xdpguard.policy import FAMILIES, parse_items
+from xdpguard.xdp import PolicyMaps, XdpProgram
 
 pytestmark = pytest.mark.bpf
 
@@ -52,6 +59,10 @@ class Case:
     reason: str
     role: Role = Role.OUTER
     queue: int = 0
+    block: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    frags: str = "pass"
 
 
 GOOD_V4 = raw(ETH / V4 / UDP(sport=1234, dport=53) / (b"x" * 18))
@@ -129,12 +140,225 @@ CASES = [
     Case("no-socket-inner", GOOD_V4, B.XDP_DROP, "no_socket", role=Role.INNER, queue=1),
 ]
 
+# The stateless policy, stage by stage (issue: stateless policy in XDP).
+V4_SRC = "169.254.0.1"
+V6_SRC = "2001:db8::1"
+UDP53_V4 = raw(ETH / V4 / UDP(sport=53, dport=33000) / (b"r" * 40))
+UDP53_V6 = raw(ETH / V6 / UDP(sport=53, dport=33000) / (b"r" * 40))
+FIRST_FRAG_V4 = raw(ETH / IP(src=V4_SRC, dst="169.254.0.2", flags="MF", frag=0) / UDP(sport=4000))
+LATER_FRAG_V4 = raw(ETH / IP(src=V4_SRC, dst="169.254.0.2", proto=17, frag=185) / (b"f" * 8))
+FIRST_FRAG_V6 = raw(ETH / V6 / IPv6ExtHdrFragment(m=1, offset=0, id=7) / UDP(sport=4000))
+LATER_FRAG_V6 = raw(ETH / V6 / IPv6ExtHdrFragment(m=0, offset=100, id=7, nh=17) / (b"f" * 8))
+TCP_V4 = raw(ETH / V4 / TCP(flags="S"))
+
+CASES += [
+    # Blocklist, IPv4 and IPv6, exact and covering prefixes.
+    Case("block-v4-host", GOOD_V4, B.XDP_DROP, "blocklist", block=(V4_SRC,)),
+    Case("block-v4-covering", GOOD_V4, B.XDP_DROP, "blocklist", block=("169.254.0.0/16",)),
+    Case("block-v4-other", GOOD_V4, B.XDP_REDIRECT, "redirected", block=("169.254.1.0/24",)),
+    Case(
+        "block-v6-host",
+        raw(ETH / V6 / TCP(flags="S")),
+        B.XDP_DROP,
+        "blocklist",
+        block=(V6_SRC,),
+    ),
+    Case(
+        "block-v6-covering",
+        raw(ETH / V6 / UDP()),
+        B.XDP_DROP,
+        "blocklist",
+        block=("2001:db8::/32",),
+    ),
+    Case(
+        "block-v6-other",
+        raw(ETH / V6 / UDP()),
+        B.XDP_REDIRECT,
+        "redirected",
+        block=("2001:db9::/32",),
+    ),
+    Case(
+        "block-v4-vlan",
+        raw(ETH / Dot1Q(vlan=5) / V4 / UDP()),
+        B.XDP_DROP,
+        "blocklist",
+        block=(V4_SRC,),
+    ),
+    Case(
+        "block-also-drops-later-fragments", LATER_FRAG_V4, B.XDP_DROP, "blocklist", block=(V4_SRC,)
+    ),
+    # Allowlist: a match passes and skips every later stage; longest prefix wins.
+    Case("allow-v4", GOOD_V4, B.XDP_REDIRECT, "allowlist", allow=(V4_SRC,)),
+    Case(
+        "allow-32-inside-block-8",
+        GOOD_V4,
+        B.XDP_REDIRECT,
+        "allowlist",
+        allow=(f"{V4_SRC}/32",),
+        block=("169.0.0.0/8",),
+    ),
+    Case(
+        "allow-v6-128-inside-block-32",
+        raw(ETH / V6 / UDP()),
+        B.XDP_REDIRECT,
+        "allowlist",
+        allow=(V6_SRC,),
+        block=("2001:db8::/32",),
+    ),
+    Case(
+        "allow-skips-port-check",
+        UDP53_V4,
+        B.XDP_REDIRECT,
+        "allowlist",
+        allow=(V4_SRC,),
+        ports=(53,),
+    ),
+    Case(
+        "allow-skips-fragment-check",
+        LATER_FRAG_V4,
+        B.XDP_REDIRECT,
+        "allowlist",
+        allow=(V4_SRC,),
+        frags="drop",
+    ),
+    Case(
+        "allow-skips-malformed-check",
+        raw(ETH / V4 / TCP(flags="SF")),
+        B.XDP_REDIRECT,
+        "allowlist",
+        allow=(V4_SRC,),
+    ),
+    Case(
+        "allow-other-source-still-blocked",
+        GOOD_V4,
+        B.XDP_DROP,
+        "blocklist",
+        allow=("169.254.9.9",),
+        block=(V4_SRC,),
+    ),
+    # UDP source ports.
+    Case("udp-sport-53-v4", UDP53_V4, B.XDP_DROP, "udp_src_port", ports=(53,)),
+    Case("udp-sport-53-v6", UDP53_V6, B.XDP_DROP, "udp_src_port", ports=(53,)),
+    Case(
+        "udp-sport-11211",
+        raw(ETH / V4 / UDP(sport=11211)),
+        B.XDP_DROP,
+        "udp_src_port",
+        ports=(11211, 53),
+    ),
+    Case(
+        "udp-sport-65535",
+        raw(ETH / V4 / UDP(sport=65535)),
+        B.XDP_DROP,
+        "udp_src_port",
+        ports=(65535,),
+    ),
+    Case("udp-sport-not-in-set", UDP53_V4, B.XDP_REDIRECT, "redirected", ports=(123,)),
+    Case("udp-sport-empty-set", UDP53_V4, B.XDP_REDIRECT, "redirected"),
+    Case(
+        "tcp-sport-53-is-not-udp",
+        raw(ETH / V4 / TCP(sport=53, flags="SA")),
+        B.XDP_REDIRECT,
+        "redirected",
+        ports=(53,),
+    ),
+    Case(
+        "udp-sport-53-first-fragment",
+        raw(ETH / IP(src=V4_SRC, dst="169.254.0.2", flags="MF") / UDP(sport=53)),
+        B.XDP_DROP,
+        "udp_src_port",
+        ports=(53,),
+        frags="pass",
+    ),
+    Case(
+        "udp-sport-behind-v6-dest-opts",
+        raw(ETH / V6 / IPv6ExtHdrDestOpt() / UDP(sport=53)),
+        B.XDP_DROP,
+        "udp_src_port",
+        ports=(53,),
+    ),
+    # Fragments.
+    Case("frag-v4-first-drop", FIRST_FRAG_V4, B.XDP_DROP, "fragment", frags="drop"),
+    Case("frag-v4-later-drop", LATER_FRAG_V4, B.XDP_DROP, "fragment", frags="drop"),
+    Case("frag-v6-first-drop", FIRST_FRAG_V6, B.XDP_DROP, "fragment", frags="drop"),
+    Case("frag-v6-later-drop", LATER_FRAG_V6, B.XDP_DROP, "fragment", frags="drop"),
+    Case("frag-v4-later-pass", LATER_FRAG_V4, B.XDP_REDIRECT, "redirected", frags="pass"),
+    Case("frag-v6-later-pass", LATER_FRAG_V6, B.XDP_REDIRECT, "redirected", frags="pass"),
+    Case("not-a-fragment-with-drop", GOOD_V4, B.XDP_REDIRECT, "redirected", frags="drop"),
+    Case(
+        "df-is-not-a-fragment",
+        raw(ETH / IP(src=V4_SRC, dst="169.254.0.2", flags="DF") / UDP()),
+        B.XDP_REDIRECT,
+        "redirected",
+        frags="drop",
+    ),
+    # Malformed transport headers and impossible TCP flags.
+    Case("tcp-syn-fin", raw(ETH / V4 / TCP(flags="SF")), B.XDP_DROP, "malformed"),
+    Case("tcp-syn-rst", raw(ETH / V4 / TCP(flags="SR")), B.XDP_DROP, "malformed"),
+    Case("tcp-fin-rst", raw(ETH / V4 / TCP(flags="FRA")), B.XDP_DROP, "malformed"),
+    Case("tcp-no-flags", raw(ETH / V4 / TCP(flags="")), B.XDP_DROP, "malformed"),
+    Case("tcp-fin-without-ack", raw(ETH / V4 / TCP(flags="F")), B.XDP_DROP, "malformed"),
+    Case("tcp-xmas", raw(ETH / V4 / TCP(flags="FPU")), B.XDP_DROP, "malformed"),
+    Case("tcp-v6-syn-fin", raw(ETH / V6 / TCP(flags="SF")), B.XDP_DROP, "malformed"),
+    Case("tcp-doff-4", raw(ETH / V4 / TCP(flags="S", dataofs=4)), B.XDP_DROP, "malformed"),
+    Case(
+        "tcp-doff-beyond-frame", raw(ETH / V4 / TCP(flags="S", dataofs=15)), B.XDP_DROP, "malformed"
+    ),
+    Case("tcp-truncated", raw(ETH / V4 / TCP(flags="S"))[: 14 + 20 + 12], B.XDP_DROP, "malformed"),
+    Case("udp-truncated", raw(ETH / V4 / UDP())[: 14 + 20 + 4], B.XDP_DROP, "malformed"),
+    Case("udp-length-below-header", raw(ETH / V4 / UDP(len=4)), B.XDP_DROP, "malformed"),
+    Case("tcp-ok-flags", raw(ETH / V4 / TCP(flags="PA") / b"data"), B.XDP_REDIRECT, "redirected"),
+    Case("tcp-rst-alone-is-legal", raw(ETH / V4 / TCP(flags="R")), B.XDP_REDIRECT, "redirected"),
+    Case("icmp-echo", raw(ETH / V4 / ICMP()), B.XDP_REDIRECT, "redirected"),
+    Case(
+        "icmpv6-echo-blocked",
+        raw(ETH / V6 / ICMPv6EchoRequest()),
+        B.XDP_DROP,
+        "blocklist",
+        block=(V6_SRC,),
+    ),
+    # Link plumbing is never policed, even from a blocked source.
+    Case(
+        "arp-from-blocked-source",
+        raw(ETH / ARP(psrc=V4_SRC, pdst="169.254.0.2")),
+        B.XDP_REDIRECT,
+        "redirected",
+        block=("0.0.0.0/0",),
+    ),
+    Case(
+        "nd-from-blocked-source",
+        raw(
+            ETH / IPv6(src=V6_SRC, dst="ff02::1:ff00:2", hlim=255) / ICMPv6ND_NS(tgt="2001:db8::2")
+        ),
+        B.XDP_REDIRECT,
+        "redirected",
+        block=("::/0",),
+    ),
+    Case(
+        "nd-lookalike-hop-limit-64",
+        raw(ETH / IPv6(src=V6_SRC, dst="ff02::1:ff00:2", hlim=64) / ICMPv6ND_NS(tgt="2001:db8::2")),
+        B.XDP_DROP,
+        "blocklist",
+        block=("::/0",),
+    ),
+]
+
 
 @dataclass
 class Rig:
     ns: Netns
     ifindex: int
     progs: dict[Role, XdpProgram]
+    maps: PolicyMaps
+
+    def set_policy(self, case: Case) -> None:
+        """Exactly the case's policy, nothing left from the one before."""
+        for lst, items in (("allow", case.allow), ("block", case.block)):
+            prefixes = parse_items(items)
+            for f in FAMILIES:
+                self.maps.lists_replace(lst, f, prefixes[f])
+        self.maps.set_ports(case.ports)
+        self.maps.set_frag_policy(case.frags)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +403,9 @@ def rig() -> Iterator[Rig]:
         for role in Role:
             progs[role] = XdpProgram(role)
             progs[role].set_socket(0, sock.info()["fd"])
-        yield Rig(ns, ifindex, progs)
+        maps = PolicyMaps(progs[Role.OUTER])
+        yield Rig(ns, ifindex, progs, maps)
+        maps.close()
     finally:
         for p in progs.values():
             p.close()
@@ -192,6 +418,7 @@ def rig() -> Iterator[Rig]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_verdict(rig: Rig, case: Case) -> None:
+    rig.set_policy(case)
     prog = rig.progs[case.role]
     before = prog.reason_counters()
     action, out = rig.ns.run(B.prog_test_run, prog.fd, case.frame, rig.ifindex, case.queue)
