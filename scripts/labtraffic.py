@@ -14,6 +14,9 @@ send    client -> server bulk transfer; checks the server's SHA-256.
 recv    server -> client bulk transfer; checks the SHA-256 against the seed.
 many    N concurrent short TCP exchanges (connect, echo a line, close).
 udp     N UDP datagrams echoed back; reports how many returned.
+probe   for --seconds, every --interval: one echo exchange from --from over
+        UDP or TCP (a fresh connection each time); reports each attempt's
+        wall-clock time and whether it succeeded within --timeout.
 
 Client commands print one JSON object (one line of text with --text) and
 exit 0 only if everything checked.
@@ -205,11 +208,50 @@ def udp(args: argparse.Namespace) -> dict:
     return {"sent": args.count, "echoed": got, "ok": got >= args.count * args.min_ratio}
 
 
+def probe(args: argparse.Namespace) -> dict:
+    family = socket.AF_INET6 if ":" in args.to else socket.AF_INET
+    events: list[tuple[float, bool]] = []
+    end = time.monotonic() + args.seconds
+    udp_sock = None
+    if args.proto == "udp":
+        udp_sock = socket.socket(family, socket.SOCK_DGRAM)
+        udp_sock.bind((args.src, 0))
+        udp_sock.connect((args.to, args.port))
+        udp_sock.settimeout(args.timeout)
+    seq = 0
+    while time.monotonic() < end:
+        started, wall = time.monotonic(), time.time()
+        ok = False
+        seq += 1
+        try:
+            if udp_sock is not None:
+                payload = f"probe {seq}".encode()
+                udp_sock.send(payload)
+                deadline = started + args.timeout
+                while not ok and time.monotonic() < deadline:
+                    udp_sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    ok = udp_sock.recv(2048) == payload  # late echoes of earlier probes: skip
+            else:
+                with socket.socket(family, socket.SOCK_STREAM) as s:
+                    s.settimeout(args.timeout)
+                    s.bind((args.src, 0))
+                    s.connect((args.to, args.port))
+                    s.sendall(b"ECHO\nprobe\n")
+                    s.shutdown(socket.SHUT_WR)
+                    ok = s.recv(64) == b"probe\n"
+        except OSError:
+            ok = False
+        events.append((wall, ok))
+        time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+    return {"events": events, "ok": any(ok for _, ok in events)}
+
+
 TEXT = {
     "send": "sent {bytes} bytes in {seconds:.2f}s ({mbit_s:.0f} Mbit/s), SHA-256 match: {ok}",
     "recv": "received {bytes} bytes in {seconds:.2f}s ({mbit_s:.0f} Mbit/s), SHA-256 match: {ok}",
     "many": "{connections} concurrent connections, {failed} failed, in {seconds:.2f}s",
     "udp": "{echoed}/{sent} UDP datagrams echoed",
+    "probe": "{events}",
 }
 
 
@@ -220,7 +262,7 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("serve")
     sp.add_argument("--port", type=int, default=5201)
-    for name in ("send", "recv", "many", "udp"):
+    for name in ("send", "recv", "many", "udp", "probe"):
         c = sub.add_parser(name)
         c.add_argument("--text", action="store_true", help="one line for people, not JSON")
         c.add_argument("--to", required=True)
@@ -231,6 +273,11 @@ def main() -> int:
             c.add_argument("--seed", type=int, default=1)
         if name == "many":
             c.add_argument("--conns", type=int, default=200)
+        if name == "probe":
+            c.add_argument("--from", dest="src", required=True)
+            c.add_argument("--proto", choices=("udp", "tcp"), default="udp")
+            c.add_argument("--interval", type=float, default=0.05)
+            c.add_argument("--seconds", type=float, default=5.0)
         if name == "udp":
             c.add_argument("--count", type=int, default=100)
             c.add_argument("--size", type=int, default=64)
@@ -238,7 +285,7 @@ def main() -> int:
     args = p.parse_args()
     if args.cmd == "serve":
         return serve(args)
-    result = {"send": send, "recv": recv, "many": many, "udp": udp}[args.cmd](args)
+    result = {"send": send, "recv": recv, "many": many, "udp": udp, "probe": probe}[args.cmd](args)
     print(TEXT[args.cmd].format(**result) if args.text else json.dumps(result), flush=True)
     return 0 if result["ok"] else 1
 

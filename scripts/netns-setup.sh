@@ -58,15 +58,6 @@ on_outer ip link add "$OUTER" $(idx) numtxqueues "$QUEUES" numrxqueues "$QUEUES"
 ip -n "$INNER_NS" link add "$INNER" $(idx) numtxqueues "$QUEUES" numrxqueues "$QUEUES" type veth \
 	peer name eth0 netns "$ORIGIN_NS" numtxqueues "$QUEUES" numrxqueues "$QUEUES"
 
-ip -n "$CLIENT_NS" addr add 169.254.0.1/24 dev eth0
-ip -n "$CLIENT_NS" addr add 2001:db8::1/64 dev eth0 nodad
-ip -n "$ORIGIN_NS" addr add 169.254.0.2/24 dev eth0
-ip -n "$ORIGIN_NS" addr add 2001:db8::2/64 dev eth0 nodad
-
-# The bump in the wire must stay invisible to IPv6 on its own ports.
-ip netns exec "$INNER_NS" sysctl -qw "net.ipv6.conf.$INNER.disable_ipv6=1"
-on_outer sysctl -qw "net.ipv6.conf.$OUTER.disable_ipv6=1"
-
 # Frames must cross AF_XDP with finished checksums: no TX checksum offload
 # (and so no TSO) on any end that sends into the appliance.
 ip netns exec "$CLIENT_NS" ethtool -K eth0 tx off >/dev/null
@@ -74,9 +65,38 @@ ip netns exec "$ORIGIN_NS" ethtool -K eth0 tx off >/dev/null
 on_outer ethtool -K "$OUTER" tx off >/dev/null
 ip netns exec "$INNER_NS" ethtool -K "$INNER" tx off >/dev/null
 
+# The bump in the wire must stay invisible to IPv6 on its own ports.
+ip netns exec "$INNER_NS" sysctl -qw "net.ipv6.conf.$INNER.disable_ipv6=1"
+on_outer sysctl -qw "net.ipv6.conf.$OUTER.disable_ipv6=1"
+
+# The hosts' link is private to the lab: no duplicate address detection,
+# and no random start-up delay. Linux joins an address's solicited-node
+# group in its DAD work, which after link-up waits up to router_solicitation_delay
+# (1 s) even for nodad addresses; until then the host ignores neighbour
+# solicitations for it. Links go up before addresses are added for the
+# same reason.
+for ns in "$CLIENT_NS" "$ORIGIN_NS"; do
+	ip netns exec "$ns" sysctl -qw net.ipv6.conf.eth0.accept_dad=0
+	ip netns exec "$ns" sysctl -qw net.ipv6.conf.eth0.router_solicitation_delay=0
+done
+
 on_outer ip link set "$OUTER" up
 ip -n "$INNER_NS" link set "$INNER" up
 ip -n "$CLIENT_NS" link set eth0 up
 ip -n "$ORIGIN_NS" link set eth0 up
+
+ip -n "$CLIENT_NS" addr add 169.254.0.1/24 dev eth0
+ip -n "$CLIENT_NS" addr add 2001:db8::1/64 dev eth0 nodad
+ip -n "$ORIGIN_NS" addr add 169.254.0.2/24 dev eth0
+ip -n "$ORIGIN_NS" addr add 2001:db8::2/64 dev eth0 nodad
+
+# Ready means ready: wait (bounded) until no IPv6 address of the hosts is
+# still tentative (link-local DAD), so the first packets do not wait on it.
+for ns in "$CLIENT_NS" "$ORIGIN_NS"; do
+	for _ in $(seq 50); do
+		[ -z "$(ip -n "$ns" -6 addr show tentative)" ] && break
+		sleep 0.1
+	done
+done
 
 echo "lab up: $CLIENT_NS:eth0 <-> ${OUTER_NS:+$OUTER_NS:}$OUTER | $INNER_NS:$INNER <-> $ORIGIN_NS:eth0 (queues=$QUEUES${INDEX:+, ifindex=$INDEX})"

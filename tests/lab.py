@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,78 @@ class Lab:
             "outer": " xdp" in out or "prog/xdp" in out,
             "inner": " xdp" in inn or "prog/xdp" in inn,
         }
+
+    def add_client_address(self, v4: str, v6: str) -> None:
+        """A second client on the same eth0 (the lab's /24 and /64)."""
+        self.ns_exec(self.client_ns, "ip", "addr", "add", f"{v4}/24", "dev", "eth0")
+        self.ns_exec(self.client_ns, "ip", "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
+
+    def probe(self, src: str, to: str, proto: str, seconds: float, interval: float = 0.05) -> Probe:
+        """Echo exchanges from ``src`` in the background (labtraffic probe)."""
+        return Probe(
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.client_ns,
+                    *TRAFFIC,
+                    "probe",
+                    "--from",
+                    src,
+                    "--to",
+                    to,
+                    "--proto",
+                    proto,
+                    "--seconds",
+                    str(seconds),
+                    "--interval",
+                    str(interval),
+                    "--timeout",
+                    "0.25",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+
+    @contextlib.contextmanager
+    def origin_counters(self, *sources: str) -> Iterator[Callable[[], dict[str, int]]]:
+        """nftables counts, at the origin's eth0 ingress, packets from each source."""
+        table = f"xgt{self.tag}"
+        rules = "\n".join(
+            f'{"ip6" if ":" in src else "ip"} saddr {src} counter comment "{src}"'
+            for src in sources
+        )
+        ruleset = (
+            f"table netdev {table} {{\n chain in {{\n"
+            f'  type filter hook ingress device "eth0" priority 0;\n{rules}\n }}\n}}\n'
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", self.origin_ns, "nft", "-f", "-"],
+            input=ruleset,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+
+        def read() -> dict[str, int]:
+            out = json.loads(
+                self.ns_exec(self.origin_ns, "nft", "-j", "list", "table", "netdev", table).stdout
+            )
+            counts = {}
+            for item in out["nftables"]:
+                rule = item.get("rule")
+                if rule:
+                    counter = next(e["counter"] for e in rule["expr"] if "counter" in e)
+                    counts[rule["comment"]] = counter["packets"]
+            return counts
+
+        try:
+            yield read
+        finally:
+            self.ns_exec(self.origin_ns, "nft", "delete", "table", "netdev", table, check=False)
 
     @contextlib.contextmanager
     def server(self, port: int = 5201) -> Iterator[subprocess.Popen[str]]:
@@ -222,6 +294,25 @@ class Appliance:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+class Probe:
+    """A running labtraffic probe; result() waits for it."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    def result(self, timeout: float = 60) -> list[tuple[float, bool]]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        try:
+            return [(t, ok) for t, ok in json.loads(out.strip().splitlines()[-1])["events"]]
+        except (IndexError, json.JSONDecodeError, KeyError):
+            raise AssertionError(f"probe failed: {out}") from None
+
+
+def successes(events: list[tuple[float, bool]], start: float, end: float) -> int:
+    """How many attempts started in [start, end) succeeded."""
+    return sum(1 for t, ok in events if ok and start <= t < end)
 
 
 def import_bench():  # type: ignore[no-untyped-def]

@@ -512,7 +512,7 @@ class Policy:
             return self.summary()
         try:
             self._read_state(self.state_path)
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise XdpguardError(
                 f"state file {self.state_path} is corrupt ({exc}); fix or move it away "
                 "(xdpguard refuses to start with an empty policy instead)"

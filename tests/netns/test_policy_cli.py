@@ -1,0 +1,62 @@
+"""Every policy input error: non-zero exit, one line, and no change to the policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lab import Appliance, lab
+
+pytestmark = pytest.mark.netns
+
+BAD_FILE_LINES = "1.2.3.0/24\n# a comment\n\n2001:db8::/32\n1.2.3.4/24\n"
+
+CASES = [
+    (["block", "add", "192.0.2.1/24"], "host bits set (the network is 192.0.2.0/24)"),
+    (["block", "add", "300.1.1.1"], "not an IPv4 address"),
+    (["block", "add", "10.0.0.0/33"], "prefix length 33 is more than 32"),
+    (["block", "add", "2001:db8::/129"], "prefix length 129 is more than 128"),
+    (["block", "add", "2001:db8::1/64"], "host bits set"),
+    (["block", "add", "10.0.0.0/8x"], "prefix length must be a number"),
+    (["block", "add", "1.2.3.4", "5.6.7"], "'5.6.7': not an IPv4 address"),
+    (["block", "add"], "Missing argument"),
+    (["block", "add", "1.2.3.4", "--ttl", "0"], "--ttl"),
+    (["block", "add", "1.2.3.4", "--ttl", "-5"], "--ttl"),
+    (["block", "add", "1.2.3.4", "--ttl", "soon"], "--ttl"),
+    (["block", "del", "1.2.3.4/8"], "host bits set"),
+    (["block", "load", "/nonexistent/list.txt"], "/nonexistent/list.txt"),
+    (["block", "load", "{bad}"], "line 5: '1.2.3.4/24': host bits set"),
+    (["block", "load", "{bad}", "--replace"], "line 5: '1.2.3.4/24': host bits set"),
+    (["allow", "add", "::ffff:1.2.3.4/200"], "prefix length 200 is more than 128"),
+    (["allow", "load", "{bad}"], "line 5"),
+    (["ports", "add", "70000"], "70000"),
+    (["ports", "add", "dns"], "dns"),
+    (["ports", "add"], "give PORT... or --preset"),
+    (["ports", "add", "--preset", "everything"], "everything"),
+    (["ports", "del", "-1"], "-1"),
+    (["frags", "maybe"], "maybe"),
+]
+
+
+def snapshot(app: Appliance) -> list[object]:
+    return [app.call(cmd) for cmd in ("block.list", "allow.list", "ports.list", "frags.get")]
+
+
+def test_input_errors_change_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text(BAD_FILE_LINES)
+    with lab(queues=1) as the_lab, Appliance(the_lab, tmp_path) as app:
+        app.cli("block", "add", "198.18.0.0/15", "--comment", "benchmark range")
+        app.cli("allow", "add", "169.254.0.1")
+        app.cli("ports", "add", "53")
+        app.cli("frags", "drop")
+        before = snapshot(app)
+        for args, needle in CASES:
+            args = [a.replace("{bad}", str(bad)) for a in args]
+            res = app.cli(*args, check=False)
+            assert res.returncode != 0, args
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("Error: "), (args, res.stderr)
+            assert needle in lines[0], (args, lines[0])
+            assert res.stdout == "", args
+            assert snapshot(app) == before, args

@@ -1,0 +1,295 @@
+"""xdpguard.policy without a kernel: parsing, sets, persistence, TTLs.
+
+The maps here are a recording stand-in; what the kernel does with the same
+calls is checked by tests/bpf (verdicts) and tests/netns (real traffic).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xdpguard.errors import XdpguardError
+from xdpguard.policy import (
+    CANON,
+    FAMILIES,
+    Policy,
+    PolicyInputError,
+    PrefixSet,
+    canon_valid,
+    format_prefix,
+    parse_items,
+    parse_prefix,
+    parse_text,
+)
+
+pytestmark = pytest.mark.unit
+
+
+class RecordingMaps:
+    """Keeps what the kernel would hold, as sets of prefix strings."""
+
+    def __init__(self) -> None:
+        self.lists = {(lst, f): set() for lst in ("allow", "block") for f in FAMILIES}
+        self.ports: list[int] = []
+        self.frags = "pass"
+        self.fail_next = False
+
+    def _names(self, family: str, canon: np.ndarray) -> set[str]:
+        return {format_prefix(family, bytes(k)) for k in canon}
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(12, "Cannot allocate memory")
+
+    def lists_add(self, lst: str, family: str, canon: np.ndarray) -> None:
+        self._maybe_fail()
+        self.lists[(lst, family)] |= self._names(family, canon)
+
+    def lists_delete(self, lst: str, family: str, canon: np.ndarray) -> None:
+        self._maybe_fail()
+        self.lists[(lst, family)] -= self._names(family, canon)
+
+    def lists_replace(self, lst: str, family: str, canon: np.ndarray) -> None:
+        self.lists[(lst, family)] = self._names(family, canon)
+
+    def set_ports(self, ports: list[int]) -> None:
+        self.ports = list(ports)
+
+    def set_frag_policy(self, policy: str) -> None:
+        self.frags = policy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("192.0.2.0/24", "192.0.2.0/24"),
+        ("192.0.2.7", "192.0.2.7/32"),
+        ("0.0.0.0/0", "0.0.0.0/0"),
+        ("2001:DB8::/32", "2001:db8::/32"),
+        ("2001:db8:0::/32", "2001:db8::/32"),
+        ("2001:0db8:0000:0000::1", "2001:db8::1/128"),
+        ("::ffff:192.0.2.1", "::ffff:192.0.2.1/128"),
+    ],
+)
+def test_parse_normalises(text: str, canonical: str) -> None:
+    assert format_prefix(*parse_prefix(text)) == canonical
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("192.0.2.1/24", "host bits set (the network is 192.0.2.0/24)"),
+        ("2001:db8::1/32", "host bits set (the network is 2001:db8::/32)"),
+        ("192.0.2.0/33", "prefix length 33 is more than 32"),
+        ("192.0.2.0/", "prefix length must be a number"),
+        ("192.0.2.0/-1", "prefix length must be a number"),
+        ("192.0.2.0/ 8", "prefix length must be a number"),
+        ("192.0.2", "not an IPv4 address"),
+        ("1.2.3.04", "not an IPv4 address"),
+        ("0x7f.0.0.1", "not an IPv4 address"),
+        ("2001:db8:::1", "not an IPv6 address"),
+        ("", "not an IPv4 address"),
+    ],
+)
+def test_parse_rejects(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match="^" + reason.replace("(", r"\(").replace(")", r"\)")):
+        parse_prefix(text)
+
+
+def test_parse_text_names_the_line() -> None:
+    text = "# feed\n10.0.0.0/8\n\n  11.0.0.0/8   # a comment\n12.0.0.1/8\n"
+    with pytest.raises(PolicyInputError, match=r"^line 5: '12.0.0.1/8': host bits set"):
+        parse_text(text)
+
+
+def test_parse_text_dedups_equivalent_spellings() -> None:
+    p = parse_text("2001:DB8::/32\n2001:db8:0::/32\n10.0.0.0/8\n10.0.0.0/8\n")
+    assert len(p.v4) == 1 and len(p.v6) == 1
+
+
+def test_canon_valid_matches_parse_prefix() -> None:
+    rng = np.random.default_rng(1)
+    for family, n in (("v4", 5), ("v6", 17)):
+        raw = rng.integers(0, 256, size=(4000, n), dtype=np.uint8)
+        raw[:, -1] = rng.integers(0, 140, size=4000)
+        keys = raw.view(CANON[family]).ravel()
+        fast = canon_valid(family, keys)
+        for k, ok in zip(keys[:500], fast[:500], strict=True):
+            b = bytes(k)
+            bits = 32 if family == "v4" else 128
+            expect = b[-1] <= bits
+            if expect:
+                value = int.from_bytes(b[:-1], "big")
+                expect = value & ((1 << (bits - b[-1])) - 1) == 0
+            assert bool(ok) == expect
+
+
+def test_prefix_set_merge_remove() -> None:
+    s = PrefixSet("v4")
+    new, updated = s.merge(parse_items(["10.0.0.0/8", "1.0.0.0/8"]).v4, 5.0, 0)
+    assert len(new) == 2 and updated == 0
+    new, updated = s.merge(parse_items(["10.0.0.0/8", "2.0.0.0/8"]).v4, 9.0, 1)
+    assert len(new) == 1 and updated == 1
+    assert np.array_equal(s.keys, np.sort(s.keys))
+    assert dict(zip([format_prefix("v4", bytes(k)) for k in s.keys], s.deadline, strict=True)) == {
+        "1.0.0.0/8": 5.0,
+        "2.0.0.0/8": 9.0,
+        "10.0.0.0/8": 9.0,
+    }
+    gone, missing = s.remove(parse_items(["1.0.0.0/8", "3.0.0.0/8"]).v4)
+    assert len(gone) == 1 and len(missing) == 1 and len(s) == 2
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Policy:
+    p = Policy(RecordingMaps(), tmp_path / "state", clock=Clock())
+    p.restore()
+    return p
+
+
+def test_add_del_list(policy: Policy) -> None:
+    maps: RecordingMaps = policy.maps  # type: ignore[assignment]
+    r = policy.list_add("block", ["192.0.2.0/24", "2001:db8::/48"], ttl=60, comment="incident")
+    assert r == {"added": 2, "updated": 0}
+    assert maps.lists[("block", "v4")] == {"192.0.2.0/24"}
+    r = policy.list_add("block", ["192.0.2.0/24"], comment="again")
+    assert r == {"added": 0, "updated": 1}
+    entries = policy.list_entries("block")["entries"]
+    assert [(e["prefix"], e["comment"], e["ttl"]) for e in entries] == [
+        ("192.0.2.0/24", "again", None),
+        ("2001:db8::/48", "incident", 60.0),
+    ]
+    r = policy.list_del("block", ["192.0.2.0/24", "198.51.100.0/24"])
+    assert r == {"deleted": 1, "missing": ["198.51.100.0/24"]}
+    assert maps.lists[("block", "v4")] == set()
+
+
+def test_bad_item_changes_nothing(policy: Policy) -> None:
+    policy.list_add("block", ["10.0.0.0/8"])
+    before = policy.list_entries("block")
+    for call in (
+        lambda: policy.list_add("block", ["11.0.0.0/8", "12.0.0.1/8"]),
+        lambda: policy.list_add("block", ["11.0.0.0/8"], ttl=0),
+        lambda: policy.list_add("block", ["11.0.0.0/8"], ttl=True),
+        lambda: policy.list_add("block", ["11.0.0.0/8"], comment="a\nb"),
+        lambda: policy.list_load("block", "11.0.0.0/8\nbogus\n", replace=True),
+        lambda: policy.ports_add(["53", "65536"]),
+        lambda: policy.frags_set("sometimes"),
+    ):
+        with pytest.raises(PolicyInputError):
+            call()
+        assert policy.list_entries("block") == before
+    assert policy.ports == [] and policy.frags == "pass"
+
+
+def test_kernel_failure_restores_maps(policy: Policy) -> None:
+    maps: RecordingMaps = policy.maps  # type: ignore[assignment]
+    policy.list_add("block", ["10.0.0.0/8"])
+    maps.fail_next = True
+    with pytest.raises(XdpguardError, match="kernel refused"):
+        policy.list_add("block", ["11.0.0.0/8"])
+    assert maps.lists[("block", "v4")] == {"10.0.0.0/8"}
+    assert [e["prefix"] for e in policy.list_entries("block")["entries"]] == ["10.0.0.0/8"]
+
+
+def test_ttl_expiry(policy: Policy) -> None:
+    clock: Clock = policy.clock  # type: ignore[assignment]
+    maps: RecordingMaps = policy.maps  # type: ignore[assignment]
+    policy.list_add("block", ["10.0.0.0/8"], ttl=2)
+    policy.list_add("block", ["11.0.0.0/8"])
+    clock.now += 1.9
+    assert policy.expire() == 0
+    clock.now += 0.2
+    assert policy.expire() == 1
+    assert maps.lists[("block", "v4")] == {"11.0.0.0/8"}
+
+
+def test_replace_swaps_whole_list(policy: Policy) -> None:
+    maps: RecordingMaps = policy.maps  # type: ignore[assignment]
+    policy.list_add("block", ["10.0.0.0/8", "2001:db8::/32"], ttl=100)
+    r = policy.list_load("block", "11.0.0.0/8\n10.0.0.0/8\n", replace=True)
+    assert r == {"loaded": 2, "added": 2, "replaced": True}
+    assert maps.lists[("block", "v4")] == {"10.0.0.0/8", "11.0.0.0/8"}
+    assert maps.lists[("block", "v6")] == set()
+    # Replacing drops the old entries' TTLs along with the old list.
+    assert all(e["ttl"] is None for e in policy.list_entries("block")["entries"])
+
+
+def test_persistence_round_trip(tmp_path: Path) -> None:
+    clock = Clock()
+    a = Policy(RecordingMaps(), tmp_path, clock=clock)
+    a.restore()
+    a.list_add("block", ["10.0.0.0/8", "2001:db8::/32"], ttl=50, comment="c1")
+    a.list_add("allow", ["10.1.2.3"])
+    a.list_add("block", ["12.0.0.0/8"], ttl=5)
+    a.ports_add(["53"], preset="drdos")
+    a.frags_set("drop")
+    assert (tmp_path / "policy.npz").stat().st_mode & 0o777 == 0o600
+
+    clock.now += 10  # the 5 s entry expired while "down"
+    maps = RecordingMaps()
+    b = Policy(maps, tmp_path, clock=clock)
+    b.restore()
+    assert maps.lists[("block", "v4")] == {"10.0.0.0/8"}
+    assert maps.lists[("block", "v6")] == {"2001:db8::/32"}
+    assert maps.lists[("allow", "v4")] == {"10.1.2.3/32"}
+    assert maps.ports == [19, 53, 123, 161, 389, 1900, 3702, 11211]
+    assert maps.frags == "drop"
+    ttl = {e["prefix"]: (e["ttl"], e["comment"]) for e in b.list_entries("block")["entries"]}
+    assert ttl == {"10.0.0.0/8": (40.0, "c1"), "2001:db8::/32": (40.0, "c1")}
+
+
+def corrupt_variants(path: Path) -> dict[str, bytes]:
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0x55
+    return {"flipped": bytes(flipped), "truncated": good[: len(good) // 2], "empty": b""}
+
+
+def test_corrupt_state_is_refused(tmp_path: Path) -> None:
+    a = Policy(RecordingMaps(), tmp_path)
+    a.restore()
+    a.list_add("block", [f"10.{i}.0.0/16" for i in range(200)])
+    state = tmp_path / "policy.npz"
+    for name, data in corrupt_variants(state).items():
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "policy.npz").write_bytes(data)
+        with pytest.raises(XdpguardError, match="is corrupt"):
+            Policy(RecordingMaps(), bad).restore()
+
+
+def test_state_with_invalid_prefix_is_refused(tmp_path: Path) -> None:
+    a = Policy(RecordingMaps(), tmp_path)
+    a.restore()
+    a.list_add("block", ["10.0.0.0/8"])
+    with np.load(tmp_path / "policy.npz") as z:
+        arrays = dict(z)
+    keys = arrays["block_v4_keys"].copy()
+    keys[3] = 1  # 10.0.0.1/8: host bits
+    arrays["block_v4_keys"] = keys
+    np.savez(tmp_path / "policy.npz", **arrays)
+    with pytest.raises(XdpguardError, match="invalid prefix"):
+        Policy(RecordingMaps(), tmp_path).restore()
+    meta = json.loads(bytes(arrays["meta"]))
+    meta["version"] = 99
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays["block_v4_keys"] = arrays["block_v4_keys"]
+    np.savez(tmp_path / "policy.npz", **arrays)
+    with pytest.raises(XdpguardError, match="not a version 1"):
+        Policy(RecordingMaps(), tmp_path).restore()
+    assert zipfile.is_zipfile(tmp_path / "policy.npz")
