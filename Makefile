@@ -23,7 +23,7 @@ DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 	python3 python3-venv python3-dev python3-bpfcc \
 	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables
 
-BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o
+BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o
 SHIM := xdpguard/_shim.abi3.so
 SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py bpf/xdpguard.h
 

@@ -27,102 +27,21 @@ import argparse
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import xgbench  # noqa: E402
+from xgbench import EDGE_NS, FWD_CPU, GEN_CPU, NAMES, cpu_times, lab, sh  # noqa: E402
 
-from xdpguard import _bindings as B  # noqa: E402
-from xdpguard.control import ControlClient  # noqa: E402
-from xdpguard.errors import XdpguardError  # noqa: E402
 from xdpguard.netns import Netns, resolve_device  # noqa: E402
 
-XDPGUARD = Path(sys.executable).parent / "xdpguard"
-NAMES = {
-    "OUTER": "xgb-out",
-    "INNER": "xgb-in",
-    "INNER_NS": "xgb-inner",
-    "CLIENT_NS": "xgb-client",
-    "ORIGIN_NS": "xgb-origin",
-}
-EDGE_NS = "xgb-edge"
 RATIOS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-GEN_CPU, FWD_CPU = 0, 1
-
-
-def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-
-
-def cpu_times() -> list[tuple[int, int]]:
-    """(busy, total) jiffies per CPU."""
-    out = []
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                v = [int(x) for x in line.split()[1:]]
-                idle = v[3] + v[4]
-                out.append((sum(v) - idle, sum(v)))
-    return out
-
-
-@contextmanager
-def lab(edge: bool):
-    env = dict(os.environ, QUEUES="1", **NAMES)
-    if edge:
-        env["OUTER_NS"] = EDGE_NS
-    try:
-        sh(str(ROOT / "scripts" / "netns-setup.sh"), env=env)
-        yield
-    finally:
-        subprocess.run([str(ROOT / "scripts" / "netns-teardown.sh")], env=env, capture_output=True)
-
-
-@contextmanager
-def xdpguard(no_policy: bool, control: Path):
-    args = [
-        "taskset",
-        "-c",
-        str(FWD_CPU),
-        str(XDPGUARD),
-        "run",
-        "--outer",
-        NAMES["OUTER"],
-        "--inner",
-        NAMES["INNER"],
-        "--inner-netns",
-        NAMES["INNER_NS"],
-        "--queues",
-        "1",
-        "--control",
-        str(control),
-    ]
-    if no_policy:
-        args.append("--no-policy")
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with ControlClient(control) as c:
-                    c.call("status")
-                break
-            except XdpguardError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"xdpguard did not start: {proc.stderr.read()}") from None
-                time.sleep(0.05)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
 
 
 @contextmanager
@@ -146,9 +65,7 @@ def bridge(rps: bool):
             f"echo {1 << FWD_CPU:x} > /sys/class/net/{NAMES['OUTER']}/queues/rx-0/rps_cpus",
         )
     # A veth takes XDP_TX frames from its peer only with XDP (or GRO) on.
-    passp = B.Prog(str(xgbench.BENCH_OBJ), "xg_pass")
-    ns = Netns(EDGE_NS)
-    ns.run(passp.attach, resolve_device(ns, NAMES["OUTER"]).ifindex, B.XDP_FLAGS_DRV_MODE)
+    passp = xgbench.attach(EDGE_NS, NAMES["OUTER"], "xg_pass")
     try:
         yield None
     finally:
@@ -223,11 +140,13 @@ def main() -> int:
         ap.error("needs root")
     if os.cpu_count() < 2:
         ap.error("needs two CPUs: one for the generator, one for the forwarder")
-    control = Path(f"/run/xdpguard/bench-{os.getpid()}.sock")
-
     results = []
-    for name, no_policy in (("xdpguard", False), ("bare-afxdp", True)):
-        with lab(edge=False), xdpguard(no_policy, control) as proc:
+    for name, extra in (("xdpguard", ()), ("bare-afxdp", ("--no-policy",))):
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            lab(edge=False),
+            xgbench.xdpguard(*extra, state_dir=Path(tmp)) as proc,
+        ):
             idle = idle_cpu(proc.pid)
             results.append(summarize(name, sweep(args.seconds_per_point), idle))
     for name, rps in (("bridge-rps", True), ("bridge", False)):

@@ -13,9 +13,15 @@
  *            forwarded rate is measured without the origin's stack.
  *   xg_pass  XDP_PASS, so a veth accepts XDP_TX frames from its peer when
  *            the kernel itself forwards (the bridge baseline).
+ *   xg_drdos the DRDoS comparison's floor: a minimal hand-written filter that
+ *            only drops IPv4 fragments and UDP from source port 53.
+ *
+ * Live-frame pages are recycled without being reset, so a generator that
+ * varies a frame writes every field it varies, on every run.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/udp.h>
@@ -26,6 +32,15 @@
 const volatile __u32 gen_random_saddr; /* host part of 198.18.0.0/15 */
 const volatile __u32 gen_random_sport;
 const volatile __u32 gen_tx_ratio = 0xffffffff; /* fraction of runs sent, of 2^32 */
+/*
+ * gen_mix: every other frame becomes the smallest later IPv4 fragment
+ * (8 bytes at offset 1480). The IPv4 total length, fragment field and
+ * checksum of both variants come precomputed, so the checksum stays right
+ * for receivers that verify it (the kernel's IP layer does).
+ */
+const volatile __u32 gen_mix;
+const volatile __u16 gen_a_tot_len, gen_a_frag_off, gen_a_check; /* network order */
+const volatile __u16 gen_b_tot_len, gen_b_frag_off, gen_b_check;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -55,8 +70,23 @@ int xg_gen(struct xdp_md *ctx)
 	if (gen_tx_ratio != 0xffffffff && bpf_get_prandom_u32() > gen_tx_ratio)
 		return XDP_DROP;
 	sent = bpf_map_lookup_elem(&gen_sent, &key);
-	if (sent)
-		(*sent)++;
+	if (!sent)
+		return XDP_DROP;
+	(*sent)++;
+	if (gen_mix) {
+		if ((void *)(iph + 1) > end)
+			return XDP_DROP;
+		if (*sent & 1) {
+			iph->tot_len = gen_b_tot_len;
+			iph->frag_off = gen_b_frag_off;
+			iph->check = gen_b_check;
+		} else {
+			iph->tot_len = gen_a_tot_len;
+			iph->frag_off = gen_a_frag_off;
+			iph->check = gen_a_check;
+		}
+		return XDP_TX;
+	}
 	if (!gen_random_saddr && !gen_random_sport)
 		return XDP_TX;
 	if ((void *)(iph + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
@@ -79,6 +109,40 @@ int xg_sink(struct xdp_md *ctx)
 	__u32 key = 0;
 	__u64 *cnt = bpf_map_lookup_elem(&sink_count, &key);
 
+	if (cnt)
+		(*cnt)++;
+	return XDP_DROP;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} drdos_count SEC(".maps");
+
+SEC("xdp")
+int xg_drdos(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = (void *)(eth + 1);
+	struct udphdr *udp;
+	__u32 key = 0;
+	__u64 *cnt;
+
+	if ((void *)(iph + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_PASS;
+	if (iph->frag_off & bpf_htons(0x3fff))
+		goto drop;
+	udp = (void *)iph + iph->ihl * 4;
+	if (iph->protocol == IPPROTO_UDP && (void *)(udp + 1) <= end &&
+	    udp->source == bpf_htons(53))
+		goto drop;
+	return XDP_PASS;
+drop:
+	cnt = bpf_map_lookup_elem(&drdos_count, &key);
 	if (cnt)
 		(*cnt)++;
 	return XDP_DROP;

@@ -9,16 +9,117 @@ XDP, so a measurement does not include the receiver's network stack.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from xdpguard import _bindings as B
+from xdpguard.control import ControlClient
+from xdpguard.errors import XdpguardError
 from xdpguard.netns import Netns, resolve_device
 
-BENCH_OBJ = Path(__file__).resolve().parent / "xg_bench.bpf.o"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BENCH_OBJ = HERE / "xg_bench.bpf.o"
+XDPGUARD = Path(sys.executable).parent / "xdpguard"
+GEN_CPU, FWD_CPU = 0, 1
+
+# Lab names of the benchmarks (never those of a lab someone built by hand).
+NAMES = {
+    "OUTER": "xgb-out",
+    "INNER": "xgb-in",
+    "INNER_NS": "xgb-inner",
+    "CLIENT_NS": "xgb-client",
+    "ORIGIN_NS": "xgb-origin",
+}
+EDGE_NS = "xgb-edge"
+
+
+def sh(*cmd: str, env: dict[str, str] | None = None, stdin: str | None = None) -> str:
+    return subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env=env, input=stdin
+    ).stdout
+
+
+@contextmanager
+def lab(edge: bool, queues: int = 1) -> Iterator[None]:
+    """The lab of scripts/netns-setup.sh under NAMES; OUTER in EDGE_NS if ``edge``."""
+    env = dict(os.environ, QUEUES=str(queues), **NAMES)
+    if edge:
+        env["OUTER_NS"] = EDGE_NS
+    try:
+        sh(str(ROOT / "scripts" / "netns-setup.sh"), env=env)
+        yield
+    finally:
+        subprocess.run([str(ROOT / "scripts" / "netns-teardown.sh")], env=env, capture_output=True)
+
+
+@contextmanager
+def xdpguard(*extra: str, state_dir: Path, edge: bool = False) -> Iterator[subprocess.Popen]:
+    """``xdpguard run`` on the bench lab, pinned to FWD_CPU, until the block ends."""
+    control = state_dir / "control.sock"
+    args = [
+        "taskset", "-c", str(FWD_CPU), str(XDPGUARD), "run",
+        "--outer", NAMES["OUTER"], "--inner", NAMES["INNER"],
+        "--inner-netns", NAMES["INNER_NS"], "--queues", "1",
+        "--control", str(control), "--state-dir", str(state_dir),
+        *(["--outer-netns", EDGE_NS] if edge else []), *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with ControlClient(control) as c:
+                    c.call("status")
+                break
+            except XdpguardError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"xdpguard did not start: {proc.stderr.read()}") from None
+                time.sleep(0.05)
+        proc.control = control  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def control(proc: subprocess.Popen, cmd: str, **args: object) -> object:
+    with ControlClient(proc.control) as c:  # type: ignore[attr-defined]
+        return c.call(cmd, **args)
+
+
+def cpu_times() -> list[tuple[int, int]]:
+    """(busy, total) jiffies per CPU."""
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                v = [int(x) for x in line.split()[1:]]
+                idle = v[3] + v[4]
+                out.append((sum(v) - idle, sum(v)))
+    return out
+
+
+def attach(netns: str | None, ifname: str, prog_name: str) -> B.Prog:
+    """Load one of xg_bench.bpf.o's programs and attach it (native) to a device."""
+    ns = Netns(netns)
+    prog = B.Prog(str(BENCH_OBJ), prog_name)
+    ns.run(prog.attach, resolve_device(ns, ifname).ifindex, B.XDP_FLAGS_DRV_MODE)
+    return prog
+
+
+def percpu_sum(prog: B.Prog, map_name: str) -> int:
+    ncpus = B.num_possible_cpus()
+    raw = B.map_lookup(prog.map_fd(map_name), struct.pack("=I", 0), 8 * ncpus)
+    assert raw is not None
+    return sum(struct.unpack(f"={ncpus}Q", raw))
 
 
 def _csum(data: bytes) -> int:
@@ -86,20 +187,31 @@ class LiveGenerator:
         random_saddr: bool = False,
         random_sport: bool = False,
         ratio: float = 1.0,
+        mix_fragments: bool = False,
     ) -> None:
         self.ns = Netns(netns)
         self.dev = resolve_device(self.ns, ifname)
         self.frame = frame
         threshold = 0xFFFFFFFF if ratio >= 1.0 else int(ratio * 0xFFFFFFFF)
-        self.prog = B.Prog(
-            str(BENCH_OBJ),
-            "xg_gen",
-            {
-                "gen_random_saddr": struct.pack("=I", int(random_saddr)),
-                "gen_random_sport": struct.pack("=I", int(random_sport)),
-                "gen_tx_ratio": struct.pack("=I", threshold),
-            },
-        )
+        rodata = {
+            "gen_random_saddr": struct.pack("=I", int(random_saddr)),
+            "gen_random_sport": struct.pack("=I", int(random_sport)),
+            "gen_tx_ratio": struct.pack("=I", threshold),
+        }
+        if mix_fragments:
+            # Variant a: the template; variant b: the smallest later fragment.
+            ip = frame[14:34]
+            for name, (tot_len, frag) in (
+                ("a", struct.unpack("!H", ip[2:4]) + struct.unpack("!H", ip[6:8])),
+                ("b", (28, 1480 // 8)),
+            ):
+                hdr = ip[:2] + struct.pack("!H", tot_len) + ip[4:6] + struct.pack("!H", frag)
+                hdr += ip[8:10] + b"\0\0" + ip[12:20]
+                rodata[f"gen_{name}_tot_len"] = struct.pack("!H", tot_len)
+                rodata[f"gen_{name}_frag_off"] = struct.pack("!H", frag)
+                rodata[f"gen_{name}_check"] = struct.pack("!H", _csum(hdr))
+            rodata["gen_mix"] = struct.pack("=I", 1)
+        self.prog = B.Prog(str(BENCH_OBJ), "xg_gen", rodata)
         self._sent = self.prog.map_fd("gen_sent")
         self._ncpus = B.num_possible_cpus()
 
@@ -137,17 +249,10 @@ class Sink:
     """Counts and drops every frame arriving on ``ifname`` (in ``netns``)."""
 
     def __init__(self, netns: str | None, ifname: str) -> None:
-        self.ns = Netns(netns)
-        self.dev = resolve_device(self.ns, ifname)
-        self.prog = B.Prog(str(BENCH_OBJ), "xg_sink")
-        self._map = self.prog.map_fd("sink_count")
-        self._ncpus = B.num_possible_cpus()
-        self.ns.run(self.prog.attach, self.dev.ifindex, B.XDP_FLAGS_DRV_MODE)
+        self.prog = attach(netns, ifname, "xg_sink")
 
     def count(self) -> int:
-        raw = B.map_lookup(self._map, struct.pack("=I", 0), 8 * self._ncpus)
-        assert raw is not None
-        return sum(struct.unpack(f"={self._ncpus}Q", raw))
+        return percpu_sum(self.prog, "sink_count")
 
     def close(self) -> None:
         self.prog.close()

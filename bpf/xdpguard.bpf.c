@@ -293,14 +293,20 @@ static __always_inline int is_ndisc(struct cursor *c, struct pkt *pkt)
 	return icmp->icmp6_type >= ND_FIRST_TYPE && icmp->icmp6_type <= ND_LAST_TYPE;
 }
 
-static __always_inline int in_list(struct pkt *pkt, __u32 list)
+/* @bits: the list's xg_list_bits for (v4, v6), checked against @policy. */
+static __always_inline int in_list(struct pkt *pkt, struct xg_policy *policy,
+				   __u32 list, __u32 bit_v4, __u32 bit_v6)
 {
 	void *trie;
 
 	if (pkt->l3_proto == bpf_htons(ETH_P_IP)) {
+		if (!(policy->lists & bit_v4))
+			return 0;
 		trie = bpf_map_lookup_elem(&xg_lists_v4, &list);
 		return trie && bpf_map_lookup_elem(trie, &pkt->key4);
 	}
+	if (!(policy->lists & bit_v6))
+		return 0;
 	trie = bpf_map_lookup_elem(&xg_lists_v6, &list);
 	return trie && bpf_map_lookup_elem(trie, &pkt->key6);
 }
@@ -366,6 +372,9 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx)
 	enum xg_reason r;
 	__u32 zero = 0;
 
+	policy = bpf_map_lookup_elem(&xg_policy, &zero);
+	if (!policy)
+		return XG_REASON_REDIRECTED; /* cannot happen: an array slot */
 	r = parse_l2(&c, &pkt);
 	if (r != XG_REASON_REDIRECTED)
 		return r;
@@ -381,14 +390,13 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx)
 		return XG_REASON_REDIRECTED;
 
 	/* Cheapest first; an allowlisted source skips everything after. */
-	if (in_list(&pkt, XG_LIST_ALLOW))
+	if (in_list(&pkt, policy, XG_LIST_ALLOW, XG_LISTS_ALLOW_V4, XG_LISTS_ALLOW_V6))
 		return XG_REASON_ALLOWLIST;
-	if (in_list(&pkt, XG_LIST_BLOCK))
+	if (in_list(&pkt, policy, XG_LIST_BLOCK, XG_LISTS_BLOCK_V4, XG_LISTS_BLOCK_V6))
 		return XG_REASON_BLOCKLIST;
 	if (!pkt.l3_bad && udp_port_blocked(&c, &pkt))
 		return XG_REASON_UDP_SRC_PORT;
-	policy = bpf_map_lookup_elem(&xg_policy, &zero);
-	if (pkt.fragment && policy && policy->frag_policy == XG_FRAG_DROP)
+	if (pkt.fragment && policy->frag_policy == XG_FRAG_DROP)
 		return XG_REASON_FRAGMENT;
 	if (pkt.l3_bad || l4_malformed(&c, &pkt))
 		return XG_REASON_MALFORMED;

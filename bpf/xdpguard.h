@@ -48,6 +48,19 @@ enum xg_frag_policy {
 	XG_FRAG_DROP = 1,
 };
 
+/*
+ * Bits of xg_policy.lists: which list tries hold entries. An empty list
+ * costs no lookup. Userspace sets a bit only after the trie has entries and
+ * clears it before emptying the trie, so a bit is never clear while an entry
+ * should be enforced.
+ */
+enum xg_list_bits {
+	XG_LISTS_ALLOW_V4 = 1,
+	XG_LISTS_ALLOW_V6 = 2,
+	XG_LISTS_BLOCK_V4 = 4,
+	XG_LISTS_BLOCK_V6 = 8,
+};
+
 /* Which device a program instance (and a socket) serves. */
 enum xg_role {
 	XG_ROLE_OUTER = 0, /* untrusted side: policy applies */
@@ -96,7 +109,7 @@ struct xg_lpm_v6 {
 /* Runtime switches of the outer program: xg_policy[0], rewritten whole. */
 struct xg_policy {
 	__u32 frag_policy; /* enum xg_frag_policy */
-	__u32 pad;
+	__u32 lists;	   /* enum xg_list_bits */
 };
 
 /* UDP source ports to drop: port p is bit (p % 64) of bits[p / 64]. */

@@ -193,7 +193,7 @@ static int kick_tx(struct xg_worker *w, int side)
 
 static void take_account(struct xg_worker *w, struct xg_frame_account *a)
 {
-	uint64_t held = 0;
+	uint64_t held_rx = 0, held_tx = 0;
 	int side;
 
 	memset(a, 0, sizeof(*a));
@@ -206,12 +206,14 @@ static void take_account(struct xg_worker *w, struct xg_frame_account *a)
 		a->rx += ring_used(s->rx.producer, s->rx.consumer);
 		a->tx += ring_used(s->tx.producer, s->tx.consumer);
 		a->completion += ring_used(s->comp.producer, s->comp.consumer);
-		held += w->fill_given[side] - w->rx_taken[side] +
-			w->tx_given[side] - w->comp_taken[side];
+		held_rx += w->fill_given[side] - w->rx_taken[side];
+		held_tx += w->tx_given[side] - w->comp_taken[side];
 	}
-	a->in_flight = (int64_t)held -
-		       (int64_t)(a->fill + a->rx + a->tx + a->completion);
-	a->consistent = a->free + held == a->total && a->in_flight >= 0;
+	a->in_flight_rx = (int64_t)held_rx - (int64_t)(a->fill + a->rx);
+	a->in_flight_tx = (int64_t)held_tx - (int64_t)(a->tx + a->completion);
+	a->in_flight = a->in_flight_rx + a->in_flight_tx;
+	a->consistent = a->free + held_rx + held_tx == a->total &&
+			a->in_flight_rx >= 0 && a->in_flight_tx >= 0;
 }
 
 static void idle_poll(struct xg_worker *w)

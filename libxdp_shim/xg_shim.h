@@ -323,8 +323,14 @@ struct xg_worker_stats {
  *     free + fill + rx + tx + completion + in_flight == total,
  * with in_flight derived from the worker's own counters (descriptors given
  * to and taken back from the kernel), so a frame the loop lost or gave out
- * twice breaks the sum. in_flight is what the kernel holds between rings;
- * once traffic stops it drains to 0.
+ * twice breaks the sum. in_flight is what the kernel holds between rings:
+ *   in_flight_tx  taken from a TX ring, not yet completed (skbs on their
+ *                 way); drains to 0 once traffic stops;
+ *   in_flight_rx  taken from a fill ring, not on an RX ring. Besides frames
+ *                 being received, in copy mode this includes buffers the
+ *                 kernel keeps in its pool after dropping a frame for a full
+ *                 RX ring: they serve the next frame on that queue, so they
+ *                 drain when traffic arrives, not when it stops.
  */
 struct xg_frame_account {
 	uint64_t total;
@@ -334,6 +340,8 @@ struct xg_frame_account {
 	uint64_t tx;
 	uint64_t completion;
 	int64_t in_flight;
+	int64_t in_flight_rx;
+	int64_t in_flight_tx;
 	uint32_t consistent;
 	uint32_t pad;
 };

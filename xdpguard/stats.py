@@ -97,7 +97,8 @@ def format_stats(cur: dict[str, Any], prev: dict[str, Any] | None = None) -> str
             "",
             f"frames: {f['total']} total = {f['free']} free + {f['fill']} fill + {f['rx']} rx "
             f"+ {f['tx']} tx + {f['completion']} completion + {f['in_flight']} in flight "
-            f"({'consistent' if f['consistent'] else 'INCONSISTENT'})",
+            f"({f['in_flight_rx']} rx side, {f['in_flight_tx']} tx side; "
+            f"{'consistent' if f['consistent'] else 'INCONSISTENT'})",
         ]
     return "\n".join(lines)
 

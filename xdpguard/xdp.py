@@ -120,15 +120,38 @@ class PolicyMaps:
     """
 
     _SLOTS: ClassVar[dict[str, int]] = {"allow": B.LIST_ALLOW, "block": B.LIST_BLOCK}
+    _BITS: ClassVar[dict[tuple[str, str], int]] = {
+        ("allow", "v4"): B.LISTS_ALLOW_V4,
+        ("allow", "v6"): B.LISTS_ALLOW_V6,
+        ("block", "v4"): B.LISTS_BLOCK_V4,
+        ("block", "v6"): B.LISTS_BLOCK_V6,
+    }
 
     def __init__(self, prog: XdpProgram) -> None:
         self._outer = {"v4": prog.map_fd("xg_lists_v4"), "v6": prog.map_fd("xg_lists_v6")}
         self._ports = prog.map_fd("xg_udp_ports")
         self._policy = prog.map_fd("xg_policy")
         self._tries: dict[tuple[str, str], int] = {}
+        # Entries per trie, so that the program's "list is empty" bits stay
+        # right: every entry that goes in or out goes through this class.
+        self._count = dict.fromkeys(self._BITS, 0)
+        self._frag = B.FRAG_PASS
+        self._write_policy()
         for lst in self._SLOTS:
             for family in self._outer:
                 self._swap_in(lst, family, B.lpm_create(family == "v6"))
+
+    def _write_policy(self) -> None:
+        value = np.zeros(1, dtype=POLICY_DTYPE)
+        value["frag_policy"] = self._frag
+        value["lists"] = sum(bit for key, bit in self._BITS.items() if self._count[key])
+        B.map_update(self._policy, struct.pack("=I", 0), value.tobytes())
+
+    def _set_count(self, lst: str, family: str, n: int) -> None:
+        was = self._count[(lst, family)]
+        self._count[(lst, family)] = n
+        if bool(was) != bool(n):
+            self._write_policy()
 
     def _swap_in(self, lst: str, family: str, fd: int) -> None:
         B.map_update(
@@ -147,12 +170,19 @@ class PolicyMaps:
         return keys, np.ones(len(keys), dtype=np.uint32)
 
     def lists_add(self, lst: str, family: str, canon: np.ndarray) -> None:
+        """Insert ``canon`` (none of them in the trie yet); the list's bit goes on after."""
         if len(canon):
             B.map_update_many(self._tries[(lst, family)], *self._keys(family, canon))
+            self._set_count(lst, family, self._count[(lst, family)] + len(canon))
 
     def lists_delete(self, lst: str, family: str, canon: np.ndarray) -> None:
+        """Delete ``canon`` (all in the trie); if that empties it, the bit goes off first."""
         if len(canon):
+            left = self._count[(lst, family)] - len(canon)
+            if not left:
+                self._set_count(lst, family, 0)
             B.map_delete_many(self._tries[(lst, family)], self._keys(family, canon)[0])
+            self._set_count(lst, family, left)
 
     def lists_replace(self, lst: str, family: str, canon: np.ndarray) -> None:
         fd = B.lpm_create(family == "v6")
@@ -162,7 +192,10 @@ class PolicyMaps:
         except OSError:
             os.close(fd)
             raise
+        if not len(canon):
+            self._set_count(lst, family, 0)
         self._swap_in(lst, family, fd)
+        self._set_count(lst, family, len(canon))
 
     def set_ports(self, ports: Sequence[int]) -> None:
         bits = np.zeros(B.PORT_WORDS, dtype=np.uint64)
@@ -171,9 +204,8 @@ class PolicyMaps:
         B.map_update(self._ports, struct.pack("=I", 0), bits.tobytes())
 
     def set_frag_policy(self, policy: str) -> None:
-        value = np.zeros(1, dtype=POLICY_DTYPE)
-        value["frag_policy"] = B.FRAG_DROP if policy == "drop" else B.FRAG_PASS
-        B.map_update(self._policy, struct.pack("=I", 0), value.tobytes())
+        self._frag = B.FRAG_DROP if policy == "drop" else B.FRAG_PASS
+        self._write_policy()
 
     def close(self) -> None:
         for fd in self._tries.values():

@@ -435,3 +435,25 @@ def test_verdict(rig: Rig, case: Case) -> None:
 
 def test_every_reason_has_a_case() -> None:
     assert {c.reason for c in CASES} == {r.name for r in Reason}
+
+
+def test_incremental_add_delete_keep_lists_enforced(rig: Rig) -> None:
+    """The 'list not empty' bits follow adds and deletes, not only replaces."""
+    rig.set_policy(Case("reset", GOOD_V4, 0, "redirected"))
+    prog = rig.progs[Role.OUTER]
+
+    def verdict(frame: bytes) -> int:
+        return rig.ns.run(B.prog_test_run, prog.fd, frame, rig.ifindex, 0)[0]
+
+    v4 = parse_items([V4_SRC, "192.0.2.0/24"])
+    rig.maps.lists_add("block", "v4", v4.v4)
+    assert verdict(GOOD_V4) == B.XDP_DROP
+    rig.maps.lists_delete("block", "v4", parse_items(["192.0.2.0/24"]).v4)
+    assert verdict(GOOD_V4) == B.XDP_DROP  # one entry left
+    rig.maps.lists_delete("block", "v4", parse_items([V4_SRC]).v4)
+    assert verdict(GOOD_V4) == B.XDP_REDIRECT
+    rig.maps.lists_add("block", "v6", parse_items([V6_SRC]).v6)
+    assert verdict(raw(ETH / V6 / UDP())) == B.XDP_DROP
+    assert verdict(GOOD_V4) == B.XDP_REDIRECT
+    rig.maps.lists_replace("block", "v6", parse_items([]).v6)
+    assert verdict(raw(ETH / V6 / UDP())) == B.XDP_REDIRECT

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Policy at scale: loading big blocklists, how fast a block bites, LPM depth cost.
+
+All against a running `xdpguard run` (one queue, pinned to CPU 1) in a lab:
+
+  load      wall time of `xdpguard block load FILE` (the CLI a user types,
+            start to exit) for 1,000,000 IPv4 prefixes, then 100,000 IPv6
+            prefixes, then all 1,100,000 at once with --replace. Goal < 5 s.
+  reaction  a UDP flood from one source reaches the origin (counted by an XDP
+            sink there); `block add SOURCE` is sent over the control socket
+            and the time until the sink stops seeing the source is measured
+            (median of 7). Goal < 50 ms. The CLI's own start-up is timed apart.
+  drop      drop rate on one core for a blocked source with 10 prefixes in
+            the blocklist, and with the 1,100,000 loaded.
+
+Usage: bench/policy_scale.py [--json PATH] (as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import xgbench  # noqa: E402
+from xgbench import GEN_CPU, NAMES, XDPGUARD, lab  # noqa: E402
+
+from xdpguard.control import ControlClient  # noqa: E402
+from xdpguard.netns import Netns, resolve_device  # noqa: E402
+
+FLOOD_SRC = "169.254.0.7"  # a client address that is never in the random lists
+ORIGIN = "169.254.0.2"
+
+
+def write_lists(tmp: Path, n4: int, n6: int, seed: int = 1) -> tuple[Path, Path, Path]:
+    """Random unique prefixes: IPv4 /20../32 in 10/8, IPv6 /48../64 in 2001:db8::/32."""
+    rng = random.Random(seed)
+    v4 = set()
+    while len(v4) < n4:
+        plen = rng.choice((20, 24, 24, 28, 32, 32, 32, 32))
+        addr = (10 << 24) | (rng.getrandbits(24) & ~((1 << (32 - plen)) - 1) & 0xFFFFFF)
+        v4.add(f"{addr >> 24}.{(addr >> 16) & 255}.{(addr >> 8) & 255}.{addr & 255}/{plen}")
+    v6 = set()
+    while len(v6) < n6:
+        plen = rng.choice((48, 56, 64))
+        bits = rng.getrandbits(32) & ~((1 << (64 - plen)) - 1) & 0xFFFFFFFF
+        v6.add(f"2001:db8:{bits >> 16:x}:{bits & 0xFFFF:x}::/{plen}")
+    f4, f6, both = tmp / "v4.txt", tmp / "v6.txt", tmp / "both.txt"
+    f4.write_text("\n".join(sorted(v4)) + "\n")
+    f6.write_text("\n".join(sorted(v6)) + "\n")
+    both.write_text(f4.read_text() + f6.read_text())
+    return f4, f6, both
+
+
+def cli(control: Path, *args: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(
+        [str(XDPGUARD), *args, "--control", str(control)], check=True, capture_output=True
+    )
+    return time.perf_counter() - t
+
+
+def reaction(control: Path, sink: xgbench.Sink, trials: int) -> list[float]:
+    """Seconds from sending block.add to the last frame of the flood at the origin."""
+    out = []
+    with ControlClient(control) as c:
+        for _ in range(trials):
+            c.call("block.del", prefixes=[FLOOD_SRC]) if _ else None
+            # Wait until the flood flows again.
+            start = sink.count()
+            while sink.count() - start < 1000:
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+            c.call("block.add", prefixes=[FLOOD_SRC])
+            last, last_t = sink.count(), time.perf_counter()
+            while time.perf_counter() - last_t < 0.2:  # 200 ms of silence: it bit
+                n = sink.count()
+                if n != last:
+                    last, last_t = n, time.perf_counter()
+            out.append(last_t - t0)
+    return out
+
+
+def drop_rate(frame: bytes, runs: int) -> tuple[float, int]:
+    gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame)
+    try:
+        gen.run(20_000, cpu=GEN_CPU)
+        before = gen.sent()
+        elapsed = gen.run(runs, cpu=GEN_CPU)
+        return (gen.sent() - before) / elapsed, gen.sent() - before
+    finally:
+        gen.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--json", type=Path, default=HERE / "results" / "policy_scale.json")
+    ap.add_argument("--v4", type=int, default=1_000_000)
+    ap.add_argument("--v6", type=int, default=100_000)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        ap.error("needs root")
+
+    report: dict = {
+        "benchmark": "policy scale",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+    }
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        f4, f6, both = write_lists(tmp, args.v4, args.v6)
+        ten = tmp / "ten.txt"
+        ten.write_text("".join(f"10.{i}.0.0/16\n" for i in range(9)) + f"{FLOOD_SRC}/32\n")
+        state = tmp / "state"
+        with lab(edge=False), xgbench.xdpguard(state_dir=state) as proc:
+            control = proc.control  # type: ignore[attr-defined]
+            ns = Netns(NAMES["CLIENT_NS"])
+            xgbench.sh(
+                "ip", "-n", NAMES["CLIENT_NS"], "addr", "add", f"{FLOOD_SRC}/24", "dev", "eth0"
+            )
+            client = resolve_device(ns, "eth0")
+            origin = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
+            frame = xgbench.udp4_frame(client.mac, origin.mac, FLOOD_SRC, ORIGIN, 40000, 9, 60)
+
+            # -- load --
+            t4 = cli(control, "block", "load", str(f4))
+            t6 = cli(control, "block", "load", str(f6))
+            tboth = cli(control, "block", "load", str(both), "--replace")
+            n = json.loads(
+                subprocess.run(
+                    [str(XDPGUARD), "block", "list", "--json", "--control", str(control)],
+                    check=True,
+                    capture_output=True,
+                ).stdout
+            )["count"]
+            report["load"] = {
+                "v4_prefixes": args.v4,
+                "v4_seconds": t4,
+                "v6_prefixes": args.v6,
+                "v6_seconds": t6,
+                "replace_all_seconds": tboth,
+                "listed_after": n,
+            }
+            print(
+                f"load {args.v4} IPv4: {t4:.2f}s, {args.v6} IPv6: {t6:.2f}s, "
+                f"--replace all {args.v4 + args.v6}: {tboth:.2f}s (list: {n})",
+                flush=True,
+            )
+
+            # -- drop rate with the big list (the flood source is not in it yet) --
+            with ControlClient(control) as c:
+                c.call("block.add", prefixes=[FLOOD_SRC])
+            big_rate, _ = drop_rate(frame, 6_000_000)
+            with ControlClient(control) as c:
+                c.call("block.load", text=ten.read_text(), replace=True)
+            small_rate, _ = drop_rate(frame, 6_000_000)
+            report["drop"] = {
+                "prefixes_10_pps": small_rate,
+                f"prefixes_{args.v4 + args.v6}_pps": big_rate,
+                "ratio_big_over_small": big_rate / small_rate,
+            }
+            print(
+                f"drop rate, blocked source: {small_rate / 1e6:.2f} Mpps with 10 prefixes, "
+                f"{big_rate / 1e6:.2f} Mpps with {args.v4 + args.v6}",
+                flush=True,
+            )
+
+            # -- reaction time of one block add, under a flood to the origin --
+            with ControlClient(control) as c:
+                c.call("block.load", text=both.read_text(), replace=True)
+            sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
+            gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame, ratio=0.02)
+            stop = threading.Event()
+
+            def flood() -> None:
+                while not stop.is_set():
+                    gen.run(200_000, cpu=GEN_CPU)
+
+            flooder = threading.Thread(target=flood)
+            flooder.start()
+            try:
+                times = reaction(control, sink, 7)
+                cli_times = []
+                for _ in range(3):
+                    with ControlClient(control) as c:
+                        c.call("block.del", prefixes=[FLOOD_SRC])
+                    cli_times.append(cli(control, "block", "add", FLOOD_SRC))
+            finally:
+                stop.set()
+                flooder.join()
+                gen.close()
+                sink.close()
+            report["reaction"] = {
+                "with_prefixes": args.v4 + args.v6,
+                "control_socket_ms": [t * 1e3 for t in times],
+                "median_ms": statistics.median(times) * 1e3,
+                "cli_process_ms": [t * 1e3 for t in cli_times],
+            }
+            print(
+                f"block add takes effect: median {statistics.median(times) * 1e3:.1f} ms "
+                f"(max {max(times) * 1e3:.1f}) over the control socket; the CLI process "
+                f"takes {statistics.median(cli_times) * 1e3:.0f} ms end to end",
+                flush=True,
+            )
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
