@@ -94,6 +94,8 @@ demo: deps build
 
 bench: deps build
 	$(Q)$(PY) bench/forwarding.py
+	$(Q)$(PY) bench/drdos.py
+	$(Q)$(PY) bench/policy_scale.py
 
 clean:
 	$(Q)rm -rf build $(STAMP) $(BPF_OBJS) xdpguard/_shim.* xdpguard/*.so *.egg-info

@@ -72,25 +72,36 @@ def cli(control: Path, *args: str) -> float:
     return time.perf_counter() - t
 
 
-def reaction(control: Path, sink: xgbench.Sink, trials: int) -> list[float]:
-    """Seconds from sending block.add to the last frame of the flood at the origin."""
-    out = []
+def reaction(control: Path, sink: xgbench.Sink, trials: int) -> tuple[list[float], list[float]]:
+    """Seconds from sending block.add to the last frame of the flood at the origin,
+    and to the reply (which comes after the state file is saved). The sink is
+    watched from the moment the request leaves, while the daemon works on it."""
+    out, replies = [], []
     with ControlClient(control) as c:
-        for _ in range(trials):
-            c.call("block.del", prefixes=[FLOOD_SRC]) if _ else None
-            # Wait until the flood flows again.
+        for trial in range(trials):
+            if trial:
+                c.call("block.del", prefixes=[FLOOD_SRC])
             start = sink.count()
-            while sink.count() - start < 1000:
+            while sink.count() - start < 1000:  # the flood flows again
                 time.sleep(0.001)
+            reply: list[float] = []
             t0 = time.perf_counter()
-            c.call("block.add", prefixes=[FLOOD_SRC])
-            last, last_t = sink.count(), time.perf_counter()
-            while time.perf_counter() - last_t < 0.2:  # 200 ms of silence: it bit
-                n = sink.count()
+
+            def send(reply: list[float] = reply, t0: float = t0) -> None:
+                c.call("block.add", prefixes=[FLOOD_SRC])
+                reply.append(time.perf_counter() - t0)
+
+            caller = threading.Thread(target=send)
+            caller.start()
+            last, last_t = sink.count(), t0
+            while caller.is_alive() or time.perf_counter() - last_t < 0.2:
+                n = sink.count()  # 200 ms of silence after the reply: it bit
                 if n != last:
                     last, last_t = n, time.perf_counter()
+            caller.join()
             out.append(last_t - t0)
-    return out
+            replies.append(reply[0])
+    return out, replies
 
 
 def drop_rate(frame: bytes, runs: int) -> tuple[float, int]:
@@ -193,7 +204,7 @@ def main() -> int:
             flooder = threading.Thread(target=flood)
             flooder.start()
             try:
-                times = reaction(control, sink, 7)
+                times, replies = reaction(control, sink, 7)
                 cli_times = []
                 for _ in range(3):
                     with ControlClient(control) as c:
@@ -208,11 +219,13 @@ def main() -> int:
                 "with_prefixes": args.v4 + args.v6,
                 "control_socket_ms": [t * 1e3 for t in times],
                 "median_ms": statistics.median(times) * 1e3,
+                "reply_ms": [t * 1e3 for t in replies],
                 "cli_process_ms": [t * 1e3 for t in cli_times],
             }
             print(
                 f"block add takes effect: median {statistics.median(times) * 1e3:.1f} ms "
-                f"(max {max(times) * 1e3:.1f}) over the control socket; the CLI process "
+                f"(max {max(times) * 1e3:.1f}) over the control socket, reply after "
+                f"{statistics.median(replies) * 1e3:.1f} ms; the CLI process "
                 f"takes {statistics.median(cli_times) * 1e3:.0f} ms end to end",
                 flush=True,
             )

@@ -267,6 +267,8 @@ class Policy:
         self.comments: list[str] = []
         self._comment_ids: dict[str, int] = {}
         self._lock = threading.RLock()
+        # The earliest TTL deadline of any entry: expire() scans nothing before it.
+        self._due = math.inf
 
     # -- helpers --
 
@@ -314,6 +316,8 @@ class Policy:
                 self._apply(lst, lambda f=f, new=new: self.maps.lists_add(lst, f, new))
                 _, upd = sets[f].merge(prefixes[f], deadline, cid)
                 added, updated = added + len(new), updated + upd
+            # An update may also lift a TTL: recompute rather than min().
+            self._due = self._next_deadline() if updated else min(self._due, deadline)
             self._save()
         return {"added": added, "updated": updated}
 
@@ -382,9 +386,22 @@ class Policy:
                     )
         return {"count": len(entries), "entries": entries}
 
+    def _next_deadline(self) -> float:
+        return min(
+            (
+                float(s.deadline.min())
+                for sets in self.lists.values()
+                for s in sets.values()
+                if len(s)
+            ),
+            default=math.inf,
+        )
+
     def expire(self) -> int:
-        """Remove entries whose TTL ran out; how many."""
+        """Remove entries whose TTL ran out; how many. Free while nothing is due."""
         now = self.clock()
+        if now < self._due:
+            return 0
         removed = 0
         with self._lock:
             for lst in LISTS:
@@ -397,6 +414,7 @@ class Policy:
                         )
                         s.remove(due)
                         removed += len(due)
+            self._due = self._next_deadline()
             if removed:
                 self._save()
         return removed
@@ -518,6 +536,7 @@ class Policy:
                 "(xdpguard refuses to start with an empty policy instead)"
             ) from None
         self.expire_silently()
+        self._due = self._next_deadline()
         for lst in LISTS:
             for f in FAMILIES:
                 self.maps.lists_replace(lst, f, self.lists[lst][f].keys)
