@@ -213,3 +213,61 @@ def test_load_with_a_bad_line_changes_nothing(lab2: Lab, tmp_path: Path) -> None
                 "host bits set (the network is 10.1.0.0/16)"
             ]
             assert app.cli("block", "list", "--json").stdout == before
+
+
+def test_allow_inside_block_with_traffic(lab2: Lab, tmp_path: Path) -> None:
+    with Appliance(lab2, tmp_path) as app:
+        app.cli("block", "add", "169.254.0.0/16")
+        app.cli("allow", "add", CLIENT_V4, "--comment", "the one client we trust")
+        mine = lab2.probe(CLIENT_V4, ORIGIN_V4, "tcp", 1.0)
+        other = lab2.probe(OTHER_V4, ORIGIN_V4, "udp", 1.0)
+        assert all(ok for _, ok in mine.result())
+        assert not any(ok for _, ok in other.result())
+        reasons = app.call("stats")["reasons"]
+        assert reasons["allowlist"]["packets"] > 0 and reasons["blocklist"]["packets"] > 0
+        app.cli("allow", "del", CLIENT_V4)
+        assert not any(ok for _, ok in lab2.probe(CLIENT_V4, ORIGIN_V4, "udp", 0.5).result())
+
+
+def test_stats_json_names_and_watch(lab2: Lab, tmp_path: Path) -> None:
+    import subprocess
+
+    from lab import XDPGUARD
+
+    with Appliance(lab2, tmp_path) as app:
+        stats = json.loads(app.cli("stats", "--json").stdout)
+        # Scripts depend on these names.
+        for name in (
+            "allowlist",
+            "blocklist",
+            "udp_src_port",
+            "fragment",
+            "malformed",
+            "redirected",
+        ):
+            assert set(stats["reasons"][name]) == {"packets", "bytes"}, name
+        for direction in ("in", "out"):
+            assert "reasons" in stats["directions"][direction]
+        watch = subprocess.Popen(
+            [
+                str(XDPGUARD),
+                "stats",
+                "--json",
+                "--watch",
+                "--interval",
+                "0.2",
+                "--control",
+                str(app.control),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            lab2.ping(ORIGIN_V4, count=3)
+            lines = [json.loads(watch.stdout.readline()) for _ in range(3)]
+        finally:
+            watch.terminate()
+            watch.wait(5)
+        assert "rates" not in lines[0]
+        assert all("rates" in line for line in lines[1:])
+        assert set(lines[2]["rates"]["directions"]) == {"in", "out"}
