@@ -49,11 +49,16 @@ const volatile struct xg_load_cfg xg_cfg = { .role = XG_ROLE_OUTER };
  * The inner map definitions below name their key types only through
  * pointers, for which clang emits forward declarations; libbpf then cannot
  * size the keys. Holding the types by value here puts their full layouts
- * in the object's BTF (tests/unit/test_layout.py reads them there too).
+ * in the object's BTF (tests/unit/test_layout.py reads them there too),
+ * along with the shared types no map uses yet.
  */
 const volatile struct {
 	struct xg_lpm_v4 lpm_v4;
 	struct xg_lpm_v6 lpm_v6;
+	struct xg_meta meta;
+	/* Kept by the loop today; laid out for BPF maps tomorrow. */
+	struct xg_flow flow;
+	struct xg_verified verified;
 } xg_btf_anchor;
 
 struct {
@@ -416,6 +421,17 @@ int xdpguard_prog(struct xdp_md *ctx)
 		reason = outer_policy(ctx);
 		if (reason != XG_REASON_REDIRECTED && reason != XG_REASON_ALLOWLIST)
 			goto out;
+		/* Tell the loop what it cannot see itself. Without room for the
+		 * metadata (a driver without support) the loop finds no magic
+		 * and treats the frame as not allowlisted. */
+		if (!bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct xg_meta))) {
+			struct xg_meta *meta = (void *)(long)ctx->data_meta;
+
+			if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
+				meta->flags = reason == XG_REASON_ALLOWLIST ? XG_META_ALLOWLISTED : 0;
+				meta->magic = XG_META_MAGIC;
+			}
+		}
 	}
 
 	/* The fallback action applies when no socket sits at this index. */

@@ -87,12 +87,114 @@ enum xg_reason {
 	XG_REASON_UDP_SRC_PORT = 5,
 	/* IPv4 fragment or IPv6 fragment header, policy "drop": dropped. */
 	XG_REASON_FRAGMENT = 6,
+	/*
+	 * Verdicts of the AF_XDP loop's TCP stage on frames from outside,
+	 * counted per worker. The frame itself is always dropped.
+	 */
+	/* Not a SYN and no tracked flow (ACK or RST floods, stray segments). */
+	XG_REASON_TCP_NO_FLOW = 7,
+	/* Tracked flow, sequence or acknowledgment outside its window. */
+	XG_REASON_TCP_OUT_OF_WINDOW = 8,
+	/* A SYN-ACK from outside that answers nothing sent from inside. */
+	XG_REASON_TCP_SYNACK_REFLECTION = 9,
+	/* A SYN from an unverified source, answered with a cookie SYN-ACK. */
+	XG_REASON_SYN_CHALLENGED = 10,
+	/* The RST answering a challenge carried the cookie: source verified. */
+	XG_REASON_CHALLENGE_PASSED = 11,
+	/* A RST without ACK and without a flow whose cookie did not verify. */
+	XG_REASON_CHALLENGE_FAILED = 12,
+	/* A new flow found its bucket full of established flows. */
+	XG_REASON_FLOW_TABLE_FULL = 13,
+};
+
+/*
+ * Metadata the XDP program writes in front of every frame it hands to a
+ * socket (bpf_xdp_adjust_meta); the loop reads it at desc.addr - sizeof.
+ */
+enum {
+	XG_META_MAGIC = 0x78676d31, /* "xgm1": the flags below are valid */
+	XG_META_ALLOWLISTED = 1,    /* the source matched the allowlist */
+};
+
+struct xg_meta {
+	__u32 flags;
+	__u32 magic;
 };
 
 /* Value of the per-CPU per-reason counter array. */
 struct xg_counter {
 	__u64 packets;
 	__u64 bytes;
+};
+
+/* TCP flow states, as tracked by the loop (and one day by XDP). */
+enum xg_tcp_state {
+	XG_TCP_FREE = 0,	/* an empty slot */
+	XG_TCP_SYN_SENT = 1,	/* the initiator's SYN seen */
+	XG_TCP_SYN_RECV = 2,	/* the responder's SYN-ACK seen */
+	XG_TCP_ESTABLISHED = 3,	/* the initiator's ACK of the responder's ISN seen */
+	XG_TCP_CLOSING = 4,	/* a FIN seen */
+	XG_TCP_CLOSED = 5,	/* an in-window RST seen */
+	XG_TCP_LEARNING = 6,	/* mid-stream, seen from outside only (learning window) */
+	XG_TCP_NR_STATES = 7,
+};
+
+/* The two sides of a flow: index of the per-side fields of struct xg_flow. */
+enum xg_side {
+	XG_SIDE_OUT = 0,	/* the outside endpoint (client, or server the origin called) */
+	XG_SIDE_IN = 1,		/* the inside endpoint (the origin) */
+};
+
+enum xg_flow_flags {
+	XG_FLOW_INSIDE_INIT = 1, /* the inside side sent the SYN */
+	XG_FLOW_ADOPTED = 2,	 /* picked up mid-stream: windows are not known */
+	XG_FLOW_WSCALE = 4,	 /* both SYNs offered window scaling */
+	/*
+	 * Which per-side sequence fields hold a value: a first value is taken
+	 * as is, later ones only if they move forward in sequence space (no
+	 * starting value is "before" every ISN).
+	 */
+	XG_FLOW_END_OUT = 8,
+	XG_FLOW_END_IN = 16,
+	XG_FLOW_ACKED_OUT = 32,
+	XG_FLOW_ACKED_IN = 64,
+};
+
+/*
+ * A flow's key, canonical whatever the direction of the frame: outside
+ * endpoint first. IPv4 addresses are stored as ::ffff:a.b.c.d.
+ */
+struct xg_flow_key {
+	__u8 out_addr[16];
+	__u8 in_addr[16];
+	__be16 out_port;
+	__be16 in_port;
+	__u32 v6;
+};
+
+/*
+ * A tracked TCP flow. Per-side arrays are indexed by enum xg_side.
+ * Sequence numbers are host order; times are coarse monotonic seconds.
+ */
+struct xg_flow {
+	struct xg_flow_key key;
+	__u8 state;		/* enum xg_tcp_state */
+	__u8 flags;		/* enum xg_flow_flags */
+	__u8 wscale[2];		/* window scale shift per side (with XG_FLOW_WSCALE) */
+	__u32 last_seen;
+	__u32 isn[2];		/* initial sequence number */
+	__u32 end[2];		/* highest seq + len sent */
+	__u32 acked[2];		/* highest acknowledgment sent */
+	__u32 maxwin[2];	/* largest scaled window advertised */
+	__u64 packets;		/* both directions */
+	__u64 bytes;
+};
+
+/* A source that answered a SYN challenge, and until when that counts. */
+struct xg_verified {
+	__u8 addr[16];		/* IPv4 as ::ffff:a.b.c.d */
+	__u32 expires;		/* coarse monotonic seconds */
+	__u32 pad;
 };
 
 /* Keys of the LPM tries: prefix length in bits, then the address. */

@@ -20,6 +20,7 @@
 #include <sys/socket.h>
 
 #include "xg_internal.h"
+#include "xg_tcp.h"
 
 enum { OUTER = XG_ROLE_OUTER, INNER = XG_ROLE_INNER, NR_SIDES = 2 };
 
@@ -29,6 +30,8 @@ enum { OUTER = XG_ROLE_OUTER, INNER = XG_ROLE_INNER, NR_SIDES = 2 };
 struct xg_worker {
 	struct xg_umem *umem;
 	struct xg_sock *sock[NR_SIDES];
+	struct xg_tcp *tcp;	/* NULL: no TCP stage */
+	struct xg_clock now;	/* read once per step */
 	uint32_t flags;
 	uint32_t nframes;
 	uint64_t frame_mask;
@@ -115,18 +118,73 @@ static void refill(struct xg_worker *w, int side)
 	}
 }
 
+/* Put @n descriptors on @s's TX ring; those that find no room are freed. */
+static uint32_t transmit(struct xg_worker *w, int side, const struct xdp_desc *descs,
+			 uint32_t n)
+{
+	struct xg_sock *s = w->sock[side];
+	uint32_t i, room, idx = 0;
+	struct xdp_desc *t;
+
+	room = n ? xsk_prod_nb_free(&s->tx, n) : 0;
+	if (room > n)
+		room = n;
+	if (room)
+		xsk_ring_prod__reserve(&s->tx, room, &idx);
+	for (i = 0; i < room; i++) {
+		t = xsk_ring_prod__tx_desc(&s->tx, idx + i);
+		t->addr = descs[i].addr;
+		t->len = descs[i].len;
+		t->options = 0;
+	}
+	for (; i < n; i++)
+		free_push(w, descs[i].addr);
+	if (room) {
+		xsk_ring_prod__submit(&s->tx, room);
+		w->tx_given[side] += room;
+	}
+	return room;
+}
+
 /*
- * Move up to one batch from @from's RX ring to @to's TX ring. Frames that
- * find no room on the TX ring are freed and counted: a slow peer must cost
- * us frames, never stall the RX ring (which would stall the kernel).
+ * Judge one frame of direction @dir. Only TCP frames from outside can be
+ * dropped or answered; frames from inside feed the flow table and pass.
+ */
+static enum xg_tcp_verdict judge(struct xg_worker *w, int dir, uint64_t addr, uint32_t *len)
+{
+	uint8_t *frame = (uint8_t *)w->umem->area + addr;
+	struct xg_meta *meta;
+	int allowlisted;
+
+	if (!w->tcp || (w->flags & XG_WORKER_NO_POLICY))
+		return XG_V_FORWARD;
+	if (dir == XG_DIR_OUT) {
+		xg_tcp_inside(w->tcp, frame, *len, &w->now);
+		return XG_V_FORWARD;
+	}
+	/* The XDP program's word on the frame, in its headroom. Cleared once
+	 * read, so that a recycled frame never shows a stale one. */
+	meta = (struct xg_meta *)(frame - sizeof(*meta));
+	allowlisted = meta->magic == XG_META_MAGIC && (meta->flags & XG_META_ALLOWLISTED);
+	meta->magic = 0;
+	return xg_tcp_outside(w->tcp, frame, len, allowlisted, &w->now, &w->stats);
+}
+
+/*
+ * Move up to one batch from @from's RX ring: what passes goes to @to's TX
+ * ring as the very same descriptor, challenge replies go back out of
+ * @from. Frames that find no room on a TX ring are freed and counted: a
+ * slow peer must cost us frames, never stall the RX ring (which would
+ * stall the kernel).
  */
 static uint32_t forward(struct xg_worker *w, int from, int to, int dir)
 {
-	struct xg_sock *src = w->sock[from], *dst = w->sock[to];
+	struct xg_sock *src = w->sock[from];
 	struct xg_dir_stats *st = &w->stats.dir[dir];
-	uint32_t i, n, room, idx_rx, idx_tx = 0;
+	struct xdp_desc pass[XG_BATCH], reply[XG_BATCH];
+	uint32_t i, n, npass = 0, nreply = 0, sent, idx_rx;
 	const struct xdp_desc *d;
-	struct xdp_desc *t;
+	uint32_t len;
 
 	n = xsk_ring_cons__peek(&src->rx, XG_BATCH, &idx_rx);
 	if (!n)
@@ -134,32 +192,36 @@ static uint32_t forward(struct xg_worker *w, int from, int to, int dir)
 	w->rx_taken[from] += n;
 	st->rx_packets += n;
 
-	room = xsk_prod_nb_free(&dst->tx, n);
-	if (room > n)
-		room = n;
-	if (room)
-		xsk_ring_prod__reserve(&dst->tx, room, &idx_tx);
-
 	for (i = 0; i < n; i++) {
 		d = xsk_ring_cons__rx_desc(&src->rx, idx_rx + i);
-		st->rx_bytes += d->len;
-		if (i < room) {
-			t = xsk_ring_prod__tx_desc(&dst->tx, idx_tx + i);
-			t->addr = d->addr;
-			t->len = d->len;
-			t->options = 0;
-			st->tx_bytes += d->len;
-		} else {
+		len = d->len;
+		st->rx_bytes += len;
+		switch (judge(w, dir, d->addr, &len)) {
+		case XG_V_FORWARD:
+			pass[npass].addr = d->addr;
+			pass[npass++].len = len;
+			break;
+		case XG_V_REPLY:
+			reply[nreply].addr = d->addr;
+			reply[nreply++].len = len;
+			break;
+		default:
 			free_push(w, d->addr);
+			st->dropped++;
 		}
 	}
 	xsk_ring_cons__release(&src->rx, n);
-	if (room) {
-		xsk_ring_prod__submit(&dst->tx, room);
-		w->tx_given[to] += room;
-		st->tx_packets += room;
+
+	sent = transmit(w, to, pass, npass);
+	st->tx_packets += sent;
+	st->tx_ring_full += npass - sent;
+	for (i = 0; i < sent; i++)
+		st->tx_bytes += pass[i].len;
+	if (nreply) {
+		sent = transmit(w, from, reply, nreply);
+		w->stats.challenges_sent += sent;
+		w->stats.challenges_lost += nreply - sent;
 	}
-	st->tx_ring_full += n - room;
 	return n;
 }
 
@@ -235,6 +297,7 @@ int xg_worker_run(struct xg_worker *w)
 		return -EALREADY;
 
 	while (!__atomic_load_n(&w->stop, __ATOMIC_RELAXED)) {
+		xg_clock_read(&w->now);
 		work = reap_completions(w, OUTER);
 		work += reap_completions(w, INNER);
 		refill(w, OUTER);
@@ -329,6 +392,14 @@ int xg_worker_create(struct xg_umem *umem, struct xg_sock *outer,
 	refill(w, OUTER);
 	refill(w, INNER);
 	*out = w;
+	return 0;
+}
+
+int xg_worker_set_tcp(struct xg_worker *w, struct xg_tcp *tcp)
+{
+	if (__atomic_load_n(&w->running, __ATOMIC_ACQUIRE))
+		return -EBUSY;
+	w->tcp = tcp;
 	return 0;
 }
 

@@ -273,6 +273,105 @@ int xg_sock_stats(const struct xg_sock *sock, struct xg_xsk_stats *stats);
  */
 void xg_sock_destroy(struct xg_sock *sock);
 
+/* ---- TCP flow protection (shared by every worker) ---- */
+
+struct xg_tcp;
+struct xg_worker_stats;
+
+enum xg_tcp_mode {
+	XG_MODE_OFF = 0,	/* no check */
+	XG_MODE_MONITOR = 1,	/* count what would be dropped or challenged, pass it */
+	XG_MODE_ON = 2,		/* always */
+	XG_MODE_AUTO = 3,	/* only for a destination above its rate threshold */
+};
+
+/*
+ * The TCP stage's policy. Written by Python (xg_tcp_configure()), read by
+ * the workers field by field once per burst: a change takes effect within
+ * one burst.
+ */
+struct xg_tcp_cfg {
+	uint32_t syn_mode;	/* enum xg_tcp_mode: SYN challenges */
+	uint32_t state_mode;	/* enum xg_tcp_mode: out-of-state drops */
+	uint32_t syn_rate;	/* auto: SYNs/s to one destination before challenges */
+	uint32_t syn_burst;	/* auto: SYNs above the rate tolerated at once */
+	uint32_t state_rate;	/* auto: out-of-state frames/s before drops */
+	uint32_t state_burst;
+	uint32_t verify_ttl;	/* seconds a verified source skips challenges */
+	uint32_t learn_until;	/* xg_tcp_now() up to which mid-stream flows are adopted */
+};
+
+/* Occupancy of the flow table (see xg_tcp_scan()). */
+struct xg_tcp_counts {
+	uint64_t capacity;
+	uint64_t states[8];	/* live flows by enum xg_tcp_state; [0] = free slots */
+	uint64_t verified;	/* live verified sources */
+	uint64_t verified_capacity;
+	uint64_t evictions;	/* flows given up for a new one in a full bucket */
+};
+
+/*
+ * Allocate the flow table (@max_flows, rounded up to whole buckets of 8) and
+ * the verified-source table (@max_verified, likewise) with @cfg, and a
+ * random cookie secret. The tables are keyed with SipHash under a random
+ * key, so no one can aim floods at one bucket. *@out belongs to the
+ * caller; free it with xg_tcp_destroy() after every worker using it.
+ * Returns 0, -EINVAL or -ENOMEM. Does not block.
+ */
+int xg_tcp_create(uint32_t max_flows, uint32_t max_verified,
+		  const struct xg_tcp_cfg *cfg, struct xg_tcp **out);
+
+/* Free @tcp. NULL is a no-op. */
+void xg_tcp_destroy(struct xg_tcp *tcp);
+
+/* Replace the policy (takes effect within one burst). Never fails. */
+void xg_tcp_configure(struct xg_tcp *tcp, const struct xg_tcp_cfg *cfg);
+
+/* Copy the policy out. */
+void xg_tcp_config(const struct xg_tcp *tcp, struct xg_tcp_cfg *cfg);
+
+/*
+ * Make @key (16 bytes) the cookie secret; the previous one stays valid for
+ * answers already on their way. Rotate every few minutes. Never fails.
+ */
+void xg_tcp_rotate_secret(struct xg_tcp *tcp, const uint8_t *key);
+
+/* The loop's clock: coarse monotonic seconds (for learn_until, expiries). */
+uint32_t xg_tcp_now(void);
+
+/*
+ * Walk the tables (taking each bucket's lock briefly; workers keep
+ * running): fill *@counts and copy up to @ntop of the busiest live flows,
+ * most packets first, to @top. Returns how many were copied. O(capacity).
+ */
+uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts,
+		     struct xg_flow *top, uint32_t ntop);
+
+/*
+ * Copy up to @max live verified sources to @out; returns how many. O(capacity).
+ */
+uint32_t xg_tcp_verified(struct xg_tcp *tcp, struct xg_verified *out, uint32_t max);
+
+/* Forget every verified source (each must answer a challenge again). */
+void xg_tcp_verified_clear(struct xg_tcp *tcp);
+
+enum xg_tcp_verdict {
+	XG_V_FORWARD = 0,	/* pass the frame on, unchanged */
+	XG_V_DROP = 1,		/* free the frame (its reason is counted) */
+	XG_V_REPLY = 2,		/* the frame was rewritten into a reply: send it back */
+};
+
+/*
+ * Judge one frame exactly as the hot loop does, with the clock given
+ * (@now_s as xg_tcp_now(), @now_ms in milliseconds): for tests and tools.
+ * @from_outside picks the direction (frames from inside always pass). On
+ * XG_V_REPLY the frame was rewritten in place and *@len changed. Verdict
+ * counters go to @stats. Returns an enum xg_tcp_verdict.
+ */
+int xg_tcp_judge(struct xg_tcp *tcp, uint8_t *frame, uint32_t *len, int from_outside,
+		 int allowlisted, uint32_t now_s, uint64_t now_ms,
+		 struct xg_worker_stats *stats);
+
 /* ---- workers ---- */
 
 struct xg_worker;
@@ -314,7 +413,12 @@ struct xg_worker_stats {
 	struct xg_dir_stats dir[2]; /* indexed by XG_DIR_* */
 	uint64_t loops;		/* iterations of the loop */
 	uint64_t polls;		/* idle poll() calls */
-	uint64_t reasons[64];	/* the loop's own verdicts, by enum xg_reason */
+	/* The loop's own verdicts (drops), by enum xg_reason. */
+	struct xg_counter reasons[64];
+	/* What monitor (or auto below its threshold) let pass but would drop. */
+	struct xg_counter monitor[64];
+	uint64_t challenges_sent; /* cookie SYN-ACKs put on the outer TX ring */
+	uint64_t challenges_lost; /* ... or freed for lack of room there */
 };
 
 /*
@@ -384,6 +488,13 @@ const struct xg_worker_stats *xg_worker_stats(const struct xg_worker *w);
  */
 int xg_worker_account(struct xg_worker *w, struct xg_frame_account *out,
 		      int timeout_ms);
+
+/*
+ * Give @w the TCP stage @tcp (NULL: none), before xg_worker_run(). A worker
+ * created with XG_WORKER_NO_POLICY ignores it. Returns 0 or -EBUSY while
+ * running.
+ */
+int xg_worker_set_tcp(struct xg_worker *w, struct xg_tcp *tcp);
 
 /* Free @w (stop and join its thread first). NULL is a no-op. */
 void xg_worker_destroy(struct xg_worker *w);

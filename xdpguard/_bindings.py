@@ -35,6 +35,15 @@ LISTS_ALLOW_V4: int = lib.XG_LISTS_ALLOW_V4
 LISTS_ALLOW_V6: int = lib.XG_LISTS_ALLOW_V6
 LISTS_BLOCK_V4: int = lib.XG_LISTS_BLOCK_V4
 LISTS_BLOCK_V6: int = lib.XG_LISTS_BLOCK_V6
+META_MAGIC: int = lib.XG_META_MAGIC
+META_ALLOWLISTED: int = lib.XG_META_ALLOWLISTED
+VERDICT_FORWARD, VERDICT_DROP, VERDICT_REPLY = lib.XG_V_FORWARD, lib.XG_V_DROP, lib.XG_V_REPLY
+TCP_MODES = {
+    "off": lib.XG_MODE_OFF,
+    "monitor": lib.XG_MODE_MONITOR,
+    "on": lib.XG_MODE_ON,
+    "auto": lib.XG_MODE_AUTO,
+}
 REASON_CAP: int = lib.XG_REASON_CAP
 IDLE_POLL_MS: int = lib.XG_IDLE_POLL_MS
 WORKER_NO_POLICY: int = lib.XG_WORKER_NO_POLICY
@@ -325,6 +334,86 @@ def sock_registered(umem: Umem, netns_cookie: int, ifindex: int, queue: int) -> 
     return lib.xg_sock_find(umem._u, netns_cookie, ifindex, queue) != ffi.NULL
 
 
+class Tcp:
+    """The TCP stage shared by every worker: flow table, verified sources, cookies."""
+
+    def __init__(self, max_flows: int, max_verified: int, cfg: dict[str, int]) -> None:
+        out = ffi.new("struct xg_tcp **")
+        c = ffi.new("struct xg_tcp_cfg *", cfg)
+        check(lib.xg_tcp_create(max_flows, max_verified, c, out), "creating the flow table")
+        self._t = out[0]
+
+    def configure(self, cfg: dict[str, int]) -> None:
+        lib.xg_tcp_configure(self._t, ffi.new("struct xg_tcp_cfg *", cfg))
+
+    def config(self) -> dict[str, int]:
+        out = ffi.new("struct xg_tcp_cfg *")
+        lib.xg_tcp_config(self._t, out)
+        return _to_dict(out[0])
+
+    def rotate_secret(self, key: bytes) -> None:
+        assert len(key) == 16
+        lib.xg_tcp_rotate_secret(self._t, key)
+
+    def scan(self, top: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Occupancy counts and the ``top`` busiest flows (O(capacity))."""
+        counts = ffi.new("struct xg_tcp_counts *")
+        flows = ffi.new("struct xg_flow[]", max(top, 1))
+        n = lib.xg_tcp_scan(self._t, counts, flows, top)
+        return _to_dict(counts[0]), [_to_dict(flows[i]) for i in range(n)]
+
+    def verified(self, limit: int) -> list[dict[str, Any]]:
+        out = ffi.new("struct xg_verified[]", max(limit, 1))
+        n = lib.xg_tcp_verified(self._t, out, limit)
+        return [_to_dict(out[i]) for i in range(n)]
+
+    def verified_clear(self) -> None:
+        lib.xg_tcp_verified_clear(self._t)
+
+    def judge(
+        self,
+        frame: bytes,
+        from_outside: bool,
+        now_s: int,
+        now_ms: int | None = None,
+        allowlisted: bool = False,
+        stats: Any = None,
+    ) -> tuple[int, bytes]:
+        """One frame through the TCP stage as the loop would: (verdict, frame after)."""
+        buf = ffi.new("uint8_t[]", frame)
+        length = ffi.new("uint32_t *", len(frame))
+        st = stats if stats is not None else ffi.new("struct xg_worker_stats *")
+        v = lib.xg_tcp_judge(
+            self._t,
+            buf,
+            length,
+            int(from_outside),
+            int(allowlisted),
+            now_s,
+            now_s * 1000 if now_ms is None else now_ms,
+            st,
+        )
+        return int(v), bytes(ffi.buffer(buf, length[0]))
+
+    @staticmethod
+    def new_stats() -> Any:
+        return ffi.new("struct xg_worker_stats *")
+
+    @staticmethod
+    def stats_dict(stats: Any) -> dict[str, Any]:
+        return _to_dict(stats[0])
+
+    def close(self) -> None:
+        if self._t is not None:
+            lib.xg_tcp_destroy(self._t)
+            self._t = None
+
+
+def tcp_now() -> int:
+    """The TCP stage's clock: coarse monotonic seconds."""
+    return int(lib.xg_tcp_now())
+
+
 class Worker:
     """The hot loop of one queue index."""
 
@@ -340,6 +429,10 @@ class Worker:
         self._stats = lib.xg_worker_stats(self._w)
         # The worker uses but does not own these: keep them alive as long as it.
         self.umem, self.socks = umem, (outer, inner)
+
+    def set_tcp(self, tcp: Tcp | None) -> None:
+        check(lib.xg_worker_set_tcp(self._w, tcp._t if tcp else ffi.NULL), "TCP stage")
+        self.tcp = tcp
 
     def run(self) -> int:
         """Block in the loop (GIL released) until stop(); returns 0 or -errno."""

@@ -153,6 +153,21 @@ def main() -> None:
     help="Where the policy is saved after every change and restored from at start.",
 )
 @click.option(
+    "--max-flows",
+    type=click.IntRange(1024, 1 << 30),
+    default=1_000_000,
+    show_default=True,
+    help="Capacity of the TCP flow table (memory: about 100 bytes per flow).",
+)
+@click.option(
+    "--learn",
+    type=click.FloatRange(0, 86400),
+    default=10.0,
+    show_default=True,
+    help="Seconds after start during which TCP flows already open are adopted, "
+    "so a restart cuts no connection; out-of-state drops begin after.",
+)
+@click.option(
     "--no-policy",
     is_flag=True,
     hidden=True,
@@ -168,6 +183,8 @@ def run(
     xdp_mode: str,
     summary_interval: float,
     state_dir: Path,
+    max_flows: int,
+    learn: float,
     no_policy: bool,
     control: str,
 ) -> None:
@@ -206,6 +223,8 @@ def run(
             xdp_mode=xdp_mode,
             no_policy=no_policy,
             state_dir=state_dir,
+            max_flows=max_flows,
+            learn=learn,
         )
     )
     ready = threading.Event()
@@ -462,6 +481,115 @@ def frags(policy: str | None, as_json: bool, control: str) -> None:
     """Drop or pass IPv4 fragments and IPv6 fragment headers; no argument: show."""
     r = _call(control, "frags.set", policy=policy) if policy else _call(control, "frags.get")
     _emit(r, as_json, f"fragments: {r['frags']}")
+
+
+TCP_MODES = ["off", "monitor", "on", "auto"]
+
+
+@main.group(cls=Group)
+def tcp() -> None:
+    """TCP flow protection: flow tracking, SYN challenges, out-of-state drops.
+
+    \b
+    Modes, for SYN challenges and for out-of-state drops alike:
+      off      no check
+      monitor  count what would be dropped or challenged, pass everything
+      on       always
+      auto     only for a destination whose rate exceeds its threshold
+               (--syn-rate/--syn-burst, --state-rate/--state-burst)
+    Verified sources and the allowlist skip challenges.
+    """
+
+
+def _tcp_text(r: dict[str, Any]) -> str:
+    return (
+        f"SYN challenges: {r['syn_mode']} (auto above {r['syn_rate']} SYN/s, burst "
+        f"{r['syn_burst']}), verified sources kept {r['verify_ttl']}s\n"
+        f"out-of-state drops: {r['state_mode']} (auto above {r['state_rate']}/s, burst "
+        f"{r['state_burst']})\n"
+        f"learning: {r['learning_left']}s left"
+    )
+
+
+@tcp.command("mode")
+@click.argument("mode", type=click.Choice(TCP_MODES))
+@json_option
+@control_option
+def tcp_mode(mode: str, as_json: bool, control: str) -> None:
+    """Set SYN challenges and out-of-state drops to MODE at once."""
+    _emit(r := _call(control, "tcp.mode", mode=mode), as_json, _tcp_text(r))
+
+
+@tcp.command("config")
+@click.option("--syn-mode", type=click.Choice(TCP_MODES), help="SYN challenges.")
+@click.option("--state-mode", type=click.Choice(TCP_MODES), help="Out-of-state drops.")
+@click.option("--syn-rate", type=click.IntRange(1), help="auto: SYNs/s per destination.")
+@click.option("--syn-burst", type=click.IntRange(1), help="auto: SYNs tolerated above it.")
+@click.option("--state-rate", type=click.IntRange(1), help="auto: out-of-state frames/s.")
+@click.option("--state-burst", type=click.IntRange(1), help="auto: ... tolerated above it.")
+@click.option("--verify-ttl", type=click.IntRange(1), help="Seconds a verified source is kept.")
+@click.option(
+    "--learn", type=click.FloatRange(0, 86400), help="Adopt open flows for SECONDS from now."
+)
+@json_option
+@control_option
+def tcp_config(as_json: bool, control: str, learn: float | None, **changes: Any) -> None:
+    """Change TCP settings (kept across restarts); without options, show them."""
+    settings = {k: v for k, v in changes.items() if v is not None}
+    r = _call(control, "tcp.config", **settings, **({"learn": learn} if learn is not None else {}))
+    _emit(r, as_json, _tcp_text(r))
+
+
+@tcp.command("flows")
+@click.option("--top", type=click.IntRange(0, 1000), default=10, show_default=True)
+@json_option
+@control_option
+def tcp_flows(top: int, as_json: bool, control: str) -> None:
+    """Tracked flows per state, and the busiest ones."""
+    r = _call(control, "tcp.flows", top=top)
+    if as_json:
+        _emit(r, True, "")
+        return
+    states = ", ".join(f"{n} {s}" for s, n in r["states"].items() if n)
+    click.echo(
+        f"{r['tracked']} of {r['capacity']} flows tracked ({states or 'none'}); "
+        f"{r['evictions']} evicted; {r['verified']} verified sources; "
+        f"learning {r['learning_left']}s left"
+    )
+    for f in r["busiest"]:
+        click.echo(
+            f"  {f['outside']:<46} -> {f['inside']:<46} {f['state']:<12} "
+            f"{f['packets']:>10} pkts {f['bytes']:>14} B  idle {f['idle']}s"
+            f"{'  (adopted)' if f['adopted'] else ''}"
+        )
+
+
+@tcp.group("verified", cls=Group)
+def tcp_verified() -> None:
+    """Sources that answered a SYN challenge (they skip challenges for --verify-ttl)."""
+
+
+@tcp_verified.command("list")
+@json_option
+@control_option
+def tcp_verified_list(as_json: bool, control: str) -> None:
+    """The verified sources and the seconds they have left."""
+    r = _call(control, "tcp.verified.list")
+    if as_json:
+        _emit(r, True, "")
+        return
+    for e in r["entries"]:
+        click.echo(f"{e['source']:<40} ttl {e['ttl']}s")
+    click.echo(f"{r['count']} verified sources", err=True)
+
+
+@tcp_verified.command("clear")
+@json_option
+@control_option
+def tcp_verified_clear(as_json: bool, control: str) -> None:
+    """Forget every verified source: each must answer a challenge again."""
+    r = _call(control, "tcp.verified.clear")
+    _emit(r, as_json, f"{r['cleared']} verified sources forgotten")
 
 
 if __name__ == "__main__":

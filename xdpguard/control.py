@@ -71,6 +71,15 @@ COMMANDS: dict[str, Command] = {
         Command("ports.list", "the UDP source ports dropped"),
         Command("frags.set", "fragment policy: {policy: drop|pass}"),
         Command("frags.get", "the fragment policy"),
+        Command("tcp.mode", "set SYN challenges and out-of-state drops: {mode}"),
+        Command(
+            "tcp.config",
+            "TCP settings: {syn_mode?, state_mode?, syn_rate?, syn_burst?, state_rate?, "
+            "state_burst?, verify_ttl?, learn?}; none: show",
+        ),
+        Command("tcp.flows", "flow table occupancy by state and the busiest flows: {top?}"),
+        Command("tcp.verified.list", "sources that answered a SYN challenge"),
+        Command("tcp.verified.clear", "forget every verified source"),
     )
 }
 

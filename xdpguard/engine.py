@@ -27,6 +27,7 @@ from xdpguard.defs import ROLE_DIRECTION, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy
+from xdpguard.tcp import TcpStage
 from xdpguard.xdp import XDP_MODES, PolicyMaps, XdpProgram
 
 log = logging.getLogger("xdpguard")
@@ -54,6 +55,8 @@ class EngineConfig:
     no_policy: bool = False
     bpf_object: Path | None = None
     state_dir: Path | None = Path("/var/lib/xdpguard")
+    max_flows: int = 1_000_000
+    learn: float = 10.0
     # How often TTL expiry runs: entries leave within this of their deadline.
     expiry_interval: float = 0.2
 
@@ -100,6 +103,7 @@ class Engine:
         self._stats_lock = threading.Lock()
         self.fatal = threading.Event()
         self.policy: Policy | None = None
+        self.tcp: TcpStage | None = None
         self._stopping = threading.Event()
 
     # ---- lifecycle ----
@@ -138,10 +142,14 @@ class Engine:
             self.progs[role] = prog
             self._push_undo(f"unload {role.name.lower()} program", prog.close)
 
+        # The flow table lives as long as the workers that use it.
+        self.tcp = TcpStage(cfg.max_flows, cfg.learn)
+        self._push_undo("free the flow table", self.tcp.close)
+
         # The policy is in the maps before the program sees a packet.
         maps = PolicyMaps(self.progs[Role.OUTER])
         self._push_undo("close policy maps", maps.close)
-        self.policy = Policy(maps, cfg.state_dir)
+        self.policy = Policy(maps, cfg.state_dir, tcp=self.tcp)
         restored = self.policy.restore()
         log.info(
             "policy: blocklist %d+%d, allowlist %d+%d prefixes (v4+v6), %d UDP source ports, "
@@ -265,10 +273,13 @@ class Engine:
             B.WORKER_NO_POLICY if cfg.no_policy else 0,
         )
         self._push_undo(f"free worker {q}", path.worker.close)
+        path.worker.set_tcp(self.tcp.tcp if self.tcp else None)
 
     def _expire_loop(self) -> None:
         assert self.policy is not None
         while not self._stopping.wait(self.cfg.expiry_interval):
+            if self.tcp is not None:
+                self.tcp.tick()
             try:
                 n = self.policy.expire()
             except XdpguardError as exc:
@@ -319,6 +330,11 @@ class Engine:
                 raise XdpguardError("xdpguard is starting")
             return self.policy
 
+        def tcp() -> TcpStage:
+            if self.tcp is None:
+                raise XdpguardError("xdpguard is starting")
+            return self.tcp
+
         def strings(args: dict[str, Any], key: str) -> list[str]:
             value = args.get(key)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -333,6 +349,15 @@ class Engine:
             "ports.list": lambda a: policy().ports_list(),
             "frags.set": lambda a: policy().frags_set(a.get("policy")),
             "frags.get": lambda a: policy().frags_get(),
+            "tcp.mode": lambda a: policy().tcp_set(
+                {"syn_mode": a.get("mode"), "state_mode": a.get("mode")}
+            ),
+            "tcp.config": lambda a: policy().tcp_set(
+                {k: v for k, v in a.items() if k != "learn"}, a.get("learn")
+            ),
+            "tcp.flows": lambda a: tcp().flows(int(a.get("top", 10))),
+            "tcp.verified.list": lambda a: tcp().verified(),
+            "tcp.verified.clear": lambda a: tcp().verified_clear(),
         }
         for lst in ("block", "allow"):
             h[f"{lst}.add"] = lambda a, lst=lst: policy().list_add(
@@ -420,6 +445,8 @@ class Engine:
 
         queues = []
         totals = {d: dict.fromkeys(_DIR_FIELDS, 0) for d in Direction}
+        monitor = np.zeros((max(Reason) + 1, 2), dtype=np.uint64)
+        challenges = {"sent": 0, "lost": 0}
         accounts: list[dict[str, Any]] = []
         for path in self.paths:
             assert path.worker and path.outer and path.inner
@@ -430,6 +457,16 @@ class Engine:
                 entry[d.label] = dstats
                 for k in _DIR_FIELDS:
                     totals[d][k] += dstats[k]
+            # The loop judges frames from outside only: its verdicts are the
+            # "in" direction's, after XDP's.
+            for r in Reason:
+                for into, counts in (
+                    (reasons[Direction.IN], ws["reasons"]),
+                    (monitor, ws["monitor"]),
+                ):
+                    into[r] += np.array((counts[r]["packets"], counts[r]["bytes"]), dtype=np.uint64)
+            challenges["sent"] += ws["challenges_sent"]
+            challenges["lost"] += ws["challenges_lost"]
             entry["loops"] = ws["loops"]
             entry["polls"] = ws["polls"]
             entry["xsk"] = {

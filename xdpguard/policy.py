@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from xdpguard import tcp as tcpmod
 from xdpguard.errors import XdpguardError
 
 FAMILIES = ("v4", "v6")
@@ -257,8 +258,16 @@ class PolicyMaps(Protocol):
 class Policy:
     """The policy of a running appliance; every public method is one atomic change."""
 
-    def __init__(self, maps: PolicyMaps, state_dir: Path | None, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        maps: PolicyMaps,
+        state_dir: Path | None,
+        clock: Any = time.time,
+        tcp: tcpmod.TcpStage | None = None,
+    ) -> None:
         self.maps = maps
+        self.tcp = tcp
+        self.tcp_settings: dict[str, Any] = dict(tcpmod.DEFAULTS)
         self.state_path = state_dir / STATE_FILE if state_dir else None
         self.clock = clock
         self.lists = {lst: {f: PrefixSet(f) for f in FAMILIES} for lst in LISTS}
@@ -467,6 +476,32 @@ class Policy:
     def frags_get(self) -> dict[str, Any]:
         return {"frags": self.frags}
 
+    # -- TCP stage settings --
+
+    def tcp_set(self, changes: dict[str, Any], learn: Any = None) -> dict[str, Any]:
+        """Change TCP settings (persisted) and/or reopen the learning window (not)."""
+        valid = tcpmod.validate(changes)
+        if learn is not None and (
+            isinstance(learn, bool) or not isinstance(learn, int | float) or not 0 <= learn <= 86400
+        ):
+            raise PolicyInputError(f"learn {learn!r}: must be 0 to 86400 seconds")
+        with self._lock:
+            settings = {**self.tcp_settings, **valid}
+            if self.tcp is not None:
+                self.tcp.apply(settings)
+                if learn is not None:
+                    self.tcp.learn(learn)
+            self.tcp_settings = settings
+            if valid:
+                self._save()
+        return self.tcp_get()
+
+    def tcp_get(self) -> dict[str, Any]:
+        return {
+            **self.tcp_settings,
+            "learning_left": self.tcp.learning_left() if self.tcp else 0,
+        }
+
     def summary(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -474,6 +509,7 @@ class Policy:
                 "block": {f: len(self.lists["block"][f]) for f in FAMILIES},
                 "ports": list(self.ports),
                 "frags": self.frags,
+                "tcp": dict(self.tcp_settings),
                 "state_file": str(self.state_path) if self.state_path else None,
             }
 
@@ -488,6 +524,7 @@ class Policy:
             "saved_at": time.time(),
             "ports": self.ports,
             "frags": self.frags,
+            "tcp": self.tcp_settings,
             "comments": self.comments,
         }
         arrays: dict[str, np.ndarray] = {
@@ -527,6 +564,8 @@ class Policy:
                     self.maps.lists_replace(lst, f, self.lists[lst][f].keys)
             self.maps.set_ports(self.ports)
             self.maps.set_frag_policy(self.frags)
+            if self.tcp is not None:
+                self.tcp.apply(self.tcp_settings)
             return self.summary()
         try:
             self._read_state(self.state_path)
@@ -542,6 +581,8 @@ class Policy:
                 self.maps.lists_replace(lst, f, self.lists[lst][f].keys)
         self.maps.set_ports(self.ports)
         self.maps.set_frag_policy(self.frags)
+        if self.tcp is not None:
+            self.tcp.apply(self.tcp_settings)
         return self.summary()
 
     def expire_silently(self) -> None:
@@ -561,6 +602,10 @@ class Policy:
             if meta["frags"] not in FRAG_POLICIES:
                 raise ValueError(f"bad fragment policy {meta['frags']!r}")
             comments = [str(c) for c in meta["comments"]]
+            try:
+                tcp_settings = {**tcpmod.DEFAULTS, **tcpmod.validate(meta.get("tcp", {}))}
+            except XdpguardError as exc:
+                raise ValueError(str(exc)) from None
             lists: dict[str, dict[str, PrefixSet]] = {}
             for lst in LISTS:
                 lists[lst] = {}
@@ -585,5 +630,6 @@ class Policy:
                     s.assign(keys.copy(), deadline, comment)
                     lists[lst][f] = s
         self.lists, self.ports, self.frags = lists, ports, meta["frags"]
+        self.tcp_settings = tcp_settings
         self.comments = comments
         self._comment_ids = {c: i for i, c in enumerate(comments)}

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-PASS_REASONS = frozenset({"redirected"})
+# XDP's verdicts on every frame; the AF_XDP loop judges some of the
+# "redirected" ones again (its reasons are all drops, counted apart).
+XDP_PASS_REASONS = frozenset({"redirected", "allowlist"})
+XDP_REASONS = frozenset(
+    {"redirected", "no_socket", "malformed", "allowlist", "blocklist", "udp_src_port", "fragment"}
+)
 
 
 def si(value: float, unit: str) -> str:
@@ -17,10 +22,10 @@ def si(value: float, unit: str) -> str:
 
 def direction_totals(d: dict[str, Any]) -> dict[str, int]:
     """Frames seen, forwarded and dropped in one direction, from XDP and loop counters."""
-    seen = sum(r["packets"] for r in d["reasons"].values())
-    xdp_dropped = sum(p["packets"] for name, p in d["reasons"].items() if name not in PASS_REASONS)
+    xdp = {name: p["packets"] for name, p in d["reasons"].items() if name in XDP_REASONS}
+    xdp_dropped = sum(n for name, n in xdp.items() if name not in XDP_PASS_REASONS)
     return {
-        "seen": seen,
+        "seen": sum(xdp.values()),
         "forwarded": d["tx_packets"],
         "forwarded_bytes": d["tx_bytes"],
         "dropped": xdp_dropped + d["tx_ring_full"] + d["dropped"],
@@ -91,6 +96,12 @@ def format_stats(cur: dict[str, Any], prev: dict[str, Any] | None = None) -> str
             f"{q['queue']:<7}{q['in']['rx_packets']:>12}{q['in']['tx_packets']:>12}"
             f"{q['out']['rx_packets']:>12}{q['out']['tx_packets']:>12}"
         )
+    if cur.get("monitor"):
+        would = ", ".join(f"{n} {v['packets']}" for n, v in cur["monitor"].items())
+        lines += ["", f"monitor (passed, would have been dropped or challenged): {would}"]
+    if cur.get("challenges"):
+        c = cur["challenges"]
+        lines.append(f"SYN challenges sent: {c['sent']} ({c['lost']} lost for a full TX ring)")
     f = cur.get("frames")
     if f:
         lines += [

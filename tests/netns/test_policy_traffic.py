@@ -113,7 +113,8 @@ def test_corrupt_state_stops_startup(lab2: Lab, tmp_path: Path) -> None:
         app.cli("block", "add", OTHER_V4)
     state = Appliance(lab2, tmp_path).state_dir / "policy.npz"
     data = bytearray(state.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    for i in range(100, len(data), 64):  # damage every member's contents
+        data[i] ^= 0xFF
     state.write_bytes(bytes(data))
     app = Appliance(lab2, tmp_path)
     with pytest.raises(AssertionError, match="is corrupt"):

@@ -1,0 +1,440 @@
+"""The loop's TCP stage, frame by frame, with a clock the test controls.
+
+xg_tcp_judge() runs exactly the code the hot loop runs for each frame; here
+it is fed real TCP conversations built with scapy. No kernel is involved:
+what the kernel sees of it is tested in tests/netns/test_tcp_*.py.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from xdpguard import _bindings as B
+from xdpguard.defs import Reason
+
+pytestmark = pytest.mark.unit
+
+FWD, DROP, REPLY = B.VERDICT_FORWARD, B.VERDICT_DROP, B.VERDICT_REPLY
+CLIENT_MAC, ORIGIN_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+T0 = 100_000  # seconds on the stage's clock
+
+
+def stage(syn: str = "off", state: str = "on", max_flows: int = 4096, **cfg: int) -> B.Tcp:
+    settings = {
+        "syn_mode": B.TCP_MODES[syn],
+        "state_mode": B.TCP_MODES[state],
+        "syn_rate": 1000,
+        "syn_burst": 2000,
+        "state_rate": 1000,
+        "state_burst": 2000,
+        "verify_ttl": 600,
+        "learn_until": 0,
+        **cfg,
+    }
+    return B.Tcp(max_flows, 1024, settings)
+
+
+@dataclass
+class Conv:
+    """One TCP connection, its sequence numbers kept like the two stacks would."""
+
+    tcp: B.Tcp
+    client: str = "169.254.0.1"
+    origin: str = "169.254.0.2"
+    cport: int = 40000
+    oport: int = 443
+    now: int = T0
+    cseq: int = field(default_factory=lambda: random.getrandbits(32))
+    oseq: int = field(default_factory=lambda: random.getrandbits(32))
+    wscale: int | None = 7
+    stats: object = field(default_factory=B.Tcp.new_stats)
+
+    def _ip(self, src: str, dst: str):  # type: ignore[no-untyped-def]
+        return IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
+
+    def frame(
+        self,
+        outside: bool,
+        flags: str,
+        seq: int,
+        ack: int = 0,
+        data: bytes = b"",
+        win: int = 502,
+        opts: list | None = None,
+    ) -> bytes:
+        src, dst = (self.client, self.origin) if outside else (self.origin, self.client)
+        sport, dport = (self.cport, self.oport) if outside else (self.oport, self.cport)
+        macs = (CLIENT_MAC, ORIGIN_MAC) if outside else (ORIGIN_MAC, CLIENT_MAC)
+        pkt = (
+            Ether(src=macs[0], dst=macs[1])
+            / self._ip(src, dst)
+            / TCP(
+                sport=sport,
+                dport=dport,
+                flags=flags,
+                seq=seq % 2**32,
+                ack=ack % 2**32,
+                window=win,
+                options=opts or [],
+            )
+            / data
+        )
+        return bytes(pkt)
+
+    def judge(self, outside: bool, frame: bytes, allowlisted: bool = False) -> tuple[int, bytes]:
+        return self.tcp.judge(frame, outside, self.now, allowlisted=allowlisted, stats=self.stats)
+
+    def syn_opts(self) -> list:
+        return [("MSS", 1460)] + ([("WScale", self.wscale)] if self.wscale is not None else [])
+
+    # The three steps of the handshake and ordinary traffic.
+    def syn(self) -> int:
+        return self.judge(True, self.frame(True, "S", self.cseq, opts=self.syn_opts()))[0]
+
+    def synack(self) -> int:
+        v = self.judge(
+            False,
+            self.frame(False, "SA", self.oseq, self.cseq + 1, win=65160, opts=self.syn_opts()),
+        )[0]
+        return v
+
+    def ack(self) -> int:
+        self.cseq += 1
+        self.oseq += 1
+        return self.judge(True, self.frame(True, "A", self.cseq, self.oseq))[0]
+
+    def open(self) -> None:
+        assert (self.syn(), self.synack(), self.ack()) == (FWD, FWD, FWD)
+
+    def send(self, n: int, flags: str = "PA") -> int:
+        v = self.judge(True, self.frame(True, flags, self.cseq, self.oseq, b"x" * n))[0]
+        self.cseq += n + ("F" in flags)
+        return v
+
+    def reply(self, n: int, flags: str = "PA") -> int:
+        v = self.judge(False, self.frame(False, flags, self.oseq, self.cseq, b"y" * n))[0]
+        self.oseq += n + ("F" in flags)
+        return v
+
+    def reasons(self) -> dict[str, int]:
+        st = B.Tcp.stats_dict(self.stats)
+        return {r.name: st["reasons"][r]["packets"] for r in Reason if st["reasons"][r]["packets"]}
+
+    def monitor(self) -> dict[str, int]:
+        st = B.Tcp.stats_dict(self.stats)
+        return {r.name: st["monitor"][r]["packets"] for r in Reason if st["monitor"][r]["packets"]}
+
+
+def states(tcp: B.Tcp) -> dict[int, int]:
+    counts, _ = tcp.scan()
+    return {i: n for i, n in enumerate(counts["states"]) if n and i}
+
+
+SYN_SENT, SYN_RECV, ESTABLISHED, CLOSING, CLOSED, LEARNING = 1, 2, 3, 4, 5, 6
+
+
+def test_handshake_data_and_close() -> None:
+    tcp = stage()
+    c = Conv(tcp)
+    assert c.syn() == FWD and states(tcp) == {SYN_SENT: 1}
+    assert c.synack() == FWD and states(tcp) == {SYN_RECV: 1}
+    assert c.ack() == FWD and states(tcp) == {ESTABLISHED: 1}
+    for _ in range(50):
+        assert c.send(1000) == FWD
+        assert c.reply(1400) == FWD
+    assert c.send(0, "FA") == FWD and states(tcp) == {CLOSING: 1}
+    assert c.reply(0, "FA") == FWD
+    assert c.send(0, "A") == FWD
+    assert c.reasons() == {}
+
+
+def test_window_scaling_lets_big_windows_through() -> None:
+    tcp = stage()
+    c = Conv(tcp, wscale=7)
+    c.open()
+    # The origin advertises 2000 << 7 = 256 KB: the client may send that far ahead.
+    c.judge(False, c.frame(False, "A", c.oseq, c.cseq, win=2000))
+    for _ in range(150):
+        assert c.send(1448) == FWD
+    assert c.reasons() == {}
+
+
+def test_without_window_scaling_the_window_is_64k() -> None:
+    tcp = stage()
+    c = Conv(tcp, wscale=None)
+    c.open()
+    c.judge(False, c.frame(False, "A", c.oseq, c.cseq, win=65535))
+    assert c.send(60000) == FWD
+    # Far beyond what the origin ever allowed.
+    far = c.frame(True, "PA", c.cseq + 500_000, c.oseq, b"z")
+    assert c.judge(True, far)[0] == DROP
+    assert c.reasons() == {"tcp_out_of_window": 1}
+
+
+def test_out_of_window_rst_does_not_kill_the_flow() -> None:
+    tcp = stage()
+    c = Conv(tcp)
+    c.open()
+    c.send(100)
+    bogus = c.frame(True, "R", c.cseq + 2**31)
+    assert c.judge(True, bogus)[0] == DROP
+    assert states(tcp) == {ESTABLISHED: 1}
+    assert c.send(100) == FWD
+    # A RST at the right place closes it, and passes.
+    assert c.judge(True, c.frame(True, "R", c.cseq))[0] == FWD
+    assert states(tcp) == {CLOSED: 1}
+    assert c.reasons() == {"tcp_out_of_window": 1}
+
+
+def test_acks_of_unsent_data_are_out_of_window() -> None:
+    tcp = stage()
+    c = Conv(tcp)
+    c.open()
+    c.reply(100)
+    assert c.judge(True, c.frame(True, "A", c.cseq, c.oseq + 10**6))[0] == DROP
+    assert c.reasons() == {"tcp_out_of_window": 1}
+
+
+def test_floods_of_unknown_flows() -> None:
+    tcp = stage(syn="on")
+    c = Conv(tcp)
+    rng = random.Random(1)
+    for i in range(300):
+        c.cport = 1024 + i
+        seq, ack = rng.getrandbits(32), rng.getrandbits(32)
+        assert c.judge(True, c.frame(True, "A", seq, ack))[0] == DROP
+        assert c.judge(True, c.frame(True, "RA", seq, ack))[0] == DROP
+        assert c.judge(True, c.frame(True, "SA", seq, ack))[0] == DROP
+        assert c.judge(True, c.frame(True, "R", seq))[0] == DROP  # not a valid cookie
+    assert c.reasons() == {
+        "tcp_no_flow": 600,
+        "tcp_synack_reflection": 300,
+        "challenge_failed": 300,
+    }
+    assert states(tcp) == {}
+
+
+def test_syn_challenge_round_trip() -> None:
+    tcp = stage(syn="on")
+    c = Conv(tcp)
+    v, reply = c.judge(True, c.frame(True, "S", c.cseq, opts=c.syn_opts()))
+    assert v == REPLY
+    synack = Ether(reply)
+    # A valid SYN-ACK back to the client, checksums right, no options.
+    assert synack[Ether].dst == CLIENT_MAC and synack[Ether].src == ORIGIN_MAC
+    assert (synack[IP].src, synack[IP].dst) == (c.origin, c.client)
+    assert (synack[TCP].sport, synack[TCP].dport) == (c.oport, c.cport)
+    assert synack[TCP].flags == "SA" and synack[TCP].options == []
+    fresh = Ether(bytes(Ether(reply)))
+    del fresh[IP].chksum, fresh[TCP].chksum
+    fresh = Ether(bytes(fresh))
+    assert (fresh[IP].chksum, fresh[TCP].chksum) == (synack[IP].chksum, synack[TCP].chksum)
+    assert synack[TCP].ack != (c.cseq + 1) % 2**32  # deliberately unacceptable
+    assert states(tcp) == {}  # nothing is kept for an unverified SYN
+
+    # The client's stack answers <SEQ=SEG.ACK><CTL=RST>.
+    rst = c.frame(True, "R", synack[TCP].ack)
+    assert c.judge(True, rst)[0] == DROP
+    assert [e["expires"] for e in tcp.verified(10)] == [T0 + 600]
+    # Its retransmitted SYN now passes, and the connection opens normally.
+    assert c.syn() == FWD
+    assert c.synack() == FWD and c.ack() == FWD
+    assert c.send(10) == FWD
+    # A new connection from the same source is not challenged.
+    c2 = Conv(tcp, cport=40001)
+    assert c2.syn() == FWD
+    assert c.reasons() == {"syn_challenged": 1, "challenge_passed": 1}
+
+
+def test_cookie_is_bound_to_the_tuple_and_time() -> None:
+    tcp = stage(syn="on")
+    c = Conv(tcp)
+    reply = c.judge(True, c.frame(True, "S", c.cseq))[1]
+    cookie = Ether(reply)[TCP].ack
+    # Another port, a bit flipped, or three minutes late: no.
+    other = Conv(tcp, cport=c.cport + 1, stats=c.stats)
+    assert other.judge(True, other.frame(True, "R", cookie))[0] == DROP
+    assert c.judge(True, c.frame(True, "R", cookie ^ 0x100))[0] == DROP
+    c.now += 3 * 64
+    assert c.judge(True, c.frame(True, "R", cookie))[0] == DROP
+    assert c.reasons() == {"syn_challenged": 1, "challenge_failed": 3}
+    # Within the next slot it still counts.
+    c.now = T0 + 64
+    assert c.judge(True, c.frame(True, "R", cookie))[0] == DROP
+    assert c.reasons()["challenge_passed"] == 1
+
+
+def test_secret_rotation_keeps_the_previous_secret() -> None:
+    tcp = stage(syn="on")
+    c = Conv(tcp)
+    cookies = []
+    for _ in range(3):
+        cookies.append(Ether(c.judge(True, c.frame(True, "S", c.cseq))[1])[TCP].ack)
+        c.cport += 1
+    c.cport -= 3
+    tcp.rotate_secret(bytes(range(16)))
+    assert c.judge(True, c.frame(True, "R", cookies[0]))[0] == DROP
+    assert c.reasons()["challenge_passed"] == 1
+    tcp.rotate_secret(bytes(range(1, 17)))
+    c.cport += 1
+    assert c.judge(True, c.frame(True, "R", cookies[1]))[0] == DROP
+    assert c.reasons()["challenge_failed"] == 1
+
+
+def test_allowlisted_and_verified_skip_challenges() -> None:
+    tcp = stage(syn="on")
+    c = Conv(tcp)
+    v, _ = c.judge(True, c.frame(True, "S", c.cseq), allowlisted=True)
+    assert v == FWD and c.reasons() == {}
+
+
+def test_monitor_counts_and_passes() -> None:
+    tcp = stage(syn="monitor", state="monitor")
+    c = Conv(tcp)
+    assert c.syn() == FWD
+    assert c.judge(True, c.frame(True, "A", 1, 2))[0] == FWD  # wrong flow state
+    c.cport += 1
+    assert c.judge(True, c.frame(True, "A", 5, 6))[0] == FWD  # no flow
+    assert c.reasons() == {}
+    assert c.monitor() == {"syn_challenged": 1, "tcp_out_of_window": 1, "tcp_no_flow": 1}
+
+
+def test_auto_challenges_only_above_the_rate_and_stops_after() -> None:
+    tcp = stage(syn="auto", syn_rate=10, syn_burst=5)
+    verdicts = []
+    for i in range(20):
+        c = Conv(tcp, client=f"198.18.0.{i + 1}", now=T0)
+        verdicts.append(c.syn())
+    assert verdicts[:5] == [FWD] * 5  # the burst
+    assert verdicts[5:] == [REPLY] * 15
+    # The rate fell back: after the hold, SYNs pass again.
+    later = Conv(tcp, client="198.18.1.1", now=T0 + 4)
+    assert later.syn() == FWD
+
+
+def test_auto_state_drops_only_above_the_rate() -> None:
+    tcp = stage(state="auto", state_rate=10, state_burst=3)
+    c = Conv(tcp)
+    verdicts = []
+    for i in range(8):
+        c.cport = 2000 + i
+        verdicts.append(c.judge(True, c.frame(True, "A", i, i))[0])
+    assert verdicts == [FWD] * 3 + [DROP] * 5
+    assert c.monitor() == {"tcp_no_flow": 3}
+
+
+def test_learning_window_adopts_flows_seen_from_both_sides() -> None:
+    tcp = stage(learn_until=T0 + 10)
+    c = Conv(tcp)
+    # Mid-stream: nothing known about either sequence space.
+    assert c.send(100) == FWD and states(tcp) == {LEARNING: 1}
+    assert c.reply(100) == FWD and states(tcp) == {ESTABLISHED: 1}
+    lone = Conv(tcp, cport=40001)
+    assert lone.send(100) == FWD  # seen from outside only, so far
+    c.now = lone.now = T0 + 11  # the window closed
+    assert c.send(100) == FWD
+    assert lone.send(100) == DROP
+    assert lone.reasons() == {"tcp_no_flow": 1}
+
+
+def test_the_origin_speaking_adopts_a_flow_after_learning() -> None:
+    tcp = stage()
+    c = Conv(tcp)
+    assert c.reply(500) == FWD
+    assert c.send(100) == FWD
+    assert states(tcp) == {ESTABLISHED: 1}
+
+
+def test_connection_opened_by_the_origin() -> None:
+    tcp = stage()
+    c = Conv(tcp)
+    # origin -> outside server: SYN from inside, SYN-ACK from outside.
+    assert c.judge(False, c.frame(False, "S", c.oseq, opts=c.syn_opts()))[0] == FWD
+    v = c.judge(True, c.frame(True, "SA", c.cseq, c.oseq + 1, opts=c.syn_opts()))[0]
+    assert v == FWD
+    c.oseq += 1
+    c.cseq += 1
+    assert c.judge(False, c.frame(False, "A", c.oseq, c.cseq))[0] == FWD
+    assert states(tcp) == {ESTABLISHED: 1}
+    assert c.send(100) == FWD and c.reasons() == {}
+    # A SYN-ACK for a SYN nobody sent is a reflection.
+    c2 = Conv(tcp, cport=40002)
+    assert c2.judge(True, c2.frame(True, "SA", 1, 2))[0] == DROP
+    assert c2.reasons() == {"tcp_synack_reflection": 1}
+
+
+def test_ipv6_flow_and_challenge() -> None:
+    tcp = stage(syn="on")
+    c = Conv(tcp, client="2001:db8::1", origin="2001:db8::2")
+    v, reply = c.judge(True, c.frame(True, "S", c.cseq))
+    assert v == REPLY
+    synack = Ether(reply)
+    assert (synack[IPv6].src, synack[IPv6].dst) == (c.origin, c.client)
+    c.judge(True, c.frame(True, "R", synack[TCP].ack))
+    c.open()
+    assert c.send(1000) == FWD
+    assert c.reasons() == {"syn_challenged": 1, "challenge_passed": 1}
+
+
+def test_full_table_keeps_established_flows() -> None:
+    tcp = stage(max_flows=64)  # 8 buckets of 8
+    established = []
+    port = 1024
+    while True:  # fill with established flows until a new one finds no room
+        c = Conv(tcp, cport=port)
+        port += 1
+        if c.syn() == DROP:
+            assert c.reasons() == {"flow_table_full": 1}
+            break
+        assert c.synack() == FWD and c.ack() == FWD
+        established.append(c)
+    # The first bucket to fill ends it (8 buckets of 8: about 40 flows in).
+    assert len(established) >= 8
+    for c in established:
+        assert c.send(10) == FWD
+    counts, _ = tcp.scan()
+    assert counts["evictions"] == 0
+
+
+def test_full_table_evicts_the_oldest_half_open_flows() -> None:
+    tcp = stage(max_flows=64)
+    first = [Conv(tcp, cport=1024 + i) for i in range(64)]
+    for c in first:
+        assert c.syn() == FWD
+    late = [Conv(tcp, cport=5000 + i, now=T0 + 1) for i in range(64)]
+    for c in late:
+        assert c.syn() == FWD  # a half-open flow always finds room
+    counts, _ = tcp.scan()
+    assert counts["evictions"] > 0
+    assert counts["states"][SYN_SENT] <= 64
+
+
+def test_a_flow_stamped_by_a_faster_clock_is_alive() -> None:
+    """Workers read the clock once per step: another may be a second ahead."""
+    tcp = stage()
+    c = Conv(tcp)
+    c.open()
+    c.now = T0 + 1
+    assert c.send(10) == FWD
+    c.now = T0  # a worker whose clock lags
+    assert c.reply(10) == FWD
+    assert states(tcp) == {ESTABLISHED: 1}
+
+
+def test_busiest_flows_are_reported() -> None:
+    tcp = stage()
+    flows = [Conv(tcp, cport=3000 + i) for i in range(5)]
+    for i, c in enumerate(flows):
+        c.open()
+        for _ in range(i * 3):
+            c.send(10)
+    counts, top = tcp.scan(3)
+    assert counts["states"][ESTABLISHED] == 5
+    assert [f["packets"] for f in top] == sorted((f["packets"] for f in top), reverse=True)
+    assert len(top) == 3 and top[0]["packets"] == 3 + 4 * 3

@@ -1,0 +1,161 @@
+"""The TCP stage of the hot loop as Python drives it.
+
+The loop (libxdp_shim/xg_tcp.c) tracks flows, challenges SYNs and drops
+what is out of state; Python sets its policy (modes and thresholds, which
+are part of the persisted policy), opens the learning window at start,
+rotates the cookie secret, and reads the tables for `xdpguard tcp ...`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from typing import Any
+
+from xdpguard import _bindings as B
+from xdpguard.errors import XdpguardError
+
+MODES = tuple(B.TCP_MODES)
+# What an appliance does out of the box: nothing until a destination's rate
+# says it is under attack (see DESIGN.md 2.4).
+DEFAULTS: dict[str, Any] = {
+    "syn_mode": "auto",
+    "state_mode": "auto",
+    "syn_rate": 1000,
+    "syn_burst": 2000,
+    "state_rate": 1000,
+    "state_burst": 2000,
+    "verify_ttl": 600,
+}
+LIMITS = {
+    "syn_rate": (1, 100_000_000),
+    "syn_burst": (1, 100_000_000),
+    "state_rate": (1, 100_000_000),
+    "state_burst": (1, 100_000_000),
+    "verify_ttl": (1, 30 * 86400),
+}
+STATES = {
+    value: name.removeprefix("XG_TCP_").lower()
+    for name, value in B.enum_members("enum xg_tcp_state").items()
+    if name != "XG_TCP_NR_STATES"
+}
+# The cookie secret is replaced this often; the previous one stays valid.
+SECRET_ROTATE_SECONDS = 240.0
+
+
+class TcpInputError(XdpguardError):
+    """A TCP setting is invalid; nothing was changed."""
+
+
+def validate(changes: dict[str, Any]) -> dict[str, Any]:
+    """Checked copy of ``changes`` (a subset of DEFAULTS' keys)."""
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key not in DEFAULTS:
+            raise TcpInputError(f"unknown TCP setting {key!r}")
+        if key.endswith("_mode"):
+            if value not in MODES:
+                raise TcpInputError(f"{key} {value!r}: must be one of {', '.join(MODES)}")
+        else:
+            lo, hi = LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise TcpInputError(f"{key} {value!r}: must be a whole number from {lo} to {hi}")
+        out[key] = value
+    return out
+
+
+def _addr(raw: list[int], v6: bool) -> str:
+    packed = bytes(raw)
+    return str(ipaddress.IPv6Address(packed)) if v6 else str(ipaddress.IPv4Address(packed[12:]))
+
+
+def _endpoint(addr: str, port_be: int) -> str:
+    port = int.from_bytes(port_be.to_bytes(2, "little"), "big")
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+class TcpStage:
+    """Owns the loop's shared TCP state (xg_tcp) for one appliance."""
+
+    def __init__(self, max_flows: int, learn_seconds: float) -> None:
+        self.settings: dict[str, Any] = dict(DEFAULTS)
+        self.learn_until = B.tcp_now() + int(learn_seconds)
+        self.tcp = B.Tcp(max_flows, max(65536, max_flows // 4), self._c_cfg())
+        self._rotated = time.monotonic()
+        self.tcp.rotate_secret(os.urandom(16))
+
+    def _c_cfg(self) -> dict[str, int]:
+        cfg = {k: v for k, v in self.settings.items() if not k.endswith("_mode")}
+        cfg["syn_mode"] = B.TCP_MODES[self.settings["syn_mode"]]
+        cfg["state_mode"] = B.TCP_MODES[self.settings["state_mode"]]
+        cfg["learn_until"] = self.learn_until
+        return cfg
+
+    def apply(self, settings: dict[str, Any]) -> None:
+        self.settings = {**DEFAULTS, **settings}
+        self.tcp.configure(self._c_cfg())
+
+    def learn(self, seconds: float) -> None:
+        """(Re)open the learning window for ``seconds`` from now."""
+        self.learn_until = B.tcp_now() + int(seconds)
+        self.tcp.configure(self._c_cfg())
+
+    def learning_left(self) -> int:
+        return max(0, self.learn_until - B.tcp_now())
+
+    def tick(self) -> None:
+        """Called periodically: rotate the cookie secret when it is due."""
+        if time.monotonic() - self._rotated >= SECRET_ROTATE_SECONDS:
+            self.tcp.rotate_secret(os.urandom(16))
+            self._rotated = time.monotonic()
+
+    def flows(self, top: int = 10) -> dict[str, Any]:
+        counts, flows = self.tcp.scan(top)
+        now = B.tcp_now()
+        by_state = {STATES[i]: n for i, n in enumerate(counts["states"]) if i in STATES}
+        return {
+            "capacity": counts["capacity"],
+            "free": by_state.pop("free"),
+            "states": by_state,
+            "tracked": sum(by_state.values()),
+            "evictions": counts["evictions"],
+            "verified": counts["verified"],
+            "verified_capacity": counts["verified_capacity"],
+            "learning_left": self.learning_left(),
+            "busiest": [
+                {
+                    "outside": _endpoint(_addr(f["key"]["out_addr"], f["key"]["v6"]),
+                                         f["key"]["out_port"]),
+                    "inside": _endpoint(_addr(f["key"]["in_addr"], f["key"]["v6"]),
+                                        f["key"]["in_port"]),
+                    "state": STATES.get(f["state"], str(f["state"])),
+                    "packets": f["packets"],
+                    "bytes": f["bytes"],
+                    "idle": max(0, now - f["last_seen"]),
+                    "adopted": bool(f["flags"] & 2),
+                }
+                for f in flows
+            ],
+        }  # fmt: skip
+
+    def verified(self, limit: int = 1_000_000) -> dict[str, Any]:
+        now = B.tcp_now()
+        entries = [
+            {"source": _addr(v["addr"], _is_v6(v["addr"])), "ttl": max(0, v["expires"] - now)}
+            for v in self.tcp.verified(limit)
+        ]
+        entries.sort(key=lambda e: e["source"])
+        return {"count": len(entries), "entries": entries}
+
+    def verified_clear(self) -> dict[str, Any]:
+        n = self.verified()["count"]
+        self.tcp.verified_clear()
+        return {"cleared": n}
+
+    def close(self) -> None:
+        self.tcp.close()
+
+
+def _is_v6(raw: list[int]) -> bool:
+    return bytes(raw[:12]) != bytes(10) + b"\xff\xff"
