@@ -65,12 +65,26 @@ def xdpguard(*extra: str, state_dir: Path, edge: bool = False) -> Iterator[subpr
     """``xdpguard run`` on the bench lab, pinned to FWD_CPU, until the block ends."""
     control = state_dir / "control.sock"
     args = [
-        "taskset", "-c", str(FWD_CPU), str(XDPGUARD), "run",
-        "--outer", NAMES["OUTER"], "--inner", NAMES["INNER"],
-        "--inner-netns", NAMES["INNER_NS"], "--queues", "1",
-        "--control", str(control), "--state-dir", str(state_dir),
-        *(["--outer-netns", EDGE_NS] if edge else []), *extra,
-    ]  # fmt: skip
+        "taskset",
+        "-c",
+        str(FWD_CPU),
+        str(XDPGUARD),
+        "run",
+        "--outer",
+        NAMES["OUTER"],
+        "--inner",
+        NAMES["INNER"],
+        "--inner-netns",
+        NAMES["INNER_NS"],
+        "--queues",
+        "1",
+        "--control",
+        str(control),
+        "--state-dir",
+        str(state_dir),
+        *(["--outer-netns", EDGE_NS] if edge else []),
+        *extra,
+    ]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 15
@@ -170,6 +184,42 @@ def udp4_frame(
     )
     ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
     return mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" + ip + udp
+
+
+def tcp4_frame(
+    src_mac: str,
+    dst_mac: str,
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    flags: str,
+    seq: int = 1,
+    ack: int = 0,
+) -> bytes:
+    """An Ethernet/IPv4/TCP segment without payload (64 bytes on the wire), checksums right."""
+    bits = {"F": 1, "S": 2, "R": 4, "P": 8, "A": 16, "U": 32}
+    tcp = struct.pack(
+        "!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, sum(bits[f] for f in flags), 64240, 0, 0
+    )
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(tcp),
+        1,
+        0x4000,
+        64,
+        6,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
+    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    frame = mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" + ip + tcp
+    return frame + bytes(max(0, 60 - len(frame)))
 
 
 class LiveGenerator:

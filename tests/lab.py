@@ -155,13 +155,19 @@ class Lab:
         )
 
     @contextlib.contextmanager
-    def origin_counters(self, *sources: str) -> Iterator[Callable[[], dict[str, int]]]:
-        """nftables counts, at the origin's eth0 ingress, packets from each source."""
+    def origin_counters(
+        self, *sources: str, **matches: str
+    ) -> Iterator[Callable[[], dict[str, int]]]:
+        """nftables counters at the origin's eth0 ingress, before its IP stack.
+
+        Each source address gets a counter named after it; each keyword is a
+        counter for an nft match expression, e.g.
+        ``spoofed_syns="ip saddr 198.18.0.0/15 tcp flags & (syn|ack) == syn"``.
+        """
         table = f"xgt{self.tag}"
-        rules = "\n".join(
-            f'{"ip6" if ":" in src else "ip"} saddr {src} counter comment "{src}"'
-            for src in sources
-        )
+        named = {src: f"{'ip6' if ':' in src else 'ip'} saddr {src}" for src in sources}
+        named.update(matches)
+        rules = "\n".join(f'{expr} counter comment "{name}"' for name, expr in named.items())
         ruleset = (
             f"table netdev {table} {{\n chain in {{\n"
             f'  type filter hook ingress device "eth0" priority 0;\n{rules}\n }}\n}}\n'

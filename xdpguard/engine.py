@@ -490,6 +490,10 @@ class Engine:
             "uptime": round(time.time() - self.started_at, 3),
             "reasons": named(total),
             "directions": {d.label: {"reasons": named(reasons[d]), **totals[d]} for d in Direction},
+            # What monitor mode (or auto below its threshold) let through but
+            # would have dropped or challenged.
+            "monitor": {name: v for name, v in named(monitor).items() if v["packets"]},
+            "challenges": challenges,
             "queues": queues,
         }
         if account:
