@@ -96,6 +96,7 @@ bench: deps build
 	$(Q)$(PY) bench/forwarding.py
 	$(Q)$(PY) bench/drdos.py
 	$(Q)$(PY) bench/policy_scale.py
+	$(Q)$(PY) bench/tcp.py
 
 clean:
 	$(Q)rm -rf build $(STAMP) $(BPF_OBJS) xdpguard/_shim.* xdpguard/*.so *.egg-info

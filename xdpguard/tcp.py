@@ -134,6 +134,12 @@ class TcpStage:
                     "bytes": f["bytes"],
                     "idle": max(0, now - f["last_seen"]),
                     "adopted": bool(f["flags"] & 2),
+                    # Where each side stands, for out-of-window questions.
+                    "sides": {
+                        side: {"next_seq": f["end"][i], "acked": f["acked"][i],
+                               "window": f["maxwin"][i]}
+                        for i, side in enumerate(("outside", "inside"))
+                    },
                 }
                 for f in flows
             ],
