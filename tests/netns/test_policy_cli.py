@@ -35,11 +35,20 @@ CASES = [
     (["ports", "add", "--preset", "everything"], "everything"),
     (["ports", "del", "-1"], "-1"),
     (["frags", "maybe"], "maybe"),
+    (["tcp", "mode", "strict"], "strict"),
+    (["tcp", "config", "--syn-rate", "0"], "--syn-rate"),
+    (["tcp", "config", "--state-mode", "sometimes"], "sometimes"),
+    (["tcp", "config", "--verify-ttl", "-1"], "--verify-ttl"),
+    (["tcp", "config", "--learn", "100000"], "--learn"),
+    (["tcp", "flows", "--top", "5000"], "--top"),
 ]
 
 
 def snapshot(app: Appliance) -> list[object]:
-    return [app.call(cmd) for cmd in ("block.list", "allow.list", "ports.list", "frags.get")]
+    state = [app.call(cmd) for cmd in ("block.list", "allow.list", "ports.list", "frags.get")]
+    tcp = app.call("tcp.config")
+    tcp.pop("learning_left")
+    return [*state, tcp]
 
 
 def test_input_errors_change_nothing(tmp_path: Path) -> None:

@@ -281,3 +281,13 @@ def test_full_flow_table_keeps_established_flows(lab2: Lab, tmp_path: Path) -> N
         assert flows["tracked"] > 1024 * 0.9  # full
         s, _ = connect(lab2)  # new connections still open
         assert echo(s, b"x") == b"x"
+
+
+def test_allowlisted_source_skips_the_challenge(lab2: Lab, tmp_path: Path) -> None:
+    with Appliance(lab2, tmp_path) as app:
+        app.cli("tcp", "mode", "on")
+        app.cli("allow", "add", CLIENT_V4)
+        s, took = connect(lab2)
+        assert echo(s, b"trusted") == b"trusted"
+        assert "syn_challenged" not in reasons(app)
+        assert took < 0.005  # no challenge round trip
