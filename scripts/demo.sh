@@ -65,6 +65,19 @@ client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 200
 client "${TRAFFIC[@]}" udp --text --to 169.254.0.2 --count 200
 client "${TRAFFIC[@]}" udp --text --to 2001:db8::2 --count 200
 
+step "policy at runtime: block the client, then let it back in"
+"$XG" block add 169.254.0.1 --comment "demo" --control "$CONTROL"
+client ping -c 2 -i 0.2 -W 1 169.254.0.2 >/dev/null && { echo "block did not bite" >&2; exit 1; }
+echo "ping 169.254.0.2: no answer while blocked"
+"$XG" block del 169.254.0.1 --control "$CONTROL"
+client ping -c 2 -i 0.2 -W 1 169.254.0.2 | tail -1
+
+step "TCP protection: tcp mode on, a new client answers one SYN challenge"
+"$XG" tcp mode on --control "$CONTROL"
+client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 20
+"$XG" tcp flows --top 3 --control "$CONTROL"
+"$XG" tcp verified list --control "$CONTROL"
+
 step "xdpguard stats"
 "$XG" stats --control "$CONTROL"
 
