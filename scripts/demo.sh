@@ -16,6 +16,7 @@ export OUTER=xgdemo-out INNER=xgdemo-in
 export INNER_NS=xgdemo-inner CLIENT_NS=xgdemo-client ORIGIN_NS=xgdemo-origin
 CONTROL=/run/xdpguard/demo.sock
 LOG=$(mktemp /tmp/xdpguard-demo.XXXXXX)
+STATE=$(mktemp -d /tmp/xdpguard-demo-state.XXXXXX)
 
 xg_pid= srv_pid=
 cleanup() {
@@ -23,7 +24,7 @@ cleanup() {
 	if [ -n "$srv_pid" ]; then kill "$srv_pid" 2>/dev/null; wait "$srv_pid" 2>/dev/null; fi
 	if [ -n "$xg_pid" ]; then kill -TERM "$xg_pid" 2>/dev/null; wait "$xg_pid" 2>/dev/null; fi
 	"$here/netns-teardown.sh"
-	rm -f "$LOG"
+	rm -rf "$LOG" "$STATE"
 }
 trap cleanup EXIT
 
@@ -42,7 +43,7 @@ echo "ping 169.254.0.2: no answer (as it should be)"
 
 step "xdpguard run --outer $OUTER --inner $INNER --inner-netns $INNER_NS"
 "$XG" run --outer "$OUTER" --inner "$INNER" --inner-netns "$INNER_NS" \
-	--control "$CONTROL" --summary-interval 2 2>"$LOG" &
+	--control "$CONTROL" --state-dir "$STATE" --summary-interval 2 2>"$LOG" &
 xg_pid=$!
 for _ in $(seq 100); do
 	"$XG" status --control "$CONTROL" >/dev/null 2>&1 && break

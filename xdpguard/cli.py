@@ -147,7 +147,8 @@ def main() -> None:
 )
 @click.option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    # Not checked here: that needs root, which run checks first with a clearer message.
+    type=click.Path(file_okay=False, readable=False, path_type=Path),
     default="/var/lib/xdpguard",
     show_default=True,
     help="Where the policy is saved after every change and restored from at start.",

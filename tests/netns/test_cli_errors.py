@@ -82,6 +82,11 @@ def test_not_root(lab2: Lab, tmp_path: Path) -> None:
     res = sh(*NOBODY, *run_args(lab2, control), check=False)
     assert_user_error(res, "needs root")
     assert_nothing_left(lab2, control)
+    # Even when the state directory exists and only root can read it.
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    res = sh(*NOBODY, *run_args(lab2, control, **{"--state-dir": str(state)}), check=False)
+    assert_user_error(res, "needs root")
 
 
 def test_program_already_attached(lab2: Lab, tmp_path: Path) -> None:
