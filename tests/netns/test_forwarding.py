@@ -152,3 +152,14 @@ def test_idle_appliance_uses_almost_no_cpu(lab2: Lab, tmp_path: Path) -> None:
         assert app.proc is not None
         busy = import_bench().CpuMeter(app.proc.pid).measure(3.0)
         assert busy < 0.05, f"idle xdpguard used {busy:.1%} of a core"
+
+
+def test_generic_xdp_fallback(lab2: Lab, tmp_path: Path) -> None:
+    """--xdp-mode skb: the explicit fallback for drivers without native XDP."""
+    with lab2.server(), Appliance(lab2, tmp_path, "--xdp-mode", "skb") as app:
+        devices = app.call("status")["devices"]
+        assert devices["outer"]["xdp"]["mode"] == devices["inner"]["xdp"]["mode"] == "skb"
+        assert lab2.ping(ORIGIN_V4) and lab2.ping(ORIGIN_V6)
+        up = lab2.client("send", "--to", ORIGIN_V4, "--bytes", "16M")
+        assert up["ok"], up
+    assert lab2.xdp_attached() == {"outer": False, "inner": False}
