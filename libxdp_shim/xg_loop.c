@@ -3,11 +3,13 @@
  * The hot loop: one worker per queue index moves descriptors between the
  * outer and the inner socket of that queue.
  *
- * Per step: reap completions -> top up fill rings -> outer RX to inner TX ->
- * inner RX to outer TX -> kick TX where the ring asks -> poll() if nothing
- * happened. Frames are forwarded by handing the very descriptor that came
- * off one socket's RX ring to the other socket's TX ring: both sockets share
- * the UMEM, so nothing is copied.
+ * Per step: reap completions -> top up fill rings -> outer RX, each frame
+ * judged by the TCP stage (xg_tcp.c): passed to inner TX, dropped, or
+ * rewritten in place into a challenge and sent back out of outer TX ->
+ * inner RX (which only feeds the flow table) to outer TX -> kick TX where
+ * the ring asks -> poll() if nothing happened. Frames are forwarded by
+ * handing the very descriptor that came off one socket's RX ring to a TX
+ * ring: all sockets share the UMEM, so nothing is copied.
  *
  * Everything is allocated in xg_worker_create(); the loop itself never
  * allocates, logs or blocks except in the idle poll().

@@ -19,6 +19,8 @@
  *   xg_worker  the hot loop for one queue index: it owns the outer and the
  *              inner socket of that queue, all four of their rings, and a
  *              private slice of the UMEM's frames.
+ *   xg_tcp     the TCP stage every worker shares: flow table, verified
+ *              sources, cookie secrets and the policy of its checks.
  *
  * Ring ownership, per worker (U = this worker, K = kernel):
  *
@@ -27,8 +29,9 @@
  *    ^                                       |                     ^
  *    |                 same descriptor,      v                     |
  *    |  outer TX (U->K) <---- no copy ---- inner RX (K->U)         |
- *    |       |                                 inner TX (U->K) <---+ (from outer RX)
- *    |       v                                       |
+ *    |       |   ^                             inner TX (U->K) <---+ (from outer RX)
+ *    |       v   +-- challenge SYN-ACKs, rewritten in    |
+ *    |               place from outer RX                 v
  *    +-- outer completion (K->U)      inner completion (K->U) --> free
  *
  * A frame is always in exactly one place: the worker's free stack, a fill,

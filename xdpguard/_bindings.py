@@ -251,15 +251,6 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
     check(lib.bpf_map_update_elem(fd, key, value, flags), "map update")
 
 
-def map_delete(fd: int, key: bytes) -> bool:
-    """Delete ``key``; False if it was absent."""
-    ret = lib.bpf_map_delete_elem(fd, key)
-    if ret == -errno.ENOENT:
-        return False
-    check(ret, "map delete")
-    return True
-
-
 def lpm_create(v6: bool) -> int:
     """An empty LPM trie shaped like the list slots' inner maps; caller closes the fd."""
     return check(lib.xg_lpm_create(int(v6)), "creating LPM trie")

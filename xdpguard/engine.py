@@ -9,7 +9,6 @@ built, in reverse.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -524,14 +523,3 @@ _DIR_FIELDS = (
     "fill_short",
     "completions",
 )
-
-
-@contextlib.contextmanager
-def running(cfg: EngineConfig):  # type: ignore[no-untyped-def]
-    """Start an engine for the duration of a with-block (tests, benchmarks)."""
-    engine = Engine(cfg)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop()
