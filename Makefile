@@ -70,7 +70,7 @@ $(STAMP)/venv: pyproject.toml setup.py | apt
 
 build: $(BPF_OBJS) $(SHIM)
 
-%.bpf.o: %.bpf.c bpf/xdpguard.h | apt
+%.bpf.o: %.bpf.c bpf/xdpguard.h $(wildcard bench/*.h) | apt
 	@echo "  CLANG  $@"
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 

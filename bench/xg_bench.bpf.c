@@ -28,6 +28,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "xg_drdos_match.h"
+
 /* Set before load by bench/xgbench.py. */
 const volatile __u32 gen_random_saddr; /* host part of 198.18.0.0/15 */
 const volatile __u32 gen_random_sport;
@@ -124,24 +126,11 @@ struct {
 SEC("xdp")
 int xg_drdos(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *iph = (void *)(eth + 1);
-	struct udphdr *udp;
 	__u32 key = 0;
 	__u64 *cnt;
 
-	if ((void *)(iph + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if (!drdos_match((void *)(long)ctx->data, (void *)(long)ctx->data_end))
 		return XDP_PASS;
-	if (iph->frag_off & bpf_htons(0x3fff))
-		goto drop;
-	udp = (void *)iph + iph->ihl * 4;
-	if (iph->protocol == IPPROTO_UDP && (void *)(udp + 1) <= end &&
-	    udp->source == bpf_htons(53))
-		goto drop;
-	return XDP_PASS;
-drop:
 	cnt = bpf_map_lookup_elem(&drdos_count, &key);
 	if (cnt)
 		(*cnt)++;

@@ -7,13 +7,10 @@
  * today would be.
  */
 #include <linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ip.h>
 #include <linux/pkt_cls.h>
-#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
+
+#include "xg_drdos_match.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -25,24 +22,11 @@ struct {
 SEC("tc")
 int xg_tc_drdos(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *iph = (void *)(eth + 1);
-	struct udphdr *udp;
 	__u32 key = 0;
 	__u64 *cnt;
 
-	if ((void *)(iph + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if (!drdos_match((void *)(long)skb->data, (void *)(long)skb->data_end))
 		return TC_ACT_OK;
-	if (iph->frag_off & bpf_htons(0x3fff))
-		goto drop;
-	udp = (void *)iph + iph->ihl * 4;
-	if (iph->protocol == IPPROTO_UDP && (void *)(udp + 1) <= end &&
-	    udp->source == bpf_htons(53))
-		goto drop;
-	return TC_ACT_OK;
-drop:
 	cnt = bpf_map_lookup_elem(&xgb_tc_drops, &key);
 	if (cnt)
 		(*cnt)++;

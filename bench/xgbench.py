@@ -149,6 +149,31 @@ def mac_bytes(mac: str) -> bytes:
     return bytes(int(x, 16) for x in mac.split(":"))
 
 
+def _ipv4(src: str, dst: str, proto: int, payload: bytes, frag: int = 0) -> bytes:
+    """An IPv4 header (checksum right) followed by ``payload``."""
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        1,
+        frag,
+        64,
+        proto,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
+    return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + payload
+
+
+def _l4_csum(src: str, dst: str, proto: int, segment: bytes) -> int:
+    pseudo = (
+        socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, proto, len(segment))
+    )
+    return _csum(pseudo + segment)
+
+
 def udp4_frame(
     src_mac: str,
     dst_mac: str,
@@ -161,29 +186,11 @@ def udp4_frame(
     more_frags: bool = False,
 ) -> bytes:
     """An Ethernet/IPv4/UDP frame of ``size`` bytes (without FCS), checksums right."""
-    payload_len = max(size - 14 - 20 - 8, 0)
-    payload = bytes(payload_len)
-    udp_len = 8 + payload_len
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 17, udp_len)
-    udp = struct.pack("!HHHH", sport, dport, udp_len, 0) + payload
-    ucs = _csum(pseudo + udp) or 0xFFFF
-    udp = struct.pack("!HHHH", sport, dport, udp_len, ucs) + payload
-    flags_frag = (0x2000 if more_frags else 0) | (frag_offset // 8)
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + udp_len,
-        1,
-        flags_frag,
-        64,
-        17,
-        0,
-        socket.inet_aton(src),
-        socket.inet_aton(dst),
-    )
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    return mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" + ip + udp
+    payload = bytes(max(size - 14 - 20 - 8, 0))
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    udp = udp[:6] + struct.pack("!H", _l4_csum(src, dst, 17, udp) or 0xFFFF) + udp[8:]
+    frag = (0x2000 if more_frags else 0) | (frag_offset // 8)
+    return mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" + _ipv4(src, dst, 17, udp, frag)
 
 
 def tcp4_frame(
@@ -202,23 +209,8 @@ def tcp4_frame(
     tcp = struct.pack(
         "!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, sum(bits[f] for f in flags), 64240, 0, 0
     )
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(tcp),
-        1,
-        0x4000,
-        64,
-        6,
-        0,
-        socket.inet_aton(src),
-        socket.inet_aton(dst),
-    )
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    frame = mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" + ip + tcp
+    tcp = tcp[:16] + struct.pack("!H", _l4_csum(src, dst, 6, tcp)) + tcp[18:]
+    frame = mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" + _ipv4(src, dst, 6, tcp, 0x4000)
     return frame + bytes(max(0, 60 - len(frame)))
 
 

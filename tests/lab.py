@@ -321,6 +321,36 @@ def successes(events: list[tuple[float, bool]], start: float, end: float) -> int
     return sum(1 for t, ok in events if ok and start <= t < end)
 
 
+@contextlib.contextmanager
+def veth_netns(prefix: str, queues: int = 1) -> Iterator[str]:
+    """A private namespace holding an up veth pair xgv0 <-> xgv1 (BPF-tier fixtures)."""
+    name = f"{prefix}{os.getpid()}"
+    q = ["numrxqueues", str(queues), "numtxqueues", str(queues)]
+    sh("ip", "netns", "add", name)
+    try:
+        sh(
+            "ip",
+            "-n",
+            name,
+            "link",
+            "add",
+            "name",
+            "xgv0",
+            *q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "xgv1",
+            *q,
+        )
+        for dev in ("xgv0", "xgv1"):
+            sh("ip", "-n", name, "link", "set", dev, "up")
+        yield name
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+
+
 def import_bench():  # type: ignore[no-untyped-def]
     """The benchmarks' building blocks (generator, sink), shared with the tests."""
     if str(ROOT / "bench") not in sys.path:

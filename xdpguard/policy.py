@@ -556,16 +556,20 @@ class Policy:
                 f"applied, but the state could not be saved to {self.state_path}: {exc.strerror}"
             ) from exc
 
+    def _push_all(self) -> None:
+        """Put the whole authoritative copy into the kernel and the TCP stage."""
+        for lst in LISTS:
+            for f in FAMILIES:
+                self.maps.lists_replace(lst, f, self.lists[lst][f].keys)
+        self.maps.set_ports(self.ports)
+        self.maps.set_frag_policy(self.frags)
+        if self.tcp is not None:
+            self.tcp.apply(self.tcp_settings)
+
     def restore(self) -> dict[str, Any]:
         """Load the state file (if any) and push it all into the maps; what was restored."""
         if self.state_path is None or not self.state_path.exists():
-            for lst in LISTS:
-                for f in FAMILIES:
-                    self.maps.lists_replace(lst, f, self.lists[lst][f].keys)
-            self.maps.set_ports(self.ports)
-            self.maps.set_frag_policy(self.frags)
-            if self.tcp is not None:
-                self.tcp.apply(self.tcp_settings)
+            self._push_all()
             return self.summary()
         try:
             self._read_state(self.state_path)
@@ -576,13 +580,7 @@ class Policy:
             ) from None
         self.expire_silently()
         self._due = self._next_deadline()
-        for lst in LISTS:
-            for f in FAMILIES:
-                self.maps.lists_replace(lst, f, self.lists[lst][f].keys)
-        self.maps.set_ports(self.ports)
-        self.maps.set_frag_policy(self.frags)
-        if self.tcp is not None:
-            self.tcp.apply(self.tcp_settings)
+        self._push_all()
         return self.summary()
 
     def expire_silently(self) -> None:

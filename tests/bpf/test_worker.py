@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import errno
-import os
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from lab import veth_netns
 
 from xdpguard import _bindings as B
 from xdpguard.defs import Role
@@ -23,44 +23,23 @@ FRAMES = 8192
 @pytest.fixture
 def worker() -> Iterator[B.Worker]:
     """A worker between the two ends of a veth pair in a private namespace."""
-    name = f"xgwrk{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    made: list = []
-    try:
-        subprocess.run(
-            [
-                "ip",
-                "-n",
-                name,
-                "link",
-                "add",
-                "name",
-                "xgw0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "xgw1",
-            ],
-            check=True,
-        )
-        for dev in ("xgw0", "xgw1"):
-            subprocess.run(["ip", "-n", name, "link", "set", dev, "up"], check=True)
-        ns = Netns(name)
-        umem = B.Umem(FRAMES, 2048)
-        made.append(umem)
-        outer = ns.run(B.Sock, umem, "xgw0", 0, 2048, B.XDP_USE_NEED_WAKEUP, int(Role.OUTER))
-        made.append(outer)
-        inner = ns.run(B.Sock, umem, "xgw1", 0, 2048, 0, int(Role.INNER))
-        made.append(inner)
-        w = B.Worker(umem, outer, inner, 0, FRAMES, 0)
-        made.append(w)
-        w.netns_name = name  # type: ignore[attr-defined]
-        yield w
-    finally:
-        for obj in reversed(made):
-            obj.close()
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    with veth_netns("xgwrk") as name:
+        made: list = []
+        try:
+            ns = Netns(name)
+            umem = B.Umem(FRAMES, 2048)
+            made.append(umem)
+            outer = ns.run(B.Sock, umem, "xgv0", 0, 2048, B.XDP_USE_NEED_WAKEUP, int(Role.OUTER))
+            made.append(outer)
+            inner = ns.run(B.Sock, umem, "xgv1", 0, 2048, 0, int(Role.INNER))
+            made.append(inner)
+            w = B.Worker(umem, outer, inner, 0, FRAMES, 0)
+            made.append(w)
+            w.netns_name = name  # type: ignore[attr-defined]
+            yield w
+        finally:
+            for obj in reversed(made):
+                obj.close()
 
 
 def test_sockets_live_in_their_devices_namespace(worker: B.Worker) -> None:
@@ -74,7 +53,7 @@ def test_sockets_live_in_their_devices_namespace(worker: B.Worker) -> None:
     ns = Netns(worker.netns_name)
     lab_cookie, root_cookie = ns.cookie(), B.netns_cookie()
     assert lab_cookie != root_cookie
-    for sock, dev in ((outer, "xgw0"), (inner, "xgw1")):
+    for sock, dev in ((outer, "xgv0"), (inner, "xgv1")):
         info = sock.info()
         assert info["netns_cookie"] == lab_cookie
         link = subprocess.run(

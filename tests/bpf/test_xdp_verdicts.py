@@ -7,13 +7,12 @@ that reason's counter moved, by one packet and the frame's length.
 
 from __future__ import annotations
 
-import os
 import struct
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from lab import veth_netns
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
@@ -365,56 +364,27 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
     """A veth with two queues in a private netns; an AF_XDP socket on queue 0 only."""
-    name = f"xgbpf{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    umem = sock = None
-    progs: dict[Role, XdpProgram] = {}
-    try:
-        subprocess.run(
-            [
-                "ip",
-                "-n",
-                name,
-                "link",
-                "add",
-                "name",
-                "xgt0",
-                "numrxqueues",
-                "2",
-                "numtxqueues",
-                "2",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "xgt1",
-                "numrxqueues",
-                "2",
-                "numtxqueues",
-                "2",
-            ],
-            check=True,
-        )
-        for dev in ("xgt0", "xgt1"):
-            subprocess.run(["ip", "-n", name, "link", "set", dev, "up"], check=True)
-        ns = Netns(name)
-        umem = B.Umem(4096, 2048)
-        sock = ns.run(B.Sock, umem, "xgt0", 0, 2048, 0, int(Role.OUTER))
-        ifindex = sock.info()["ifindex"]
-        for role in Role:
-            progs[role] = XdpProgram(role)
-            progs[role].set_socket(0, sock.info()["fd"])
-        maps = PolicyMaps(progs[Role.OUTER])
-        yield Rig(ns, ifindex, progs, maps)
-        maps.close()
-    finally:
-        for p in progs.values():
-            p.close()
-        if sock is not None:
-            sock.close()
-        if umem is not None:
-            umem.close()
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    with veth_netns("xgbpf", queues=2) as name:
+        umem = sock = None
+        progs: dict[Role, XdpProgram] = {}
+        try:
+            ns = Netns(name)
+            umem = B.Umem(4096, 2048)
+            sock = ns.run(B.Sock, umem, "xgv0", 0, 2048, 0, int(Role.OUTER))
+            ifindex = sock.info()["ifindex"]
+            for role in Role:
+                progs[role] = XdpProgram(role)
+                progs[role].set_socket(0, sock.info()["fd"])
+            maps = PolicyMaps(progs[Role.OUTER])
+            yield Rig(ns, ifindex, progs, maps)
+            maps.close()
+        finally:
+            for p in progs.values():
+                p.close()
+            if sock is not None:
+                sock.close()
+            if umem is not None:
+                umem.close()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
