@@ -358,6 +358,13 @@ uint32_t xg_tcp_verified(struct xg_tcp *tcp, struct xg_verified *out, uint32_t m
 /* Forget every verified source (each must answer a challenge again). */
 void xg_tcp_verified_clear(struct xg_tcp *tcp);
 
+/*
+ * Mark @addr (16 bytes, IPv4 as ::ffff:a.b.c.d) verified until @expires
+ * (xg_tcp_now() seconds): how a restart brings back the sources verified
+ * before it. Never fails (a full bucket gives up its soonest-expiring entry).
+ */
+void xg_tcp_verified_add(struct xg_tcp *tcp, const uint8_t *addr, uint32_t expires);
+
 enum xg_tcp_verdict {
 	XG_V_FORWARD = 0,	/* pass the frame on, unchanged */
 	XG_V_DROP = 1,		/* free the frame (its reason is counted) */

@@ -1130,6 +1130,11 @@ uint32_t xg_tcp_verified(struct xg_tcp *tcp, struct xg_verified *out, uint32_t m
 	return n;
 }
 
+void xg_tcp_verified_add(struct xg_tcp *tcp, const uint8_t *addr, uint32_t expires)
+{
+	verified_add(tcp, addr, expires);
+}
+
 void xg_tcp_verified_clear(struct xg_tcp *tcp)
 {
 	uint32_t b;

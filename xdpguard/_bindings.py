@@ -361,6 +361,10 @@ class Tcp:
     def verified_clear(self) -> None:
         lib.xg_tcp_verified_clear(self._t)
 
+    def verified_add(self, addr16: bytes, expires: int) -> None:
+        assert len(addr16) == 16
+        lib.xg_tcp_verified_add(self._t, addr16, expires)
+
     def judge(
         self,
         frame: bytes,

@@ -144,6 +144,13 @@ class Engine:
         # The flow table lives as long as the workers that use it.
         self.tcp = TcpStage(cfg.max_flows, cfg.learn)
         self._push_undo("free the flow table", self.tcp.close)
+        if cfg.state_dir is not None:
+            # Sources that answered a challenge before a restart need not again.
+            verified_file = cfg.state_dir / "verified.json"
+            n = self.tcp.load_verified(verified_file)
+            if n:
+                log.info("tcp: %d verified source(s) restored", n)
+            self._push_undo("save verified sources", lambda: self._save_verified(verified_file))
 
         # The policy is in the maps before the program sees a packet.
         maps = PolicyMaps(self.progs[Role.OUTER])
@@ -273,6 +280,11 @@ class Engine:
         )
         self._push_undo(f"free worker {q}", path.worker.close)
         path.worker.set_tcp(self.tcp.tcp if self.tcp else None)
+
+    def _save_verified(self, path: Path) -> None:
+        # Only once the appliance ran: a failed start saves nothing.
+        if self.tcp is not None and self.started_at:
+            self.tcp.save_verified(path)
 
     def _expire_loop(self) -> None:
         assert self.policy is not None

@@ -9,8 +9,10 @@ rotates the cookie secret, and reads the tables for `xdpguard tcp ...`.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from xdpguard import _bindings as B
@@ -153,6 +155,39 @@ class TcpStage:
         ]
         entries.sort(key=lambda e: e["source"])
         return {"count": len(entries), "entries": entries}
+
+    def save_verified(self, path: Path) -> int:
+        """Write the verified sources and their remaining TTLs (on a clean stop)."""
+        entries = self.verified()["entries"]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"saved_at": time.time(), "entries": entries}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return len(entries)
+
+    def load_verified(self, path: Path) -> int:
+        """Bring back what save_verified() wrote, minus the time xdpguard was down.
+
+        The file only saves clients a challenge: a damaged one is ignored.
+        """
+        try:
+            data = json.loads(path.read_text())
+            down = max(0.0, time.time() - float(data["saved_at"]))
+            now, n = B.tcp_now(), 0
+            for e in data["entries"]:
+                left = int(e["ttl"] - down)
+                if left > 0:
+                    packed = ipaddress.ip_address(e["source"]).packed
+                    addr = packed if len(packed) == 16 else bytes(10) + b"\xff\xff" + packed
+                    self.tcp.verified_add(addr, now + min(left, LIMITS["verify_ttl"][1]))
+                    n += 1
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        return n
 
     def verified_clear(self) -> dict[str, Any]:
         n = self.verified()["count"]

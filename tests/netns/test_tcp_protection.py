@@ -291,3 +291,18 @@ def test_allowlisted_source_skips_the_challenge(lab2: Lab, tmp_path: Path) -> No
         assert echo(s, b"trusted") == b"trusted"
         assert "syn_challenged" not in reasons(app)
         assert took < 0.005  # no challenge round trip
+
+
+def test_verified_sources_survive_a_restart(lab2: Lab, tmp_path: Path) -> None:
+    with Appliance(lab2, tmp_path) as app:
+        app.cli("tcp", "mode", "on")
+        s, _ = connect(lab2)
+        assert echo(s, b"one") == b"one"
+        assert reasons(app)["syn_challenged"] == 1
+    with Appliance(lab2, tmp_path) as app:
+        verified = json.loads(app.cli("tcp", "verified", "list", "--json").stdout)
+        assert [e["source"] for e in verified["entries"]] == [CLIENT_V4]
+        assert 590 <= verified["entries"][0]["ttl"] <= 600
+        s, _ = connect(lab2)
+        assert echo(s, b"two") == b"two"
+        assert "syn_challenged" not in reasons(app)  # no second challenge
