@@ -240,7 +240,7 @@ def main() -> int:
                     (
                         p["challenges_per_s"]
                         for p in points
-                        if p["kernel_drops_per_s"] < 0.01 * p["offered_pps"]
+                        if p["kernel_drops_per_s"] < 0.001 * p["offered_pps"]
                     ),
                     default=0.0,
                 )

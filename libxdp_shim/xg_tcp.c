@@ -722,13 +722,13 @@ static enum xg_tcp_verdict out_of_state(struct xg_tcp *t, const uint8_t dst[16],
 	return XG_V_FORWARD;
 }
 
-static enum xg_tcp_verdict new_syn(struct xg_tcp *t, uint8_t *frame, uint32_t *len,
-				   const struct pkt *p, const struct xg_flow_key *k,
-				   int allowlisted, const struct xg_clock *now,
-				   struct xg_worker_stats *st)
+/* @b is @k's bucket (unlocked): hashed once per frame. */
+static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct flow_bucket *b, uint8_t *frame,
+				   uint32_t *len, const struct pkt *p,
+				   const struct xg_flow_key *k, int allowlisted,
+				   const struct xg_clock *now, struct xg_worker_stats *st)
 {
 	uint32_t mode = cfg_get(&t->cfg.syn_mode), cookie, isn;
-	struct flow_bucket *b;
 	struct xg_flow *f;
 	int challenge = 0;
 
@@ -747,7 +747,6 @@ static enum xg_tcp_verdict new_syn(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 		}
 	}
 
-	b = flow_bucket(t, k);
 	lock(&b->lock);
 	f = flow_find(b, k, now->s);
 	if (!f)
@@ -803,10 +802,21 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 			return XG_V_FORWARD;
 		}
 		unlock(&b->lock);
-		return new_syn(t, frame, len, &p, &k, allowlisted, now, st);
+		return new_syn(t, b, frame, len, &p, &k, allowlisted, now, st);
 	}
 
 	if (!f) {
+		if (learning && !(p.flags & (TH_SYN | TH_RST))) {
+			/* Adopt a flow that was open before we started. */
+			f = flow_slot(t, b, now->s);
+			if (f) {
+				flow_init(f, &k, XG_TCP_LEARNING, XG_FLOW_ADOPTED, now->s);
+				f->maxwin[0] = f->maxwin[1] = ADOPTED_WIN;
+				note(f, x, &p, *len);
+			}
+			unlock(&b->lock);
+			return XG_V_FORWARD;
+		}
 		unlock(&b->lock);
 		if ((p.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK))
 			return out_of_state(t, k.in_addr, XG_REASON_TCP_SYNACK_REFLECTION, *len,
@@ -825,18 +835,6 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 			}
 			count(&st->reasons[XG_REASON_CHALLENGE_FAILED], *len);
 			return XG_V_DROP;
-		}
-		if (learning && !(p.flags & TH_RST)) {
-			/* Adopt a flow that was open before we started. */
-			lock(&b->lock);
-			f = flow_find(b, &k, now->s);
-			if (!f && (f = flow_slot(t, b, now->s))) {
-				flow_init(f, &k, XG_TCP_LEARNING, XG_FLOW_ADOPTED, now->s);
-				f->maxwin[0] = f->maxwin[1] = ADOPTED_WIN;
-				note(f, x, &p, *len);
-			}
-			unlock(&b->lock);
-			return XG_V_FORWARD;
 		}
 		return out_of_state(t, k.in_addr, XG_REASON_TCP_NO_FLOW, *len, now, st);
 	}

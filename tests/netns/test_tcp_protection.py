@@ -71,6 +71,18 @@ def echo(s: socket.socket, data: bytes) -> bytes:
     return got
 
 
+def background_send(the_lab: Lab, size: str) -> tuple[threading.Thread, dict[str, object]]:
+    """A client -> origin transfer running while the test does something else."""
+    outcome: dict[str, object] = {}
+    mover = threading.Thread(
+        target=lambda: outcome.update(
+            the_lab.client("send", "--to", ORIGIN_V4, "--bytes", size, timeout=120)
+        )
+    )
+    mover.start()
+    return mover, outcome
+
+
 def reasons(app: Appliance) -> dict[str, int]:
     return {k: v["packets"] for k, v in app.call("stats")["reasons"].items() if v["packets"]}
 
@@ -145,14 +157,8 @@ def test_ack_and_rst_floods_spare_an_established_transfer(
     ):
         app.cli("tcp", "mode", "on")
         app.cli("tcp", "config", "--learn", "0")
-        outcome: dict[str, object] = {}
-
-        def transfer() -> None:
-            outcome.update(lab2.client("send", "--to", ORIGIN_V4, "--bytes", "256M"))
-
         # The transfer's connection goes through its challenge first.
-        mover = threading.Thread(target=transfer)
-        mover.start()
+        mover, outcome = background_send(lab2, "256M")
         time.sleep(0.5)
         flood(lab2, flags, 100_000)
         mover.join()
@@ -222,13 +228,7 @@ def test_restart_during_a_transfer_cuts_nothing(lab2: Lab, tmp_path: Path) -> No
     app = Appliance(lab2, tmp_path).start()
     try:
         app.cli("tcp", "mode", "on")
-        outcome: dict[str, object] = {}
-        mover = threading.Thread(
-            target=lambda: outcome.update(
-                lab2.client("send", "--to", ORIGIN_V4, "--bytes", "1G", timeout=120)
-            )
-        )
-        mover.start()
+        mover, outcome = background_send(lab2, "1G")
         time.sleep(1.5)
         rc, _ = app.stop()
         assert rc == 0
@@ -267,11 +267,7 @@ def test_monitor_mode_passes_and_counts(lab2: Lab, tmp_path: Path) -> None:
 def test_full_flow_table_keeps_established_flows(lab2: Lab, tmp_path: Path) -> None:
     with Appliance(lab2, tmp_path, "--max-flows", "1024") as app:
         app.cli("tcp", "mode", "off")  # every spoofed SYN becomes a half-open flow
-        outcome: dict[str, object] = {}
-        mover = threading.Thread(
-            target=lambda: outcome.update(lab2.client("send", "--to", ORIGIN_V4, "--bytes", "256M"))
-        )
-        mover.start()
+        mover, outcome = background_send(lab2, "256M")
         time.sleep(0.5)
         flood(lab2, "S", 50_000)
         flows = json.loads(app.cli("tcp", "flows", "--json").stdout)
