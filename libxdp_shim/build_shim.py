@@ -61,7 +61,13 @@ ffibuilder.set_source_pkgconfig(
     '#include "xg_shim.h"\n#include <bpf/bpf.h>\n#include <bpf/libbpf.h>\n',
     sources=[str(p.relative_to(ROOT)) for p in sorted(SHIM.glob("*.c"))],
     include_dirs=[str(SHIM), str(BPF)],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-std=gnu11"],
+    extra_compile_args=[
+        "-O2",
+        "-Wall",
+        "-Wno-unused-function",
+        "-Werror=implicit-function-declaration",
+        "-std=gnu11",
+    ],
 )
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ struct xg_worker {
 
 	int stop;
 	int running;
+	uint32_t checked_s;	/* when the sockets were last checked */
 	uint32_t acct_req;
 	uint32_t acct_done;
 	struct xg_frame_account acct;
@@ -227,10 +228,19 @@ static uint32_t forward(struct xg_worker *w, int from, int to, int dir)
 	return n;
 }
 
+static void fail(struct xg_worker *w, int side, int err)
+{
+	if (!w->stats.error) {
+		w->stats.error_role = side;
+		w->stats.error = err;
+	}
+	__atomic_store_n(&w->stop, 1, __ATOMIC_RELAXED);
+}
+
 /*
  * In copy mode the kernel sends only from sendto() and poll(), a limited
  * number of frames per call; it says so by leaving need_wakeup set. Returns
- * whether frames are still waiting.
+ * whether frames are still waiting that another kick could move now.
  */
 static int kick_tx(struct xg_worker *w, int side)
 {
@@ -246,13 +256,47 @@ static int kick_tx(struct xg_worker *w, int side)
 		w->stats.dir[dir].tx_wakeups++;
 		if (sendto(s->fd, NULL, 0, MSG_DONTWAIT, NULL, 0) >= 0)
 			continue;
-		/* EAGAIN: the per-call budget ran out; EBUSY/ENOBUFS: the
-		 * device is busy. All mean "try again", anything else too:
-		 * the socket's own error counters tell the operator. */
-		if (errno != EAGAIN)
-			break;
+		switch (errno) {
+		case EAGAIN:	/* the per-call budget ran out */
+			continue;
+		case ENETDOWN:
+			/* Administratively down: the frames wait on the
+			 * ring, and the loop may sleep until traffic or up. */
+			w->stats.tx_down++;
+			return 0;
+		case ENXIO:
+			/* Unbound: the device is gone. */
+			fail(w, side, -ENODEV);
+			return 0;
+		default:
+			/* EBUSY/ENOBUFS: the device is busy; try again. */
+			return 1;
+		}
 	}
 	return !!ring_used(s->tx.producer, s->tx.consumer);
+}
+
+/*
+ * The kernel unbinds an AF_XDP socket whose device is unregistered (deleted
+ * or moved to another namespace) and sets the socket's error; poll() then
+ * reports nothing, so the loop asks. Once a second, two syscalls.
+ */
+static void check_sockets(struct xg_worker *w)
+{
+	int side, err;
+	socklen_t len;
+
+	if (w->now.s == w->checked_s)
+		return;
+	w->checked_s = w->now.s;
+	for (side = 0; side < NR_SIDES; side++) {
+		err = 0;
+		len = sizeof(err);
+		if (getsockopt(w->sock[side]->fd, SOL_SOCKET, SO_ERROR, &err, &len))
+			fail(w, side, -errno);
+		else if (err)	/* only ever set by the unbind */
+			fail(w, side, -ENODEV);
+	}
 }
 
 static void take_account(struct xg_worker *w, struct xg_frame_account *a)
@@ -317,12 +361,13 @@ int xg_worker_run(struct xg_worker *w)
 		}
 
 		w->stats.loops++;
+		check_sockets(w);
 		if (!work)
 			idle_poll(w);
 	}
 
 	__atomic_store_n(&w->running, 0, __ATOMIC_RELEASE);
-	return 0;
+	return w->stats.error;
 }
 
 void xg_worker_stop(struct xg_worker *w)

@@ -147,6 +147,21 @@ int xg_prog_detach(struct xg_prog *prog)
 	return 0;
 }
 
+int xg_prog_link_ifindex(const struct xg_prog *prog)
+{
+	struct bpf_link_info info;
+	__u32 len = sizeof(info);
+	int err;
+
+	if (prog->link_fd < 0)
+		return -ENOENT;
+	memset(&info, 0, sizeof(info));
+	err = bpf_obj_get_info_by_fd(prog->link_fd, &info, &len);
+	if (err)
+		return err;
+	return (int)info.xdp.ifindex;
+}
+
 void xg_prog_close(struct xg_prog *prog)
 {
 	if (!prog)

@@ -128,6 +128,14 @@ int xg_prog_attach(struct xg_prog *prog, int ifindex, uint32_t xdp_flags);
 /* Release the link made by xg_prog_attach(). Returns 0 or -ENOENT. */
 int xg_prog_detach(struct xg_prog *prog);
 
+/*
+ * Where the link made by xg_prog_attach() still holds the program: its
+ * ifindex, or 0 once the kernel let go of it (the device was deleted or
+ * moved to another namespace, or someone detached the link with bpftool).
+ * -ENOENT if not attached. Does not block; any namespace.
+ */
+int xg_prog_link_ifindex(const struct xg_prog *prog);
+
 /* Detach if attached, unload, free @prog. NULL is a no-op. */
 void xg_prog_close(struct xg_prog *prog);
 
@@ -429,6 +437,11 @@ struct xg_worker_stats {
 	struct xg_counter monitor[64];
 	uint64_t challenges_sent; /* cookie SYN-ACKs put on the outer TX ring */
 	uint64_t challenges_lost; /* ... or freed for lack of room there */
+	uint64_t tx_down;	/* kicks refused because the device was down */
+	/* Why the loop stopped by itself: 0, or -errno and the XG_ROLE_* of
+	 * the socket concerned. Written once, before xg_worker_run() returns. */
+	int32_t error;
+	uint32_t error_role;
 };
 
 /*
@@ -476,8 +489,11 @@ int xg_worker_create(struct xg_umem *umem, struct xg_sock *outer,
  * Run the hot loop in the calling thread until xg_worker_stop(). Blocks
  * (call it with the GIL released: cffi does). Never allocates, logs or calls
  * back. Sleeps in poll() for at most XG_IDLE_POLL_MS when there is nothing
- * to do. Returns 0 when stopped, -EALREADY if already running, or -errno
- * of a fatal socket error (the loop then stops by itself).
+ * to do, also while a device is down (frames then wait on its TX ring).
+ * Returns 0 when stopped, -EALREADY if already running, or -ENODEV when a
+ * socket lost its device (deleted, or moved to another namespace): the loop
+ * then stops by itself and says which socket in stats->error_role. That is
+ * noticed within a second.
  */
 int xg_worker_run(struct xg_worker *w);
 

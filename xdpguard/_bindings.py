@@ -190,6 +190,10 @@ class Prog:
     def detach(self) -> None:
         lib.xg_prog_detach(self._p)
 
+    def link_ifindex(self) -> int:
+        """The ifindex the program's link holds, 0 once the kernel let go of it."""
+        return check(lib.xg_prog_link_ifindex(self._p), "reading XDP link")
+
     def close(self) -> None:
         if self._p is not None:
             lib.xg_prog_close(self._p)

@@ -253,7 +253,7 @@ def run(
         while not stop.is_set():
             stop.wait(0.1)
             if engine.fatal.is_set():
-                raise XdpguardError("a worker failed (see above); shutting down")
+                raise XdpguardError(f"{engine.fatal_reason}; shut down")
             if time.monotonic() >= next_line:
                 cur = engine.stats(account=False)
                 print(f"xdpguard: {summary_line(prev, cur)}", file=sys.stderr, flush=True)
@@ -503,11 +503,19 @@ def tcp() -> None:
 
 
 def _tcp_text(r: dict[str, Any]) -> str:
+    def threshold(mode: str, rate: int, burst: int, what: str) -> str:
+        # The thresholds matter only in auto mode; say so rather than
+        # print them as if they applied to "on".
+        return f"above {rate} {what}/s per destination, burst {burst}" + (
+            "" if mode == "auto" else " (when auto)"
+        )
+
     return (
-        f"SYN challenges: {r['syn_mode']} (auto above {r['syn_rate']} SYN/s, burst "
-        f"{r['syn_burst']}), verified sources kept {r['verify_ttl']}s\n"
-        f"out-of-state drops: {r['state_mode']} (auto above {r['state_rate']}/s, burst "
-        f"{r['state_burst']})\n"
+        f"SYN challenges: {r['syn_mode']}, "
+        f"{threshold(r['syn_mode'], r['syn_rate'], r['syn_burst'], 'SYN')}; "
+        f"verified sources kept {r['verify_ttl']}s\n"
+        f"out-of-state drops: {r['state_mode']}, "
+        f"{threshold(r['state_mode'], r['state_rate'], r['state_burst'], 'frame')}\n"
         f"learning: {r['learning_left']}s left"
     )
 

@@ -101,6 +101,7 @@ class Engine:
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._stats_lock = threading.Lock()
         self.fatal = threading.Event()
+        self.fatal_reason = ""
         self.policy: Policy | None = None
         self.tcp: TcpStage | None = None
         self._stopping = threading.Event()
@@ -191,9 +192,9 @@ class Engine:
             prog = self.progs[role]
             prog.attach(ns, dev, cfg.xdp_mode)
             self._push_undo(f"detach XDP from {dev.name}", prog.detach)
-        expiry = threading.Thread(target=self._expire_loop, name="xg-expiry", daemon=True)
-        expiry.start()
-        self._push_undo("stop TTL expiry", lambda: (self._stopping.set(), expiry.join(2)))
+        chores = threading.Thread(target=self._chores, name="xg-chores", daemon=True)
+        chores.start()
+        self._push_undo("stop housekeeping", lambda: (self._stopping.set(), chores.join(2)))
         log.info(
             "forwarding %s (netns %s) <-> %s (netns %s): %d queue(s), XDP %s",
             self.outer_dev.name,
@@ -286,11 +287,22 @@ class Engine:
         if self.tcp is not None and self.started_at:
             self.tcp.save_verified(path)
 
-    def _expire_loop(self) -> None:
+    def fail(self, reason: str) -> None:
+        """The appliance cannot go on: the first reason is the one reported."""
+        if not self.fatal.is_set():
+            self.fatal_reason = reason
+            self.fatal.set()
+
+    def _chores(self) -> None:
+        """TTL expiry, the TCP stage's clock, and a watch on the XDP links."""
         assert self.policy is not None
+        next_check = 0.0
         while not self._stopping.wait(self.cfg.expiry_interval):
             if self.tcp is not None:
                 self.tcp.tick()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 1.0
+                self._check_links()
             try:
                 n = self.policy.expire()
             except XdpguardError as exc:
@@ -299,13 +311,37 @@ class Engine:
             if n:
                 log.info("TTL expiry: %d prefix(es) removed", n)
 
+    def _check_links(self) -> None:
+        # Without its program a device forwards nothing through xdpguard;
+        # carrying on would look healthy while the service is down.
+        for role, ns in ((Role.OUTER, self.outer_ns), (Role.INNER, self.inner_ns)):
+            prog = self.progs.get(role)
+            if prog is None or prog.device is None:
+                continue
+            try:
+                attached = prog.still_attached()
+            except OSError as exc:
+                attached, why = False, exc.strerror
+            else:
+                why = "device deleted or moved to another namespace, or link detached"
+            if not attached:
+                self.fail(
+                    f"the XDP program on {prog.device.name} (netns {ns.label}) is gone ({why})"
+                )
+
     def _run_worker(self, path: _QueuePath) -> None:
         assert path.worker is not None
         rc = path.worker.run()
         path.exit_code = rc
         if rc < 0:
-            log.error("worker %d stopped: %s", path.queue, os.strerror(-rc))
-            self.fatal.set()
+            role = Role(path.worker.stats()["error_role"])
+            dev = self.outer_dev if role == Role.OUTER else self.inner_dev
+            ns = self.outer_ns if role == Role.OUTER else self.inner_ns
+            name = dev.name if dev else role.name.lower()
+            self.fail(
+                f"worker {path.queue} stopped: the AF_XDP socket on {name} (netns {ns.label}) "
+                f"queue {path.queue} failed: {os.strerror(-rc)}"
+            )
 
     def _stop_workers(self) -> None:
         for path in self.paths:
@@ -480,6 +516,7 @@ class Engine:
             challenges["lost"] += ws["challenges_lost"]
             entry["loops"] = ws["loops"]
             entry["polls"] = ws["polls"]
+            entry["tx_down"] = ws["tx_down"]
             entry["xsk"] = {
                 "outer": path.outer.kernel_stats(),
                 "inner": path.inner.kernel_stats(),

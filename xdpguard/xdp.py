@@ -91,6 +91,10 @@ class XdpProgram:
         self._prog.detach()
         self.device = None
 
+    def still_attached(self) -> bool:
+        """False once the kernel let go of the link (device deleted or moved, link detached)."""
+        return self._prog.link_ifindex() != 0
+
     def set_socket(self, queue: int, sock_fd: int) -> None:
         """Point RX queue ``queue`` of the device at an AF_XDP socket."""
         B.map_update(self._xsks, struct.pack("=I", queue), struct.pack("=I", sock_fd))

@@ -118,3 +118,26 @@ def test_rejects_overlapping_or_foreign_frames(worker: B.Worker) -> None:
         assert err.value.errno == errno.EINVAL
     finally:
         umem.close()
+
+
+def test_lost_device_stops_the_loop(worker: B.Worker) -> None:
+    """The kernel unbinds a socket whose device goes and poll() says nothing:
+    the loop must notice by itself, say which socket, and stop."""
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(worker.run()))
+    t.start()
+    try:
+        time.sleep(0.2)
+        subprocess.run(
+            ["ip", "-n", worker.netns_name, "link", "del", "xgv1"], check=True, timeout=10
+        )
+        t.join(timeout=3)
+        assert not t.is_alive(), "the loop did not notice its device was deleted"
+    finally:
+        worker.stop()
+        t.join()
+    assert rc == [-errno.ENODEV]
+    stats = worker.stats()
+    assert stats["error"] == -errno.ENODEV
+    # Deleting one end of a veth deletes both: either socket may be first.
+    assert stats["error_role"] in (int(Role.OUTER), int(Role.INNER))

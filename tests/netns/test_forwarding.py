@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lab import CLIENT_V4, CLIENT_V6, ORIGIN_V4, ORIGIN_V6, Appliance, Lab, lab
+from lab import CLIENT_V4, CLIENT_V6, ORIGIN_V4, ORIGIN_V6, Appliance, Lab, lab, sh
 
 pytestmark = pytest.mark.netns
 
@@ -152,6 +152,51 @@ def test_idle_appliance_uses_almost_no_cpu(lab2: Lab, tmp_path: Path) -> None:
         assert app.proc is not None
         busy = import_bench().CpuMeter(app.proc.pid).measure(3.0)
         assert busy < 0.05, f"idle xdpguard used {busy:.1%} of a core"
+
+
+def test_device_down_idles_and_recovers(lab2: Lab, tmp_path: Path) -> None:
+    """A device set down for maintenance: the loop sleeps, not spins, and
+    forwarding resumes once it is up again."""
+    from lab import import_bench
+
+    with Appliance(lab2, tmp_path) as app:
+        assert lab2.ping(ORIGIN_V4, count=1)
+        lab2.ns_exec(lab2.inner_ns, "ip", "link", "set", lab2.inner, "down")
+        try:
+            lab2.ping(ORIGIN_V4, count=3)  # frames now queue for a down device
+            assert app.proc is not None
+            busy = import_bench().CpuMeter(app.proc.pid).measure(2.0)
+            assert busy < 0.05, f"xdpguard used {busy:.1%} of a core with a device down"
+        finally:
+            lab2.ns_exec(lab2.inner_ns, "ip", "link", "set", lab2.inner, "up")
+        deadline = time.monotonic() + 5
+        while not lab2.ping(ORIGIN_V4, count=1):
+            assert time.monotonic() < deadline, "no forwarding after the device came up"
+        assert app.call("stats")["frames"]["consistent"]
+
+
+@pytest.mark.parametrize("device", ["outer", "inner"])
+def test_lost_device_shuts_down_clean(lab2: Lab, tmp_path: Path, device: str) -> None:
+    """A device deleted under a running appliance is fatal: one line naming
+    it, a non-zero exit, nothing left attached, the control socket gone."""
+    app = Appliance(lab2, tmp_path).start()
+    assert lab2.ping(ORIGIN_V4, count=1)
+    if device == "outer":
+        gone, ns = lab2.outer, []
+        other = ("ip", "-n", lab2.inner_ns, "-d", "link", "show", lab2.inner)
+    else:
+        gone, ns = lab2.inner, ["-n", lab2.inner_ns]
+        other = ("ip", "-d", "link", "show", lab2.outer)
+    start = time.monotonic()
+    sh("ip", *ns, "link", "del", gone)
+    assert app.proc is not None
+    rc = app.proc.wait(timeout=5)
+    assert time.monotonic() - start < 3
+    assert rc != 0
+    last = app.output().strip().splitlines()[-1]
+    assert last.startswith("Error: ") and gone in last, app.output()
+    assert "prog/xdp" not in sh(*other).stdout
+    assert not app.control.exists()
 
 
 def test_generic_xdp_fallback(lab2: Lab, tmp_path: Path) -> None:
