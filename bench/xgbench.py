@@ -203,14 +203,18 @@ def tcp4_frame(
     flags: str,
     seq: int = 1,
     ack: int = 0,
+    frag: int = 0x4000,
 ) -> bytes:
-    """An Ethernet/IPv4/TCP segment without payload (64 bytes on the wire), checksums right."""
+    """An Ethernet/IPv4/TCP segment without payload (64 bytes on the wire), checksums right.
+
+    ``frag`` is the IPv4 flags and fragment offset field (default: DF).
+    """
     bits = {"F": 1, "S": 2, "R": 4, "P": 8, "A": 16, "U": 32}
     tcp = struct.pack(
         "!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, sum(bits[f] for f in flags), 64240, 0, 0
     )
     tcp = tcp[:16] + struct.pack("!H", _l4_csum(src, dst, 6, tcp)) + tcp[18:]
-    frame = mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" + _ipv4(src, dst, 6, tcp, 0x4000)
+    frame = mac_bytes(dst_mac) + mac_bytes(src_mac) + b"\x08\x00" + _ipv4(src, dst, 6, tcp, frag)
     return frame + bytes(max(0, 60 - len(frame)))
 
 

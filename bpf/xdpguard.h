@@ -105,6 +105,12 @@ enum xg_reason {
 	XG_REASON_CHALLENGE_FAILED = 12,
 	/* A new flow found its bucket full of established flows. */
 	XG_REASON_FLOW_TABLE_FULL = 13,
+	/*
+	 * A fragment of a TCP segment from outside: no flow can be checked
+	 * (later fragments carry no TCP header), and real stacks do not
+	 * fragment TCP (DF and path MTU discovery, MSS on IPv6).
+	 */
+	XG_REASON_TCP_FRAGMENT = 14,
 };
 
 /*

@@ -264,7 +264,13 @@ static uint8_t syn_wscale(const uint8_t *opt, const uint8_t *end)
 	return NO_WSCALE;
 }
 
-/* Find the TCP header of an unfragmented IPv4/IPv6 frame; 0 if none. */
+enum { NOT_TCP, TCP_SEGMENT, TCP_FRAGMENT };
+
+/*
+ * Find the TCP header of an IPv4/IPv6 frame: TCP_SEGMENT and @p filled in;
+ * TCP_FRAGMENT (only the addresses filled in) for any fragment of a TCP
+ * segment; NOT_TCP for the rest.
+ */
 static int parse(uint8_t *frame, uint32_t len, struct pkt *p)
 {
 	uint8_t *end = frame + len, *l4;
@@ -274,7 +280,7 @@ static int parse(uint8_t *frame, uint32_t len, struct pkt *p)
 	int i;
 
 	if (len < 14)
-		return 0;
+		return NOT_TCP;
 	proto = (uint16_t)frame[12] << 8 | frame[13];
 	p->l2_len = 14;
 	for (i = 0; i < 2 && (proto == 0x8100 || proto == 0x88a8); i++) {
@@ -286,42 +292,44 @@ static int parse(uint8_t *frame, uint32_t len, struct pkt *p)
 	p->l3 = frame + p->l2_len;
 	if (proto == 0x0800) {
 		if (p->l3 + 20 > end || p->l3[0] >> 4 != 4)
-			return 0;
+			return NOT_TCP;
 		hl = (p->l3[0] & 15) * 4;
 		l3_len = (uint32_t)p->l3[2] << 8 | p->l3[3];
-		if (hl < 20 || l3_len < hl || p->l3 + l3_len > end)
-			return 0;
-		if (((p->l3[6] << 8 | p->l3[7]) & 0x3fff) || p->l3[9] != 6)
-			return 0; /* fragments and non-TCP are not tracked */
+		if (hl < 20 || l3_len < hl || p->l3 + l3_len > end || p->l3[9] != 6)
+			return NOT_TCP;
 		p->v6 = 0;
 		p->src = p->l3 + 12;
 		p->dst = p->l3 + 16;
+		if ((p->l3[6] << 8 | p->l3[7]) & 0x3fff) /* MF or an offset */
+			return TCP_FRAGMENT;
 		l4 = p->l3 + hl;
 	} else if (proto == 0x86dd) {
 		if (p->l3 + 40 > end || p->l3[0] >> 4 != 6)
-			return 0;
+			return NOT_TCP;
 		l3_len = 40 + ((uint32_t)p->l3[4] << 8 | p->l3[5]);
 		if (p->l3 + l3_len > end)
-			return 0;
+			return NOT_TCP;
+		p->v6 = 1;
+		p->src = p->l3 + 8;
+		p->dst = p->l3 + 24;
 		next = p->l3[6];
 		l4 = p->l3 + 40;
-		for (i = 0; i < 4 && (next == 0 || next == 43 || next == 60); i++) {
-			if (l4 + 2 > p->l3 + l3_len)
-				return 0;
+		for (i = 0; i < 4 && (next == 0 || next == 43 || next == 60 || next == 44); i++) {
+			if (l4 + 8 > p->l3 + l3_len)
+				return NOT_TCP;
+			if (next == 44) /* fragment header: fixed 8 bytes */
+				return l4[0] == 6 ? TCP_FRAGMENT : NOT_TCP;
 			next = l4[0];
 			l4 += (l4[1] + 1) * 8;
 		}
 		if (next != 6)
-			return 0; /* incl. fragment headers: not tracked */
-		p->v6 = 1;
-		p->src = p->l3 + 8;
-		p->dst = p->l3 + 24;
+			return NOT_TCP;
 	} else {
-		return 0;
+		return NOT_TCP;
 	}
 	if (l4 + 20 > p->l3 + l3_len || (l4[12] >> 4) < 5 ||
 	    l4 + (l4[12] >> 4) * 4 > p->l3 + l3_len)
-		return 0;
+		return NOT_TCP;
 	p->tcp = l4;
 	p->sport = (uint16_t)(l4[0] | l4[1] << 8);
 	p->dport = (uint16_t)(l4[2] | l4[3] << 8);
@@ -332,7 +340,7 @@ static int parse(uint8_t *frame, uint32_t len, struct pkt *p)
 	p->payload = (uint32_t)(p->l3 + l3_len - l4) - (l4[12] >> 4) * 4;
 	p->wscale = p->flags & TH_SYN ? syn_wscale(l4 + 20, l4 + (l4[12] >> 4) * 4)
 				      : NO_WSCALE;
-	return 1;
+	return TCP_SEGMENT;
 }
 
 static void make_key(struct xg_flow_key *k, const struct pkt *p, int from_outside)
@@ -705,14 +713,18 @@ static void count(struct xg_counter *c, uint32_t len)
 
 /*
  * An out-of-state frame from outside under the state mode: drop it (and
- * count @reason), or let it pass and count what would have happened.
+ * count @reason), or let it pass and count what would have happened. A
+ * frame of no tracked flow is not dropped while @learning: it may belong to
+ * a flow opened before the start.
  */
 static enum xg_tcp_verdict out_of_state(struct xg_tcp *t, const uint8_t dst[16],
-					enum xg_reason reason, uint32_t len,
+					enum xg_reason reason, uint32_t len, int learning,
 					const struct xg_clock *now, struct xg_worker_stats *st)
 {
 	uint32_t mode = cfg_get(&t->cfg.state_mode);
 
+	if (mode != XG_MODE_OFF && learning)
+		mode = XG_MODE_MONITOR;
 	if (mode == XG_MODE_ON || (mode == XG_MODE_AUTO && dest_over(t, dst, 1, now))) {
 		count(&st->reasons[reason], len);
 		return XG_V_DROP;
@@ -777,8 +789,14 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 	uint8_t state;
 	int learning;
 
-	if (!parse(frame, *len, &p))
+	switch (parse(frame, *len, &p)) {
+	case NOT_TCP:
 		return XG_V_FORWARD;
+	case TCP_FRAGMENT:
+		addr16(k.in_addr, p.dst, p.v6);
+		return out_of_state(t, k.in_addr, XG_REASON_TCP_FRAGMENT, *len,
+				    seq_before(now->s, cfg_get(&t->cfg.learn_until)), now, st);
+	}
 	make_key(&k, &p, 1);
 	learning = seq_before(now->s, cfg_get(&t->cfg.learn_until));
 
@@ -820,7 +838,7 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 		unlock(&b->lock);
 		if ((p.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK))
 			return out_of_state(t, k.in_addr, XG_REASON_TCP_SYNACK_REFLECTION, *len,
-					    now, st);
+					    learning, now, st);
 		/* A bare RST is how a real stack answers a challenge. */
 		if ((p.flags & (TH_RST | TH_ACK)) == TH_RST &&
 		    cfg_get(&t->cfg.syn_mode) != XG_MODE_OFF) {
@@ -829,14 +847,15 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 				count(&st->reasons[XG_REASON_CHALLENGE_PASSED], *len);
 				return XG_V_DROP;
 			}
-			if (cfg_get(&t->cfg.syn_mode) == XG_MODE_MONITOR) {
+			/* While learning it may end a flow opened before the start. */
+			if (cfg_get(&t->cfg.syn_mode) == XG_MODE_MONITOR || learning) {
 				count(&st->monitor[XG_REASON_CHALLENGE_FAILED], *len);
 				return XG_V_FORWARD;
 			}
 			count(&st->reasons[XG_REASON_CHALLENGE_FAILED], *len);
 			return XG_V_DROP;
 		}
-		return out_of_state(t, k.in_addr, XG_REASON_TCP_NO_FLOW, *len, now, st);
+		return out_of_state(t, k.in_addr, XG_REASON_TCP_NO_FLOW, *len, learning, now, st);
 	}
 
 	why = XG_REASON_TCP_OUT_OF_WINDOW;
@@ -887,7 +906,7 @@ in_window_check:
 		break;
 	}
 	unlock(&b->lock);
-	return out_of_state(t, k.in_addr, why, *len, now, st);
+	return out_of_state(t, k.in_addr, why, *len, 0, now, st);
 
 accept:
 	if (p.flags & TH_RST)
@@ -909,7 +928,7 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 	struct xg_flow *f;
 	struct pkt p;
 
-	if (!parse((uint8_t *)frame, len, &p))
+	if (parse((uint8_t *)frame, len, &p) != TCP_SEGMENT)
 		return;
 	make_key(&k, &p, 0);
 	b = flow_bucket(t, &k);

@@ -498,7 +498,11 @@ def tcp() -> None:
       on       always
       auto     only for a destination whose rate exceeds its threshold
                (--syn-rate/--syn-burst, --state-rate/--state-burst)
-    Verified sources and the allowlist skip challenges.
+    Verified sources and the allowlist skip challenges. Out-of-state frames
+    are those of no tracked flow (tcp_no_flow, tcp_synack_reflection,
+    challenge_failed), outside their flow's window (tcp_out_of_window), and
+    fragments of TCP segments (tcp_fragment: no flow can vouch for them).
+    During the learning window after start, frames of no tracked flow pass.
     """
 
 

@@ -32,13 +32,14 @@ def lab2() -> Iterator[Lab]:
         yield the_lab
 
 
-def flood(the_lab: Lab, flags: str, count: int, ratio: float = 0.02) -> None:
-    """``count`` TCP segments with ``flags`` from random spoofed sources and ports."""
+def flood(the_lab: Lab, flags: str, count: int, ratio: float = 0.02, frag: int = 0x4000) -> None:
+    """``count`` TCP segments with ``flags`` from random spoofed sources and ports
+    (``frag``: the IPv4 flags and fragment offset, DF by default)."""
     xgbench = import_bench()
     client = resolve_device(Netns(the_lab.client_ns), "eth0")
     origin = resolve_device(Netns(the_lab.origin_ns), "eth0")
     frame = xgbench.tcp4_frame(
-        client.mac, origin.mac, FLOOD_SRC, ORIGIN_V4, 40000, PORT, flags, 12345, 67890
+        client.mac, origin.mac, FLOOD_SRC, ORIGIN_V4, 40000, PORT, flags, 12345, 67890, frag
     )
     gen = xgbench.LiveGenerator(
         the_lab.client_ns, "eth0", frame, random_saddr=True, random_sport=True, ratio=ratio
@@ -147,7 +148,8 @@ def test_spoofed_syn_flood_never_reaches_the_origin(lab2: Lab, tmp_path: Path) -
         assert [e["source"] for e in verified["entries"]] == [CLIENT_V4]
 
 
-@pytest.mark.parametrize("flags", ["A", "R", "RA"])
+# "A+MF": first fragments of ACK segments, which no flow can vouch for.
+@pytest.mark.parametrize("flags", ["A", "R", "RA", "A+MF"])
 def test_ack_and_rst_floods_spare_an_established_transfer(
     lab2: Lab, tmp_path: Path, flags: str
 ) -> None:
@@ -160,12 +162,15 @@ def test_ack_and_rst_floods_spare_an_established_transfer(
         # The transfer's connection goes through its challenge first.
         mover, outcome = background_send(lab2, "256M")
         time.sleep(0.5)
-        flood(lab2, flags, 100_000)
+        if flags == "A+MF":
+            flood(lab2, "A", 100_000, frag=0x2000)
+        else:
+            flood(lab2, flags, 100_000)
         mover.join()
         assert outcome.get("ok"), outcome
         assert counts()["spoofed"] == 0
         r = reasons(app)
-        expect = "challenge_failed" if flags == "R" else "tcp_no_flow"
+        expect = {"R": "challenge_failed", "A+MF": "tcp_fragment"}.get(flags, "tcp_no_flow")
         # Sharing the worker with the transfer, a few flood frames find the
         # socket's RX ring full and are dropped by the kernel before the
         # loop judges them; none reach the origin either way (above).

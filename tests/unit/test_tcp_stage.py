@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import IP, TCP, fragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
 from scapy.layers.l2 import Ether
 
 from xdpguard import _bindings as B
@@ -23,6 +23,8 @@ pytestmark = pytest.mark.unit
 FWD, DROP, REPLY = B.VERDICT_FORWARD, B.VERDICT_DROP, B.VERDICT_REPLY
 CLIENT_MAC, ORIGIN_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 T0 = 100_000  # seconds on the stage's clock
+V4_PAIR = ("169.254.0.1", "169.254.0.2")
+V6_PAIR = ("2001:db8::1", "2001:db8::2")
 
 
 def stage(syn: str = "off", state: str = "on", max_flows: int = 4096, **cfg: int) -> B.Tcp:
@@ -218,6 +220,60 @@ def test_floods_of_unknown_flows() -> None:
         "challenge_failed": 300,
     }
     assert states(tcp) == {}
+
+
+def _fragments(c: Conv) -> list[bytes]:
+    """A TCP ACK segment cut into fragments: first, middle and last, v4 or v6."""
+    pkt = Ether(c.frame(True, "A", c.cseq, c.oseq, b"z" * 64))
+    eth = Ether(src=pkt.src, dst=pkt.dst)
+    if ":" in c.client:
+        ip6 = pkt[IPv6]
+        whole = IPv6(src=ip6.src, dst=ip6.dst) / IPv6ExtHdrFragment() / ip6[TCP]
+        return [bytes(eth / f) for f in fragment6(whole, 64)]
+    return [bytes(eth / f) for f in fragment(pkt[IP], 24)]
+
+
+@pytest.mark.parametrize("client,origin", [V4_PAIR, V6_PAIR])
+def test_tcp_fragments_from_outside(client: str, origin: str) -> None:
+    """No flow can vouch for a fragment, even of an open connection's segment."""
+    on, monitor, off = (stage(state=m) for m in ("on", "monitor", "off"))
+    for tcp, verdict in ((on, DROP), (monitor, FWD), (off, FWD)):
+        c = Conv(tcp, client=client, origin=origin)
+        c.open()
+        frags = _fragments(c)
+        assert len(frags) >= 3
+        assert [c.judge(True, f)[0] for f in frags] == [verdict] * len(frags)
+        assert c.send(10) == FWD  # the flow itself is untouched
+        if tcp is on:
+            assert c.reasons() == {"tcp_fragment": len(frags)}
+        elif tcp is monitor:
+            assert c.reasons() == {} and c.monitor() == {"tcp_fragment": len(frags)}
+        else:
+            assert c.reasons() == c.monitor() == {}
+
+
+def test_no_out_of_state_drops_while_learning() -> None:
+    """Frames of flows opened before the start, whatever they look like,
+    pass until the window closes; then the same frames are dropped."""
+    tcp = stage(syn="on", learn_until=T0 + 10)
+    c = Conv(tcp)
+    seq, ack = c.cseq, c.oseq
+    for _ in range(2):
+        assert c.judge(True, c.frame(True, "SA", seq, ack))[0] == FWD  # origin's connect
+        assert c.judge(True, c.frame(True, "R", seq))[0] == FWD  # no cookie: a late reset
+        assert all(c.judge(True, f)[0] == FWD for f in _fragments(c))
+    assert c.reasons() == {}
+    # A flow whose handshake the stage saw is checked from the start.
+    known = Conv(tcp, cport=40001)
+    syn = known.frame(True, "S", known.cseq, opts=known.syn_opts())
+    assert known.judge(True, syn, allowlisted=True)[0] == FWD  # not challenged
+    assert (known.synack(), known.ack()) == (FWD, FWD)
+    assert known.judge(True, known.frame(True, "A", known.cseq, known.oseq + 10**6))[0] == DROP
+    assert known.reasons() == {"tcp_out_of_window": 1}
+    c.now = T0 + 11
+    assert c.judge(True, c.frame(True, "SA", seq, ack))[0] == DROP
+    assert c.judge(True, c.frame(True, "R", seq))[0] == DROP
+    assert c.reasons() == {"tcp_synack_reflection": 1, "challenge_failed": 1}
 
 
 def test_syn_challenge_round_trip() -> None:
