@@ -192,8 +192,11 @@ def run(
     """Run the appliance in the foreground until SIGINT or SIGTERM.
 
     Frames arriving on --outer that pass the policy leave unchanged on
-    --inner, and the origin's frames from --inner leave on --outer. On exit
-    every XDP program and file xdpguard created is removed.
+    --inner, and the origin's frames from --inner leave on --outer.
+
+    On SIGINT/SIGTERM (exit 0) or a fatal error such as a device deleted
+    under it (exit 1, one line saying why), the XDP programs and the control
+    socket go; the state directory stays for the next start.
     """
     from xdpguard.engine import Engine, EngineConfig, missing_capabilities
     from xdpguard.stats import summary_line
