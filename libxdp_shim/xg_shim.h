@@ -203,13 +203,13 @@ struct xg_sock;
 
 /*
  * Allocate a UMEM of @nframes frames of @frame_size bytes (2048 or 4096),
- * with fill and completion rings of 2048 entries for every socket. The
- * kernel registration happens in the first xg_sock_create(), in that
- * caller's namespace (see there). *@out owns the memory; free with
- * xg_umem_destroy() after every socket on it is destroyed. Does not block.
- * Returns 0, -EINVAL or -ENOMEM.
+ * with fill and completion rings of @ring_size entries (a power of two)
+ * for every socket. The kernel registration happens in the first
+ * xg_sock_create(), in that caller's namespace (see there). *@out owns the
+ * memory; free with xg_umem_destroy() after every socket on it is
+ * destroyed. Does not block. Returns 0, -EINVAL or -ENOMEM.
  */
-int xg_umem_create(uint32_t nframes, uint32_t frame_size,
+int xg_umem_create(uint32_t nframes, uint32_t frame_size, uint32_t ring_size,
 		   struct xg_umem **out);
 
 /*

@@ -88,18 +88,19 @@ static int is_pow2(uint32_t v)
 	return v && !(v & (v - 1));
 }
 
-int xg_umem_create(uint32_t nframes, uint32_t frame_size, struct xg_umem **out)
+int xg_umem_create(uint32_t nframes, uint32_t frame_size, uint32_t ring_size,
+		   struct xg_umem **out)
 {
 	struct xg_umem *u;
 
-	if (!nframes || (frame_size != 2048 && frame_size != 4096))
+	if (!nframes || (frame_size != 2048 && frame_size != 4096) || !is_pow2(ring_size))
 		return -EINVAL;
 	u = calloc(1, sizeof(*u));
 	if (!u)
 		return -ENOMEM;
 	u->nframes = nframes;
 	u->frame_size = frame_size;
-	u->ring_size = XSK_RING_PROD__DEFAULT_NUM_DESCS;
+	u->ring_size = ring_size;
 	u->size = (size_t)nframes * frame_size;
 	pthread_mutex_init(&u->lock, NULL);
 

@@ -281,9 +281,10 @@ def map_delete_many(fd: int, keys: np.ndarray) -> None:
 
 
 class Umem:
-    def __init__(self, nframes: int, frame_size: int) -> None:
+    def __init__(self, nframes: int, frame_size: int, ring_size: int = 2048) -> None:
+        """``ring_size``: entries of the fill and completion ring of every socket."""
         out = ffi.new("struct xg_umem **")
-        check(lib.xg_umem_create(nframes, frame_size, out), "creating UMEM")
+        check(lib.xg_umem_create(nframes, frame_size, ring_size, out), "creating UMEM")
         self._u = out[0]
         self.nframes = nframes
         self.frame_size = frame_size

@@ -169,6 +169,14 @@ def main() -> None:
     "so a restart cuts no connection; out-of-state drops begin after.",
 )
 @click.option(
+    "--ring-size",
+    type=click.Choice([str(1 << n) for n in range(9, 15)]),
+    default="2048",
+    show_default=True,
+    help="Entries of every AF_XDP ring; each queue gets 4x as many UMEM frames of 2 KiB. "
+    "A bigger ring rides out longer stalls of a worker (one not on a core of its own).",
+)
+@click.option(
     "--no-policy",
     is_flag=True,
     hidden=True,
@@ -186,6 +194,7 @@ def run(
     state_dir: Path,
     max_flows: int,
     learn: float,
+    ring_size: str,
     no_policy: bool,
     control: str,
 ) -> None:
@@ -229,6 +238,7 @@ def run(
             state_dir=state_dir,
             max_flows=max_flows,
             learn=learn,
+            ring_size=int(ring_size),
         )
     )
     ready = threading.Event()

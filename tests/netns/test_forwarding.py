@@ -199,6 +199,17 @@ def test_lost_device_shuts_down_clean(lab2: Lab, tmp_path: Path, device: str) ->
     assert not app.control.exists()
 
 
+def test_ring_size(lab2: Lab, tmp_path: Path) -> None:
+    with Appliance(lab2, tmp_path, "--ring-size", "1024") as app:
+        assert lab2.ping(ORIGIN_V4)
+        status = app.call("status")
+        assert status["umem"]["frames"] == 2 * 4 * 1024  # two queues
+        frames = app.call("stats")["frames"]
+        assert frames["consistent"] and frames["total"] == 2 * 4 * 1024
+        # Each queue's two fill rings hold at most a ring's worth each.
+        assert frames["fill"] <= 2 * 2 * 1024
+
+
 def test_generic_xdp_fallback(lab2: Lab, tmp_path: Path) -> None:
     """--xdp-mode skb: the explicit fallback for drivers without native XDP."""
     with lab2.server(), Appliance(lab2, tmp_path, "--xdp-mode", "skb") as app:
