@@ -191,12 +191,12 @@ def measure_setup(proc, frame: bytes, flood_ratio: float | None) -> dict:  # typ
         flooder = threading.Thread(target=flood)
         flooder.start()
         time.sleep(0.3)
-    t0, sent0 = time.perf_counter(), gen.sent() if flood_ratio else 0
+    sent = gen.sent if flooder else lambda: 0
+    t0, sent0 = time.perf_counter(), sent()
     try:
         challenged = connect_times(SOURCES)
         verified = connect_times(SOURCES)
-        elapsed = time.perf_counter() - t0
-        flood_pps = (gen.sent() - sent0) / elapsed if flood_ratio else 0.0
+        flood_pps = (sent() - sent0) / (time.perf_counter() - t0)
     finally:
         stop.set()
         if flooder:

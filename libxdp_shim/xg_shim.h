@@ -246,8 +246,9 @@ struct xg_xsk_stats {
 
 /*
  * Create an AF_XDP socket on @umem bound to queue @queue of the device
- * @ifname as seen from the calling thread's namespace, with rings of
- * @ring_size entries (a power of two) and its own fill and completion rings.
+ * @ifname as seen from the calling thread's namespace, with RX and TX rings
+ * of @ring_size entries (a power of two) and its own fill and completion
+ * rings of the UMEM's ring size (xg_umem_create()).
  * The first socket of a UMEM also registers the UMEM (CAP_NET_RAW, and
  * RLIMIT_MEMLOCK or CAP_IPC_LOCK for the pinned pages); its @bind_flags
  * decide need_wakeup and copy/zero-copy for every later socket, whose own
