@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from xdpguard import _bindings as B
-from xdpguard.control import ControlClient
+from xdpguard.control import ControlClient, wait_ready
 from xdpguard.errors import XdpguardError
 from xdpguard.netns import Netns, resolve_device
 
@@ -87,16 +87,14 @@ def xdpguard(*extra: str, state_dir: Path, edge: bool = False) -> Iterator[subpr
     ]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while True:
             try:
-                with ControlClient(control) as c:
-                    c.call("status")
+                wait_ready(control, 1.0)
                 break
             except XdpguardError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"xdpguard did not start: {proc.stderr.read()}") from None
-                time.sleep(0.05)
         proc.control = control  # type: ignore[attr-defined]
         yield proc
     finally:

@@ -114,6 +114,26 @@ enum xg_reason {
 };
 
 /*
+ * Which stage counts each reason, as masks with bit N for reason N: the XDP
+ * program (xg_stats, one verdict per frame it sees) or the AF_XDP loop (its
+ * worker counters, a verdict only for frames it drops or answers). A
+ * reason appended to enum xg_reason is added to one of them in the same
+ * change (tests/unit/test_reasons.py checks that every reason is in
+ * exactly one); beyond reason 31 the masks grow a second word.
+ */
+enum xg_reason_stage {
+	XG_STAGE_XDP = (1 << XG_REASON_REDIRECTED) | (1 << XG_REASON_NO_SOCKET) |
+		       (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_ALLOWLIST) |
+		       (1 << XG_REASON_BLOCKLIST) | (1 << XG_REASON_UDP_SRC_PORT) |
+		       (1 << XG_REASON_FRAGMENT),
+	XG_STAGE_LOOP = (1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
+			(1 << XG_REASON_TCP_SYNACK_REFLECTION) |
+			(1 << XG_REASON_SYN_CHALLENGED) | (1 << XG_REASON_CHALLENGE_PASSED) |
+			(1 << XG_REASON_CHALLENGE_FAILED) | (1 << XG_REASON_FLOW_TABLE_FULL) |
+			(1 << XG_REASON_TCP_FRAGMENT),
+};
+
+/*
  * Metadata the XDP program writes in front of every frame it hands to a
  * socket (bpf_xdp_adjust_meta); the loop reads it at desc.addr - sizeof.
  */

@@ -45,12 +45,8 @@ step "xdpguard run --outer $OUTER --inner $INNER --inner-netns $INNER_NS"
 "$XG" run --outer "$OUTER" --inner "$INNER" --inner-netns "$INNER_NS" \
 	--control "$CONTROL" --state-dir "$STATE" --summary-interval 2 2>"$LOG" &
 xg_pid=$!
-for _ in $(seq 100); do
-	"$XG" status --control "$CONTROL" >/dev/null 2>&1 && break
-	kill -0 "$xg_pid" 2>/dev/null || { cat "$LOG"; exit 1; }
-	sleep 0.1
-done
-"$XG" status --control "$CONTROL"
+# Ready means forwarding: no sleep, no polling loop.
+"$XG" status --wait 30 --control "$CONTROL" || { cat "$LOG"; exit 1; }
 
 step "ping through the appliance, IPv4 and IPv6"
 client ping -c 3 -i 0.2 169.254.0.2 | tail -2
@@ -59,7 +55,10 @@ client ping -c 3 -i 0.2 2001:db8::2 | tail -2
 step "TCP and UDP through the appliance (real Linux stacks on both ends)"
 ip netns exec "$ORIGIN_NS" "${TRAFFIC[@]}" serve --port 5201 >/dev/null &
 srv_pid=$!
-sleep 0.5
+for _ in $(seq 100); do  # until it listens (bounded)
+	ip netns exec "$ORIGIN_NS" ss -Hltn 'sport = :5201' | grep -q . && break
+	sleep 0.05
+done
 client "${TRAFFIC[@]}" send --text --to 169.254.0.2 --bytes 64M
 client "${TRAFFIC[@]}" recv --text --to 2001:db8::2 --bytes 64M
 client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 200

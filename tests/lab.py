@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +20,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from xdpguard.control import ControlClient
+from xdpguard.control import ControlClient, wait_ready
 from xdpguard.errors import XdpguardError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +125,16 @@ class Lab:
         self.ns_exec(self.client_ns, "ip", "addr", "add", f"{v4}/24", "dev", "eth0")
         self.ns_exec(self.client_ns, "ip", "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
 
-    def probe(self, src: str, to: str, proto: str, seconds: float, interval: float = 0.05) -> Probe:
+    def probe(
+        self,
+        src: str,
+        to: str,
+        proto: str,
+        seconds: float,
+        interval: float = 0.05,
+        timeout: float = 0.25,
+        *extra: str,
+    ) -> Probe:
         """Echo exchanges from ``src`` in the background (labtraffic probe)."""
         return Probe(
             subprocess.Popen(
@@ -146,13 +156,20 @@ class Lab:
                     "--interval",
                     str(interval),
                     "--timeout",
-                    "0.25",
+                    str(timeout),
+                    *extra,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
             )
         )
+
+    def attempts(
+        self, src: str, to: str, proto: str, *extra: str, timeout: float = 1.0, seconds: float = 60
+    ) -> list[Attempt]:
+        """Echo exchanges from ``src`` now, in the foreground (see labtraffic probe)."""
+        return self.probe(src, to, proto, seconds, 0.05, timeout, *extra).result(seconds + 30)
 
     @contextlib.contextmanager
     def origin_counters(
@@ -255,20 +272,24 @@ class Appliance:
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15) -> Appliance:
+    def start(self, timeout: float = 60) -> Appliance:
+        """Start ``xdpguard run`` and wait until it says it is ready (status --wait)."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"xdpguard run exited {self.proc.returncode}:\n{self.output()}"
-                )
-            with contextlib.suppress(XdpguardError):
-                self.call("status")
+        while True:
+            try:
+                wait_ready(self.control, 1.0)
                 return self
-            time.sleep(0.05)
-        raise AssertionError(f"xdpguard did not come up:\n{self.output()}")
+            except XdpguardError as exc:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"xdpguard run exited {self.proc.returncode}:\n{self.output()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"xdpguard did not come up ({exc}):\n{self.output()}"
+                    ) from None
 
     def call(self, cmd: str, **args: Any) -> Any:
         with ControlClient(self.control) as c:
@@ -302,23 +323,189 @@ class Appliance:
             self.stop()
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; fail after a generous ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what or predicate}"
+        time.sleep(0.02)
+
+
+def ethtool_stats(ns: str | None, dev: str) -> dict[str, int]:
+    """``ethtool -S`` of a device (in ``ns``), as numbers."""
+    cmd = ("ethtool", "-S", dev)
+    out = sh("ip", "netns", "exec", ns, *cmd).stdout if ns else sh(*cmd).stdout
+    stats = {}
+    for line in out.splitlines()[1:]:
+        name, _, value = line.strip().partition(": ")
+        if value.lstrip("-").isdigit():
+            stats[name] = int(value)
+    return stats
+
+
+def _sum(stats: dict[str, int], suffix: str) -> int:
+    """Sum of a per-queue veth counter (rx_queue_N_<suffix> or tx_queue_N_<suffix>)."""
+    return sum(v for k, v in stats.items() if re.fullmatch(rf"(rx|tx)_queue_\d+_{suffix}", k))
+
+
+@dataclass
+class Account:
+    """Where the frames sent into ``outer`` went between two readings (deltas)."""
+
+    xmit: int  # the client veth's XDP transmits that reached outer's ring
+    veth_dropped: int  # ... and those it dropped there (ring full)
+    xdp_seen: int  # frames outer's XDP program ran on (the veth's count)
+    xdp: dict[str, int]  # XDP's verdicts, by reason
+    loop: dict[str, int]  # the loop's verdicts (drops and challenges), by reason
+    monitor: dict[str, int]  # what monitor mode passed but counted
+    xsk_dropped: int  # redirected to a socket, dropped by the kernel (ring full, no buffer)
+    rx: int  # taken from outer's RX rings by the loop
+    tx: int  # put on inner's TX rings
+    tx_ring_full: int
+    dropped: int  # freed by a verdict of the loop
+    challenges: int  # SYN-ACK challenges sent or lost
+    origin_dropped: int  # dropped on the way out of inner to the origin (veth)
+
+    def check(self, sent: int | None = None) -> None:
+        """The conservation laws; ``sent`` is what the generator counted (None:
+        no generator ran, the frames came from sockets)."""
+        law = {
+            "sent = xmit + veth dropped": (
+                self.xmit + self.veth_dropped if sent is None else sent,
+                self.xmit + self.veth_dropped,
+            ),
+            "xdp seen = sum of XDP verdicts": (self.xdp_seen, sum(self.xdp.values())),
+            "to sockets = loop rx + kernel drops": (
+                self.xdp.get("redirected", 0) + self.xdp.get("allowlist", 0),
+                self.rx + self.xsk_dropped,
+            ),
+            "loop rx = tx + ring full + drops + challenges": (
+                self.rx,
+                self.tx + self.tx_ring_full + self.dropped + self.challenges,
+            ),
+            "loop verdicts = drops + challenges": (
+                sum(self.loop.values()),
+                self.dropped + self.challenges,
+            ),
+        }
+        broken = {name: v for name, v in law.items() if v[0] != v[1]}
+        assert not broken, (broken, self)
+
+    def judged_at_least(self, sent: int) -> int:
+        """How many of the generator's frames the loop judged, at the least: all
+        that entered XDP, less those XDP dropped or the kernel dropped at a socket."""
+        xdp_dropped = sum(n for r, n in self.xdp.items() if r not in ("redirected", "allowlist"))
+        return max(0, min(sent, self.xmit) - xdp_dropped - self.xsk_dropped)
+
+
+class Ledger:
+    """Counters of the generator's veth, XDP and the loop around a flood.
+
+    ``with Ledger(lab, app) as ledger: ...`` then ``ledger.account()`` waits
+    until the appliance has settled (rings drained, nothing moving) and
+    returns what happened in between as an Account.
+    """
+
+    def __init__(self, the_lab: Lab, app: Appliance) -> None:
+        self.lab, self.app = the_lab, app
+        self.before: dict[str, Any] = {}
+
+    def _read(self) -> dict[str, Any]:
+        client = ethtool_stats(self.lab.client_ns, "eth0")
+        outer = ethtool_stats(self.lab.outer_ns, self.lab.outer)
+        inner = json.loads(
+            sh("ip", "-n", self.lab.inner_ns, "-j", "-s", "link", "show", self.lab.inner).stdout
+        )[0]["stats64"]
+        st = self.app.call("stats")
+        d = st["directions"]["in"]
+        return {
+            "xmit": _sum(client, "xdp_xmit"),
+            "veth_dropped": _sum(client, "xdp_xmit_errors"),
+            "xdp_seen": _sum(outer, "xdp_packets"),
+            "reasons": {k: v["packets"] for k, v in d["reasons"].items()},
+            "monitor": {k: v["packets"] for k, v in st["monitor"].items()},
+            "xsk_dropped": sum(
+                q["xsk"]["outer"]["rx_dropped"] + q["xsk"]["outer"]["rx_ring_full"]
+                for q in st["queues"]
+            ),
+            "rx": d["rx_packets"],
+            "tx": d["tx_packets"],
+            "tx_ring_full": d["tx_ring_full"],
+            "dropped": d["dropped"],
+            "challenges": st["challenges"]["sent"] + st["challenges"]["lost"],
+            "origin_dropped": inner["tx"]["dropped"],
+            "busy": st["frames"]["rx"],
+        }
+
+    def __enter__(self) -> Ledger:
+        self.before = self._settled()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _settled(self, timeout: float = 60) -> dict[str, Any]:
+        """A reading with the RX rings drained and equal to the one before it."""
+        deadline = time.monotonic() + timeout
+        prev = self._read()
+        while True:
+            time.sleep(0.2)
+            cur = self._read()
+            if cur == prev and not cur["busy"]:
+                return cur
+            assert time.monotonic() < deadline, f"counters never settled: {cur}"
+            prev = cur
+
+    def account(self) -> Account:
+        from xdpguard.defs import LOOP_REASONS, XDP_REASONS
+
+        a, b = self.before, self._settled()
+        delta = {k: b[k] - a[k] for k in b if isinstance(b[k], int)}
+        reasons = {k: n - a["reasons"].get(k, 0) for k, n in b["reasons"].items()}
+        monitor = {k: n - a["monitor"].get(k, 0) for k, n in b["monitor"].items()}
+        acct = Account(
+            xmit=delta["xmit"],
+            veth_dropped=delta["veth_dropped"],
+            xdp_seen=delta["xdp_seen"],
+            xdp={r.name: reasons[r.name] for r in XDP_REASONS if reasons[r.name]},
+            loop={r.name: reasons[r.name] for r in LOOP_REASONS if reasons[r.name]},
+            monitor={k: n for k, n in monitor.items() if n},
+            xsk_dropped=delta["xsk_dropped"],
+            rx=delta["rx"],
+            tx=delta["tx"],
+            tx_ring_full=delta["tx_ring_full"],
+            dropped=delta["dropped"],
+            challenges=delta["challenges"],
+            origin_dropped=delta["origin_dropped"],
+        )
+        print(acct)  # shown with a failure's output
+        return acct
+
+
+class Attempt(NamedTuple):
+    """One probe exchange: wall-clock start and end, and whether it succeeded."""
+
+    start: float
+    end: float
+    ok: bool
+
+
 class Probe:
-    """A running labtraffic probe; result() waits for it."""
+    """A running labtraffic probe; result() waits for it, stop() ends it early."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
 
-    def result(self, timeout: float = 60) -> list[tuple[float, bool]]:
+    def stop(self) -> list[Attempt]:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.result()
+
+    def result(self, timeout: float = 60) -> list[Attempt]:
         out, _ = self.proc.communicate(timeout=timeout)
         try:
-            return [(t, ok) for t, ok in json.loads(out.strip().splitlines()[-1])["events"]]
-        except (IndexError, json.JSONDecodeError, KeyError):
+            return [Attempt(*e) for e in json.loads(out.strip().splitlines()[-1])["events"]]
+        except (IndexError, json.JSONDecodeError, KeyError, TypeError):
             raise AssertionError(f"probe failed: {out}") from None
-
-
-def successes(events: list[tuple[float, bool]], start: float, end: float) -> int:
-    """How many attempts started in [start, end) succeeded."""
-    return sum(1 for t, ok in events if ok and start <= t < end)
 
 
 @contextlib.contextmanager

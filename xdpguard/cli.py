@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import click
 
 from xdpguard import __version__
-from xdpguard.control import DEFAULT_CONTROL, ControlClient, ControlServer
+from xdpguard.control import DEFAULT_CONTROL, ControlClient, wait_ready
 from xdpguard.defs import MAX_QUEUES
 from xdpguard.errors import XdpguardError
 from xdpguard.netns import valid_ifname
@@ -207,8 +205,8 @@ def run(
     under it (exit 1, one line saying why), the XDP programs and the control
     socket go; the state directory stays for the next start.
     """
-    from xdpguard.engine import Engine, EngineConfig, missing_capabilities
-    from xdpguard.stats import summary_line
+    from xdpguard.daemon import run_daemon
+    from xdpguard.engine import EngineConfig, missing_capabilities
 
     missing = missing_capabilities()
     if missing:
@@ -217,16 +215,7 @@ def run(
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="xdpguard: %(levelname)s: %(message)s"
     )
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("%s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    engine = Engine(
+    run_daemon(
         EngineConfig(
             outer=outer,
             outer_netns=outer_netns,
@@ -239,42 +228,10 @@ def run(
             max_flows=max_flows,
             learn=learn,
             ring_size=int(ring_size),
-        )
+        ),
+        control,
+        summary_interval,
     )
-    ready = threading.Event()
-
-    def when_ready(fn: Any) -> Any:
-        def handler(args: dict[str, Any]) -> Any:
-            if not ready.is_set():
-                raise XdpguardError("xdpguard is starting")
-            return fn(args)
-
-        return handler
-
-    server = ControlServer(
-        control, {name: when_ready(fn) for name, fn in engine.control_handlers().items()}
-    )
-    # The socket first: a second instance on the same path fails before
-    # touching any device.
-    server.start()
-    try:
-        engine.start()
-        ready.set()
-        log.info("control socket %s", control)
-        prev = engine.stats(account=False)
-        next_line = time.monotonic() + summary_interval
-        while not stop.is_set():
-            stop.wait(0.1)
-            if engine.fatal.is_set():
-                raise XdpguardError(f"{engine.fatal_reason}; shut down")
-            if time.monotonic() >= next_line:
-                cur = engine.stats(account=False)
-                print(f"xdpguard: {summary_line(prev, cur)}", file=sys.stderr, flush=True)
-                prev, next_line = cur, next_line + summary_interval
-    finally:
-        server.close()
-        engine.stop()
-    log.info("stopped")
 
 
 def _client(control: str) -> ControlClient:
@@ -282,14 +239,35 @@ def _client(control: str) -> ControlClient:
 
 
 @main.command()
+@click.option(
+    "--wait",
+    type=click.FloatRange(0, 3600),
+    is_flag=False,
+    flag_value=30.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Block until the appliance is ready (forwarding), at most SECONDS (default 30); "
+    "fail if it exits first or the time runs out.",
+)
 @json_option
 @control_option
-def status(as_json: bool, control: str) -> None:
-    """Devices, namespaces, netns cookies, ifindexes, queues, XDP mode, sockets."""
+def status(wait: float | None, as_json: bool, control: str) -> None:
+    """State, devices, namespaces, netns cookies, ifindexes, queues, XDP mode, sockets.
+
+    The state is starting (the data path is being built), ready (frames are
+    forwarded) or stopping. Scripts start the appliance, then wait for it:
+
+    \b
+      xdpguard run ... &
+      xdpguard status --wait 30 >/dev/null && ping ...
+    """
     from xdpguard.stats import format_status
 
-    with _client(control) as c:
-        st = c.call("status")
+    if wait is not None:
+        st = wait_ready(control, wait)
+    else:
+        with _client(control) as c:
+            st = c.call("status")
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
 
 

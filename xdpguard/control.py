@@ -27,6 +27,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,11 @@ COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
         Command("help", "list the commands this server understands"),
-        Command("status", "devices, namespaces, netns cookies, sockets and workers"),
+        Command(
+            "status",
+            "state (starting|ready|stopping), devices, namespaces, netns cookies, sockets "
+            "and workers: {wait?: seconds to block until not starting}",
+        ),
         Command("stats", "counters per reason, direction and queue; frame account"),
         *(
             Command(f"{lst}.{verb}", text.format(lst=lst))
@@ -314,3 +319,32 @@ class ControlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_ready(control: str | os.PathLike[str], seconds: float) -> dict[str, Any]:
+    """The status of the appliance at ``control`` once it is ready (see daemon.py).
+
+    Waits for the socket to appear, then for the server to leave "starting";
+    XdpguardError if it exits or stops first, or ``seconds`` run out.
+    """
+    deadline = time.monotonic() + seconds
+    seen = False
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with ControlClient(control, timeout=max(left, 0) + 10) as c:
+                seen = True
+                st = c.call("status", wait=max(left, 0))
+        except XdpguardError as exc:
+            if seen:
+                raise XdpguardError(f"xdpguard exited before it was ready ({exc})") from None
+            if time.monotonic() >= deadline:
+                raise XdpguardError(f"{exc}; waited {seconds:g} s") from None
+            time.sleep(0.05)  # not started yet: its socket appears first
+            continue
+        if st["state"] == "ready":
+            return st
+        if st["state"] == "stopping":
+            raise XdpguardError("xdpguard is stopping; it never became ready")
+        if time.monotonic() >= deadline:
+            raise XdpguardError(f"xdpguard not ready after {seconds:g} s (still {st['state']})")

@@ -17,6 +17,11 @@ Reason = IntEnum(  # type: ignore[misc]
     {_snake("XG_REASON_", name): value for name, value in B.enum_members("enum xg_reason").items()},
 )
 
+# Which stage counts a reason (enum xg_reason_stage): the XDP program sees
+# every frame once; the loop judges some of XDP's "redirected" frames again.
+XDP_REASONS = frozenset(r for r in Reason if B.STAGE_XDP >> r & 1)
+LOOP_REASONS = frozenset(r for r in Reason if B.STAGE_LOOP >> r & 1)
+
 
 class Role(IntEnum):
     OUTER = B.ROLE_OUTER

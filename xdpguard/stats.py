@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-# XDP's verdicts on every frame; the AF_XDP loop judges some of the
-# "redirected" ones again (its reasons are all drops, counted apart).
-XDP_PASS_REASONS = frozenset({"redirected", "allowlist"})
-XDP_REASONS = frozenset(
-    {"redirected", "no_socket", "malformed", "allowlist", "blocklist", "udp_src_port", "fragment"}
-)
+from xdpguard import defs
+
+# XDP's verdicts on every frame (from the header's stage masks); the AF_XDP
+# loop judges some of the "redirected" ones again, counted apart.
+XDP_REASONS = frozenset(r.name for r in defs.XDP_REASONS)
+XDP_PASS_REASONS = frozenset({defs.Reason.redirected.name, defs.Reason.allowlist.name})
 
 
 def si(value: float, unit: str) -> str:
@@ -115,7 +115,9 @@ def format_stats(cur: dict[str, Any], prev: dict[str, Any] | None = None) -> str
 
 
 def format_status(st: dict[str, Any]) -> str:
-    lines = [f"xdpguard {st['version']}, pid {st['pid']}, up {st['uptime']:.0f}s"]
+    if st["state"] != "ready":
+        return f"xdpguard pid {st['pid']}: {st['state']}"
+    lines = [f"xdpguard {st['version']}, pid {st['pid']}, {st['state']}, up {st['uptime']:.0f}s"]
     for role, d in st["devices"].items():
         lines.append(
             f"{role:<6} {d['name']:<12} netns {d['netns']:<14} cookie {d['netns_cookie']:<6} "

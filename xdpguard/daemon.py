@@ -1,0 +1,152 @@
+"""``xdpguard run``: the engine, its control socket and its lifecycle.
+
+The lifecycle is what scripts and service managers wait on:
+
+    starting  the control socket answers ``status`` (and only that); the data
+              path is being built
+    ready     every worker is polling its sockets and both XDP programs are
+              attached: a frame sent now is forwarded
+    stopping  a signal or a fatal error; the data path is being taken down
+
+``status`` reports the state, and ``status`` with ``wait`` blocks until the
+appliance leaves ``starting`` (``xdpguard status --wait``). When
+NOTIFY_SOCKET is set, READY=1 and STOPPING=1 go to it (the sd_notify
+protocol: one datagram per message).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from xdpguard.control import ControlServer
+from xdpguard.engine import Engine, EngineConfig
+from xdpguard.errors import XdpguardError
+from xdpguard.stats import summary_line
+
+log = logging.getLogger("xdpguard")
+
+STARTING, READY, STOPPING = "starting", "ready", "stopping"
+# Longest a client may ask ``status`` to wait for readiness.
+MAX_WAIT = 3600.0
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to $NOTIFY_SOCKET; False if unset. Never raises."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):  # the abstract namespace
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc.strerror)
+        return False
+    return True
+
+
+class Lifecycle:
+    """The appliance's state, with a way to wait for it to leave ``starting``."""
+
+    def __init__(self) -> None:
+        self._state = STARTING
+        self._changed = threading.Condition()
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def set(self, state: str) -> None:
+        with self._changed:
+            self._state = state
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> str:
+        """Block until the state is not ``starting``, or ``timeout`` seconds; the state."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._state != STARTING, timeout)
+            return self._state
+
+
+def _wait_polling(engine: Engine, timeout: float = 10.0) -> None:
+    """Until every worker has entered its loop (it polls its sockets from then on)."""
+    deadline = time.monotonic() + timeout
+    while not all(p.worker is not None and p.worker.stats()["loops"] for p in engine.paths):
+        if engine.fatal.is_set():
+            raise XdpguardError(f"{engine.fatal_reason}; shut down")
+        if time.monotonic() > deadline:
+            raise XdpguardError(f"the workers did not start within {timeout:.0f} s")
+        time.sleep(0.005)
+
+
+def run_daemon(cfg: EngineConfig, control: str, summary_interval: float) -> None:
+    """The appliance in the foreground until SIGINT/SIGTERM (returns) or a fatal error."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    engine = Engine(cfg)
+    life = Lifecycle()
+
+    def gated(fn: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+        def handler(args: dict[str, Any]) -> Any:
+            if life.state != READY:
+                raise XdpguardError(f"xdpguard is {life.state}")
+            return fn(args)
+
+        return handler
+
+    def status(args: dict[str, Any]) -> Any:
+        wait = args.get("wait")
+        if wait is not None:
+            if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+                raise XdpguardError(f"wait {wait!r}: must be a number of seconds")
+            life.wait(min(float(wait), MAX_WAIT))
+        state = life.state
+        if state != READY:
+            return {"state": state, "pid": os.getpid()}
+        return {"state": state, **engine.status()}
+
+    handlers = {name: gated(fn) for name, fn in engine.control_handlers().items()}
+    handlers["status"] = status
+    server = ControlServer(control, handlers)
+    # The socket first: a second instance on the same path fails before
+    # touching any device.
+    server.start()
+    try:
+        engine.start()
+        _wait_polling(engine)
+        life.set(READY)
+        sd_notify(f"READY=1\nSTATUS=forwarding {cfg.outer} <-> {cfg.inner}\nMAINPID={os.getpid()}")
+        log.info("ready; control socket %s", control)
+        prev = engine.stats(account=False)
+        next_line = time.monotonic() + summary_interval
+        while not stop.is_set():
+            stop.wait(0.1)
+            if engine.fatal.is_set():
+                raise XdpguardError(f"{engine.fatal_reason}; shut down")
+            if time.monotonic() >= next_line:
+                cur = engine.stats(account=False)
+                print(f"xdpguard: {summary_line(prev, cur)}", file=sys.stderr, flush=True)
+                prev, next_line = cur, next_line + summary_interval
+    finally:
+        life.set(STOPPING)
+        sd_notify("STOPPING=1")
+        server.close()
+        engine.stop()
+    log.info("stopped")
