@@ -14,9 +14,10 @@ send    client -> server bulk transfer; checks the server's SHA-256.
 recv    server -> client bulk transfer; checks the SHA-256 against the seed.
 many    N concurrent short TCP exchanges (connect, echo a line, close).
 udp     N UDP datagrams echoed back; reports how many returned.
-probe   for --seconds, every --interval: one echo exchange from --from over
-        UDP or TCP (a fresh connection each time); reports each attempt's
-        wall-clock time and whether it succeeded within --timeout.
+probe   for --seconds (or --count attempts, or --until-ok, or until SIGTERM),
+        every --interval: one echo exchange from --from over UDP or TCP (a
+        fresh connection each time); reports each attempt's wall-clock start
+        and end and whether it succeeded within --timeout.
 
 Client commands print one JSON object (one line of text with --text) and
 exit 0 only if everything checked.
@@ -28,6 +29,7 @@ import argparse
 import hashlib
 import json
 import random
+import signal
 import socket
 import socketserver
 import sys
@@ -210,8 +212,10 @@ def udp(args: argparse.Namespace) -> dict:
 
 def probe(args: argparse.Namespace) -> dict:
     family = socket.AF_INET6 if ":" in args.to else socket.AF_INET
-    events: list[tuple[float, bool]] = []
+    events: list[tuple[float, float, bool]] = []
     end = time.monotonic() + args.seconds
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     udp_sock = None
     if args.proto == "udp":
         udp_sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -219,7 +223,7 @@ def probe(args: argparse.Namespace) -> dict:
         udp_sock.connect((args.to, args.port))
         udp_sock.settimeout(args.timeout)
     seq = 0
-    while time.monotonic() < end:
+    while time.monotonic() < end and not stop.is_set() and len(events) < args.count:
         started, wall = time.monotonic(), time.time()
         ok = False
         seq += 1
@@ -241,9 +245,11 @@ def probe(args: argparse.Namespace) -> dict:
                     ok = s.recv(64) == b"probe\n"
         except OSError:
             ok = False
-        events.append((wall, ok))
-        time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
-    return {"events": events, "ok": any(ok for _, ok in events)}
+        events.append((wall, time.time(), ok))
+        if ok and args.until_ok:
+            break
+        stop.wait(max(0.0, args.interval - (time.monotonic() - started)))
+    return {"events": events, "ok": any(ok for _, _, ok in events)}
 
 
 TEXT = {
@@ -278,6 +284,8 @@ def main() -> int:
             c.add_argument("--proto", choices=("udp", "tcp"), default="udp")
             c.add_argument("--interval", type=float, default=0.05)
             c.add_argument("--seconds", type=float, default=5.0)
+            c.add_argument("--count", type=int, default=1 << 30, help="at most this many")
+            c.add_argument("--until-ok", action="store_true", help="stop at the first success")
         if name == "udp":
             c.add_argument("--count", type=int, default=100)
             c.add_argument("--size", type=int, default=64)

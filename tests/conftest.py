@@ -6,17 +6,40 @@ skipped without the capabilities it needs, decided from the process'
 effective capabilities (never the user name). Under CI=true a skip is a
 failure: CI runs as root, so a test that skips there has silently stopped
 testing anything.
+
+Randomness is seeded: every test starts ``random`` from a seed derived from
+the run's seed (printed in the header, and with every failure) and the
+test's name. XDPGUARD_TEST_SEED=N replays a run.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import zlib
 
 import pytest
 
 TIERS = ("unit", "bpf", "netns")
 # CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_BPF
 _NEEDED_CAPS = (12, 13, 21, 39)
+
+
+RUN_SEED = int(os.environ.get("XDPGUARD_TEST_SEED") or random.SystemRandom().randrange(1 << 32))
+
+
+def seed_for(nodeid: str) -> int:
+    """The seed of one test: stable for a run seed and a test name."""
+    return RUN_SEED ^ zlib.crc32(nodeid.encode())
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"random seed: XDPGUARD_TEST_SEED={RUN_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request: pytest.FixtureRequest) -> None:
+    random.seed(seed_for(request.node.nodeid))
 
 
 def in_ci() -> bool:
@@ -51,6 +74,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
+    if report.failed:
+        report.sections.append(
+            ("random seed", f"XDPGUARD_TEST_SEED={RUN_SEED} (this test: {seed_for(item.nodeid)})")
+        )
     if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import CLIENT_V4, ORIGIN_V4, Appliance, Lab, import_bench, lab
+from lab import CLIENT_V4, ORIGIN_V4, Appliance, Lab, Ledger, import_bench, lab, wait_for
 
 from xdpguard.netns import Netns, resolve_device
 
@@ -32,9 +32,10 @@ def lab2() -> Iterator[Lab]:
         yield the_lab
 
 
-def flood(the_lab: Lab, flags: str, count: int, ratio: float = 0.02, frag: int = 0x4000) -> None:
+def flood(the_lab: Lab, flags: str, count: int, ratio: float = 0.02, frag: int = 0x4000) -> int:
     """``count`` TCP segments with ``flags`` from random spoofed sources and ports
-    (``frag``: the IPv4 flags and fragment offset, DF by default)."""
+    (``frag``: the IPv4 flags and fragment offset, DF by default); how many
+    the generator sent (at least ``count``: it stops after a whole run)."""
     xgbench = import_bench()
     client = resolve_device(Netns(the_lab.client_ns), "eth0")
     origin = resolve_device(Netns(the_lab.origin_ns), "eth0")
@@ -47,6 +48,7 @@ def flood(the_lab: Lab, flags: str, count: int, ratio: float = 0.02, frag: int =
     try:
         while gen.sent() < count:
             gen.run(min(200_000, int((count - gen.sent()) / ratio) + 1))
+        return gen.sent()
     finally:
         gen.close()
 
@@ -94,14 +96,13 @@ def test_challenge_then_verified(lab2: Lab, tmp_path: Path) -> None:
         s, first = connect(lab2)
         assert echo(s, b"hello") == b"hello"
         r = reasons(app)
+        # A real Linux client answers the challenge and its retry gets through.
         assert r["syn_challenged"] == 1 and r["challenge_passed"] == 1
-        # A real Linux client answers the challenge and retries at once.
-        print(f"\nconnect time through a SYN challenge: {first * 1e3:.1f} ms")
-        assert first < 0.5
         s, second = connect(lab2)
         assert echo(s, b"again") == b"again"
         assert reasons(app)["syn_challenged"] == 1  # not challenged again
-        print(f"connect time, verified source: {second * 1e3:.2f} ms")
+        # How long that takes is bench/tcp.py's business, not a test's.
+        print(f"\nconnect times: {first * 1e3:.1f} ms challenged, {second * 1e3:.2f} ms verified")
         verified = json.loads(app.cli("tcp", "verified", "list", "--json").stdout)
         assert [e["source"] for e in verified["entries"]] == [CLIENT_V4]
         flows = json.loads(app.cli("tcp", "flows", "--json").stdout)
@@ -129,20 +130,22 @@ def test_spoofed_syn_flood_never_reaches_the_origin(lab2: Lab, tmp_path: Path) -
 
         done = threading.Event()
         client = threading.Thread(target=legit)
-        client.start()
-        try:
-            flood(lab2, "S", 100_000)
-        finally:
-            done.set()
-            client.join()
+        with Ledger(lab2, app) as ledger:
+            client.start()
+            try:
+                sent = flood(lab2, "S", 100_000)
+            finally:
+                done.set()
+                client.join()
         seen = counts()
         assert seen["spoofed_syns"] == 0, seen
         assert results and all(results), results.count(False)
         assert seen["client_syns"] >= len(results)
-        r = reasons(app)
-        assert r["syn_challenged"] >= 100_000
-        stats = app.call("stats")
-        assert stats["challenges"]["sent"] + stats["challenges"]["lost"] >= 100_000
+        acct = ledger.account()
+        acct.check(sent)
+        # Every spoofed SYN the loop saw was challenged, none forwarded.
+        assert acct.loop["syn_challenged"] >= acct.judged_at_least(sent) > 0, acct
+        assert acct.loop["syn_challenged"] <= sent + len(results), acct
         # No spoofed source can answer: nothing but the client got verified.
         verified = json.loads(app.cli("tcp", "verified", "list", "--json").stdout)
         assert [e["source"] for e in verified["entries"]] == [CLIENT_V4]
@@ -160,21 +163,19 @@ def test_ack_and_rst_floods_spare_an_established_transfer(
         app.cli("tcp", "mode", "on")
         app.cli("tcp", "config", "--learn", "0")
         # The transfer's connection goes through its challenge first.
-        mover, outcome = background_send(lab2, "256M")
-        time.sleep(0.5)
-        if flags == "A+MF":
-            flood(lab2, "A", 100_000, frag=0x2000)
-        else:
-            flood(lab2, flags, 100_000)
-        mover.join()
+        with Ledger(lab2, app) as ledger:
+            mover, outcome = background_send(lab2, "256M")
+            wait_for(lambda: app.call("stats")["directions"]["in"]["tx_bytes"] > 1 << 20)
+            frag = 0x2000 if flags == "A+MF" else 0x4000
+            sent = flood(lab2, flags[0] if flags == "A+MF" else flags, 100_000, frag=frag)
+            mover.join()
         assert outcome.get("ok"), outcome
         assert counts()["spoofed"] == 0
-        r = reasons(app)
+        acct = ledger.account()
+        acct.check(sent)
         expect = {"R": "challenge_failed", "A+MF": "tcp_fragment"}.get(flags, "tcp_no_flow")
-        # Sharing the worker with the transfer, a few flood frames find the
-        # socket's RX ring full and are dropped by the kernel before the
-        # loop judges them; none reach the origin either way (above).
-        assert r[expect] >= 90_000, r
+        # Every flood frame the loop judged was dropped, under its reason.
+        assert acct.loop[expect] >= acct.judged_at_least(sent) > 0, acct
 
 
 def test_spoofed_out_of_window_rst_does_not_kill_a_connection(lab2: Lab, tmp_path: Path) -> None:
@@ -215,12 +216,14 @@ def test_spoofed_out_of_window_rst_does_not_kill_a_connection(lab2: Lab, tmp_pat
                 for frame in rsts:
                     raw.send(bytes(frame))
 
-        Netns(lab2.client_ns).run(inject)
-        time.sleep(0.2)
+        with Ledger(lab2, app) as ledger:
+            Netns(lab2.client_ns).run(inject)
+        acct = ledger.account()
+        acct.check()
         # At most the one or two RSTs that land in the window may pass; the
         # connection survives all the others (the origin checks the rest).
         assert counts()["rsts"] <= 2
-        assert reasons(app)["tcp_out_of_window"] >= len(rsts) - 2
+        assert acct.loop["tcp_out_of_window"] >= len(rsts) - 2 - acct.xsk_dropped, acct
         s.sendall(b"still alive\n")
         s.shutdown(socket.SHUT_WR)
         got = b""
@@ -234,7 +237,7 @@ def test_restart_during_a_transfer_cuts_nothing(lab2: Lab, tmp_path: Path) -> No
     try:
         app.cli("tcp", "mode", "on")
         mover, outcome = background_send(lab2, "1G")
-        time.sleep(1.5)
+        wait_for(lambda: app.call("stats")["directions"]["in"]["tx_bytes"] > 64 << 20)
         rc, _ = app.stop()
         assert rc == 0
         app = Appliance(lab2, tmp_path).start()  # state mode on comes back from state
@@ -257,14 +260,22 @@ def test_monitor_mode_passes_and_counts(lab2: Lab, tmp_path: Path) -> None:
     ):
         app.cli("tcp", "mode", "monitor")
         app.cli("tcp", "config", "--learn", "0")
-        flood(lab2, "S", 10_000)
-        flood(lab2, "A", 10_000)
-        time.sleep(0.3)
-        seen = counts()
-        assert seen["syns"] >= 10_000 * 0.99 and seen["acks"] >= 10_000 * 0.99, seen
-        stats = app.call("stats")
-        assert stats["monitor"]["syn_challenged"]["packets"] >= 10_000
-        assert stats["monitor"]["tcp_no_flow"]["packets"] >= 10_000
+        for flags, would, at_origin in (
+            ("S", "syn_challenged", "syns"),
+            ("A", "tcp_no_flow", "acks"),
+        ):
+            with Ledger(lab2, app) as ledger:
+                sent = flood(lab2, flags, 10_000)
+            acct = ledger.account()
+            acct.check(sent)
+            # Counted as what "on" would have done, and passed: the loop
+            # dropped nothing, and every frame it passed reached the origin
+            # but for what the origin's own veth dropped.
+            judged = acct.monitor.get(would, 0)
+            assert judged >= acct.judged_at_least(sent) > 0, acct
+            assert acct.loop == {} and acct.dropped == 0, acct
+            seen = counts()[at_origin]
+            assert judged - acct.tx_ring_full - acct.origin_dropped <= seen <= judged, (seen, acct)
         r = reasons(app)
         assert "syn_challenged" not in r and "tcp_no_flow" not in r
 
@@ -272,14 +283,20 @@ def test_monitor_mode_passes_and_counts(lab2: Lab, tmp_path: Path) -> None:
 def test_full_flow_table_keeps_established_flows(lab2: Lab, tmp_path: Path) -> None:
     with Appliance(lab2, tmp_path, "--max-flows", "1024") as app:
         app.cli("tcp", "mode", "off")  # every spoofed SYN becomes a half-open flow
-        mover, outcome = background_send(lab2, "256M")
-        time.sleep(0.5)
-        flood(lab2, "S", 50_000)
-        flows = json.loads(app.cli("tcp", "flows", "--json").stdout)
-        mover.join()
+        with Ledger(lab2, app) as ledger:
+            mover, outcome = background_send(lab2, "256M")
+            wait_for(lambda: app.call("stats")["directions"]["in"]["tx_bytes"] > 1 << 20)
+            sent = flood(lab2, "S", 50_000)
+            flows = json.loads(app.cli("tcp", "flows", "--json").stdout)
+            mover.join()
         assert outcome.get("ok"), outcome
+        acct = ledger.account()
+        acct.check(sent)
+        # Far more half-open flows than slots arrived: the table was full,
+        # and each new one took the slot of an older half-open one.
+        assert acct.judged_at_least(sent) > 4 * flows["capacity"], acct
         assert flows["evictions"] > 0
-        assert flows["tracked"] > 1024 * 0.9  # full
+        assert acct.loop.get("flow_table_full", 0) == 0  # always a half-open victim
         s, _ = connect(lab2)  # new connections still open
         assert echo(s, b"x") == b"x"
 
@@ -288,10 +305,11 @@ def test_allowlisted_source_skips_the_challenge(lab2: Lab, tmp_path: Path) -> No
     with Appliance(lab2, tmp_path) as app:
         app.cli("tcp", "mode", "on")
         app.cli("allow", "add", CLIENT_V4)
-        s, took = connect(lab2)
+        s, _ = connect(lab2)
         assert echo(s, b"trusted") == b"trusted"
-        assert "syn_challenged" not in reasons(app)
-        assert took < 0.005  # no challenge round trip
+        r = reasons(app)
+        assert "syn_challenged" not in r and r["allowlist"] > 0, r
+        assert app.call("stats")["challenges"] == {"sent": 0, "lost": 0}
 
 
 def test_verified_sources_survive_a_restart(lab2: Lab, tmp_path: Path) -> None:

@@ -279,7 +279,8 @@ def test_state_with_invalid_prefix_is_refused(tmp_path: Path) -> None:
     a.list_add("block", ["10.0.0.0/8"])
     with np.load(tmp_path / "policy.npz") as z:
         arrays = dict(z)
-    keys = arrays["block_v4_keys"].copy()
+    good_keys = arrays["block_v4_keys"]
+    keys = good_keys.copy()
     keys[3] = 1  # 10.0.0.1/8: host bits
     arrays["block_v4_keys"] = keys
     np.savez(tmp_path / "policy.npz", **arrays)
@@ -288,7 +289,8 @@ def test_state_with_invalid_prefix_is_refused(tmp_path: Path) -> None:
     meta = json.loads(bytes(arrays["meta"]))
     meta["version"] = 99
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    arrays["block_v4_keys"] = arrays["block_v4_keys"]
+    # The prefixes are good again: the version alone must refuse the file.
+    arrays["block_v4_keys"] = good_keys
     np.savez(tmp_path / "policy.npz", **arrays)
     with pytest.raises(XdpguardError, match="not a version 1"):
         Policy(RecordingMaps(), tmp_path).restore()

@@ -345,9 +345,20 @@ def test_secret_rotation_keeps_the_previous_secret() -> None:
 
 def test_allowlisted_and_verified_skip_challenges() -> None:
     tcp = stage(syn="on")
-    c = Conv(tcp)
-    v, _ = c.judge(True, c.frame(True, "S", c.cseq), allowlisted=True)
-    assert v == FWD and c.reasons() == {}
+    stranger = Conv(tcp, client="169.254.0.7")
+    assert stranger.syn() == REPLY  # challenges are on for everyone else
+    allowed = Conv(tcp, client="169.254.0.8", stats=stranger.stats)
+    v, _ = allowed.judge(True, allowed.frame(True, "S", allowed.cseq), allowlisted=True)
+    assert v == FWD
+    # A source verified earlier (as a restart restores it) is not asked again ...
+    verified = Conv(tcp, client="169.254.0.9", stats=stranger.stats)
+    tcp.verified_add(bytes(10) + b"\xff\xff" + bytes([169, 254, 0, 9]), T0 + 60)
+    assert verified.syn() == FWD
+    assert stranger.reasons() == {"syn_challenged": 1}
+    # ... until its verification expires.
+    again = Conv(tcp, client="169.254.0.9", cport=40001, now=T0 + 61, stats=stranger.stats)
+    assert again.syn() == REPLY
+    assert stranger.reasons() == {"syn_challenged": 2}
 
 
 def test_monitor_counts_and_passes() -> None:
@@ -458,17 +469,36 @@ def test_full_table_keeps_established_flows() -> None:
     assert counts["evictions"] == 0
 
 
+def tracked_ports(tcp: B.Tcp) -> dict[int, int]:
+    """Client port -> state of every live flow (ports as the test wrote them)."""
+    _, flows = tcp.scan(1000)
+    return {
+        int.from_bytes(f["key"]["out_port"].to_bytes(2, "little"), "big"): f["state"] for f in flows
+    }
+
+
 def test_full_table_evicts_the_oldest_half_open_flows() -> None:
-    tcp = stage(max_flows=64)
-    first = [Conv(tcp, cport=1024 + i) for i in range(64)]
+    tcp = stage(max_flows=8)  # one bucket of 8: every flow competes for it
+    first = [Conv(tcp, cport=1024 + i) for i in range(8)]
     for c in first:
         assert c.syn() == FWD
-    late = [Conv(tcp, cport=5000 + i, now=T0 + 1) for i in range(64)]
+    assert tracked_ports(tcp) == {c.cport: SYN_SENT for c in first}
+    assert tcp.scan()[0]["evictions"] == 0
+    # Each later SYN takes the slot of the oldest half-open flow.
+    late = [Conv(tcp, cport=5000 + i, now=T0 + 1 + i) for i in range(4)]
     for c in late:
-        assert c.syn() == FWD  # a half-open flow always finds room
-    counts, _ = tcp.scan()
-    assert counts["evictions"] > 0
-    assert counts["states"][SYN_SENT] <= 64
+        assert c.syn() == FWD
+    expect = {c.cport: SYN_SENT for c in first[4:] + late}
+    assert tracked_ports(tcp) == expect
+    assert tcp.scan()[0]["evictions"] == 4
+    # An established flow is never the victim, however old.
+    old = first[4]
+    assert old.synack() == FWD and old.ack() == FWD
+    newer = [Conv(tcp, cport=6000 + i, now=T0 + 10) for i in range(7)]
+    for c in newer:
+        assert c.syn() == FWD
+    assert tracked_ports(tcp) == {old.cport: ESTABLISHED, **{c.cport: SYN_SENT for c in newer}}
+    assert tcp.scan()[0]["evictions"] == 4 + 7
 
 
 def test_a_flow_stamped_by_a_faster_clock_is_alive() -> None:
