@@ -21,11 +21,12 @@ STAMP := .stamp
 # benchmarks drive.
 DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 	python3 python3-venv python3-dev python3-bpfcc \
-	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables
+	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables \
+	libclang-rt-14-dev
 
 BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o
 SHIM := xdpguard/_shim.abi3.so
-SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py bpf/xdpguard.h
+SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py bpf/xdpguard.h bpf/xg_parse.h
 
 PYTEST_ARGS ?=
 
@@ -70,14 +71,19 @@ $(STAMP)/venv: pyproject.toml setup.py | apt
 
 build: $(BPF_OBJS) $(SHIM)
 
-%.bpf.o: %.bpf.c bpf/xdpguard.h $(wildcard bench/*.h) | apt
+%.bpf.o: %.bpf.c bpf/xdpguard.h bpf/xg_parse.h $(wildcard bench/*.h) | apt
 	@echo "  CLANG  $@"
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
+# A failed build fails make (and removes the stale module, so nothing
+# imports an old one); a good build shows only its warnings.
 $(SHIM): $(SHIM_DEPS) | $(STAMP)/venv
 	@echo "  CFFI   $@"
-	$(Q)$(PY) setup.py -q build_ext --inplace 2>&1 | grep -E "error|warning:" >&2 || true
-	$(Q)test -f $@ && touch $@
+	$(Q)mkdir -p $(STAMP)
+	$(Q)if ! $(PY) setup.py -q build_ext --inplace >$(STAMP)/shim.log 2>&1; then \
+		cat $(STAMP)/shim.log >&2; rm -f $@; exit 1; \
+	fi; grep -E "warning:" $(STAMP)/shim.log >&2 || true
+	$(Q)touch $@
 
 test: deps build
 	$(Q)$(PY) -m pytest $(PYTEST_ARGS)

@@ -17,8 +17,12 @@
 /* cffi:begin */
 
 enum {
-	/* Bumped when a struct below changes shape. */
-	XG_ABI_VERSION = 1,
+	/*
+	 * Bumped when anything below changes meaning or shape. The BPF object
+	 * carries it (xg_abi), and so does the compiled shim; xdpguard refuses
+	 * to start when either differs from xdpguard.defs.ABI_VERSION.
+	 */
+	XG_ABI_VERSION = 2,
 	/* Capacity of the per-queue maps; a device may use fewer. */
 	XG_MAX_QUEUES = 64,
 	/*
@@ -111,22 +115,30 @@ enum xg_reason {
 	 * fragment TCP (DF and path MTU discovery, MSS on IPv6).
 	 */
 	XG_REASON_TCP_FRAGMENT = 14,
+	/*
+	 * More VLAN tags or IPv6 extension headers than the parser walks
+	 * (bpf/xg_parse.h): the frame cannot be judged, so it is dropped.
+	 */
+	XG_REASON_EXT_HEADER_LIMIT = 15,
 };
 
 /*
  * Which stage counts each reason, as masks with bit N for reason N: the XDP
  * program (xg_stats, one verdict per frame it sees) or the AF_XDP loop (its
  * worker counters, a verdict only for frames it drops or answers). A
- * reason appended to enum xg_reason is added to one of them in the same
- * change (tests/unit/test_reasons.py checks that every reason is in
- * exactly one); beyond reason 31 the masks grow a second word.
+ * reason appended to enum xg_reason is added to them in the same change
+ * (tests/unit/test_reasons.py checks that every reason has a stage); beyond
+ * reason 31 the masks grow a second word. Each stage has counters of its
+ * own, so a reason in both is never counted twice for one frame.
  */
 enum xg_reason_stage {
 	XG_STAGE_XDP = (1 << XG_REASON_REDIRECTED) | (1 << XG_REASON_NO_SOCKET) |
 		       (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_ALLOWLIST) |
 		       (1 << XG_REASON_BLOCKLIST) | (1 << XG_REASON_UDP_SRC_PORT) |
-		       (1 << XG_REASON_FRAGMENT),
-	XG_STAGE_LOOP = (1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
+		       (1 << XG_REASON_FRAGMENT) | (1 << XG_REASON_EXT_HEADER_LIMIT),
+	/* The loop parses with the same parser and fails closed the same way. */
+	XG_STAGE_LOOP = (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
+			(1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
 			(1 << XG_REASON_TCP_SYNACK_REFLECTION) |
 			(1 << XG_REASON_SYN_CHALLENGED) | (1 << XG_REASON_CHALLENGE_PASSED) |
 			(1 << XG_REASON_CHALLENGE_FAILED) | (1 << XG_REASON_FLOW_TABLE_FULL) |
@@ -136,15 +148,28 @@ enum xg_reason_stage {
 /*
  * Metadata the XDP program writes in front of every frame it hands to a
  * socket (bpf_xdp_adjust_meta); the loop reads it at desc.addr - sizeof.
+ * The parser's findings ride along (bpf/xg_parse.h, xg_summarise()).
  */
 enum {
-	XG_META_MAGIC = 0x78676d31, /* "xgm1": the flags below are valid */
+	XG_META_MAGIC = 0x78676d32, /* "xgm2": the fields below are valid */
 	XG_META_ALLOWLISTED = 1,    /* the source matched the allowlist */
 };
 
+/* Fragment state of a frame, as bits. */
+enum xg_frag_bits {
+	XG_FRAG_ANY = 1,	/* a fragment: IPv4 MF or offset, or an IPv6 Fragment header */
+	XG_FRAG_LATER = 2,	/* offset is not 0: no L4 header in this frame */
+};
+
 struct xg_meta {
-	__u32 flags;
-	__u32 magic;
+	__u16 l3_off;		/* offset of the IP header in the frame; 0: not IP */
+	__u16 l4_off;		/* offset of the L4 header; 0: none (later fragment, not IP) */
+	__u8 l4_proto;		/* IPPROTO_* after the header chain */
+	__u8 tcp_flags;		/* byte 13 of the TCP header */
+	__u8 frag;		/* enum xg_frag_bits */
+	__u8 reason;		/* the XDP verdict, enum xg_reason */
+	__u32 flags;		/* XG_META_ALLOWLISTED */
+	__u32 magic;		/* XG_META_MAGIC, right in front of the frame */
 };
 
 /* Value of the per-CPU per-reason counter array. */
@@ -245,10 +270,19 @@ struct xg_port_set {
 	__u64 bits[1024];
 };
 
+enum xg_load_flags {
+	/*
+	 * Write struct xg_meta in front of every frame, dropped ones included
+	 * (for tests and the parser's parity check; the verifier removes the
+	 * code when the flag is clear).
+	 */
+	XG_CFG_META_ALWAYS = 1,
+};
+
 /* Load-time settings of one program instance (a const volatile global). */
 struct xg_load_cfg {
-	__u32 role; /* enum xg_role */
-	__u32 pad;
+	__u32 role;  /* enum xg_role */
+	__u32 flags; /* enum xg_load_flags */
 };
 
 /* cffi:end */

@@ -53,20 +53,20 @@ int xg_prog_open(const char *path, const char *prog_name, struct xg_prog **out)
 	return 0;
 }
 
-int xg_prog_set_rodata(struct xg_prog *prog, const char *var, const void *value,
-		       size_t size)
+/*
+ * Where the .rodata variable @var sits in the object's initial .rodata
+ * image: *@init (libbpf's copy) and *@len its size. Returns the variable's
+ * offset, -ENOENT or -EINVAL (its size is not @size).
+ */
+static int rodata_var(struct xg_prog *prog, const char *var, size_t size,
+		      const void **init, size_t *len)
 {
 	const struct btf_var_secinfo *vsi;
 	const struct btf_type *sec, *v;
 	struct bpf_map *rodata;
-	const void *init;
 	struct btf *btf;
-	size_t len;
-	char *data;
-	int id, i, err;
+	int id, i;
 
-	if (prog->loaded)
-		return -EBUSY;
 	btf = bpf_object__btf(prog->obj);
 	rodata = bpf_object__find_map_by_name(prog->obj, ".rodata");
 	if (!btf || !rodata)
@@ -75,8 +75,8 @@ int xg_prog_set_rodata(struct xg_prog *prog, const char *var, const void *value,
 	if (id < 0)
 		return -ENOENT;
 	sec = btf__type_by_id(btf, id);
-	init = bpf_map__initial_value(rodata, &len);
-	if (!init)
+	*init = bpf_map__initial_value(rodata, len);
+	if (!*init)
 		return -ENOENT;
 
 	vsi = btf_var_secinfos(sec);
@@ -84,18 +84,49 @@ int xg_prog_set_rodata(struct xg_prog *prog, const char *var, const void *value,
 		v = btf__type_by_id(btf, vsi->type);
 		if (strcmp(btf__name_by_offset(btf, v->name_off), var))
 			continue;
-		if (vsi->size != size || vsi->offset + vsi->size > len)
+		if (vsi->size != size || vsi->offset + vsi->size > *len)
 			return -EINVAL;
-		data = malloc(len);
-		if (!data)
-			return -ENOMEM;
-		memcpy(data, init, len);
-		memcpy(data + vsi->offset, value, size);
-		err = bpf_map__set_initial_value(rodata, data, len);
-		free(data);
-		return err;
+		return (int)vsi->offset;
 	}
 	return -ENOENT;
+}
+
+int xg_prog_set_rodata(struct xg_prog *prog, const char *var, const void *value,
+		       size_t size)
+{
+	struct bpf_map *rodata;
+	const void *init;
+	size_t len;
+	char *data;
+	int off, err;
+
+	if (prog->loaded)
+		return -EBUSY;
+	off = rodata_var(prog, var, size, &init, &len);
+	if (off < 0)
+		return off;
+	rodata = bpf_object__find_map_by_name(prog->obj, ".rodata");
+	data = malloc(len);
+	if (!data)
+		return -ENOMEM;
+	memcpy(data, init, len);
+	memcpy(data + off, value, size);
+	err = bpf_map__set_initial_value(rodata, data, len);
+	free(data);
+	return err;
+}
+
+int xg_prog_get_rodata(struct xg_prog *prog, const char *var, void *value, size_t size)
+{
+	const void *init;
+	size_t len;
+	int off;
+
+	off = rodata_var(prog, var, size, &init, &len);
+	if (off < 0)
+		return off;
+	memcpy(value, (const char *)init + off, size);
+	return 0;
 }
 
 int xg_prog_load(struct xg_prog *prog)

@@ -100,6 +100,14 @@ int xg_prog_set_rodata(struct xg_prog *prog, const char *var, const void *value,
 		       size_t size);
 
 /*
+ * Copy the value the object gives the const volatile global @var (its
+ * initial value, or what xg_prog_set_rodata() put there) to @value.
+ * Returns 0, -ENOENT (no such variable) or -EINVAL (@size differs from the
+ * variable's). Does not block.
+ */
+int xg_prog_get_rodata(struct xg_prog *prog, const char *var, void *value, size_t size);
+
+/*
  * Load every program and map of the object into the kernel. Needs CAP_BPF.
  * Returns 0 or libbpf's -errno (the verifier log goes to stderr).
  */
@@ -167,6 +175,17 @@ int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
 int xg_prog_run_live(int prog_fd, const void *data, uint32_t size,
 		     uint32_t ingress_ifindex, uint32_t repeat,
 		     uint32_t batch_size);
+
+/* ---- the parser ---- */
+
+/*
+ * Classify @frame as the outer XDP program does with an empty policy, with
+ * the same parser (bpf/xg_parse.h): *@out gets what the program writes in
+ * front of a frame (flags and magic zero), out->reason its verdict
+ * (XG_REASON_REDIRECTED, MALFORMED or EXT_HEADER_LIMIT). Reads @len bytes
+ * and no more. Never fails, does not block.
+ */
+void xg_classify(const uint8_t *frame, uint32_t len, struct xg_meta *out);
 
 /* ---- policy maps ---- */
 

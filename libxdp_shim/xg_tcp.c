@@ -27,6 +27,7 @@
 #include <arpa/inet.h>
 #include <sys/random.h>
 
+#include "xg_parse.h"
 #include "xg_tcp.h"
 
 #define XG_WAYS 8
@@ -36,10 +37,10 @@
 #define ADOPTED_WIN (1U << 30)	/* windows of a flow picked up mid-stream: unknown */
 #define NO_WSCALE 0xff
 
-#define TH_FIN 0x01
-#define TH_SYN 0x02
-#define TH_RST 0x04
-#define TH_ACK 0x10
+#define TH_FIN XG_TCP_FIN
+#define TH_SYN XG_TCP_SYN
+#define TH_RST XG_TCP_RST
+#define TH_ACK XG_TCP_ACK
 
 /* Idle timeouts by state (seconds): how long an unanswered state may sit. */
 static const uint32_t timeout_s[XG_TCP_NR_STATES] = {
@@ -264,82 +265,48 @@ static uint8_t syn_wscale(const uint8_t *opt, const uint8_t *end)
 	return NO_WSCALE;
 }
 
-enum { NOT_TCP, TCP_SEGMENT, TCP_FRAGMENT };
+enum { NOT_TCP, TCP_SEGMENT, TCP_FRAGMENT, BAD_FRAME };
 
 /*
- * Find the TCP header of an IPv4/IPv6 frame: TCP_SEGMENT and @p filled in;
- * TCP_FRAGMENT (only the addresses filled in) for any fragment of a TCP
- * segment; NOT_TCP for the rest.
+ * Find the TCP header of a frame with the parser the XDP program uses
+ * (bpf/xg_parse.h): TCP_SEGMENT and @p filled in; TCP_FRAGMENT (only the
+ * addresses filled in) for any fragment of a TCP segment; BAD_FRAME and
+ * the reason in *@why for a frame the parser could not finish; NOT_TCP for
+ * the rest.
  */
-static int parse(uint8_t *frame, uint32_t len, struct pkt *p)
+static int parse(uint8_t *frame, uint32_t len, struct pkt *p, enum xg_reason *why)
 {
-	uint8_t *end = frame + len, *l4;
-	uint16_t proto;
-	uint32_t l3_len, hl;
-	uint8_t next;
-	int i;
+	struct xg_hdrs h;
+	enum xg_reason r;
+	uint8_t *l4, *l3;
+	uint32_t doff;
 
-	if (len < 14)
-		return NOT_TCP;
-	proto = (uint16_t)frame[12] << 8 | frame[13];
-	p->l2_len = 14;
-	for (i = 0; i < 2 && (proto == 0x8100 || proto == 0x88a8); i++) {
-		if (p->l2_len + 4 > len)
-			return 0;
-		proto = (uint16_t)frame[p->l2_len + 2] << 8 | frame[p->l2_len + 3];
-		p->l2_len += 4;
+	r = xg_parse(frame, frame + len, &h);
+	if (r != XG_REASON_REDIRECTED) {
+		*why = r;
+		return BAD_FRAME;
 	}
-	p->l3 = frame + p->l2_len;
-	if (proto == 0x0800) {
-		if (p->l3 + 20 > end || p->l3[0] >> 4 != 4)
-			return NOT_TCP;
-		hl = (p->l3[0] & 15) * 4;
-		l3_len = (uint32_t)p->l3[2] << 8 | p->l3[3];
-		if (hl < 20 || l3_len < hl || p->l3 + l3_len > end || p->l3[9] != 6)
-			return NOT_TCP;
-		p->v6 = 0;
-		p->src = p->l3 + 12;
-		p->dst = p->l3 + 16;
-		if ((p->l3[6] << 8 | p->l3[7]) & 0x3fff) /* MF or an offset */
-			return TCP_FRAGMENT;
-		l4 = p->l3 + hl;
-	} else if (proto == 0x86dd) {
-		if (p->l3 + 40 > end || p->l3[0] >> 4 != 6)
-			return NOT_TCP;
-		l3_len = 40 + ((uint32_t)p->l3[4] << 8 | p->l3[5]);
-		if (p->l3 + l3_len > end)
-			return NOT_TCP;
-		p->v6 = 1;
-		p->src = p->l3 + 8;
-		p->dst = p->l3 + 24;
-		next = p->l3[6];
-		l4 = p->l3 + 40;
-		for (i = 0; i < 4 && (next == 0 || next == 43 || next == 60 || next == 44); i++) {
-			if (l4 + 8 > p->l3 + l3_len)
-				return NOT_TCP;
-			if (next == 44) /* fragment header: fixed 8 bytes */
-				return l4[0] == 6 ? TCP_FRAGMENT : NOT_TCP;
-			next = l4[0];
-			l4 += (l4[1] + 1) * 8;
-		}
-		if (next != 6)
-			return NOT_TCP;
-	} else {
+	if (!h.l3 || h.l4_proto != IPPROTO_TCP)
 		return NOT_TCP;
-	}
-	if (l4 + 20 > p->l3 + l3_len || (l4[12] >> 4) < 5 ||
-	    l4 + (l4[12] >> 4) * 4 > p->l3 + l3_len)
-		return NOT_TCP;
+	l3 = h.l3;
+	p->l3 = l3;
+	p->l2_len = (uint32_t)(l3 - frame);
+	p->v6 = h.v6;
+	p->src = l3 + (h.v6 ? 8 : 12);
+	p->dst = l3 + (h.v6 ? 24 : 16);
+	if (h.frag & XG_FRAG_ANY)
+		return TCP_FRAGMENT;
+	l4 = h.l4;
+	doff = (l4[12] >> 4) * 4;
 	p->tcp = l4;
 	p->sport = (uint16_t)(l4[0] | l4[1] << 8);
 	p->dport = (uint16_t)(l4[2] | l4[3] << 8);
 	p->seq = (uint32_t)l4[4] << 24 | l4[5] << 16 | l4[6] << 8 | l4[7];
 	p->ack = (uint32_t)l4[8] << 24 | l4[9] << 16 | l4[10] << 8 | l4[11];
-	p->flags = l4[13];
+	p->flags = h.tcp_flags;
 	p->win = (uint16_t)(l4[14] << 8 | l4[15]);
-	p->payload = (uint32_t)(p->l3 + l3_len - l4) - (l4[12] >> 4) * 4;
-	p->wscale = p->flags & TH_SYN ? syn_wscale(l4 + 20, l4 + (l4[12] >> 4) * 4)
-				      : NO_WSCALE;
+	p->payload = (uint32_t)((uint8_t *)h.l3_end - l4) - doff;
+	p->wscale = p->flags & TH_SYN ? syn_wscale(l4 + 20, l4 + doff) : NO_WSCALE;
 	return TCP_SEGMENT;
 }
 
@@ -789,9 +756,13 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 	uint8_t state;
 	int learning;
 
-	switch (parse(frame, *len, &p)) {
+	switch (parse(frame, *len, &p, &why)) {
 	case NOT_TCP:
 		return XG_V_FORWARD;
+	case BAD_FRAME:
+		/* XDP drops these already; the loop fails closed all the same. */
+		count(&st->reasons[why], *len);
+		return XG_V_DROP;
 	case TCP_FRAGMENT:
 		addr16(k.in_addr, p.dst, p.v6);
 		return out_of_state(t, k.in_addr, XG_REASON_TCP_FRAGMENT, *len,
@@ -925,10 +896,11 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 	const int x = XG_SIDE_IN, y = XG_SIDE_OUT;
 	struct xg_flow_key k;
 	struct flow_bucket *b;
+	enum xg_reason why;
 	struct xg_flow *f;
 	struct pkt p;
 
-	if (parse((uint8_t *)frame, len, &p) != TCP_SEGMENT)
+	if (parse((uint8_t *)frame, len, &p, &why) != TCP_SEGMENT)
 		return;
 	make_key(&k, &p, 0);
 	b = flow_bucket(t, &k);

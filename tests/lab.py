@@ -422,7 +422,8 @@ class Ledger:
             "xmit": _sum(client, "xdp_xmit"),
             "veth_dropped": _sum(client, "xdp_xmit_errors"),
             "xdp_seen": _sum(outer, "xdp_packets"),
-            "reasons": {k: v["packets"] for k, v in d["reasons"].items()},
+            "xdp": {k: v["packets"] for k, v in d["xdp"].items()},
+            "loop": {k: v["packets"] for k, v in d["loop"].items()},
             "monitor": {k: v["packets"] for k, v in st["monitor"].items()},
             "xsk_dropped": sum(
                 q["xsk"]["outer"]["rx_dropped"] + q["xsk"]["outer"]["rx_ring_full"]
@@ -457,19 +458,19 @@ class Ledger:
             prev = cur
 
     def account(self) -> Account:
-        from xdpguard.defs import LOOP_REASONS, XDP_REASONS
-
         a, b = self.before, self._settled()
         delta = {k: b[k] - a[k] for k in b if isinstance(b[k], int)}
-        reasons = {k: n - a["reasons"].get(k, 0) for k, n in b["reasons"].items()}
-        monitor = {k: n - a["monitor"].get(k, 0) for k, n in b["monitor"].items()}
+
+        def moved(key: str) -> dict[str, int]:
+            return {k: n - a[key].get(k, 0) for k, n in b[key].items() if n - a[key].get(k, 0)}
+
         acct = Account(
             xmit=delta["xmit"],
             veth_dropped=delta["veth_dropped"],
             xdp_seen=delta["xdp_seen"],
-            xdp={r.name: reasons[r.name] for r in XDP_REASONS if reasons[r.name]},
-            loop={r.name: reasons[r.name] for r in LOOP_REASONS if reasons[r.name]},
-            monitor={k: n for k, n in monitor.items() if n},
+            xdp=moved("xdp"),
+            loop=moved("loop"),
+            monitor=moved("monitor"),
             xsk_dropped=delta["xsk_dropped"],
             rx=delta["rx"],
             tx=delta["tx"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,9 @@ LISTS_BLOCK_V4: int = lib.XG_LISTS_BLOCK_V4
 LISTS_BLOCK_V6: int = lib.XG_LISTS_BLOCK_V6
 META_MAGIC: int = lib.XG_META_MAGIC
 META_ALLOWLISTED: int = lib.XG_META_ALLOWLISTED
+CFG_META_ALWAYS: int = lib.XG_CFG_META_ALWAYS
+FRAG_ANY: int = lib.XG_FRAG_ANY
+FRAG_LATER: int = lib.XG_FRAG_LATER
 VERDICT_FORWARD, VERDICT_DROP, VERDICT_REPLY = lib.XG_V_FORWARD, lib.XG_V_DROP, lib.XG_V_REPLY
 TCP_MODES = {
     "off": lib.XG_MODE_OFF,
@@ -53,6 +57,43 @@ ROLE_OUTER: int = lib.XG_ROLE_OUTER
 ROLE_INNER: int = lib.XG_ROLE_INNER
 DIR_IN: int = lib.XG_DIR_IN
 DIR_OUT: int = lib.XG_DIR_OUT
+
+
+# What this Python code was written against (bpf/xdpguard.h XG_ABI_VERSION).
+ABI_VERSION = 2
+
+
+def abi_problem() -> str | None:
+    """Why the compiled shim cannot be used with this Python code, or None."""
+    built = int(lib.XG_ABI_VERSION)
+    if built != ABI_VERSION:
+        return (
+            f"the compiled shim (xdpguard/_shim) was built for ABI {built}, this xdpguard "
+            f"is ABI {ABI_VERSION}; run 'make build'"
+        )
+    return None
+
+
+class _Handle:
+    """A C object owned through a pointer. After close() every call raises
+    OSError(EBADF) instead of touching freed memory; close() and the quick
+    calls hold a lock, so a reader never races the free."""
+
+    _what = "object"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._ptr: Any = None
+
+    def _get(self) -> Any:
+        p = self._ptr
+        if p is None:
+            raise OSError(errno.EBADF, f"{self._what} is closed")
+        return p
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
 
 
 def check(ret: int, what: str) -> int:
@@ -160,46 +201,70 @@ def dev_queues(ifname: str) -> tuple[int, int] | None:
 # ---- XDP program ----
 
 
-class Prog:
-    """One loaded instance of a program of a BPF object (and, once attached, its link)."""
+class Prog(_Handle):
+    """One loaded instance of a program of a BPF object (and, once attached, its link).
 
-    def __init__(self, path: str, name: str, rodata: dict[str, bytes] | None = None) -> None:
+    With ``load=False`` the object is only opened: read its settings with
+    rodata_u32(), then load().
+    """
+
+    _what = "BPF program"
+
+    def __init__(
+        self, path: str, name: str, rodata: dict[str, bytes] | None = None, load: bool = True
+    ) -> None:
+        super().__init__()
+        self.path = path
         out = ffi.new("struct xg_prog **")
         check(lib.xg_prog_open(path.encode(), name.encode(), out), f"opening {path}:{name}")
-        self._p = out[0]
+        self._ptr = out[0]
         try:
             for var, value in (rodata or {}).items():
                 check(
-                    lib.xg_prog_set_rodata(self._p, var.encode(), value, len(value)),
+                    lib.xg_prog_set_rodata(self._ptr, var.encode(), value, len(value)),
                     f"setting {var}",
                 )
-            check(lib.xg_prog_load(self._p), f"loading {path}")
+            if load:
+                self.load()
         except OSError:
             self.close()
             raise
 
+    def rodata_u32(self, var: str) -> int:
+        """The value of the object's ``const volatile __u32 var``."""
+        out = ffi.new("uint32_t *")
+        check(lib.xg_prog_get_rodata(self._get(), var.encode(), out, 4), f"reading {var}")
+        return int(out[0])
+
+    def load(self) -> None:
+        check(lib.xg_prog_load(self._get()), f"loading {self.path}")
+
     @property
     def fd(self) -> int:
-        return lib.xg_prog_fd(self._p)
+        return lib.xg_prog_fd(self._get())
 
     def map_fd(self, name: str) -> int:
-        return check(lib.xg_prog_map_fd(self._p, name.encode()), f"map {name}")
+        return check(lib.xg_prog_map_fd(self._get(), name.encode()), f"map {name}")
 
     def attach(self, ifindex: int, xdp_flags: int) -> None:
         """Attach in the calling thread's namespace; raises OSError (EBUSY: taken)."""
-        check(lib.xg_prog_attach(self._p, ifindex, xdp_flags), "attaching XDP program")
+        with self._lock:
+            check(lib.xg_prog_attach(self._get(), ifindex, xdp_flags), "attaching XDP program")
 
     def detach(self) -> None:
-        lib.xg_prog_detach(self._p)
+        with self._lock:
+            lib.xg_prog_detach(self._get())
 
     def link_ifindex(self) -> int:
         """The ifindex the program's link holds, 0 once the kernel let go of it."""
-        return check(lib.xg_prog_link_ifindex(self._p), "reading XDP link")
+        with self._lock:
+            return check(lib.xg_prog_link_ifindex(self._get()), "reading XDP link")
 
     def close(self) -> None:
-        if self._p is not None:
-            lib.xg_prog_close(self._p)
-            self._p = None
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_prog_close(self._ptr)
+                self._ptr = None
 
 
 def xdp_query(ifindex: int) -> tuple[int, str]:
@@ -234,6 +299,13 @@ def prog_run_live(
         lib.xg_prog_run_live(prog_fd, data, len(data), ingress_ifindex, repeat, batch_size),
         "BPF_PROG_RUN (live frames)",
     )
+
+
+def classify(frame: bytes) -> dict[str, int]:
+    """The parser's findings and verdict for ``frame`` (struct xg_meta), as XDP has them."""
+    out = ffi.new("struct xg_meta *")
+    lib.xg_classify(frame, len(frame), out)
+    return _to_dict(out[0])
 
 
 # ---- BPF maps ----
@@ -282,49 +354,67 @@ def map_delete_many(fd: int, keys: np.ndarray) -> None:
 # ---- UMEM, sockets, workers ----
 
 
-class Umem:
+class Umem(_Handle):
+    _what = "UMEM"
+
     def __init__(self, nframes: int, frame_size: int, ring_size: int = 2048) -> None:
         """``ring_size``: entries of the fill and completion ring of every socket."""
+        super().__init__()
         out = ffi.new("struct xg_umem **")
         check(lib.xg_umem_create(nframes, frame_size, ring_size, out), "creating UMEM")
-        self._u = out[0]
+        self._ptr = out[0]
         self.nframes = nframes
         self.frame_size = frame_size
 
+    @property
+    def _u(self) -> Any:
+        return self._get()
+
     def close(self) -> None:
-        if self._u is not None:
-            check(lib.xg_umem_destroy(self._u), "destroying UMEM")
-            self._u = None
+        with self._lock:
+            if self._ptr is not None:
+                check(lib.xg_umem_destroy(self._ptr), "destroying UMEM")
+                self._ptr = None
 
 
-class Sock:
+class Sock(_Handle):
     """An AF_XDP socket on a shared UMEM; create it in the device's netns thread."""
+
+    _what = "AF_XDP socket"
 
     def __init__(
         self, umem: Umem, ifname: str, queue: int, ring_size: int, bind_flags: int, role: int
     ) -> None:
+        super().__init__()
         out = ffi.new("struct xg_sock **")
         check(
             lib.xg_sock_create(umem._u, ifname.encode(), queue, ring_size, bind_flags, role, out),
             f"AF_XDP socket on {ifname} queue {queue}",
         )
-        self._s = out[0]
+        self._ptr = out[0]
         self.umem = umem
+
+    @property
+    def _s(self) -> Any:
+        return self._get()
 
     def info(self) -> dict[str, Any]:
         info = ffi.new("struct xg_sock_info *")
-        lib.xg_sock_info(self._s, info)
+        with self._lock:
+            lib.xg_sock_info(self._get(), info)
         return _to_dict(info[0])
 
     def kernel_stats(self) -> dict[str, int]:
         stats = ffi.new("struct xg_xsk_stats *")
-        check(lib.xg_sock_stats(self._s, stats), "XDP_STATISTICS")
+        with self._lock:
+            check(lib.xg_sock_stats(self._get(), stats), "XDP_STATISTICS")
         return _to_dict(stats[0])
 
     def close(self) -> None:
-        if self._s is not None:
-            lib.xg_sock_destroy(self._s)
-            self._s = None
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_sock_destroy(self._ptr)
+                self._ptr = None
 
 
 def sock_registered(umem: Umem, netns_cookie: int, ifindex: int, queue: int) -> bool:
@@ -332,45 +422,59 @@ def sock_registered(umem: Umem, netns_cookie: int, ifindex: int, queue: int) -> 
     return lib.xg_sock_find(umem._u, netns_cookie, ifindex, queue) != ffi.NULL
 
 
-class Tcp:
+class Tcp(_Handle):
     """The TCP stage shared by every worker: flow table, verified sources, cookies."""
 
+    _what = "TCP stage"
+
     def __init__(self, max_flows: int, max_verified: int, cfg: dict[str, int]) -> None:
+        super().__init__()
         out = ffi.new("struct xg_tcp **")
         c = ffi.new("struct xg_tcp_cfg *", cfg)
         check(lib.xg_tcp_create(max_flows, max_verified, c, out), "creating the flow table")
-        self._t = out[0]
+        self._ptr = out[0]
+
+    @property
+    def _t(self) -> Any:
+        return self._get()
 
     def configure(self, cfg: dict[str, int]) -> None:
-        lib.xg_tcp_configure(self._t, ffi.new("struct xg_tcp_cfg *", cfg))
+        with self._lock:
+            lib.xg_tcp_configure(self._t, ffi.new("struct xg_tcp_cfg *", cfg))
 
     def config(self) -> dict[str, int]:
         out = ffi.new("struct xg_tcp_cfg *")
-        lib.xg_tcp_config(self._t, out)
+        with self._lock:
+            lib.xg_tcp_config(self._t, out)
         return _to_dict(out[0])
 
     def rotate_secret(self, key: bytes) -> None:
         assert len(key) == 16
-        lib.xg_tcp_rotate_secret(self._t, key)
+        with self._lock:
+            lib.xg_tcp_rotate_secret(self._t, key)
 
     def scan(self, top: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Occupancy counts and the ``top`` busiest flows (O(capacity))."""
         counts = ffi.new("struct xg_tcp_counts *")
         flows = ffi.new("struct xg_flow[]", max(top, 1))
-        n = lib.xg_tcp_scan(self._t, counts, flows, top)
+        with self._lock:
+            n = lib.xg_tcp_scan(self._t, counts, flows, top)
         return _to_dict(counts[0]), [_to_dict(flows[i]) for i in range(n)]
 
     def verified(self, limit: int) -> list[dict[str, Any]]:
         out = ffi.new("struct xg_verified[]", max(limit, 1))
-        n = lib.xg_tcp_verified(self._t, out, limit)
+        with self._lock:
+            n = lib.xg_tcp_verified(self._t, out, limit)
         return [_to_dict(out[i]) for i in range(n)]
 
     def verified_clear(self) -> None:
-        lib.xg_tcp_verified_clear(self._t)
+        with self._lock:
+            lib.xg_tcp_verified_clear(self._t)
 
     def verified_add(self, addr16: bytes, expires: int) -> None:
         assert len(addr16) == 16
-        lib.xg_tcp_verified_add(self._t, addr16, expires)
+        with self._lock:
+            lib.xg_tcp_verified_add(self._t, addr16, expires)
 
     def judge(
         self,
@@ -385,16 +489,17 @@ class Tcp:
         buf = ffi.new("uint8_t[]", frame)
         length = ffi.new("uint32_t *", len(frame))
         st = stats if stats is not None else ffi.new("struct xg_worker_stats *")
-        v = lib.xg_tcp_judge(
-            self._t,
-            buf,
-            length,
-            int(from_outside),
-            int(allowlisted),
-            now_s,
-            now_s * 1000 if now_ms is None else now_ms,
-            st,
-        )
+        with self._lock:
+            v = lib.xg_tcp_judge(
+                self._t,
+                buf,
+                length,
+                int(from_outside),
+                int(allowlisted),
+                now_s,
+                now_s * 1000 if now_ms is None else now_ms,
+                st,
+            )
         return int(v), bytes(ffi.buffer(buf, length[0]))
 
     @staticmethod
@@ -406,9 +511,10 @@ class Tcp:
         return _to_dict(stats[0])
 
     def close(self) -> None:
-        if self._t is not None:
-            lib.xg_tcp_destroy(self._t)
-            self._t = None
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_tcp_destroy(self._ptr)
+                self._ptr = None
 
 
 def tcp_now() -> int:
@@ -416,42 +522,50 @@ def tcp_now() -> int:
     return int(lib.xg_tcp_now())
 
 
-class Worker:
+class Worker(_Handle):
     """The hot loop of one queue index."""
+
+    _what = "worker"
 
     def __init__(
         self, umem: Umem, outer: Sock, inner: Sock, first_frame: int, nframes: int, flags: int
     ) -> None:
+        super().__init__()
         out = ffi.new("struct xg_worker **")
         check(
             lib.xg_worker_create(umem._u, outer._s, inner._s, first_frame, nframes, flags, out),
             "creating worker",
         )
-        self._w = out[0]
-        self._stats = lib.xg_worker_stats(self._w)
+        self._ptr = out[0]
         # The worker uses but does not own these: keep them alive as long as it.
         self.umem, self.socks = umem, (outer, inner)
 
     def set_tcp(self, tcp: Tcp | None) -> None:
-        check(lib.xg_worker_set_tcp(self._w, tcp._t if tcp else ffi.NULL), "TCP stage")
+        with self._lock:
+            check(lib.xg_worker_set_tcp(self._get(), tcp._t if tcp else ffi.NULL), "TCP stage")
         self.tcp = tcp
 
     def run(self) -> int:
-        """Block in the loop (GIL released) until stop(); returns 0 or -errno."""
-        return int(lib.xg_worker_run(self._w))
+        """Block in the loop (GIL released) until stop(); returns 0 or -errno.
+        Call close() only after it returned."""
+        return int(lib.xg_worker_run(self._get()))
 
     def stop(self) -> None:
-        lib.xg_worker_stop(self._w)
+        with self._lock:
+            lib.xg_worker_stop(self._get())
 
     def stats(self) -> dict[str, Any]:
-        return _to_dict(self._stats[0])
+        with self._lock:
+            return _to_dict(lib.xg_worker_stats(self._get())[0])
 
     def account(self, timeout_ms: int = 500) -> dict[str, int]:
         out = ffi.new("struct xg_frame_account *")
-        check(lib.xg_worker_account(self._w, out, timeout_ms), "frame account")
+        with self._lock:
+            check(lib.xg_worker_account(self._get(), out, timeout_ms), "frame account")
         return _to_dict(out[0])
 
     def close(self) -> None:
-        if self._w is not None:
-            lib.xg_worker_destroy(self._w)
-            self._w = None
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_worker_destroy(self._ptr)
+                self._ptr = None

@@ -22,7 +22,7 @@ import numpy as np
 
 from xdpguard import __version__
 from xdpguard import _bindings as B
-from xdpguard.defs import ROLE_DIRECTION, Direction, Reason, Role
+from xdpguard.defs import LOOP_REASONS, ROLE_DIRECTION, XDP_REASONS, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy
@@ -132,6 +132,9 @@ class Engine:
         missing = missing_capabilities()
         if missing:
             raise XdpguardError(f"xdpguard run needs root (missing {', '.join(missing)})")
+        problem = B.abi_problem()
+        if problem:
+            raise XdpguardError(problem)
         if cfg.xdp_mode not in XDP_MODES:
             raise XdpguardError(f"unknown XDP mode {cfg.xdp_mode!r} (native or skb)")
 
@@ -494,9 +497,11 @@ class Engine:
             return self._stats(account)
 
     def _stats(self, account: bool) -> dict[str, Any]:
-        reasons = {d: np.zeros((max(Reason) + 1, 2), dtype=np.uint64) for d in Direction}
+        shape = (max(Reason) + 1, 2)
+        xdp = {d: np.zeros(shape, dtype=np.uint64) for d in Direction}
+        loop = {d: np.zeros(shape, dtype=np.uint64) for d in Direction}
         for role, prog in self.progs.items():
-            reasons[ROLE_DIRECTION[role]] += prog.reason_counters()
+            xdp[ROLE_DIRECTION[role]] += prog.reason_counters()
 
         queues = []
         totals = {d: dict.fromkeys(_DIR_FIELDS, 0) for d in Direction}
@@ -516,7 +521,7 @@ class Engine:
             # "in" direction's, after XDP's.
             for r in Reason:
                 for into, counts in (
-                    (reasons[Direction.IN], ws["reasons"]),
+                    (loop[Direction.IN], ws["reasons"]),
                     (monitor, ws["monitor"]),
                 ):
                     into[r] += np.array((counts[r]["packets"], counts[r]["bytes"]), dtype=np.uint64)
@@ -537,15 +542,30 @@ class Engine:
                 accounts.append(acct)
             queues.append(entry)
 
-        def named(arr: np.ndarray) -> dict[str, dict[str, int]]:
-            return {r.name: {"packets": int(arr[r, 0]), "bytes": int(arr[r, 1])} for r in Reason}
+        def named(arr: np.ndarray, which: Any = Reason) -> dict[str, dict[str, int]]:
+            return {
+                r.name: {"packets": int(arr[r, 0]), "bytes": int(arr[r, 1])}
+                for r in Reason
+                if r in which
+            }
 
+        reasons = {d: xdp[d] + loop[d] for d in Direction}
         total = reasons[Direction.IN] + reasons[Direction.OUT]
         out: dict[str, Any] = {
             "time": time.time(),
             "uptime": round(time.time() - self.started_at, 3),
             "reasons": named(total),
-            "directions": {d.label: {"reasons": named(reasons[d]), **totals[d]} for d in Direction},
+            # Per direction: both stages' verdicts together, and each stage's
+            # own (XDP judges every frame once; the loop some of them again).
+            "directions": {
+                d.label: {
+                    "reasons": named(reasons[d]),
+                    "xdp": named(xdp[d], XDP_REASONS),
+                    "loop": named(loop[d], LOOP_REASONS),
+                    **totals[d],
+                }
+                for d in Direction
+            },
             # What monitor mode (or auto below its threshold) let through but
             # would have dropped or challenged.
             "monitor": {name: v for name, v in named(monitor).items() if v["packets"]},

@@ -22,7 +22,7 @@ def si(value: float, unit: str) -> str:
 
 def direction_totals(d: dict[str, Any]) -> dict[str, int]:
     """Frames seen, forwarded and dropped in one direction, from XDP and loop counters."""
-    xdp = {name: p["packets"] for name, p in d["reasons"].items() if name in XDP_REASONS}
+    xdp = {name: p["packets"] for name, p in d["xdp"].items()}
     xdp_dropped = sum(n for name, n in xdp.items() if name not in XDP_PASS_REASONS)
     return {
         "seen": sum(xdp.values()),

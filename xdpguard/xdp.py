@@ -44,13 +44,29 @@ def bpf_object_path() -> Path:
 class XdpProgram:
     """One instance of the program, for one device (and so one direction)."""
 
-    def __init__(self, role: Role, path: Path | None = None) -> None:
+    def __init__(self, role: Role, path: Path | None = None, flags: int = 0) -> None:
+        """``flags``: enum xg_load_flags (B.CFG_META_ALWAYS for tests)."""
         self.role = role
         self.path = path or bpf_object_path()
         try:
-            cfg = B.struct_bytes("struct xg_load_cfg", role=int(role))
-            self._prog = B.Prog(str(self.path), "xdpguard_prog", {"xg_cfg": cfg})
+            cfg = B.struct_bytes("struct xg_load_cfg", role=int(role), flags=flags)
+            self._prog = B.Prog(str(self.path), "xdpguard_prog", {"xg_cfg": cfg}, load=False)
         except OSError as exc:
+            raise XdpguardError(f"cannot open {self.path} ({exc.strerror})") from exc
+        try:
+            abi = self._prog.rodata_u32("xg_abi")
+        except OSError:
+            abi = None
+        if abi != B.ABI_VERSION:
+            self._prog.close()
+            raise XdpguardError(
+                f"{self.path} was built for ABI {abi if abi is not None else '(none)'}, "
+                f"this xdpguard is ABI {B.ABI_VERSION}; run 'make build'"
+            )
+        try:
+            self._prog.load()
+        except OSError as exc:
+            self._prog.close()
             raise XdpguardError(
                 f"cannot load {self.path} ({exc.strerror}); verifier output, if any, is above"
             ) from exc

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 from lab import veth_netns
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -20,7 +21,10 @@ from scapy.layers.inet6 import (
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
 )
+from scapy.layers.ipsec import AH
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 from xdpguard import _bindings as B
@@ -149,6 +153,16 @@ LATER_FRAG_V4 = raw(ETH / IP(src=V4_SRC, dst="169.254.0.2", proto=17, frag=185) 
 FIRST_FRAG_V6 = raw(ETH / V6 / IPv6ExtHdrFragment(m=1, offset=0, id=7) / UDP(sport=4000))
 LATER_FRAG_V6 = raw(ETH / V6 / IPv6ExtHdrFragment(m=0, offset=100, id=7, nh=17) / (b"f" * 8))
 TCP_V4 = raw(ETH / V4 / TCP(flags="S"))
+ND_NS = raw(ETH / IPv6(src=V6_SRC, dst="ff02::1:ff00:2", hlim=255) / ICMPv6ND_NS(tgt="2001:db8::2"))
+
+
+def dstopts(n: int) -> object:
+    """``n`` Destination Options headers, chained."""
+    chain = IPv6ExtHdrDestOpt()
+    for _ in range(n - 1):
+        chain = chain / IPv6ExtHdrDestOpt()
+    return chain
+
 
 CASES += [
     # Blocklist, IPv4 and IPv6, exact and covering prefixes.
@@ -324,14 +338,154 @@ CASES += [
         "redirected",
         block=("0.0.0.0/0",),
     ),
+    # Neighbour discovery is IP like the rest: a blocked source's is dropped.
+    Case("nd-from-blocked-source", ND_NS, B.XDP_DROP, "blocklist", block=("2001:db8::/48",)),
+    Case("nd-from-other-source", ND_NS, B.XDP_REDIRECT, "redirected", block=("2001:db9::/48",)),
+    # One parser, fail-closed (issue: hardening): chains it walks, and
+    # chains it refuses, whatever the source.
     Case(
-        "nd-from-blocked-source",
+        "v6-syn-behind-5-dstopts",
+        raw(ETH / V6 / dstopts(5) / TCP(flags="S")),
+        B.XDP_REDIRECT,
+        "redirected",
+    ),
+    Case(
+        "v6-syn-behind-8-dstopts",
+        raw(ETH / V6 / dstopts(8) / TCP(flags="S")),
+        B.XDP_REDIRECT,
+        "redirected",
+    ),
+    Case(
+        "v6-syn-behind-9-dstopts",
+        raw(ETH / V6 / dstopts(9) / TCP(flags="S")),
+        B.XDP_DROP,
+        "ext_header_limit",
+    ),
+    Case(
+        "v6-limit-beats-the-allowlist",
+        raw(ETH / V6 / dstopts(9) / TCP(flags="A")),
+        B.XDP_DROP,
+        "ext_header_limit",
+        allow=(V6_SRC,),
+    ),
+    Case(
+        "v6-ack-behind-ah",
+        raw(ETH / V6 / AH(nh=6, payloadlen=4, spi=7, seq=1, icv=b"\0" * 12) / TCP(flags="A")),
+        B.XDP_REDIRECT,
+        "redirected",
+    ),
+    Case(
+        "v4-ack-behind-ah",
+        raw(ETH / V4 / AH(nh=6, payloadlen=4, spi=7, seq=1, icv=b"\0" * 12) / TCP(flags="A")),
+        B.XDP_REDIRECT,
+        "redirected",
+    ),
+    Case(
+        "v6-hbh-routing-dstopts-tcp",
         raw(
-            ETH / IPv6(src=V6_SRC, dst="ff02::1:ff00:2", hlim=255) / ICMPv6ND_NS(tgt="2001:db8::2")
+            ETH
+            / V6
+            / IPv6ExtHdrHopByHop()
+            / IPv6ExtHdrRouting()
+            / IPv6ExtHdrDestOpt()
+            / TCP(flags="S")
         ),
         B.XDP_REDIRECT,
         "redirected",
-        block=("::/0",),
+    ),
+    Case(
+        "v6-atomic-frag-then-dstopts-syn",
+        raw(
+            ETH
+            / V6
+            / IPv6ExtHdrFragment(m=0, offset=0, id=1)
+            / IPv6ExtHdrDestOpt()
+            / TCP(flags="S")
+        ),
+        B.XDP_REDIRECT,
+        "redirected",
+    ),
+    Case(
+        "v6-frag-behind-dstopts-dropped",
+        raw(ETH / V6 / dstopts(3) / IPv6ExtHdrFragment(m=1, id=2) / UDP(sport=4000)),
+        B.XDP_DROP,
+        "fragment",
+        frags="drop",
+    ),
+    Case(
+        "v6-udp-53-behind-5-dstopts",
+        raw(ETH / V6 / dstopts(5) / UDP(sport=53)),
+        B.XDP_DROP,
+        "udp_src_port",
+        ports=(53,),
+    ),
+    Case(
+        "v6-blocked-behind-8-dstopts",
+        raw(ETH / V6 / dstopts(8) / TCP(flags="S")),
+        B.XDP_DROP,
+        "blocklist",
+        block=(V6_SRC,),
+    ),
+    Case(
+        "v6-hbh-not-first",
+        raw(ETH / V6 / IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop() / TCP(flags="S")),
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case(
+        "v6-two-fragment-headers",
+        raw(ETH / V6 / IPv6ExtHdrFragment(m=1, id=3) / IPv6ExtHdrFragment(m=1, id=3) / UDP()),
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case(
+        "v6-ext-header-beyond-payload",
+        raw(ETH / V6 / IPv6ExtHdrDestOpt(len=200) / UDP()),
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case(
+        "v6-chain-truncated-mid-header",
+        raw(ETH / V6 / dstopts(2) / TCP(flags="S"))[: 14 + 40 + 9],
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case(
+        "v6-first-fragment-without-its-tcp-header",
+        raw(ETH / V6 / IPv6ExtHdrFragment(m=1, id=4) / TCP(flags="S"))[: 14 + 40 + 8 + 12],
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case(
+        "v6-unassigned-next-header",
+        raw(ETH / IPv6(src=V6_SRC, dst="2001:db8::2", nh=200) / (b"x" * 20)),
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case(
+        "v4-tiny-first-fragment",
+        raw(ETH / IP(src=V4_SRC, dst="169.254.0.2", flags="MF", proto=6) / (b"\0" * 8)),
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case(
+        "v4-tcp-fragment-at-offset-8",
+        raw(ETH / IP(src=V4_SRC, dst="169.254.0.2", frag=1, proto=6) / (b"\0" * 16)),
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case(
+        "triple-vlan",
+        raw(ETH / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3) / V4 / UDP()),
+        B.XDP_DROP,
+        "ext_header_limit",
+    ),
+    Case(
+        "triple-vlan-from-blocked-source",
+        raw(ETH / Dot1AD(vlan=1) / Dot1Q(vlan=2) / Dot1Q(vlan=3) / V4 / UDP()),
+        B.XDP_DROP,
+        "ext_header_limit",
+        block=(V4_SRC,),
     ),
     Case(
         "nd-lookalike-hop-limit-64",
@@ -386,6 +540,18 @@ def rig() -> Iterator[Rig]:
                 umem.close()
 
 
+META = B.struct_dtype("struct xg_meta")
+
+
+def expected_l4(frame: bytes) -> tuple[int, int] | None:
+    """(protocol, offset) of the L4 header as scapy finds it; None if it finds none."""
+    pkt = Ether(frame)
+    for layer, proto in ((TCP, 6), (UDP, 17), (ICMP, 1), (ICMPv6EchoRequest, 58)):
+        if pkt.haslayer(layer):
+            return proto, len(frame) - len(pkt[layer])
+    return None
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_verdict(rig: Rig, case: Case) -> None:
     rig.set_policy(case)
@@ -398,10 +564,13 @@ def test_verdict(rig: Rig, case: Case) -> None:
     # The program never rewrites a frame; on the outer side it puts its
     # metadata (struct xg_meta) in front of each frame that passed the policy.
     if case.role == Role.OUTER and case.reason in ("redirected", "allowlist", "no_socket"):
-        flags, magic = struct.unpack("=II", out[:8])
-        assert magic == B.META_MAGIC
-        assert flags == (B.META_ALLOWLISTED if case.reason == "allowlist" else 0)
-        out = out[8:]
+        meta = np.frombuffer(out[: META.itemsize], dtype=META)[0]
+        assert meta["magic"] == B.META_MAGIC
+        assert meta["flags"] == (B.META_ALLOWLISTED if case.reason == "allowlist" else 0)
+        out = out[META.itemsize :]
+        expect = expected_l4(case.frame)
+        if expect is not None:
+            assert (meta["l4_proto"], meta["l4_off"]) == expect, case.name
     assert out == case.frame
     delta = after - before
     expected = Reason[case.reason]

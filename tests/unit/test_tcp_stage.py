@@ -229,7 +229,9 @@ def _fragments(c: Conv) -> list[bytes]:
     if ":" in c.client:
         ip6 = pkt[IPv6]
         whole = IPv6(src=ip6.src, dst=ip6.dst) / IPv6ExtHdrFragment() / ip6[TCP]
-        return [bytes(eth / f) for f in fragment6(whole, 64)]
+        # Each fragment carries 32 bytes: the first has the whole TCP header
+        # (a first fragment without it is malformed, see test_xdp_verdicts).
+        return [bytes(eth / f) for f in fragment6(whole, 80)]
     return [bytes(eth / f) for f in fragment(pkt[IP], 24)]
 
 
