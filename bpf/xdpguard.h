@@ -209,6 +209,11 @@ enum xg_flow_flags {
 	XG_FLOW_END_IN = 16,
 	XG_FLOW_ACKED_OUT = 32,
 	XG_FLOW_ACKED_IN = 64,
+	/*
+	 * A SYN from outside claimed the tuple of this live flow: a possible
+	 * reopen (reopen_isn), taken only if the origin answers it.
+	 */
+	XG_FLOW_REOPEN = 128,
 };
 
 /*
@@ -239,6 +244,9 @@ struct xg_flow {
 	__u32 maxwin[2];	/* largest scaled window advertised */
 	__u64 packets;		/* both directions */
 	__u64 bytes;
+	__u32 reopen_isn;	/* with XG_FLOW_REOPEN: the SYN's sequence number */
+	__u8 reopen_wscale;	/* ... and its window scale */
+	__u8 pad[3];
 };
 
 /* A source that answered a SYN challenge, and until when that counts. */

@@ -701,44 +701,73 @@ static enum xg_tcp_verdict out_of_state(struct xg_tcp *t, const uint8_t dst[16],
 	return XG_V_FORWARD;
 }
 
-/* @b is @k's bucket (unlocked): hashed once per frame. */
-static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct flow_bucket *b, uint8_t *frame,
-				   uint32_t *len, const struct pkt *p,
-				   const struct xg_flow_key *k, int allowlisted,
-				   const struct xg_clock *now, struct xg_worker_stats *st)
+/*
+ * Whether a SYN from outside may pass: XG_V_REPLY when it was rewritten
+ * into a challenge (unverified source, challenges on for its destination),
+ * else XG_V_FORWARD (monitor mode counts what it would have done).
+ */
+static enum xg_tcp_verdict syn_gate(struct xg_tcp *t, uint8_t *frame, uint32_t *len,
+				    const struct pkt *p, const struct xg_flow_key *k,
+				    int allowlisted, const struct xg_clock *now,
+				    struct xg_worker_stats *st)
 {
 	uint32_t mode = cfg_get(&t->cfg.syn_mode), cookie, isn;
-	struct xg_flow *f;
 	int challenge = 0;
 
 	if (mode == XG_MODE_AUTO)
 		challenge = dest_over(t, k->in_addr, 0, now);
 	else if (mode == XG_MODE_ON || mode == XG_MODE_MONITOR)
 		challenge = 1;
-	if (challenge && !allowlisted && !verified(t, k->out_addr, now->s)) {
-		if (mode == XG_MODE_MONITOR) {
-			count(&st->monitor[XG_REASON_SYN_CHALLENGED], *len);
-		} else {
-			count(&st->reasons[XG_REASON_SYN_CHALLENGED], *len);
-			cookie = cookie_make(t, k, now->s, &isn);
-			*len = build_challenge(frame, p, cookie, isn);
-			return XG_V_REPLY;
-		}
+	if (!challenge || allowlisted || verified(t, k->out_addr, now->s))
+		return XG_V_FORWARD;
+	if (mode == XG_MODE_MONITOR) {
+		count(&st->monitor[XG_REASON_SYN_CHALLENGED], *len);
+		return XG_V_FORWARD;
 	}
+	count(&st->reasons[XG_REASON_SYN_CHALLENGED], *len);
+	cookie = cookie_make(t, k, now->s, &isn);
+	*len = build_challenge(frame, p, cookie, isn);
+	return XG_V_REPLY;
+}
+
+/*
+ * A SYN that passed the gate, for a tuple with no live flow (or a closed
+ * one, which a new connection replaces as in conntrack): track it. @b is
+ * @k's bucket, unlocked: hashed once per frame.
+ */
+static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct flow_bucket *b, uint32_t len,
+				   const struct pkt *p, const struct xg_flow_key *k,
+				   const struct xg_clock *now, struct xg_worker_stats *st)
+{
+	struct xg_flow *f;
 
 	lock(&b->lock);
 	f = flow_find(b, k, now->s);
+	if (f && f->state != XG_TCP_CLOSED) {
+		/*
+		 * Not overwritten, whatever its state: a possible reopen,
+		 * which replaces the flow only when the origin's SYN-ACK
+		 * confirms it (xg_tcp_inside()). Until then the flow keeps
+		 * its windows, so a spoofed SYN with a live tuple cuts
+		 * nothing.
+		 */
+		f->flags |= XG_FLOW_REOPEN;
+		f->reopen_isn = p->seq;
+		f->reopen_wscale = p->wscale;
+		unlock(&b->lock);
+		return XG_V_FORWARD;
+	}
 	if (!f)
 		f = flow_slot(t, b, now->s);
 	if (!f) {
 		unlock(&b->lock);
-		count(&st->reasons[XG_REASON_FLOW_TABLE_FULL], *len);
+		count(&st->reasons[XG_REASON_FLOW_TABLE_FULL], len);
 		return XG_V_DROP;
 	}
 	flow_init(f, k, XG_TCP_SYN_SENT, 0, now->s);
 	f->isn[XG_SIDE_OUT] = p->seq;
 	f->wscale[XG_SIDE_OUT] = p->wscale;
-	note(f, XG_SIDE_OUT, p, *len);
+	note(f, XG_SIDE_OUT, p, len);
 	unlock(&b->lock);
 	return XG_V_FORWARD;
 }
@@ -785,13 +814,16 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 			unlock(&b->lock);
 			return XG_V_FORWARD;
 		}
-		/* On an established flow the origin answers with a challenge ACK. */
-		if (state == XG_TCP_ESTABLISHED) {
-			unlock(&b->lock);
-			return XG_V_FORWARD;
-		}
+		/*
+		 * Anything else is a new connection, or claims to be: it goes
+		 * through the challenge like any SYN, and a live flow of the
+		 * tuple stays as it is (new_syn()). An established origin
+		 * answers such a SYN with a challenge ACK (RFC 5961 4).
+		 */
 		unlock(&b->lock);
-		return new_syn(t, b, frame, len, &p, &k, allowlisted, now, st);
+		if (syn_gate(t, frame, len, &p, &k, allowlisted, now, st) == XG_V_REPLY)
+			return XG_V_REPLY;
+		return new_syn(t, b, *len, &p, &k, now, st);
 	}
 
 	if (!f) {
@@ -933,6 +965,21 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 			set_end(f, y, p.ack);
 			set_acked(f, y, p.seq);
 		}
+	} else if ((f->flags & XG_FLOW_REOPEN) && f->reopen_isn + 1 == p.ack &&
+		   (p.flags & (TH_SYN | TH_ACK | TH_RST)) == (TH_SYN | TH_ACK) &&
+		   !(f->state == XG_TCP_SYN_SENT && p.ack == f->isn[y] + 1)) {
+		/* The origin took the SYN that claimed a reopen: a new flow. */
+		uint32_t isn = f->reopen_isn;
+		uint8_t wscale = f->reopen_wscale;
+
+		flow_init(f, &k, XG_TCP_SYN_RECV, 0, now->s);
+		f->isn[y] = isn;
+		f->wscale[y] = wscale;
+		set_end(f, y, isn + 1);
+		f->isn[x] = p.seq;
+		f->wscale[x] = p.wscale;
+		if (f->wscale[0] != NO_WSCALE && f->wscale[1] != NO_WSCALE)
+			f->flags |= XG_FLOW_WSCALE;
 	} else if (f->state == XG_TCP_SYN_SENT && !(f->flags & XG_FLOW_INSIDE_INIT) &&
 		   (p.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK) &&
 		   p.ack == f->isn[y] + 1) {

@@ -291,6 +291,33 @@ def prog_test_run(
     return int(action[0]), bytes(ffi.buffer(out, size[0]))
 
 
+class TestRunner:
+    """BPF_PROG_TEST_RUN over many frames with buffers made once (fuzzing, parity)."""
+
+    def __init__(self, prog_fd: int, max_out: int = 8192) -> None:
+        self.fd = prog_fd
+        self._out = ffi.new("char[]", max_out)
+        self._size = ffi.new("uint32_t *")
+        self._action = ffi.new("uint32_t *")
+
+    def run(self, data: bytes, ingress_ifindex: int = 0, rx_queue: int = 0) -> tuple[int, bytes]:
+        self._size[0] = len(self._out)
+        check(
+            lib.xg_prog_test_run(
+                self.fd,
+                data,
+                len(data),
+                self._out,
+                self._size,
+                ingress_ifindex,
+                rx_queue,
+                self._action,
+            ),
+            "BPF_PROG_TEST_RUN",
+        )
+        return int(self._action[0]), bytes(ffi.buffer(self._out, self._size[0]))
+
+
 def prog_run_live(
     prog_fd: int, data: bytes, ingress_ifindex: int, repeat: int, batch_size: int = 64
 ) -> None:

@@ -526,3 +526,116 @@ def test_busiest_flows_are_reported() -> None:
     assert counts["states"][ESTABLISHED] == 5
     assert [f["packets"] for f in top] == sorted((f["packets"] for f in top), reverse=True)
     assert len(top) == 3 and top[0]["packets"] == 3 + 4 * 3
+
+
+def flow_of(tcp: B.Tcp, cport: int) -> dict:
+    """The live flow of client port ``cport``."""
+    _, flows = tcp.scan(1000)
+    (flow,) = [
+        f
+        for f in flows
+        if int.from_bytes(f["key"]["out_port"].to_bytes(2, "little"), "big") == cport
+    ]
+    return flow
+
+
+def spoofed_syn(c: Conv) -> int:
+    """A SYN with the flow's tuple and a sequence number of the attacker's."""
+    return c.judge(True, c.frame(True, "S", c.cseq + 2**31, opts=c.syn_opts()))[0]
+
+
+def _syn_sent(c: Conv) -> None:
+    assert c.syn() == FWD
+
+
+def _syn_recv(c: Conv) -> None:
+    assert c.syn() == FWD and c.synack() == FWD
+
+
+def _closing(c: Conv) -> None:
+    c.open()
+    assert c.send(0, "FA") == FWD
+
+
+def _learning(c: Conv) -> None:
+    assert c.send(100) == FWD  # mid-stream, seen from outside only
+
+
+def _adopted_from_inside(c: Conv) -> None:
+    assert c.reply(100) == FWD  # the origin speaks on a flow it knew before us
+
+
+@pytest.mark.parametrize(
+    ("make", "state"),
+    [
+        (_syn_sent, SYN_SENT),
+        (_syn_recv, SYN_RECV),
+        (_closing, CLOSING),
+        (_learning, LEARNING),
+        (_adopted_from_inside, ESTABLISHED),
+    ],
+    ids=["syn-sent", "syn-recv", "closing", "one-sided-adopted", "adopted-from-inside"],
+)
+def test_a_spoofed_syn_does_not_overwrite_a_live_flow(make, state: int) -> None:  # type: ignore[no-untyped-def]
+    """conntrack's semantics: a SYN on a live tuple is at most a possible
+    reopen, taken only when the origin's SYN-ACK confirms it."""
+    tcp = stage(learn_until=T0 + 10)
+    c = Conv(tcp)
+    make(c)
+    before = flow_of(tcp, c.cport)
+    assert before["state"] == state
+    assert spoofed_syn(c) == FWD  # the origin decides: it answers with a challenge ACK
+    after = flow_of(tcp, c.cport)
+    for key in ("state", "isn", "end", "acked", "maxwin", "wscale"):
+        assert after[key] == before[key], key
+    # The flow goes on as if nothing happened.
+    if state == SYN_SENT:
+        assert c.synack() == FWD and c.ack() == FWD
+    elif state == SYN_RECV:
+        assert c.ack() == FWD
+    elif state == CLOSING:
+        assert c.reply(0, "FA") == FWD and c.send(0, "A") == FWD
+    else:
+        assert c.send(10) == FWD and c.reply(10) == FWD
+    assert c.reasons() == {}
+
+
+def test_a_closed_flow_is_replaced_by_a_new_syn() -> None:
+    tcp = stage()
+    c = Conv(tcp)
+    c.open()
+    assert c.judge(True, c.frame(True, "R", c.cseq))[0] == FWD
+    assert flow_of(tcp, c.cport)["state"] == CLOSED
+    c.cseq = random.getrandbits(32)
+    c.oseq = random.getrandbits(32)
+    c.open()
+    assert c.send(100) == FWD and c.reasons() == {}
+
+
+def test_a_reopen_confirmed_by_the_origin_replaces_the_flow() -> None:
+    tcp = stage()
+    c = Conv(tcp)
+    _closing(c)
+    # The client comes back on the same port with a new ISN, and the origin
+    # accepts it (a socket in TIME-WAIT may): the old flow gives way.
+    c.cseq = (c.cseq + 2**30) % 2**32
+    c.oseq = random.getrandbits(32)
+    assert c.syn() == FWD
+    assert flow_of(tcp, c.cport)["state"] == CLOSING
+    assert c.synack() == FWD
+    assert flow_of(tcp, c.cport)["state"] == SYN_RECV
+    assert c.ack() == FWD
+    assert flow_of(tcp, c.cport)["state"] == ESTABLISHED
+    assert c.send(1000) == FWD and c.reply(1000) == FWD
+    assert c.reasons() == {}
+
+
+def test_a_syn_on_a_live_tuple_is_challenged_like_any() -> None:
+    tcp = stage(syn="on", learn_until=T0 + 10)
+    c = Conv(tcp)
+    _learning(c)
+    before = flow_of(tcp, c.cport)
+    v, _ = c.judge(True, c.frame(True, "S", c.cseq + 2**31))
+    assert v == REPLY
+    assert flow_of(tcp, c.cport)["state"] == before["state"]
+    assert c.reasons() == {"syn_challenged": 1}
