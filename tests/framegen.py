@@ -10,6 +10,7 @@ rewritten, headers inserted into chains. Everything is drawn from the
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from collections.abc import Iterator
@@ -74,7 +75,7 @@ def _l4(rng: random.Random, v6: bool) -> Packet:
 
 def _set_nh(chain: list[Packet]) -> None:
     """scapy leaves AH's next header at 0: name the header that follows."""
-    for hdr, nxt in zip(chain, chain[1:], strict=False):
+    for hdr, nxt in itertools.pairwise(chain):
         if isinstance(hdr, AH):
             hdr.nh = {TCP: 6, UDP: 17, ICMP: 1, ICMPv6EchoRequest: 58}.get(type(nxt), 59)
 

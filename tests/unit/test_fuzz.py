@@ -29,7 +29,10 @@ def build(out: Path) -> Path:
     subprocess.run(
         [
             clang,
-            *"-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined".split(),
+            "-g",
+            "-O1",
+            "-fsanitize=fuzzer,address,undefined",
+            "-fno-sanitize-recover=undefined",
             # The parser reads headers in place at whatever alignment the
             # frame gives them, as the kernel does (x86-64 and arm64 allow it).
             "-fno-sanitize=alignment",
