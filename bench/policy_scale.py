@@ -176,8 +176,8 @@ def main() -> int:
             with ControlClient(control) as c:
                 c.call("block.add", prefixes=[FLOOD_SRC])
             big_rate, _ = drop_rate(frame, 6_000_000)
-            with ControlClient(control) as c:
-                c.call("block.load", text=ten.read_text(), replace=True)
+            with ControlClient(control) as c, open(ten, "rb") as f:
+                c.call("block.load", f.fileno(), replace=True)
             small_rate, _ = drop_rate(frame, 6_000_000)
             report["drop"] = {
                 "prefixes_10_pps": small_rate,
@@ -191,8 +191,8 @@ def main() -> int:
             )
 
             # -- reaction time of one block add, under a flood to the origin --
-            with ControlClient(control) as c:
-                c.call("block.load", text=both.read_text(), replace=True)
+            with ControlClient(control) as c, open(both, "rb") as f:
+                c.call("block.load", f.fileno(), replace=True)
             sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
             gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame, ratio=0.02)
             stop = threading.Event()

@@ -216,6 +216,31 @@ int xg_xdp_query(int ifindex, uint32_t *prog_id, uint32_t *mode)
 	return 0;
 }
 
+int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id)
+{
+	struct bpf_link_info info;
+	uint32_t id = 0, len;
+	int fd, err;
+
+	while (!bpf_link_get_next_id(id, &id)) {
+		fd = bpf_link_get_fd_by_id(id);
+		if (fd < 0)
+			continue; /* gone meanwhile */
+		memset(&info, 0, sizeof(info));
+		len = sizeof(info);
+		err = bpf_obj_get_info_by_fd(fd, &info, &len);
+		close(fd);
+		if (err)
+			continue;
+		if (info.type == BPF_LINK_TYPE_XDP && info.prog_id == prog_id &&
+		    (int)info.xdp.ifindex == ifindex) {
+			*link_id = id;
+			return 0;
+		}
+	}
+	return -ENOENT;
+}
+
 int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
 		     void *data_out, uint32_t *size_out, uint32_t ingress_ifindex,
 		     uint32_t rx_queue, uint32_t *action)

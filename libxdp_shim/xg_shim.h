@@ -155,6 +155,15 @@ void xg_prog_close(struct xg_prog *prog);
 int xg_xdp_query(int ifindex, uint32_t *prog_id, uint32_t *mode);
 
 /*
+ * The BPF link that holds program @prog_id on @ifindex (from
+ * xg_xdp_query(), so in the caller's namespace): *@link_id. Returns 0, or
+ * -ENOENT when no link does (the program was attached through netlink).
+ * Needs CAP_SYS_ADMIN. Walks every BPF link of the system; not for hot
+ * paths. Does not block.
+ */
+int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id);
+
+/*
  * Run @prog_fd once over @data (BPF_PROG_TEST_RUN) as if received on
  * @rx_queue of @ingress_ifindex (0 = no device; a non-zero queue needs a
  * device). The frame as the program left it is copied to @data_out (up to

@@ -275,6 +275,16 @@ def xdp_query(ifindex: int) -> tuple[int, str]:
     return int(prog_id[0]), XDP_ATTACHED_MODES.get(int(mode[0]), str(mode[0]))
 
 
+def xdp_link_id(ifindex: int, prog_id: int) -> int | None:
+    """Id of the BPF link holding ``prog_id`` on ``ifindex`` (this netns), None if none."""
+    out = ffi.new("uint32_t *")
+    ret = lib.xg_xdp_link_id(ifindex, prog_id, out)
+    if ret == -errno.ENOENT:
+        return None
+    check(ret, "looking for the XDP link")
+    return int(out[0])
+
+
 def prog_test_run(
     prog_fd: int, data: bytes, ingress_ifindex: int = 0, rx_queue: int = 0
 ) -> tuple[int, bytes]:

@@ -312,9 +312,17 @@ def stats(as_json: bool, watch: bool, interval: float, control: str) -> None:
                 return
 
 
-def _call(control: str, cmd: str, **args: Any) -> Any:
+def _call(control: str, cmd: str, fd: int | None = None, **args: Any) -> Any:
     with _client(control) as c:
-        return c.call(cmd, **args)
+        result = c.call(cmd, fd, **args)
+    if isinstance(result, dict) and result.get("warning"):
+        click.echo(f"warning: {result['warning']}", err=True)
+    return result
+
+
+force_option = click.option(
+    "--force", is_flag=True, help="Allow a /0 (every source of a family), or emptying a list."
+)
 
 
 def _emit(result: Any, as_json: bool, text: str) -> None:
@@ -336,17 +344,21 @@ def _list_group(lst: str, what: str) -> click.Group:
         help="Remove the entries again after this many seconds.",
     )
     @click.option("--comment", help="A note kept with the entries (why, ticket, ...).")
+    @force_option
     @json_option
     @control_option
     def add(
         prefixes: tuple[str, ...],
         ttl: float | None,
         comment: str | None,
+        force: bool,
         as_json: bool,
         control: str,
     ) -> None:
         """Add addresses or CIDR prefixes; an existing entry gets the new TTL and comment."""
-        r = _call(control, f"{lst}.add", prefixes=list(prefixes), ttl=ttl, comment=comment)
+        r = _call(
+            control, f"{lst}.add", prefixes=list(prefixes), ttl=ttl, comment=comment, force=force
+        )
         _emit(r, as_json, f"{lst}list: {r['added']} added, {r['updated']} updated")
 
     @group.command("del")
@@ -375,22 +387,24 @@ def _list_group(lst: str, what: str) -> click.Group:
         click.echo(f"{r['count']} entries", err=True)
 
     @group.command("load")
-    @click.argument("file", type=click.File("r"))
+    @click.argument("file", type=click.File("rb"))
     @click.option(
         "--replace",
         is_flag=True,
         help="Swap the whole list for the file's (atomically) instead of adding to it.",
     )
+    @force_option
     @json_option
     @control_option
-    def load(file: Any, replace: bool, as_json: bool, control: str) -> None:
+    def load(file: Any, replace: bool, force: bool, as_json: bool, control: str) -> None:
         """Load FILE (or - for stdin): one address or CIDR per line, '#' comments.
 
-        The whole file is checked first: one bad line changes nothing.
+        The whole file is checked first: one bad line changes nothing. The
+        file is handed to xdpguard open, so it may be of any size and a
+        pipe; lines are numbered as grep -n numbers them.
         """
-        text = file.read()
         try:
-            r = _call(control, f"{lst}.load", text=text, replace=replace)
+            r = _call(control, f"{lst}.load", file.fileno(), replace=replace, force=force)
         except XdpguardError as exc:
             raise XdpguardError(f"{file.name}: {exc}") from None
         how = "replaced the list with" if r["replaced"] else "loaded"

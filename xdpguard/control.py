@@ -12,16 +12,29 @@ then sends requests and gets one reply each, in order::
     <- {"id": 7, "ok": true, "result": {...}}
     <- {"id": 7, "ok": false, "error": "one line for the operator"}
 
-COMMANDS is the single table of what exists; the server refuses anything
-else and the client refuses to send it. The socket is mode 0600 in a 0700
-directory, and the server also checks the peer's credentials.
+COMMANDS is the single table of what exists and of each command's
+arguments, with their types and ranges: the server refuses anything else
+before a handler runs, and the client refuses to send it. A command marked
+``fd`` takes an open file instead of its contents: the client passes the
+descriptor with the request (SCM_RIGHTS) and the server reads it, so a big
+blocklist is never one huge JSON line, and the server never opens a path
+for a client.
+
+The server is hard to wedge: at most MAX_CLIENTS at once (the rest are
+told "busy"), an idle client is dropped after IDLE_TIMEOUT, a request line
+is at most MAX_LINE bytes, and a thread that cannot start costs one
+client, never the server. The socket is mode 0600 in a directory that is
+root's and not group- or world-writable; the server checks its peers'
+credentials, and the client checks the server's before it sends anything.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -29,26 +42,134 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xdpguard import __version__
 from xdpguard.errors import XdpguardError
+from xdpguard.policy import FRAG_POLICIES, MAX_COMMENT, MAX_TTL, PORT_PRESETS
+from xdpguard.tcp import LIMITS, MODES
 
 PROTOCOL_VERSION = 1
 DEFAULT_CONTROL = "/run/xdpguard/control.sock"
-# Long enough for a blocklist of a million prefixes in one request.
-MAX_LINE = 256 * 1024 * 1024
+# A request line; bulk data (list files) comes as a file descriptor.
+MAX_LINE = 4 << 20
+MAX_CLIENTS = 16
+IDLE_TIMEOUT = 60.0
+# How long close() waits for requests in flight.
+DRAIN_TIMEOUT = 30.0
+# Prefixes in one add/del request (a bigger change is a list file).
+MAX_PREFIXES = 1 << 20
 
 log = logging.getLogger("xdpguard.control")
+
+
+class ArgError(XdpguardError):
+    """A request's argument is not of its declared type or range."""
+
+
+# ---- argument types: each checks a JSON value and returns it, or raises ArgError ----
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class Int:
+    lo: int
+    hi: int
+
+    def __call__(self, name: str, v: Any) -> int:
+        if not _is_int(v) or not self.lo <= v <= self.hi:
+            raise ArgError(f"{name} {v!r}: must be a whole number from {self.lo} to {self.hi}")
+        return int(v)
+
+
+@dataclass(frozen=True)
+class Num:
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def __call__(self, name: str, v: Any) -> float:
+        ok = (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+        if ok:
+            ok = (v > self.lo if self.lo_open else v >= self.lo) and v <= self.hi
+        if not ok:
+            low = f"more than {self.lo:g}" if self.lo_open else f"from {self.lo:g}"
+            raise ArgError(f"{name} {v!r}: must be a number {low} to {self.hi:g}")
+        return float(v)
+
+
+@dataclass(frozen=True)
+class Str:
+    max_len: int
+    choices: tuple[str, ...] = ()
+
+    def __call__(self, name: str, v: Any) -> str:
+        if not isinstance(v, str) or len(v) > self.max_len:
+            raise ArgError(f"{name}: must be text of at most {self.max_len} characters")
+        if self.choices and v not in self.choices:
+            raise ArgError(f"{name} {v!r}: must be one of {', '.join(self.choices)}")
+        return v
+
+
+@dataclass(frozen=True)
+class Bool:
+    def __call__(self, name: str, v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise ArgError(f"{name} {v!r}: must be true or false")
+        return v
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Callable[[str, Any], Any]
+    max_items: int
+
+    def __call__(self, name: str, v: Any) -> list[Any]:
+        if not isinstance(v, list) or len(v) > self.max_items:
+            raise ArgError(f"{name}: must be a list of at most {self.max_items} items")
+        return [self.item(f"{name}[{i}]", x) for i, x in enumerate(v)]
+
+
+@dataclass(frozen=True)
+class Arg:
+    check: Callable[[str, Any], Any]
+    required: bool = False
 
 
 @dataclass(frozen=True)
 class Command:
     name: str
     help: str
+    args: dict[str, Arg] = field(default_factory=dict)
+    fd: bool = False  # takes one open file (SCM_RIGHTS), readable by the handler as args["file"]
 
+    def validate(self, args: Any) -> dict[str, Any]:
+        """The checked arguments (absent optional ones as None); ArgError otherwise."""
+        if not isinstance(args, dict):
+            raise ArgError("args must be a JSON object")
+        unknown = sorted(set(args) - set(self.args))
+        if unknown:
+            raise ArgError(f"{self.name}: unknown argument {unknown[0]!r}")
+        out: dict[str, Any] = {}
+        for name, arg in self.args.items():
+            value = args.get(name)
+            if value is None:
+                if arg.required:
+                    raise ArgError(f"{self.name}: {name} is missing")
+                out[name] = None
+            else:
+                out[name] = arg.check(name, value)
+        return out
+
+
+_PREFIXES = Arg(ListOf(Str(64), MAX_PREFIXES), required=True)
+_PORTS = ListOf(Int(0, 65535), 65536)
+_MODE = Str(16, MODES)
 
 COMMANDS: dict[str, Command] = {
     c.name: c
@@ -58,31 +179,75 @@ COMMANDS: dict[str, Command] = {
             "status",
             "state (starting|ready|stopping), devices, namespaces, netns cookies, sockets "
             "and workers: {wait?: seconds to block until not starting}",
+            {"wait": Arg(Num(0, 3600))},
         ),
         Command("stats", "counters per reason, direction and queue; frame account"),
         *(
-            Command(f"{lst}.{verb}", text.format(lst=lst))
+            c
             for lst in ("block", "allow")
-            for verb, text in (
-                ("add", "add prefixes to the {lst}list: {{prefixes, ttl?, comment?}}"),
-                ("del", "delete prefixes from the {lst}list: {{prefixes}}"),
-                ("list", "the {lst}list's entries"),
-                ("load", "load a list file into the {lst}list: {{text, replace?}}"),
-                ("clear", "empty the {lst}list"),
+            for c in (
+                Command(
+                    f"{lst}.add",
+                    f"add prefixes to the {lst}list: {{prefixes, ttl?, comment?, force?}}",
+                    {
+                        "prefixes": _PREFIXES,
+                        "ttl": Arg(Num(0, MAX_TTL, lo_open=True)),
+                        "comment": Arg(Str(MAX_COMMENT)),
+                        "force": Arg(Bool()),
+                    },
+                ),
+                Command(
+                    f"{lst}.del",
+                    f"delete prefixes from the {lst}list: {{prefixes}}",
+                    {"prefixes": _PREFIXES},
+                ),
+                Command(f"{lst}.list", f"the {lst}list's entries"),
+                Command(
+                    f"{lst}.load",
+                    f"load a list file into the {lst}list: an open file (fd) or {{text}}, "
+                    "{replace?, force?}",
+                    {"text": Arg(Str(MAX_LINE)), "replace": Arg(Bool()), "force": Arg(Bool())},
+                    fd=True,
+                ),
+                Command(f"{lst}.clear", f"empty the {lst}list"),
             )
         ),
-        Command("ports.add", "add UDP source ports to drop: {ports, preset?}"),
-        Command("ports.del", "stop dropping UDP source ports: {ports}"),
+        Command(
+            "ports.add",
+            "add UDP source ports to drop: {ports, preset?}",
+            {"ports": Arg(_PORTS), "preset": Arg(Str(16, tuple(PORT_PRESETS)))},
+        ),
+        Command(
+            "ports.del", "stop dropping UDP source ports: {ports}", {"ports": Arg(_PORTS, True)}
+        ),
         Command("ports.list", "the UDP source ports dropped"),
-        Command("frags.set", "fragment policy: {policy: drop|pass}"),
+        Command(
+            "frags.set",
+            "fragment policy: {policy: drop|pass}",
+            {"policy": Arg(Str(8, FRAG_POLICIES), True)},
+        ),
         Command("frags.get", "the fragment policy"),
-        Command("tcp.mode", "set SYN challenges and out-of-state drops: {mode}"),
+        Command(
+            "tcp.mode",
+            "set SYN challenges and out-of-state drops: {mode}",
+            {"mode": Arg(_MODE, True)},
+        ),
         Command(
             "tcp.config",
             "TCP settings: {syn_mode?, state_mode?, syn_rate?, syn_burst?, state_rate?, "
             "state_burst?, verify_ttl?, learn?}; none: show",
+            {
+                "syn_mode": Arg(_MODE),
+                "state_mode": Arg(_MODE),
+                **{k: Arg(Int(*LIMITS[k])) for k in LIMITS},
+                "learn": Arg(Num(0, 86400)),
+            },
         ),
-        Command("tcp.flows", "flow table occupancy by state and the busiest flows: {top?}"),
+        Command(
+            "tcp.flows",
+            "flow table occupancy by state and the busiest flows: {top?}",
+            {"top": Arg(Int(0, 1000))},
+        ),
         Command("tcp.verified.list", "sources that answered a SYN challenge"),
         Command("tcp.verified.clear", "forget every verified source"),
     )
@@ -99,31 +264,113 @@ def encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-def _readline(f: Any) -> dict[str, Any] | None:
-    line = f.readline(MAX_LINE + 1)
-    if not line:
-        return None
-    if len(line) > MAX_LINE:
-        raise ValueError("request too long")
-    msg = json.loads(line)
+def decode(line: bytes) -> dict[str, Any]:
+    """One message; ValueError (one line) for anything but a JSON object."""
+    try:
+        msg = json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None
     if not isinstance(msg, dict):
         raise ValueError("a message must be a JSON object")
     return msg
 
 
+class LineReader:
+    """Lines from a stream socket, and the descriptors that came with them."""
+
+    MAX_FDS = 1
+
+    def __init__(self, sock: socket.socket, max_line: int) -> None:
+        self.sock = sock
+        self.max_line = max_line
+        self.buf = bytearray()
+        self.fds: list[int] = []
+
+    def readline(self) -> bytes | None:
+        """The next line (without its newline), or None at end of stream."""
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self.buf[:nl])
+                del self.buf[: nl + 1]
+                return line
+            if len(self.buf) > self.max_line:
+                raise ValueError(f"request longer than {self.max_line} bytes")
+            data, anc, flags, _ = self.sock.recvmsg(
+                65536, socket.CMSG_SPACE(4 * (self.MAX_FDS + 1))
+            )
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                    self.fds += fds.tolist()
+            if flags & socket.MSG_CTRUNC or len(self.fds) > self.MAX_FDS:
+                self.close_fds()
+                raise ValueError("too many file descriptors")
+            if not data:
+                return None
+            self.buf += data
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        for fd in self.take_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def check_socket_dir(parent: Path) -> None:
+    """Refuse a directory someone else could swap the socket in."""
+    st = parent.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise XdpguardError(f"{parent} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise XdpguardError(
+            f"control socket directory {parent} belongs to uid {st.st_uid}, not root; "
+            "use a directory only root can write"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise XdpguardError(
+            f"control socket directory {parent} is group- or world-writable "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); use a directory only root can write"
+        )
+
+
 class ControlServer:
     """Serves COMMANDS from ``handlers`` on a Unix socket, one thread per client."""
 
-    def __init__(self, path: str | os.PathLike[str], handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        handlers: dict[str, Handler],
+        max_clients: int = MAX_CLIENTS,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
         unknown = set(handlers) - set(COMMANDS)
         if unknown:
             raise ValueError(f"handlers for unknown commands: {sorted(unknown)}")
         self.path = Path(path)
         self.handlers = {"help": self._help, **handlers}
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._made_dir = False
         self._closing = False
+        # Clients connected and requests in flight, under one condition.
+        self._state = threading.Condition()
+        self._clients: set[socket.socket] = set()
+        self._busy = 0
+        self._refused_logged = False
 
     def _help(self, _args: dict[str, Any]) -> Any:
         return {name: COMMANDS[name].help for name in sorted(self.handlers)}
@@ -133,6 +380,7 @@ class ControlServer:
         if not parent.exists():
             parent.mkdir(mode=0o700, parents=True)
             self._made_dir = True
+        check_socket_dir(parent)
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
                 raise XdpguardError(f"{self.path} exists and is not a socket; remove it first")
@@ -160,12 +408,15 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        sock.listen(16)
+        sock.listen(64)
         self._sock = sock
         self._thread = threading.Thread(target=self._accept, name="xg-control", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, drain: float = DRAIN_TIMEOUT) -> None:
+        """Stop accepting, let requests in flight finish (up to ``drain`` seconds),
+        then hang up on every client. Handlers are not running once this returns
+        (unless one outlived ``drain``, which is logged)."""
         self._closing = True
         if self._sock is not None:
             with contextlib.suppress(OSError):
@@ -173,86 +424,154 @@ class ControlServer:
             self._sock.close()
             self._sock = None
         if self._thread is not None:
-            self._thread.join(timeout=2)
+            self._thread.join(timeout=5)
+        with self._state:
+            if not self._state.wait_for(lambda: self._busy == 0, drain):
+                log.error("control: %d request(s) still running at shutdown", self._busy)
+            for conn in self._clients:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         if self._made_dir:
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()
 
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        """Say ``why`` and hang up. The client's hello is read first (briefly:
+        this runs in the accept thread), since closing a Unix socket with
+        unread data makes the peer's read fail before it sees the reason."""
+        with contextlib.suppress(OSError):
+            conn.settimeout(0.2)
+            conn.recv(4096)
+        with contextlib.suppress(OSError):
+            conn.sendall(encode({"ok": False, "error": why}))
+            conn.shutdown(socket.SHUT_WR)
+        conn.close()
+
     def _accept(self) -> None:
-        assert self._sock is not None
         while not self._closing:
             try:
+                assert self._sock is not None
                 conn, _ = self._sock.accept()
             except OSError:
-                return
-            threading.Thread(
-                target=self._serve, args=(conn,), name="xg-control-client", daemon=True
-            ).start()
-
-    @staticmethod
-    def _peer_allowed(conn: socket.socket) -> bool:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid in (0, os.geteuid())
+                if self._closing:
+                    return
+                time.sleep(0.05)  # EMFILE and the like: this client, not the server
+                continue
+            with self._state:
+                full = len(self._clients) >= self.max_clients
+                if not full:
+                    self._clients.add(conn)
+            if full:
+                self._refuse(conn, f"busy: {self.max_clients} clients connected; try again")
+                continue
+            try:
+                threading.Thread(
+                    target=self._serve, args=(conn,), name="xg-control-client", daemon=True
+                ).start()
+            except RuntimeError as exc:  # "can't start new thread": out of tasks
+                with self._state:
+                    self._clients.discard(conn)
+                if not self._refused_logged:
+                    log.error("control: cannot start a client thread (%s); refusing clients", exc)
+                    self._refused_logged = True
+                self._refuse(conn, "busy: the server cannot take another client now; try again")
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as rf:
-            try:
-                if not self._peer_allowed(conn):
-                    conn.sendall(encode({"ok": False, "error": "permission denied"}))
-                    return
-                hello = _readline(rf)
-                if hello is None:
-                    return
-                if hello.get("hello") != "xdpguard" or hello.get("version") != PROTOCOL_VERSION:
-                    conn.sendall(
-                        encode(
-                            {
-                                "ok": False,
-                                "error": f"unsupported protocol {hello!r}: this server speaks "
-                                f"xdpguard version {PROTOCOL_VERSION}",
-                            }
-                        )
-                    )
-                    return
+        reader = LineReader(conn, MAX_LINE)
+        try:
+            conn.settimeout(self.idle_timeout)
+            if _peer_uid(conn) not in (0, os.geteuid()):
+                conn.sendall(encode({"ok": False, "error": "permission denied"}))
+                return
+            line = reader.readline()
+            if line is None:
+                return
+            hello = decode(line)
+            version = hello.get("version")
+            if hello.get("hello") != "xdpguard" or not _is_int(version) or version != 1:
                 conn.sendall(
                     encode(
                         {
-                            "ok": True,
-                            "hello": "xdpguard",
-                            "version": PROTOCOL_VERSION,
-                            "server": __version__,
-                            "commands": sorted(self.handlers),
+                            "ok": False,
+                            "error": f"unsupported protocol {hello!r:.200}: this server speaks "
+                            f"xdpguard version {PROTOCOL_VERSION}",
                         }
                     )
                 )
-                while True:
-                    req = _readline(rf)
-                    if req is None:
-                        return
-                    conn.sendall(encode(self._dispatch(req)))
-            except (OSError, ValueError) as exc:
-                with contextlib.suppress(OSError):
-                    conn.sendall(encode({"ok": False, "error": f"bad request: {exc}"}))
+                return
+            conn.sendall(
+                encode(
+                    {
+                        "ok": True,
+                        "hello": "xdpguard",
+                        "version": PROTOCOL_VERSION,
+                        "server": __version__,
+                        "commands": sorted(self.handlers),
+                    }
+                )
+            )
+            while not self._closing:
+                line = reader.readline()
+                if line is None:
+                    return
+                fds = reader.take_fds()
+                try:
+                    reply = self._dispatch(decode(line), fds)
+                except ValueError as exc:
+                    reply = {"ok": False, "error": f"bad request: {exc}"}
+                finally:
+                    for fd in fds:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                conn.sendall(encode(reply))
+        except TimeoutError:
+            with contextlib.suppress(OSError):
+                conn.sendall(encode({"ok": False, "error": "idle too long: disconnected"}))
+        except (OSError, ValueError) as exc:
+            with contextlib.suppress(OSError):
+                conn.sendall(encode({"ok": False, "error": f"bad request: {exc}"}))
+        finally:
+            reader.close_fds()
+            with self._state:
+                self._clients.discard(conn)
+            conn.close()
 
-    def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _dispatch(self, req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         rid = req.get("id")
+        if rid is not None and not (_is_int(rid) or isinstance(rid, str)):
+            rid = None
         cmd = req.get("cmd")
-        args = req.get("args") or {}
-        handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
-        if handler is None:
-            return {"id": rid, "ok": False, "error": f"unknown command {cmd!r}"}
-        if not isinstance(args, dict):
-            return {"id": rid, "ok": False, "error": "args must be a JSON object"}
+        command = COMMANDS.get(cmd) if isinstance(cmd, str) else None
+        handler = self.handlers.get(cmd) if command else None
+        if handler is None or command is None:
+            return {"id": rid, "ok": False, "error": f"unknown command {cmd!r:.100}"}
         try:
+            args = command.validate(req.get("args") or {})
+            if fds and not command.fd:
+                raise ArgError(f"{cmd} takes no file")
+            if command.fd:
+                args["file"] = os.fdopen(os.dup(fds[0]), "rb") if fds else None
+        except XdpguardError as exc:
+            return {"id": rid, "ok": False, "error": str(exc)}
+        with self._state:
+            self._busy += 1
+        try:
+            if self._closing:
+                raise XdpguardError("xdpguard is stopping")
             return {"id": rid, "ok": True, "result": handler(args)}
         except XdpguardError as exc:
             return {"id": rid, "ok": False, "error": str(exc)}
         except Exception as exc:  # a bug must not kill the control thread
             log.exception("control command %s failed", cmd)
             return {"id": rid, "ok": False, "error": f"internal error in {cmd}: {exc}"}
+        finally:
+            if args.get("file") is not None:
+                args["file"].close()
+            with self._state:
+                self._busy -= 1
+                self._state.notify_all()
 
 
 class ControlClient:
@@ -280,8 +599,18 @@ class ControlClient:
             raise XdpguardError(
                 f"permission denied on {self.path}: the control socket is root only"
             ) from None
+        except OSError as exc:
+            sock.close()
+            raise XdpguardError(f"control socket {self.path}: {exc.strerror}") from None
+        # Say nothing to a server that is not root's (or our own).
+        uid = _peer_uid(sock)
+        if uid not in (0, os.geteuid()):
+            sock.close()
+            raise XdpguardError(
+                f"control socket {self.path} is served by uid {uid}, not root: not talking to it"
+            )
         self._sock = sock
-        self._rf = sock.makefile("rb")
+        self._reader = LineReader(sock, 1 << 30)
         hello = self._exchange({"hello": "xdpguard", "version": PROTOCOL_VERSION})
         if not hello.get("ok"):
             self.close()
@@ -289,29 +618,40 @@ class ControlClient:
         self.server_version: str = hello.get("server", "?")
         self.commands: list[str] = hello.get("commands", [])
 
-    def _exchange(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def _exchange(self, msg: dict[str, Any], fd: int | None = None) -> dict[str, Any]:
         try:
-            self._sock.sendall(encode(msg))
-            reply = _readline(self._rf)
+            data = encode(msg)
+            if fd is None:
+                self._sock.sendall(data)
+            else:
+                sent = socket.send_fds(self._sock, [data], [fd])
+                if sent < len(data):
+                    self._sock.sendall(data[sent:])
+            line = self._reader.readline()
+            reply = None if line is None else decode(line)
         except (OSError, ValueError) as exc:
             raise XdpguardError(f"control socket {self.path}: {exc}") from exc
         if reply is None:
             raise XdpguardError(f"control socket {self.path}: server closed the connection")
         return reply
 
-    def call(self, cmd: str, **args: Any) -> Any:
-        if cmd not in COMMANDS:
+    def call(self, cmd: str, fd: int | None = None, **args: Any) -> Any:
+        """Run ``cmd`` with ``args`` (``fd``: an open file for a command that takes one)."""
+        command = COMMANDS.get(cmd)
+        if command is None:
             raise ValueError(f"unknown command {cmd!r}")
         if cmd not in self.commands:
             raise ControlError(f"the running xdpguard ({self.server_version}) has no {cmd!r}")
+        if fd is not None and not command.fd:
+            raise ValueError(f"{cmd} takes no file")
+        command.validate({k: v for k, v in args.items() if v is not None})
         self._next_id += 1
-        reply = self._exchange({"id": self._next_id, "cmd": cmd, "args": args})
+        reply = self._exchange({"id": self._next_id, "cmd": cmd, "args": args}, fd)
         if not reply.get("ok"):
             raise ControlError(reply.get("error", "request failed"))
         return reply.get("result")
 
     def close(self) -> None:
-        self._rf.close()
         self._sock.close()
 
     def __enter__(self) -> ControlClient:

@@ -25,9 +25,9 @@ from xdpguard import _bindings as B
 from xdpguard.defs import LOOP_REASONS, ROLE_DIRECTION, XDP_REASONS, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.netns import Device, Netns, resolve_device
-from xdpguard.policy import Policy
+from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
 from xdpguard.tcp import TcpStage
-from xdpguard.xdp import XDP_MODES, PolicyMaps, XdpProgram
+from xdpguard.xdp import XDP_MODES, PolicyMaps, XdpProgram, occupied
 
 log = logging.getLogger("xdpguard")
 
@@ -244,11 +244,7 @@ class Engine:
 
     def _check_device(self, dev: Device, ns: Netns) -> None:
         if dev.xdp_prog_id:
-            raise XdpguardError(
-                f"{dev.name} (netns {ns.label}) already has an XDP program attached "
-                f"(id {dev.xdp_prog_id}, {dev.xdp_mode} mode); detach it first "
-                f"(ip link set dev {dev.name} xdp off)"
-            )
+            raise XdpguardError(occupied(ns, dev, dev.xdp_prog_id, dev.xdp_mode))
         room = self.cfg.frame_size - _XDP_PACKET_HEADROOM - _MAX_L2_OVERHEAD
         if dev.mtu > room:
             raise XdpguardError(
@@ -305,22 +301,42 @@ class Engine:
             self.fatal.set()
 
     def _chores(self) -> None:
-        """TTL expiry, the TCP stage's clock, and a watch on the XDP links."""
+        """Housekeeping, one step after another, each on its own period: TTL
+        expiry, the TCP stage's clock, saving a state that could not be saved,
+        and watching the devices. A step that fails is logged (once per
+        distinct error) and tried again next time; it never stops the others."""
         assert self.policy is not None
-        next_check = 0.0
+        policy = self.policy
+        steps: list[tuple[str, float, Callable[[], object]]] = [
+            ("TTL expiry", self.cfg.expiry_interval, self._expire),
+            ("TCP clock", self.cfg.expiry_interval, self.tcp.tick if self.tcp else lambda: None),
+            ("saving the policy", 5.0, policy.save_if_behind),
+            ("device watch", 1.0, self._check_links),
+        ]
+        due = [0.0] * len(steps)
+        failing: dict[str, str] = {}
         while not self._stopping.wait(self.cfg.expiry_interval):
-            if self.tcp is not None:
-                self.tcp.tick()
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + 1.0
-                self._check_links()
-            try:
-                n = self.policy.expire()
-            except XdpguardError as exc:
-                log.error("TTL expiry: %s", exc)
-                continue
-            if n:
-                log.info("TTL expiry: %d prefix(es) removed", n)
+            for i, (name, period, step) in enumerate(steps):
+                now = time.monotonic()
+                if now < due[i]:
+                    continue
+                due[i] = now + period
+                try:
+                    step()
+                except Exception as exc:  # keep house: the next step, the next round
+                    why = str(exc) or type(exc).__name__
+                    if failing.get(name) != why:
+                        log.error("housekeeping: %s failed: %s (will retry)", name, why)
+                        failing[name] = why
+                else:
+                    if failing.pop(name, None) is not None:
+                        log.info("housekeeping: %s works again", name)
+
+    def _expire(self) -> None:
+        assert self.policy is not None
+        n = self.policy.expire()
+        if n:
+            log.info("TTL expiry: %d prefix(es) removed", n)
 
     def _check_links(self) -> None:
         # Without its program a device forwards nothing through xdpguard;
@@ -381,7 +397,10 @@ class Engine:
     # ---- control ----
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        """The control socket's commands (control.COMMANDS) served by this engine."""
+        """The control socket's commands (control.COMMANDS) served by this engine.
+
+        Arguments arrive checked against the command's declared types and
+        ranges (absent ones as None); the policy checks their meaning."""
 
         def policy() -> Policy:
             if self.policy is None:
@@ -393,38 +412,33 @@ class Engine:
                 raise XdpguardError("xdpguard is starting")
             return self.tcp
 
-        def strings(args: dict[str, Any], key: str) -> list[str]:
-            value = args.get(key)
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise XdpguardError(f"{key}: expected a list of strings")
-            return value
+        def given(a: dict[str, Any], *skip: str) -> dict[str, Any]:
+            return {k: v for k, v in a.items() if v is not None and k not in skip}
 
         h: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": lambda a: self.status(),
             "stats": lambda a: self.stats(),
-            "ports.add": lambda a: policy().ports_add(a.get("ports") or [], a.get("preset")),
-            "ports.del": lambda a: policy().ports_del(a.get("ports") or []),
+            "ports.add": lambda a: policy().ports_add(a["ports"] or [], a["preset"]),
+            "ports.del": lambda a: policy().ports_del(a["ports"]),
             "ports.list": lambda a: policy().ports_list(),
-            "frags.set": lambda a: policy().frags_set(a.get("policy")),
+            "frags.set": lambda a: policy().frags_set(a["policy"]),
             "frags.get": lambda a: policy().frags_get(),
             "tcp.mode": lambda a: policy().tcp_set(
-                {"syn_mode": a.get("mode"), "state_mode": a.get("mode")}
+                {"syn_mode": a["mode"], "state_mode": a["mode"]}
             ),
-            "tcp.config": lambda a: policy().tcp_set(
-                {k: v for k, v in a.items() if k != "learn"}, a.get("learn")
-            ),
-            "tcp.flows": lambda a: tcp().flows(int(a.get("top", 10))),
+            "tcp.config": lambda a: policy().tcp_set(given(a, "learn"), a["learn"]),
+            "tcp.flows": lambda a: tcp().flows(10 if a["top"] is None else a["top"]),
             "tcp.verified.list": lambda a: tcp().verified(),
             "tcp.verified.clear": lambda a: tcp().verified_clear(),
         }
         for lst in ("block", "allow"):
             h[f"{lst}.add"] = lambda a, lst=lst: policy().list_add(
-                lst, strings(a, "prefixes"), a.get("ttl"), a.get("comment")
+                lst, a["prefixes"], a["ttl"], a["comment"], bool(a["force"])
             )
-            h[f"{lst}.del"] = lambda a, lst=lst: policy().list_del(lst, strings(a, "prefixes"))
+            h[f"{lst}.del"] = lambda a, lst=lst: policy().list_del(lst, a["prefixes"])
             h[f"{lst}.list"] = lambda a, lst=lst: policy().list_entries(lst)
             h[f"{lst}.load"] = lambda a, lst=lst: policy().list_load(
-                lst, _text(a), bool(a.get("replace"))
+                lst, _list_file(a), bool(a["replace"]), bool(a["force"])
             )
             h[f"{lst}.clear"] = lambda a, lst=lst: policy().list_clear(lst)
         return h
@@ -581,11 +595,19 @@ class Engine:
         return out
 
 
-def _text(args: dict[str, Any]) -> str:
-    text = args.get("text")
-    if not isinstance(text, str):
-        raise XdpguardError("text: expected the file's contents as a string")
-    return text
+def _list_file(args: dict[str, Any]) -> Prefixes:
+    """The prefixes of a list load: read from the client's open file, or its text.
+    Parsed before any lock is taken: a slow or huge file holds up nothing."""
+    if args["file"] is not None:
+        if args["text"] is not None:
+            raise XdpguardError("give a file or its text, not both")
+        try:
+            return parse_lines(read_lines(args["file"]))
+        except OSError as exc:
+            raise XdpguardError(f"cannot read the file: {exc.strerror}") from None
+    if args["text"] is None:
+        raise XdpguardError("no file and no text given")
+    return parse_text(args["text"])
 
 
 _DIR_FIELDS = (

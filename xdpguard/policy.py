@@ -14,17 +14,18 @@ million prefixes cost a few megabytes rather than a million Python objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import socket
 import threading
 import time
-import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -37,6 +38,11 @@ _AF = {"v4": socket.AF_INET, "v6": socket.AF_INET6}
 _ADDR_LEN = {"v4": 4, "v6": 16}
 _BITS = {"v4": 32, "v6": 128}
 CANON = {"v4": np.dtype("V5"), "v6": np.dtype("V17")}
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+# A list file's limits: a line (one prefix and its comment), and the whole
+# file (about the lists' capacity, XG_LPM_V4_MAX + XG_LPM_V6_MAX, at 40 bytes).
+MAX_LIST_LINE = 4096
+MAX_LIST_BYTES = 256 << 20
 
 # The classic reflection/amplification sources (chargen, DNS, NTP, SNMP,
 # CLDAP, SSDP, WS-Discovery, memcached): `ports add --preset drdos`.
@@ -47,6 +53,30 @@ MAX_COMMENT = 256
 STATE_FILE = "policy.npz"
 STATE_FORMAT = "xdpguard-policy"
 STATE_VERSION = 1
+
+log = logging.getLogger("xdpguard")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def remove_stale_temp_files(state_dir: Path) -> list[Path]:
+    """Delete what an interrupted save left behind (``.NAME.PID.tmp``); which."""
+    gone = []
+    with contextlib.suppress(OSError):
+        for path in state_dir.glob(".*.tmp"):
+            parts = path.name.split(".")
+            if len(parts) >= 4 and parts[-2].isdigit() and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    gone.append(path)
+    return gone
 
 
 class PolicyInputError(XdpguardError):
@@ -79,6 +109,10 @@ def parse_prefix(text: str) -> tuple[str, bytes]:
         raise ValueError(
             f"host bits set (the network is {socket.inet_ntop(_AF[family], net)}/{plen})"
         )
+    if family == "v6" and plen >= 96 and packed[:12] == _V4_MAPPED:
+        # IPv4 traffic never carries these: the entry would never match.
+        v4 = socket.inet_ntop(socket.AF_INET, packed[12:])
+        raise ValueError(f"an IPv4-mapped address: write it as IPv4 ({v4}/{plen - 96})")
     return family, packed + bytes((plen,))
 
 
@@ -94,6 +128,9 @@ class Prefixes:
 
     def __len__(self) -> int:
         return len(self.v4) + len(self.v6)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        return iter((("v4", self.v4), ("v6", self.v6)))
 
 
 def _collect(out: dict[str, bytearray]) -> Prefixes:
@@ -114,19 +151,68 @@ def parse_items(items: Iterable[str]) -> Prefixes:
     return _collect(out)
 
 
-def parse_text(text: str) -> Prefixes:
-    """A list file: one prefix per line, '#' comments and blank lines allowed."""
+def parse_lines(lines: Iterable[bytes]) -> Prefixes:
+    """A list file, line by line (split on newlines only, so the numbers are
+    those of ``grep -n``): one prefix per line, '#' comments, blank lines.
+    Every error names its line; nothing is returned unless all is good."""
     out = {f: bytearray() for f in FAMILIES}
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+    total = 0
+    for n, raw in enumerate(lines, 1):
+        total += len(raw)
+        if total > MAX_LIST_BYTES:
+            raise PolicyInputError(f"more than {MAX_LIST_BYTES >> 20} MiB: not a list file")
+        if len(raw) > MAX_LIST_LINE:
+            raise PolicyInputError(f"line {n}: longer than {MAX_LIST_LINE} bytes")
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise PolicyInputError(f"line {n}: not UTF-8 text") from None
+        line = text.split("#", 1)[0].strip()
         if not line:
             continue
+        if "\0" in line:
+            raise PolicyInputError(f"line {n}: a NUL byte: not a list file")
         try:
             family, canon = parse_prefix(line)
         except ValueError as exc:
-            raise PolicyInputError(f"line {n}: {raw.strip()!r}: {exc}") from None
+            raise PolicyInputError(f"line {n}: {text.strip()!r}: {exc}") from None
         out[family] += canon
     return _collect(out)
+
+
+def split_lines(data: bytes) -> Iterator[bytes]:
+    """``data`` cut at each newline, and nowhere else (not at form feeds or CRs)."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        yield data[start:end].removesuffix(b"\r")
+        start = end + 1
+
+
+def read_lines(f: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a file (or pipe) read in chunks; a line never grows past
+    MAX_LIST_LINE + 1 bytes in memory, so /dev/zero is refused, not swallowed."""
+    pending = b""
+    while True:
+        data = f.read(chunk)
+        if not data:
+            break
+        pending += data
+        *whole, pending = pending.split(b"\n")
+        for line in whole:
+            yield line.removesuffix(b"\r")
+        if len(pending) > MAX_LIST_LINE:
+            yield pending  # too long: parse_lines says so, with its number
+            return
+    if pending:
+        yield pending.removesuffix(b"\r")
+
+
+def parse_text(text: str) -> Prefixes:
+    """A list file given as text (see parse_lines)."""
+    return parse_lines(split_lines(text.encode("utf-8", "surrogateescape")))
 
 
 def format_prefix(family: str, canon: bytes) -> str:
@@ -182,14 +268,14 @@ def parse_comment(comment: Any) -> str | None:
     return comment
 
 
-def parse_ports(ports: Sequence[Any]) -> list[int]:
-    out = []
+def parse_ports(ports: Any) -> list[int]:
+    """A list of port numbers (ints: "53" is a string, not a port)."""
+    if not isinstance(ports, list | tuple):
+        raise PolicyInputError(f"ports {ports!r}: must be a list of port numbers")
     for p in ports:
-        text = str(p)
-        if not text.isdigit() or int(text) > 65535:
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 65535:
             raise PolicyInputError(f"port {p!r}: must be a number from 0 to 65535")
-        out.append(int(text))
-    return sorted(set(out))
+    return sorted(set(ports))
 
 
 # ---- the authoritative copy ----
@@ -250,13 +336,34 @@ class PolicyMaps(Protocol):
 
     def lists_add(self, lst: str, family: str, canon: np.ndarray) -> None: ...
     def lists_delete(self, lst: str, family: str, canon: np.ndarray) -> None: ...
-    def lists_replace(self, lst: str, family: str, canon: np.ndarray) -> None: ...
+    def lists_replace(self, lst: str, canon: dict[str, np.ndarray]) -> None: ...
     def set_ports(self, ports: Sequence[int]) -> None: ...
     def set_frag_policy(self, policy: str) -> None: ...
 
 
+def _check_force(prefixes: Prefixes, force: bool) -> None:
+    """A /0 covers a whole family: say so, unless the operator insists."""
+    if force:
+        return
+    for f in FAMILIES:
+        for key in prefixes[f]:
+            if bytes(key)[-1] == 0:
+                raise PolicyInputError(
+                    f"{format_prefix(f, bytes(key))} covers every IP{f} source; "
+                    "add --force if you mean it"
+                )
+
+
 class Policy:
-    """The policy of a running appliance; every public method is one atomic change."""
+    """The policy of a running appliance; every public method is one atomic change.
+
+    A change is validated whole, then written to the kernel for both
+    families, and only then taken into the authoritative copy here: when
+    the kernel refuses any part, the maps are put back to that copy (which
+    never saw the change) and the error says nothing changed. A change the
+    kernel took but the state directory did not is kept, reported as not
+    saved ("saved": false and a warning), and saved again later.
+    """
 
     def __init__(
         self,
@@ -278,6 +385,8 @@ class Policy:
         self._lock = threading.RLock()
         # The earliest TTL deadline of any entry: expire() scans nothing before it.
         self._due = math.inf
+        # Why the last save failed, while the state file is behind the policy.
+        self.unsaved: str | None = None
 
     # -- helpers --
 
@@ -294,89 +403,113 @@ class Policy:
             raise PolicyInputError(f"unknown list {lst!r}")
         return self.lists[lst]
 
-    def _restore_maps(self, lst: str) -> None:
-        """After a failed map update: put the kernel back to the authoritative copy."""
-        for f in FAMILIES:
-            self.maps.lists_replace(lst, f, self.lists[lst][f].keys)
-
-    def _apply(self, lst: str, fn: Any) -> Any:
+    def _kernel(self, lst: str, *steps: Any) -> None:
+        """Run the map updates ``steps`` of one change to ``lst``: all of them, or,
+        if the kernel refuses one, none (the maps go back to the authoritative copy)."""
         try:
-            return fn()
+            for step in steps:
+                step()
         except OSError as exc:
-            self._restore_maps(lst)
+            try:
+                self.maps.lists_replace(lst, {f: self.lists[lst][f].keys for f in FAMILIES})
+            except OSError as again:
+                raise XdpguardError(
+                    f"{lst}list: the kernel refused a change ({exc}) and then its undo "
+                    f"({again}); the kernel's list may differ until the next change"
+                ) from exc
             raise XdpguardError(f"{lst}list not changed: the kernel refused ({exc})") from exc
+
+    def _done(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Save the state and say whether that worked, in ``result``."""
+        self._save()
+        result["saved"] = self.unsaved is None
+        if self.unsaved is not None:
+            result["warning"] = (
+                f"applied, but not saved ({self.unsaved}): it will not survive a restart "
+                "until a later save works"
+            )
+        return result
 
     # -- lists --
 
     def list_add(
-        self, lst: str, items: Sequence[str], ttl: Any = None, comment: Any = None
+        self,
+        lst: str,
+        items: Sequence[str],
+        ttl: Any = None,
+        comment: Any = None,
+        force: bool = False,
     ) -> dict[str, Any]:
         prefixes = parse_items(items)
         ttl_s, text = parse_ttl(ttl), parse_comment(comment)
         if not len(prefixes):
             raise PolicyInputError("no prefixes given")
+        _check_force(prefixes, force)
         with self._lock:
             sets = self._list(lst)
+            new = {f: sets[f].split(prefixes[f])[0] for f in FAMILIES}
+            self._kernel(lst, *(lambda f=f: self.maps.lists_add(lst, f, new[f]) for f in FAMILIES))
             deadline = self.clock() + ttl_s if ttl_s else math.inf
             cid = self._comment_id(text)
-            added = updated = 0
-            for f in FAMILIES:
-                new, _ = sets[f].split(prefixes[f])
-                self._apply(lst, lambda f=f, new=new: self.maps.lists_add(lst, f, new))
-                _, upd = sets[f].merge(prefixes[f], deadline, cid)
-                added, updated = added + len(new), updated + upd
+            updated = sum(sets[f].merge(prefixes[f], deadline, cid)[1] for f in FAMILIES)
             # An update may also lift a TTL: recompute rather than min().
             self._due = self._next_deadline() if updated else min(self._due, deadline)
-            self._save()
-        return {"added": added, "updated": updated}
+            return self._done({"added": sum(len(n) for n in new.values()), "updated": updated})
 
     def list_del(self, lst: str, items: Sequence[str]) -> dict[str, Any]:
         prefixes = parse_items(items)
         with self._lock:
             sets = self._list(lst)
-            deleted, missing = 0, []
+            split = {f: sets[f].split(prefixes[f]) for f in FAMILIES}
+            self._kernel(
+                lst, *(lambda f=f: self.maps.lists_delete(lst, f, split[f][1]) for f in FAMILIES)
+            )
             for f in FAMILIES:
-                absent, present = sets[f].split(prefixes[f])
-                self._apply(lst, lambda f=f, p=present: self.maps.lists_delete(lst, f, p))
-                sets[f].remove(present)
-                deleted += len(present)
-                missing += [format_prefix(f, bytes(k)) for k in absent]
-            self._save()
-        return {"deleted": deleted, "missing": missing}
+                sets[f].remove(split[f][1])
+            missing = [format_prefix(f, bytes(k)) for f in FAMILIES for k in split[f][0]]
+            deleted = sum(len(split[f][1]) for f in FAMILIES)
+            return self._done({"deleted": deleted, "missing": missing})
 
-    def list_load(self, lst: str, text: str, replace: bool = False) -> dict[str, Any]:
-        prefixes = parse_text(text)
+    def list_load(
+        self, lst: str, prefixes: Prefixes, replace: bool = False, force: bool = False
+    ) -> dict[str, Any]:
+        """Load parsed prefixes (parse_text() or parse_lines() of a file)."""
+        _check_force(prefixes, force)
+        if replace and not len(prefixes) and not force:
+            raise PolicyInputError(
+                "no prefixes: --replace would empty the list; add --force, or use clear"
+            )
         with self._lock:
             sets = self._list(lst)
             if replace:
-                for f in FAMILIES:
-                    self._apply(lst, lambda f=f: self.maps.lists_replace(lst, f, prefixes[f]))
+                self._kernel(lst, lambda: self.maps.lists_replace(lst, dict(prefixes.items())))
                 for f in FAMILIES:
                     n = len(prefixes[f])
                     sets[f].assign(
                         prefixes[f], np.full(n, math.inf), np.full(n, -1, dtype=np.int32)
                     )
-                self._save()
-                return {"loaded": len(prefixes), "added": len(prefixes), "replaced": True}
-            added = 0
+                self._due = self._next_deadline()
+                return self._done(
+                    {"loaded": len(prefixes), "added": len(prefixes), "replaced": True}
+                )
+            new = {f: sets[f].split(prefixes[f])[0] for f in FAMILIES}
+            self._kernel(lst, *(lambda f=f: self.maps.lists_add(lst, f, new[f]) for f in FAMILIES))
             for f in FAMILIES:
-                new, _ = sets[f].split(prefixes[f])
-                self._apply(lst, lambda f=f, new=new: self.maps.lists_add(lst, f, new))
                 sets[f].merge(prefixes[f], math.inf, -1)
-                added += len(new)
-            self._save()
-        return {"loaded": len(prefixes), "added": added, "replaced": False}
+            self._due = self._next_deadline()
+            added = sum(len(n) for n in new.values())
+            return self._done({"loaded": len(prefixes), "added": added, "replaced": False})
 
     def list_clear(self, lst: str) -> dict[str, Any]:
         with self._lock:
             sets = self._list(lst)
             n = sum(len(s) for s in sets.values())
             empty = {f: np.empty(0, dtype=CANON[f]) for f in FAMILIES}
+            self._kernel(lst, lambda: self.maps.lists_replace(lst, empty))
             for f in FAMILIES:
-                self._apply(lst, lambda f=f: self.maps.lists_replace(lst, f, empty[f]))
                 sets[f] = PrefixSet(f)
-            self._save()
-        return {"deleted": n}
+            self._due = self._next_deadline()
+            return self._done({"deleted": n})
 
     def list_entries(self, lst: str) -> dict[str, Any]:
         now = self.clock()
@@ -407,28 +540,50 @@ class Policy:
         )
 
     def expire(self) -> int:
-        """Remove entries whose TTL ran out; how many. Free while nothing is due."""
+        """Remove entries whose TTL ran out; how many. Free while nothing is due.
+
+        Raises XdpguardError if the kernel refused (the entries stay, and
+        the next call tries again)."""
         now = self.clock()
         if now < self._due:
             return 0
         removed = 0
         with self._lock:
             for lst in LISTS:
+                due = {f: self.lists[lst][f].keys[self.lists[lst][f].deadline <= now]
+                       for f in FAMILIES}  # fmt: skip
+                if not any(len(d) for d in due.values()):
+                    continue
+                self._kernel(
+                    lst,
+                    *(
+                        lambda f=f, lst=lst, due=due: self.maps.lists_delete(lst, f, due[f])
+                        for f in FAMILIES
+                    ),
+                )
                 for f in FAMILIES:
-                    s = self.lists[lst][f]
-                    due = s.keys[s.deadline <= now]
-                    if len(due):
-                        self._apply(
-                            lst, lambda lst=lst, f=f, due=due: self.maps.lists_delete(lst, f, due)
-                        )
-                        s.remove(due)
-                        removed += len(due)
+                    self.lists[lst][f].remove(due[f])
+                    removed += len(due[f])
             self._due = self._next_deadline()
             if removed:
                 self._save()
         return removed
 
+    def save_if_behind(self) -> bool:
+        """Try again to save a state that could not be saved; True once it is."""
+        with self._lock:
+            if self.unsaved is not None:
+                self._save()
+            return self.unsaved is None
+
     # -- ports and fragments --
+
+    def _set_ports(self, new: list[int]) -> None:
+        try:
+            self.maps.set_ports(new)
+        except OSError as exc:
+            raise XdpguardError(f"ports not changed: the kernel refused ({exc})") from exc
+        self.ports = new
 
     def ports_add(self, ports: Sequence[Any] = (), preset: str | None = None) -> dict[str, Any]:
         wanted = parse_ports(ports)
@@ -441,12 +596,9 @@ class Policy:
         if not wanted:
             raise PolicyInputError("no ports given")
         with self._lock:
-            new = sorted(set(self.ports) | set(wanted))
-            self.maps.set_ports(new)
-            added = len(new) - len(self.ports)
-            self.ports = new
-            self._save()
-        return {"added": added, "ports": self.ports}
+            before = len(self.ports)
+            self._set_ports(sorted(set(self.ports) | set(wanted)))
+            return self._done({"added": len(self.ports) - before, "ports": list(self.ports)})
 
     def ports_del(self, ports: Sequence[Any]) -> dict[str, Any]:
         gone = parse_ports(ports)
@@ -454,12 +606,10 @@ class Policy:
             raise PolicyInputError("no ports given")
         with self._lock:
             missing = sorted(set(gone) - set(self.ports))
-            new = sorted(set(self.ports) - set(gone))
-            self.maps.set_ports(new)
-            deleted = len(self.ports) - len(new)
-            self.ports = new
-            self._save()
-        return {"deleted": deleted, "missing": missing, "ports": self.ports}
+            before = len(self.ports)
+            self._set_ports(sorted(set(self.ports) - set(gone)))
+            deleted = before - len(self.ports)
+            return self._done({"deleted": deleted, "missing": missing, "ports": list(self.ports)})
 
     def ports_list(self) -> dict[str, Any]:
         return {"ports": list(self.ports)}
@@ -468,10 +618,12 @@ class Policy:
         if policy not in FRAG_POLICIES:
             raise PolicyInputError(f"fragment policy {policy!r}: must be one of {FRAG_POLICIES}")
         with self._lock:
-            self.maps.set_frag_policy(policy)
+            try:
+                self.maps.set_frag_policy(policy)
+            except OSError as exc:
+                raise XdpguardError(f"fragments not changed: the kernel refused ({exc})") from exc
             self.frags = policy
-            self._save()
-        return {"frags": self.frags}
+            return self._done({"frags": self.frags})
 
     def frags_get(self) -> dict[str, Any]:
         return {"frags": self.frags}
@@ -492,9 +644,8 @@ class Policy:
                 if learn is not None:
                     self.tcp.learn(learn)
             self.tcp_settings = settings
-            if valid:
-                self._save()
-        return self.tcp_get()
+            result = self.tcp_get()
+            return self._done(result) if valid else result
 
     def tcp_get(self) -> dict[str, Any]:
         return {
@@ -516,6 +667,8 @@ class Policy:
     # -- persistence --
 
     def _save(self) -> None:
+        """Write the authoritative copy (write, fsync, rename). Never raises: a
+        failure is kept in self.unsaved, for the reply and for a later retry."""
         if self.state_path is None:
             return
         meta = {
@@ -536,31 +689,32 @@ class Policy:
                 arrays[f"{lst}_{f}_keys"] = s.keys.view(np.uint8)
                 arrays[f"{lst}_{f}_deadline"] = s.deadline
                 arrays[f"{lst}_{f}_comment"] = s.comment
-        self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
         try:
+            self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_path)
-            dfd = os.open(self.state_path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.state_path.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise XdpguardError(
-                f"applied, but the state could not be saved to {self.state_path}: {exc.strerror}"
-            ) from exc
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            why = f"{self.state_path}: {exc.strerror or exc}"
+            if why != self.unsaved:
+                log.error("policy applied but not saved: %s", why)
+            self.unsaved = why
+            return
+        if self.unsaved is not None:
+            log.info("policy saved again to %s", self.state_path)
+        self.unsaved = None
 
     def _push_all(self) -> None:
         """Put the whole authoritative copy into the kernel and the TCP stage."""
         for lst in LISTS:
-            for f in FAMILIES:
-                self.maps.lists_replace(lst, f, self.lists[lst][f].keys)
+            self.maps.lists_replace(lst, {f: self.lists[lst][f].keys for f in FAMILIES})
         self.maps.set_ports(self.ports)
         self.maps.set_frag_policy(self.frags)
         if self.tcp is not None:
@@ -568,15 +722,18 @@ class Policy:
 
     def restore(self) -> dict[str, Any]:
         """Load the state file (if any) and push it all into the maps; what was restored."""
+        if self.state_path is not None:
+            for path in remove_stale_temp_files(self.state_path.parent):
+                log.info("removed %s, left by an interrupted save", path)
         if self.state_path is None or not self.state_path.exists():
             self._push_all()
             return self.summary()
         try:
             self._read_state(self.state_path)
-        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        except Exception as exc:  # the file is input: anything wrong with it is "corrupt"
             raise XdpguardError(
-                f"state file {self.state_path} is corrupt ({exc}); fix or move it away "
-                "(xdpguard refuses to start with an empty policy instead)"
+                f"state file {self.state_path} is corrupt ({_one_line(exc)}); fix or move it "
+                "away (xdpguard refuses to start with an empty policy instead)"
             ) from None
         self.expire_silently()
         self._due = self._next_deadline()
@@ -593,29 +750,52 @@ class Policy:
 
     def _read_state(self, path: Path) -> None:
         with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]))
-            if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+            meta = json.loads(bytes(_array(z, "meta", np.uint8)))
+            if not isinstance(meta, dict):
+                raise ValueError("meta is not an object")
+            if (
+                meta.get("format") != STATE_FORMAT
+                or not _is_int(meta.get("version"))
+                or (meta["version"] != STATE_VERSION)
+            ):
                 raise ValueError(f"not a version {STATE_VERSION} {STATE_FORMAT} file")
-            ports = parse_ports(meta["ports"])
-            if meta["frags"] not in FRAG_POLICIES:
-                raise ValueError(f"bad fragment policy {meta['frags']!r}")
-            comments = [str(c) for c in meta["comments"]]
+            ports = meta.get("ports")
+            if not isinstance(ports, list) or not all(
+                _is_int(p) and 0 <= p <= 65535 for p in ports
+            ):
+                raise ValueError(f"ports: {ports!r} is not a list of port numbers")
+            if meta.get("frags") not in FRAG_POLICIES:
+                raise ValueError(f"bad fragment policy {meta.get('frags')!r}")
+            comments = meta.get("comments")
+            if not isinstance(comments, list):
+                raise ValueError("comments: not a list")
+            for c in comments:
+                parse_comment(c)
+            tcp = meta.get("tcp", {})
+            if not isinstance(tcp, dict):
+                raise ValueError("tcp: not an object")
             try:
-                tcp_settings = {**tcpmod.DEFAULTS, **tcpmod.validate(meta.get("tcp", {}))}
+                tcp_settings = {**tcpmod.DEFAULTS, **tcpmod.validate(tcp)}
             except XdpguardError as exc:
                 raise ValueError(str(exc)) from None
             lists: dict[str, dict[str, PrefixSet]] = {}
             for lst in LISTS:
                 lists[lst] = {}
                 for f in FAMILIES:
-                    raw = z[f"{lst}_{f}_keys"]
-                    if raw.dtype != np.uint8 or raw.size % CANON[f].itemsize:
+                    raw = _array(z, f"{lst}_{f}_keys", np.uint8)
+                    if raw.ndim != 1 or raw.size % CANON[f].itemsize:
                         raise ValueError(f"bad {lst} {f} keys")
                     keys = raw.view(CANON[f])
-                    deadline = z[f"{lst}_{f}_deadline"].astype(np.float64)
-                    comment = z[f"{lst}_{f}_comment"].astype(np.int32)
+                    deadline = _array(z, f"{lst}_{f}_deadline", np.float64)
+                    comment = _array(z, f"{lst}_{f}_comment", np.int32)
                     if not len(keys) == len(deadline) == len(comment):
                         raise ValueError(f"{lst} {f}: arrays of different lengths")
+                    # A deadline is a time, or +inf for "no TTL"; NaN is neither.
+                    if len(deadline) and not (
+                        (np.isfinite(deadline) | (deadline == np.inf)).all()
+                        and (deadline > 0).all()
+                    ):
+                        raise ValueError(f"{lst} {f}: a deadline is not a time")
                     if len(comment) and (comment.max() >= len(comments) or comment.min() < -1):
                         raise ValueError(f"{lst} {f}: bad comment reference")
                     # The file is input like any other: every prefix is checked.
@@ -625,9 +805,28 @@ class Policy:
                     if len(np.unique(keys)) != len(keys):
                         raise ValueError(f"{lst} {f}: duplicate prefixes")
                     s = PrefixSet(f)
-                    s.assign(keys.copy(), deadline, comment)
+                    s.assign(keys.copy(), deadline.copy(), comment.copy())
                     lists[lst][f] = s
-        self.lists, self.ports, self.frags = lists, ports, meta["frags"]
+        self.lists, self.ports, self.frags = lists, sorted(set(ports)), meta["frags"]
         self.tcp_settings = tcp_settings
-        self.comments = comments
+        self.comments = list(comments)
         self._comment_ids = {c: i for i, c in enumerate(comments)}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _array(z: Any, name: str, dtype: Any) -> np.ndarray:
+    """Member ``name`` of a loaded npz, which must hold ``dtype`` values."""
+    if name not in z.files:
+        raise ValueError(f"no {name}")
+    arr = z[name]
+    if arr.dtype != np.dtype(dtype) or arr.ndim != 1:
+        raise ValueError(f"{name}: {arr.dtype}[{arr.ndim}d], not a {np.dtype(dtype)} vector")
+    return arr
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

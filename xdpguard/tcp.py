@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 
 from xdpguard import _bindings as B
 from xdpguard.errors import XdpguardError
+
+log = logging.getLogger("xdpguard")
 
 MODES = tuple(B.TCP_MODES)
 # What an appliance does out of the box: nothing until a destination's rate
@@ -172,21 +176,26 @@ class TcpStage:
     def load_verified(self, path: Path) -> int:
         """Bring back what save_verified() wrote, minus the time xdpguard was down.
 
-        The file only saves clients a challenge: a damaged one is ignored.
-        """
+        The file only saves clients a challenge: a missing one restores
+        nothing, and a damaged one is refused whole, said in one line, and
+        left for the operator to look at."""
         try:
-            data = json.loads(path.read_text())
-            down = max(0.0, time.time() - float(data["saved_at"]))
-            now, n = B.tcp_now(), 0
-            for e in data["entries"]:
-                left = int(e["ttl"] - down)
-                if left > 0:
-                    packed = ipaddress.ip_address(e["source"]).packed
-                    addr = packed if len(packed) == 16 else bytes(10) + b"\xff\xff" + packed
-                    self.tcp.verified_add(addr, now + min(left, LIMITS["verify_ttl"][1]))
-                    n += 1
-        except (OSError, ValueError, KeyError, TypeError):
+            raw = path.read_bytes()
+        except FileNotFoundError:
             return 0
+        except OSError as exc:
+            log.warning("state file %s unreadable (%s): no verified source restored", path, exc)
+            return 0
+        try:
+            entries = _parse_verified(raw)
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
+            log.warning("state file %s is corrupt (%s): no verified source restored", path, exc)
+            return 0
+        now, n = B.tcp_now(), 0
+        for packed, left in entries:
+            addr = packed if len(packed) == 16 else bytes(10) + b"\xff\xff" + packed
+            self.tcp.verified_add(addr, now + min(left, LIMITS["verify_ttl"][1]))
+            n += 1
         return n
 
     def verified_clear(self) -> dict[str, Any]:
@@ -200,3 +209,30 @@ class TcpStage:
 
 def _is_v6(raw: list[int]) -> bool:
     return bytes(raw[:12]) != bytes(10) + b"\xff\xff"
+
+
+def _parse_verified(raw: bytes) -> list[tuple[bytes, int]]:
+    """verified.json, checked whole: (address, seconds left) of the live entries."""
+    data = json.loads(raw)
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise ValueError("not an object with a list of entries")
+    saved_at = data.get("saved_at")
+    if isinstance(saved_at, bool) or not isinstance(saved_at, int | float):
+        raise ValueError("saved_at is not a time")
+    if not math.isfinite(saved_at):
+        raise ValueError("saved_at is not a time")
+    down = max(0.0, time.time() - float(saved_at))
+    out = []
+    for i, e in enumerate(data["entries"]):
+        if not isinstance(e, dict) or not isinstance(e.get("source"), str):
+            raise ValueError(f"entry {i}: no source address")
+        ttl = e.get("ttl")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+            raise ValueError(f"entry {i}: ttl is not a number")
+        if not 0 <= ttl <= LIMITS["verify_ttl"][1]:
+            raise ValueError(f"entry {i}: ttl {ttl} out of range")
+        packed = ipaddress.ip_address(e["source"]).packed
+        left = int(ttl - down)
+        if left > 0:
+            out.append((packed, left))
+    return out

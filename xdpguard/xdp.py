@@ -41,6 +41,42 @@ def bpf_object_path() -> Path:
     )
 
 
+def link_holders(link_id: int) -> list[tuple[int, str]]:
+    """(pid, command) of every process holding an fd of BPF link ``link_id``."""
+    holders = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for info in (proc / "fdinfo").iterdir():
+                if f"link_id:\t{link_id}\n" in info.read_text():
+                    holders.append((int(proc.name), (proc / "comm").read_text().strip()))
+                    break
+        except OSError:
+            continue  # gone, or not ours to read
+    return holders
+
+
+def occupied(ns: Netns, dev: Device, prog_id: int, mode: str) -> str:
+    """One line on who holds the XDP hook of ``dev``, and how to free it."""
+    head = (
+        f"{dev.name} (netns {ns.label}) already has an XDP program attached "
+        f"(id {prog_id}, {mode} mode)"
+    )
+    try:
+        link = ns.run(B.xdp_link_id, dev.ifindex, prog_id)
+    except OSError:
+        link = None
+    if link is None:  # attached through netlink: ip can detach it
+        return f"{head}; detach it first (ip link set dev {dev.name} xdp off)"
+    holders = link_holders(link)
+    who = ", ".join(f"pid {pid} ({comm})" for pid, comm in holders) or "no process (pinned?)"
+    return (
+        f"{head} through BPF link {link}, held by {who}; stop that, or "
+        f"'bpftool link detach id {link}'"
+    )
+
+
 class XdpProgram:
     """One instance of the program, for one device (and so one direction)."""
 
@@ -90,11 +126,7 @@ class XdpProgram:
         except OSError as exc:
             if exc.errno in (errno.EBUSY, errno.EEXIST):
                 prog_id, cur = ns.run(B.xdp_query, dev.ifindex)
-                raise XdpguardError(
-                    f"{dev.name} (netns {ns.label}) already has an XDP program attached "
-                    f"(id {prog_id}, {cur} mode); detach it first "
-                    f"(ip link set dev {dev.name} xdp off)"
-                ) from exc
+                raise XdpguardError(occupied(ns, dev, prog_id, cur)) from exc
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL) and mode == "native":
                 raise XdpguardError(
                     f"{dev.name} does not support native XDP ({exc.strerror}); use --xdp-mode skb"
@@ -204,18 +236,26 @@ class PolicyMaps:
             B.map_delete_many(self._tries[(lst, family)], self._keys(family, canon)[0])
             self._set_count(lst, family, left)
 
-    def lists_replace(self, lst: str, family: str, canon: np.ndarray) -> None:
-        fd = B.lpm_create(family == "v6")
+    def lists_replace(self, lst: str, canon: dict[str, np.ndarray]) -> None:
+        """Replace the list's entries of the families in ``canon``. Every new trie
+        is filled before any slot swaps: a trie that cannot be filled (full,
+        out of memory) changes nothing."""
+        built: dict[str, int] = {}
         try:
-            if len(canon):
-                B.map_update_many(fd, *self._keys(family, canon))
+            for family, keys in canon.items():
+                fd = B.lpm_create(family == "v6")
+                built[family] = fd
+                if len(keys):
+                    B.map_update_many(fd, *self._keys(family, keys))
         except OSError:
-            os.close(fd)
+            for fd in built.values():
+                os.close(fd)
             raise
-        if not len(canon):
-            self._set_count(lst, family, 0)
-        self._swap_in(lst, family, fd)
-        self._set_count(lst, family, len(canon))
+        for family, fd in built.items():
+            if not len(canon[family]):
+                self._set_count(lst, family, 0)
+            self._swap_in(lst, family, fd)
+            self._set_count(lst, family, len(canon[family]))
 
     def set_ports(self, ports: Sequence[int]) -> None:
         bits = np.zeros(B.PORT_WORDS, dtype=np.uint64)

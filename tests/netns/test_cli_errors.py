@@ -95,12 +95,24 @@ def test_program_already_attached(lab2: Lab, tmp_path: Path) -> None:
     try:
         control = tmp_path / "c.sock"
         res = sh(*run_args(lab2, control), check=False)
-        assert_user_error(res, lab2.outer, "already has an XDP program")
+        assert_user_error(res, lab2.outer, "already has an XDP program", "xdp off")
         # Someone else's program stays; ours never got attached anywhere.
         assert lab2.xdp_attached() == {"outer": True, "inner": False}
         assert not control.exists()
     finally:
         sh("ip", "link", "set", "dev", lab2.outer, "xdp", "off")
+
+
+def test_program_held_by_a_link_names_its_holder(lab2: Lab, tmp_path: Path) -> None:
+    """A BPF link is not detached with ip: the error names the link and its process."""
+    with Appliance(lab2, tmp_path) as app:
+        assert app.proc is not None
+        res = sh(*run_args(lab2, tmp_path / "second.sock"), check=False)
+        assert_user_error(
+            res, lab2.outer, "through BPF link", f"held by pid {app.proc.pid}", "bpftool link"
+        )
+        assert "xdp off" not in res.stderr
+        assert app.call("status")["state"] == "ready"
 
 
 def test_second_instance_on_same_control_socket(lab2: Lab, tmp_path: Path) -> None:

@@ -29,6 +29,15 @@ CASES = [
     (["block", "load", "{bad}", "--replace"], "line 5: '1.2.3.4/24': host bits set"),
     (["allow", "add", "::ffff:1.2.3.4/200"], "prefix length 200 is more than 128"),
     (["allow", "load", "{bad}"], "line 5"),
+    # Hardening: files that are not lists, prefixes that never match, a /0.
+    (["block", "load", "{latin1}"], "line 2: not UTF-8 text"),
+    (["block", "load", "{binary}"], "line 1: a NUL byte"),
+    (["block", "load", "/dev/zero"], "line 1: longer than 4096 bytes"),
+    (["block", "load", "{formfeed}"], "line 3: '12.0.0.1/8'"),
+    (["block", "add", "::ffff:192.0.2.1"], "IPv4-mapped address: write it as IPv4 (192.0.2.1/32)"),
+    (["block", "add", "0.0.0.0/0"], "0.0.0.0/0 covers every IPv4 source; add --force"),
+    (["allow", "add", "::/0"], "::/0 covers every IPv6 source; add --force"),
+    (["block", "load", "{empty}", "--replace"], "--replace would empty the list; add --force"),
     (["ports", "add", "70000"], "70000"),
     (["ports", "add", "dns"], "dns"),
     (["ports", "add"], "give PORT... or --preset"),
@@ -42,6 +51,11 @@ CASES = [
     (["tcp", "config", "--learn", "100000"], "--learn"),
     (["tcp", "flows", "--top", "5000"], "--top"),
 ]
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def snapshot(app: Appliance) -> list[object]:
@@ -60,8 +74,15 @@ def test_input_errors_change_nothing(tmp_path: Path) -> None:
         app.cli("ports", "add", "53")
         app.cli("frags", "drop")
         before = snapshot(app)
+        files = {
+            "{bad}": bad,
+            "{latin1}": write(tmp_path / "latin1.txt", "10.0.0.0/8\ncafé\n".encode("latin-1")),
+            "{binary}": write(tmp_path / "binary", b"\x7fELF" + bytes(range(256)) * 8),
+            "{formfeed}": write(tmp_path / "ff.txt", b"10.0.0.0/8 # \f\n11.0.0.0/8\n12.0.0.1/8\n"),
+            "{empty}": write(tmp_path / "empty.txt", b"# nothing yet\n"),
+        }
         for args, needle in CASES:
-            args = [a.replace("{bad}", str(bad)) for a in args]
+            args = [str(files.get(a, a)) for a in args]
             res = app.cli(*args, check=False)
             assert res.returncode != 0, args
             lines = res.stderr.strip().splitlines()

@@ -6,7 +6,9 @@ calls is checked by tests/bpf (verdicts) and tests/netns (real traffic).
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -23,40 +25,57 @@ from xdpguard.policy import (
     canon_valid,
     format_prefix,
     parse_items,
+    parse_lines,
     parse_prefix,
     parse_text,
+    read_lines,
 )
 
 pytestmark = pytest.mark.unit
 
 
 class RecordingMaps:
-    """Keeps what the kernel would hold, as sets of prefix strings."""
+    """Keeps what the kernel would hold, as sets of prefix strings.
+
+    ``fail`` makes the next update of that family fail as the kernel would
+    (a full trie); a replace builds every family before it swaps any, as
+    xdpguard.xdp.PolicyMaps does."""
 
     def __init__(self) -> None:
         self.lists = {(lst, f): set() for lst in ("allow", "block") for f in FAMILIES}
         self.ports: list[int] = []
         self.frags = "pass"
-        self.fail_next = False
+        self.fail: set[str] = set()
 
     def _names(self, family: str, canon: np.ndarray) -> set[str]:
         return {format_prefix(family, bytes(k)) for k in canon}
 
-    def _maybe_fail(self) -> None:
-        if self.fail_next:
-            self.fail_next = False
-            raise OSError(12, "Cannot allocate memory")
+    def _maybe_fail(self, family: str) -> None:
+        if family in self.fail:
+            self.fail.discard(family)
+            raise OSError(28, "No space left on device")
+
+    @property
+    def fail_next(self) -> bool:
+        return bool(self.fail)
+
+    @fail_next.setter
+    def fail_next(self, value: bool) -> None:
+        self.fail = set(FAMILIES) if value else set()
 
     def lists_add(self, lst: str, family: str, canon: np.ndarray) -> None:
-        self._maybe_fail()
+        self._maybe_fail(family)
         self.lists[(lst, family)] |= self._names(family, canon)
 
     def lists_delete(self, lst: str, family: str, canon: np.ndarray) -> None:
-        self._maybe_fail()
+        self._maybe_fail(family)
         self.lists[(lst, family)] -= self._names(family, canon)
 
-    def lists_replace(self, lst: str, family: str, canon: np.ndarray) -> None:
-        self.lists[(lst, family)] = self._names(family, canon)
+    def lists_replace(self, lst: str, canon: dict[str, np.ndarray]) -> None:
+        for family in canon:
+            self._maybe_fail(family)
+        for family, keys in canon.items():
+            self.lists[(lst, family)] = self._names(family, keys)
 
     def set_ports(self, ports: list[int]) -> None:
         self.ports = list(ports)
@@ -82,7 +101,7 @@ class Clock:
         ("2001:DB8::/32", "2001:db8::/32"),
         ("2001:db8:0::/32", "2001:db8::/32"),
         ("2001:0db8:0000:0000::1", "2001:db8::1/128"),
-        ("::ffff:192.0.2.1", "::ffff:192.0.2.1/128"),
+        ("::/64", "::/64"),  # covers the IPv4-mapped range, and more: a real IPv6 prefix
     ],
 )
 def test_parse_normalises(text: str, canonical: str) -> None:
@@ -103,6 +122,8 @@ def test_parse_normalises(text: str, canonical: str) -> None:
         ("0x7f.0.0.1", "not an IPv4 address"),
         ("2001:db8:::1", "not an IPv6 address"),
         ("", "not an IPv4 address"),
+        ("::ffff:192.0.2.1", "an IPv4-mapped address: write it as IPv4 (192.0.2.1/32)"),
+        ("::ffff:192.0.2.0/120", "an IPv4-mapped address: write it as IPv4 (192.0.2.0/24)"),
     ],
 )
 def test_parse_rejects(text: str, reason: str) -> None:
@@ -164,17 +185,17 @@ def policy(tmp_path: Path) -> Policy:
 def test_add_del_list(policy: Policy) -> None:
     maps: RecordingMaps = policy.maps  # type: ignore[assignment]
     r = policy.list_add("block", ["192.0.2.0/24", "2001:db8::/48"], ttl=60, comment="incident")
-    assert r == {"added": 2, "updated": 0}
+    assert r == {"added": 2, "updated": 0, "saved": True}
     assert maps.lists[("block", "v4")] == {"192.0.2.0/24"}
     r = policy.list_add("block", ["192.0.2.0/24"], comment="again")
-    assert r == {"added": 0, "updated": 1}
+    assert r == {"added": 0, "updated": 1, "saved": True}
     entries = policy.list_entries("block")["entries"]
     assert [(e["prefix"], e["comment"], e["ttl"]) for e in entries] == [
         ("192.0.2.0/24", "again", None),
         ("2001:db8::/48", "incident", 60.0),
     ]
     r = policy.list_del("block", ["192.0.2.0/24", "198.51.100.0/24"])
-    assert r == {"deleted": 1, "missing": ["198.51.100.0/24"]}
+    assert r == {"deleted": 1, "missing": ["198.51.100.0/24"], "saved": True}
     assert maps.lists[("block", "v4")] == set()
 
 
@@ -186,8 +207,11 @@ def test_bad_item_changes_nothing(policy: Policy) -> None:
         lambda: policy.list_add("block", ["11.0.0.0/8"], ttl=0),
         lambda: policy.list_add("block", ["11.0.0.0/8"], ttl=True),
         lambda: policy.list_add("block", ["11.0.0.0/8"], comment="a\nb"),
-        lambda: policy.list_load("block", "11.0.0.0/8\nbogus\n", replace=True),
-        lambda: policy.ports_add(["53", "65536"]),
+        lambda: policy.list_load("block", parse_text("11.0.0.0/8\nbogus\n"), replace=True),
+        lambda: policy.ports_add([53, 65536]),
+        lambda: policy.ports_add("53"),  # a string is not a list of ports
+        lambda: policy.list_add("block", ["0.0.0.0/0"]),  # a /0 needs force
+        lambda: policy.list_load("block", parse_text("# nothing\n"), replace=True),
         lambda: policy.frags_set("sometimes"),
     ):
         with pytest.raises(PolicyInputError):
@@ -221,8 +245,8 @@ def test_ttl_expiry(policy: Policy) -> None:
 def test_replace_swaps_whole_list(policy: Policy) -> None:
     maps: RecordingMaps = policy.maps  # type: ignore[assignment]
     policy.list_add("block", ["10.0.0.0/8", "2001:db8::/32"], ttl=100)
-    r = policy.list_load("block", "11.0.0.0/8\n10.0.0.0/8\n", replace=True)
-    assert r == {"loaded": 2, "added": 2, "replaced": True}
+    r = policy.list_load("block", parse_text("11.0.0.0/8\n10.0.0.0/8\n"), replace=True)
+    assert r == {"loaded": 2, "added": 2, "replaced": True, "saved": True}
     assert maps.lists[("block", "v4")] == {"10.0.0.0/8", "11.0.0.0/8"}
     assert maps.lists[("block", "v6")] == set()
     # Replacing drops the old entries' TTLs along with the old list.
@@ -236,7 +260,7 @@ def test_persistence_round_trip(tmp_path: Path) -> None:
     a.list_add("block", ["10.0.0.0/8", "2001:db8::/32"], ttl=50, comment="c1")
     a.list_add("allow", ["10.1.2.3"])
     a.list_add("block", ["12.0.0.0/8"], ttl=5)
-    a.ports_add(["53"], preset="drdos")
+    a.ports_add([53], preset="drdos")
     a.frags_set("drop")
     assert (tmp_path / "policy.npz").stat().st_mode & 0o777 == 0o600
 
@@ -295,3 +319,168 @@ def test_state_with_invalid_prefix_is_refused(tmp_path: Path) -> None:
     with pytest.raises(XdpguardError, match="not a version 1"):
         Policy(RecordingMaps(), tmp_path).restore()
     assert zipfile.is_zipfile(tmp_path / "policy.npz")
+
+
+# ---- hardening: no half-applied change, saving that can fail, state files as input ----
+
+
+def state_bytes(policy: Policy) -> bytes:
+    assert policy.state_path is not None
+    return policy.state_path.read_bytes()
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_failure_in_the_second_family_changes_neither(policy: Policy, replace: bool) -> None:
+    """v4 is applied first: when v6 fails, v4 must not stay live and unsaved."""
+    maps: RecordingMaps = policy.maps  # type: ignore[assignment]
+    policy.list_add("block", ["10.0.0.0/8", "2001:db8::/32"])
+    before_maps = {k: set(v) for k, v in maps.lists.items()}
+    before_file = state_bytes(policy)
+    maps.fail = {"v6"}
+    change = parse_text("11.0.0.0/8\n2001:db8:1::/48\n")
+    with pytest.raises(XdpguardError, match="blocklist not changed: the kernel refused"):
+        policy.list_load("block", change, replace=replace)
+    assert maps.lists == before_maps
+    assert [e["prefix"] for e in policy.list_entries("block")["entries"]] == [
+        "10.0.0.0/8",
+        "2001:db8::/32",
+    ]
+    assert state_bytes(policy) == before_file
+    maps.fail = {"v6"}
+    with pytest.raises(XdpguardError, match="not changed"):
+        policy.list_add("block", ["12.0.0.0/8", "2001:db8:2::/48"])
+    maps.fail = {"v6"}
+    with pytest.raises(XdpguardError, match="not changed"):
+        policy.list_del("block", ["10.0.0.0/8", "2001:db8::/32"])
+    assert maps.lists == before_maps and state_bytes(policy) == before_file
+
+
+def test_a_change_that_cannot_be_saved_says_so_and_is_saved_later(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    p = Policy(RecordingMaps(), state, clock=Clock())
+    p.restore()
+    state.mkdir()
+    state.chmod(0o500)  # read-only (root ignores modes, so also make saving fail below)
+    real_replace = os.replace
+    broken = {"on": True}
+
+    def replace(a: object, b: object) -> None:
+        if broken["on"]:
+            raise OSError(30, "Read-only file system")
+        real_replace(a, b)  # type: ignore[arg-type]
+
+    try:
+        os.replace = replace  # type: ignore[assignment]
+        r = p.list_add("block", ["10.0.0.0/8"])
+        assert r["added"] == 1 and r["saved"] is False
+        assert "applied, but not saved" in r["warning"] and "Read-only file system" in r["warning"]
+        assert p.maps.lists[("block", "v4")] == {"10.0.0.0/8"}  # type: ignore[attr-defined]
+        assert not p.save_if_behind()
+        assert not list(state.glob(".*.tmp"))  # no temp file left behind
+        broken["on"] = False
+        assert p.save_if_behind()
+    finally:
+        os.replace = real_replace  # type: ignore[assignment]
+        state.chmod(0o700)
+    q = Policy(RecordingMaps(), state)
+    q.restore()
+    assert [e["prefix"] for e in q.list_entries("block")["entries"]] == ["10.0.0.0/8"]
+
+
+def test_interrupted_saves_are_cleaned_at_start(tmp_path: Path) -> None:
+    tmp_path.joinpath(".policy.npz.4242.tmp").write_bytes(b"half a file")
+    tmp_path.joinpath(".verified.json.17.tmp").write_bytes(b"{")
+    tmp_path.joinpath("notes.tmp").write_text("not ours")
+    Policy(RecordingMaps(), tmp_path).restore()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp"]
+
+
+def rewrite_state(path: Path, **changes: object) -> None:
+    with np.load(path) as z:
+        arrays = dict(z)
+    meta = json.loads(bytes(arrays["meta"]))
+    for key, value in changes.items():
+        if key in arrays:
+            arrays[key] = value  # type: ignore[assignment]
+        else:
+            meta[key] = value
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"ports": "53"},
+        {"ports": [53, True]},
+        {"ports": [70000]},
+        {"frags": ["drop"]},
+        {"comments": "c"},
+        {"comments": ["a\nb"]},
+        {"tcp": ["on"]},
+        {"tcp": {"syn_mode": "sometimes"}},
+        {"version": 1.0},
+        {"block_v4_deadline": np.array([np.nan])},
+        {"block_v4_deadline": np.array([-np.inf])},
+        {"block_v4_deadline": np.array(["x"])},
+        {"block_v4_comment": np.array([5], dtype=np.int32)},
+        {"block_v4_keys": np.zeros((2, 5), dtype=np.uint8)},
+    ],
+    ids=lambda c: ",".join(c),
+)
+def test_crafted_state_files_are_corrupt(tmp_path: Path, changes: dict) -> None:
+    a = Policy(RecordingMaps(), tmp_path)
+    a.restore()
+    a.list_add("block", ["10.0.0.0/8"], ttl=60)
+    rewrite_state(tmp_path / "policy.npz", **changes)
+    with pytest.raises(XdpguardError, match=r"is corrupt \(.+\); fix or move it away") as err:
+        Policy(RecordingMaps(), tmp_path).restore()
+    assert "\n" not in str(err.value)
+
+
+def test_a_state_file_that_is_not_an_object_is_corrupt(tmp_path: Path) -> None:
+    for meta in (b"[1, 2]", b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe"):
+        np.savez(tmp_path / "policy.npz", meta=np.frombuffer(meta, dtype=np.uint8))
+        with pytest.raises(XdpguardError, match="is corrupt"):
+            Policy(RecordingMaps(), tmp_path).restore()
+
+
+def test_list_files_are_split_on_newlines_only() -> None:
+    text = "10.0.0.0/8 # a form feed \f in a comment\n11.0.0.0/8\r\n12.0.0.1/8\n"
+    with pytest.raises(PolicyInputError, match=r"^line 3: '12.0.0.1/8'"):
+        parse_text(text)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ("10.0.0.0/8\ncafé\n".encode("latin-1"), "line 2: not UTF-8 text"),
+        (b"\x00" * 100, "line 1: a NUL byte"),
+        (b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 40, "line 1: a NUL byte"),
+        (b"10.0.0.0/8\n" + b"x" * 5000, "line 2: longer than 4096 bytes"),
+    ],
+    ids=["latin-1", "nul", "binary", "long-line"],
+)
+def test_list_files_that_are_not_text(data: bytes, error: str) -> None:
+    with pytest.raises(PolicyInputError, match=f"^{error}"):
+        parse_lines(read_lines(io.BytesIO(data)))
+
+
+def test_dev_zero_is_refused_after_one_line() -> None:
+    with open("/dev/zero", "rb") as f, pytest.raises(PolicyInputError, match=r"^line 1: longer"):
+        parse_lines(read_lines(f))
+
+
+@pytest.mark.parametrize("prefix", ["0.0.0.0/0", "::/0"])
+def test_a_whole_family_needs_force(policy: Policy, prefix: str) -> None:
+    with pytest.raises(PolicyInputError, match=r"covers every IPv.* source; add --force"):
+        policy.list_add("allow", [prefix])
+    assert policy.list_add("allow", [prefix], force=True)["added"] == 1
+
+
+def test_emptying_a_list_by_replace_needs_force(policy: Policy) -> None:
+    policy.list_add("block", ["10.0.0.0/8"])
+    with pytest.raises(PolicyInputError, match="would empty the list; add --force"):
+        policy.list_load("block", parse_text(""), replace=True)
+    assert policy.list_load("block", parse_text(""), replace=True, force=True)["loaded"] == 0
+    assert policy.list_entries("block")["count"] == 0
