@@ -508,8 +508,7 @@ class Rig:
         """Exactly the case's policy, nothing left from the one before."""
         for lst, items in (("allow", case.allow), ("block", case.block)):
             prefixes = parse_items(items)
-            for f in FAMILIES:
-                self.maps.lists_replace(lst, f, prefixes[f])
+            self.maps.lists_replace(lst, {f: prefixes[f] for f in FAMILIES})
         self.maps.set_ports(case.ports)
         self.maps.set_frag_policy(case.frags)
 
@@ -602,5 +601,5 @@ def test_incremental_add_delete_keep_lists_enforced(rig: Rig) -> None:
     rig.maps.lists_add("block", "v6", parse_items([V6_SRC]).v6)
     assert verdict(raw(ETH / V6 / UDP())) == B.XDP_DROP
     assert verdict(GOOD_V4) == B.XDP_REDIRECT
-    rig.maps.lists_replace("block", "v6", parse_items([]).v6)
+    rig.maps.lists_replace("block", {"v6": parse_items([]).v6})
     assert verdict(raw(ETH / V6 / UDP())) == B.XDP_REDIRECT
