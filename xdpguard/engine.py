@@ -9,6 +9,7 @@ built, in reverse.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -311,7 +312,7 @@ class Engine:
             ("TTL expiry", self.cfg.expiry_interval, self._expire),
             ("TCP clock", self.cfg.expiry_interval, self.tcp.tick if self.tcp else lambda: None),
             ("saving the policy", 5.0, policy.save_if_behind),
-            ("device watch", 1.0, self._check_links),
+            ("device watch", 1.0, self._watch_devices),
         ]
         due = [0.0] * len(steps)
         failing: dict[str, str] = {}
@@ -337,6 +338,36 @@ class Engine:
         n = self.policy.expire()
         if n:
             log.info("TTL expiry: %d prefix(es) removed", n)
+
+    def _watch_devices(self) -> None:
+        """The links still hold (else fatal), and the MTUs: a device's MTU raised
+        past what a UMEM frame carries makes its big frames vanish at the
+        socket, so that is said once, and status shows the MTU of now."""
+        self._check_links()
+        room = self.cfg.frame_size - _XDP_PACKET_HEADROOM - _MAX_L2_OVERHEAD
+        for attr, ns in (("outer_dev", self.outer_ns), ("inner_dev", self.inner_ns)):
+            dev: Device | None = getattr(self, attr)
+            if dev is None:
+                continue
+            now = resolve_device(ns, dev.name)
+            if now.mtu == dev.mtu:
+                continue
+            setattr(self, attr, dataclasses.replace(dev, mtu=now.mtu))
+            if now.mtu > room:
+                log.error(
+                    "%s (netns %s): MTU changed %d -> %d; frames longer than %d bytes are "
+                    "dropped (counted in the sockets' rx_dropped); lower the MTU or restart "
+                    "with a bigger frame",
+                    dev.name,
+                    ns.label,
+                    dev.mtu,
+                    now.mtu,
+                    room + _MAX_L2_OVERHEAD,
+                )
+            else:
+                log.info(
+                    "%s (netns %s): MTU changed %d -> %d", dev.name, ns.label, dev.mtu, now.mtu
+                )
 
     def _check_links(self) -> None:
         # Without its program a device forwards nothing through xdpguard;
@@ -461,6 +492,7 @@ class Engine:
                 "kind": dev.kind,
                 "mac": dev.mac,
                 "mtu": dev.mtu,
+                "mtu_max": self.cfg.frame_size - _XDP_PACKET_HEADROOM - _MAX_L2_OVERHEAD,
                 "queues": dev.queues,
                 "xdp": {"prog_id": prog_id, "mode": mode, "requested": self.cfg.xdp_mode},
             }

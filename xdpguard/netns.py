@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -31,17 +32,27 @@ def valid_ifname(name: str) -> bool:
 
 
 class Netns:
-    """A named namespace (``ip netns`` convention) or, with ``name=None``, our own."""
+    """A named namespace (``ip netns`` convention) or, with ``name=None``, our own.
+
+    The namespace is opened once, here, and entered through that descriptor
+    from then on: deleting its name (``ip netns del``) while the appliance
+    runs does not lose it."""
 
     def __init__(self, name: str | None) -> None:
         self.name = name
+        self._fd: int | None = None
         if name is not None:
             if "/" in name or name in ("", ".", ".."):
                 raise XdpguardError(f"invalid network namespace name {name!r}")
-            if not os.path.exists(self.path):
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
                 raise XdpguardError(
                     f"network namespace '{name}' not found (no {self.path}; see 'ip netns list')"
-                )
+                ) from None
+            except OSError as exc:
+                raise XdpguardError(f"cannot open network namespace '{name}': {exc}") from None
+            weakref.finalize(self, os.close, self._fd)
 
     @property
     def path(self) -> str:
@@ -60,11 +71,8 @@ class Netns:
 
         def body() -> None:
             try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    B.netns_enter(fd)
-                finally:
-                    os.close(fd)
+                assert self._fd is not None
+                B.netns_enter(self._fd)
                 result.append(fn(*args))
             except BaseException as exc:  # re-raised in the caller
                 error.append(exc)

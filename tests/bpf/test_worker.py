@@ -155,3 +155,14 @@ def test_lost_device_stops_the_loop(worker: B.Worker) -> None:
     assert stats["error"] == -errno.ENODEV
     # Deleting one end of a veth deletes both: either socket may be first.
     assert stats["error_role"] in (int(Role.OUTER), int(Role.INNER))
+
+
+def test_a_closed_worker_refuses_calls(worker: B.Worker) -> None:
+    """A request in flight at shutdown must get an error, not read freed memory."""
+    w = worker
+    w.close()
+    for call in (w.stats, w.account, w.stop):
+        with pytest.raises(OSError) as err:
+            call()
+        assert err.value.errno == errno.EBADF
+    w.close()  # twice is fine
