@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import zlib
 
 import pytest
@@ -31,6 +32,15 @@ RUN_SEED = int(os.environ.get("XDPGUARD_TEST_SEED") or random.SystemRandom().ran
 def seed_for(nodeid: str) -> int:
     """The seed of one test: stable for a run seed and a test name."""
     return RUN_SEED ^ zlib.crc32(nodeid.encode())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A run stopped with SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so
+    # every lab's finally still tears it down.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
