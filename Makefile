@@ -30,7 +30,7 @@ SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.
 
 PYTEST_ARGS ?=
 
-.PHONY: all help apt deps build test test-unit test-bpf test-netns lint demo bench clean
+.PHONY: all help apt deps build test test-unit test-bpf test-netns lint demo bench fuzz clean
 
 all: build
 
@@ -41,6 +41,7 @@ help:
 	@echo "make test-unit | test-bpf | test-netns   one tier"
 	@echo "make demo        deps + build + a lab with xdpguard forwarding real traffic"
 	@echo "make bench       deps + build + the benchmarks in bench/"
+	@echo "make fuzz        long fuzz runs: 10^7 frames through XDP and the C parser, 10^7 libFuzzer inputs"
 	@echo "make lint        ruff check and format check"
 
 deps: apt $(STAMP)/venv
@@ -103,6 +104,12 @@ bench: deps build
 	$(Q)$(PY) bench/drdos.py
 	$(Q)$(PY) bench/policy_scale.py
 	$(Q)$(PY) bench/tcp.py
+
+# The long runs of the fuzz tests that make test runs short (FUZZ_RUNS each).
+FUZZ_RUNS ?= 10000000
+fuzz: deps build
+	$(Q)XDPGUARD_FUZZ_FRAMES=$(FUZZ_RUNS) XDPGUARD_FUZZ_RUNS=$(FUZZ_RUNS) \
+		$(PY) -m pytest -s -p no:cacheprovider tests/bpf/test_parser_parity.py tests/unit/test_fuzz.py
 
 clean:
 	$(Q)rm -rf build $(STAMP) $(BPF_OBJS) xdpguard/_shim.* xdpguard/*.so *.egg-info
