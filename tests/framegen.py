@@ -40,6 +40,19 @@ NEXT_HEADERS = [0, 1, 4, 6, 17, 41, 43, 44, 47, 50, 51, 58, 59, 60, 132, 135, 13
 TCP_FLAGS = ["S", "SA", "A", "PA", "R", "RA", "F", "FA", "", "SF", "SR", "FPU", "FR"]
 
 
+def dstopts(n: int) -> Packet:
+    """``n`` Destination Options headers, chained."""
+    chain = IPv6ExtHdrDestOpt()
+    for _ in range(n - 1):
+        chain = chain / IPv6ExtHdrDestOpt()
+    return chain
+
+
+def ah(nh: int = 6) -> Packet:
+    """An AH header (12 bytes of ICV) with its lengths right (scapy leaves them 0)."""
+    return AH(nh=nh, payloadlen=4, spi=7, seq=1, icv=b"\0" * 12)
+
+
 def _ext(rng: random.Random) -> Packet:
     kind = rng.randrange(5)
     if kind == 0:

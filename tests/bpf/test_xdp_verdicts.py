@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from framegen import ah, dstopts
 from lab import veth_netns
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -24,7 +25,6 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
 )
-from scapy.layers.ipsec import AH
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 from xdpguard import _bindings as B
@@ -154,14 +154,6 @@ FIRST_FRAG_V6 = raw(ETH / V6 / IPv6ExtHdrFragment(m=1, offset=0, id=7) / UDP(spo
 LATER_FRAG_V6 = raw(ETH / V6 / IPv6ExtHdrFragment(m=0, offset=100, id=7, nh=17) / (b"f" * 8))
 TCP_V4 = raw(ETH / V4 / TCP(flags="S"))
 ND_NS = raw(ETH / IPv6(src=V6_SRC, dst="ff02::1:ff00:2", hlim=255) / ICMPv6ND_NS(tgt="2001:db8::2"))
-
-
-def dstopts(n: int) -> object:
-    """``n`` Destination Options headers, chained."""
-    chain = IPv6ExtHdrDestOpt()
-    for _ in range(n - 1):
-        chain = chain / IPv6ExtHdrDestOpt()
-    return chain
 
 
 CASES += [
@@ -370,13 +362,13 @@ CASES += [
     ),
     Case(
         "v6-ack-behind-ah",
-        raw(ETH / V6 / AH(nh=6, payloadlen=4, spi=7, seq=1, icv=b"\0" * 12) / TCP(flags="A")),
+        raw(ETH / V6 / ah() / TCP(flags="A")),
         B.XDP_REDIRECT,
         "redirected",
     ),
     Case(
         "v4-ack-behind-ah",
-        raw(ETH / V4 / AH(nh=6, payloadlen=4, spi=7, seq=1, icv=b"\0" * 12) / TCP(flags="A")),
+        raw(ETH / V4 / ah() / TCP(flags="A")),
         B.XDP_REDIRECT,
         "redirected",
     ),

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from framegen import ah, dstopts
 from lab import ORIGIN_V4, ORIGIN_V6, Appliance, Ledger, lab
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import (
@@ -23,7 +24,6 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
 )
-from scapy.layers.ipsec import AH
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet
 
@@ -37,17 +37,6 @@ BLOCKED_V6_NET = "2001:db8:bad::/48"
 BLOCKED_V6 = "2001:db8:bad::1"
 BLOCKED_V4 = "198.19.0.9"  # in the blocked 198.19.0.0/16
 PER_ATTACK = 100
-
-
-def dstopts(n: int) -> Packet:
-    chain = IPv6ExtHdrDestOpt()
-    for _ in range(n - 1):
-        chain = chain / IPv6ExtHdrDestOpt()
-    return chain
-
-
-def ah() -> Packet:
-    return AH(nh=6, payloadlen=4, spi=1, seq=1, icv=b"\0" * 12)
 
 
 def v6(src: str = SPOOF_V6) -> Packet:
