@@ -9,7 +9,8 @@ Q := $(if $(filter 1,$(V)),,@)
 
 ARCH := $(shell uname -m)
 CLANG ?= clang
-BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -I/usr/include/$(ARCH)-linux-gnu -Ibpf
+# -mcpu=v3: the fast path takes the flow bucket's lock with an atomic cmpxchg.
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -mcpu=v3 -I/usr/include/$(ARCH)-linux-gnu -Ibpf
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,7 @@ DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 
 BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o
 SHIM := xdpguard/_shim.abi3.so
-SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py bpf/xdpguard.h bpf/xg_parse.h
+SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py bpf/xdpguard.h bpf/xg_parse.h bpf/xg_flow.h
 
 PYTEST_ARGS ?=
 
@@ -72,7 +73,7 @@ $(STAMP)/venv: pyproject.toml setup.py | apt
 
 build: $(BPF_OBJS) $(SHIM)
 
-%.bpf.o: %.bpf.c bpf/xdpguard.h bpf/xg_parse.h $(wildcard bench/*.h) | apt
+%.bpf.o: %.bpf.c bpf/xdpguard.h bpf/xg_parse.h bpf/xg_flow.h $(wildcard bench/*.h) | apt
 	@echo "  CLANG  $@"
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 

@@ -20,7 +20,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "xdpguard.h"
-#include "xg_parse.h"
+#include "xg_flow.h"
 
 /* Written by the loader before the object is loaded. */
 const volatile struct xg_load_cfg xg_cfg = { .role = XG_ROLE_OUTER };
@@ -109,11 +109,50 @@ struct {
 	__type(value, struct xg_policy);
 } xg_policy SEC(".maps");
 
+/*
+ * The fast path (DESIGN: verified flows never leave XDP). The flow table
+ * is one map shared by both program instances and the loop (mmap()ed);
+ * xg_fastcfg and xg_peer are this instance's: whether it may forward
+ * itself, and the device it forwards to (the other one, written from a
+ * thread in that device's namespace: a DEVMAP resolves the ifindex in
+ * the writer's namespace).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1); /* the loader reuses the table it made */
+	__type(key, __u32);
+	__type(value, struct xg_flow_bucket);
+} xg_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xg_flow_table);
+} xg_flowinfo SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xg_fast_cfg);
+} xg_fastcfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} xg_peer SEC(".maps");
+
 /* What the policy stages read: the parser's findings and the source as LPM keys. */
 struct pkt {
 	struct xg_hdrs h;
 	struct xg_lpm_v6 key6;
 	struct xg_lpm_v4 key4;
+	struct xg_flow_key key;	/* the fast path's */
+	struct xg_seg seg;
 };
 
 /* @bits: the list's xg_list_bits for (v4, v6), checked against @policy. */
@@ -176,13 +215,12 @@ static __always_inline void source_keys(struct xdp_md *ctx, struct pkt *pkt)
  * Source-based policy applies to every IP frame, neighbour discovery
  * included: a blocked source's ND is dropped, everyone else's passes.
  */
-static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pkt *pkt)
+static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pkt *pkt,
+						   enum xg_reason r)
 {
 	struct xg_policy *policy;
-	enum xg_reason r;
 	__u32 zero = 0;
 
-	r = xg_parse((void *)(long)ctx->data, (void *)(long)ctx->data_end, &pkt->h);
 	if (r != XG_REASON_REDIRECTED)
 		return r; /* fail closed: no list can vouch for what is not understood */
 	if (!pkt->h.l3)
@@ -202,6 +240,68 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pk
 	if ((pkt->h.frag & XG_FRAG_ANY) && policy->frag_policy == XG_FRAG_DROP)
 		return XG_REASON_FRAGMENT;
 	return xg_judge_l4(&pkt->h);
+}
+
+/*
+ * A TCP segment (@k, @s, @len bytes from side @x) of a flow the loop
+ * verified, in its window: note it (the loop's view stays true) and say
+ * yes. Anything else, including a bucket someone else holds right now,
+ * is the loop's: no. A global function, so the verifier checks it once
+ * and not once per path through the parser.
+ */
+__attribute__((noinline)) int xg_fast_tcp(struct xg_flow_key *k, struct xg_seg *s, __u32 len,
+					   int x)
+{
+	struct xg_flow_table *info;
+	struct xg_flow_bucket *b;
+	struct xg_flow *f;
+	__u32 zero = 0, idx, now;
+	int ok;
+
+	if (!k || !s)
+		return 0;
+	info = bpf_map_lookup_elem(&xg_flowinfo, &zero);
+	if (!info || info->magic != XG_FLOW_TABLE_MAGIC || !info->nbuckets)
+		return 0;
+	idx = xg_flow_hash(k, info->key) & (info->nbuckets - 1);
+	b = bpf_map_lookup_elem(&xg_flows, &idx);
+	if (!b || __sync_val_compare_and_swap(&b->lock, 0, 1) != 0)
+		return 0;
+	now = bpf_ktime_get_coarse_ns() / 1000000000;
+	f = xg_flow_find(b, k, now);
+	ok = f && f->state == XG_TCP_ESTABLISHED &&
+	     (f->flags & (XG_FLOW_FAST | XG_FLOW_REOPEN)) == XG_FLOW_FAST &&
+	     xg_flow_in_window(f, x & 1, s);
+	if (ok) {
+		f->last_seen = now;
+		xg_flow_note(f, x & 1, s, len);
+	}
+	__sync_lock_test_and_set(&b->lock, 0);
+	return ok;
+}
+
+/*
+ * May this frame, which passed the policy, skip the loop? Non-TCP: yes
+ * (no state to keep). TCP: only a segment without SYN, FIN or RST of a
+ * verified flow, in its window, while TCP state is enforced (not in
+ * monitor mode, not learning) and never a fragment.
+ */
+static __always_inline int fast_path(struct xdp_md *ctx, struct pkt *pkt, int x)
+{
+	struct xg_fast_cfg *cfg;
+	__u32 zero = 0;
+
+	cfg = bpf_map_lookup_elem(&xg_fastcfg, &zero);
+	if (!cfg || !(cfg->flags & XG_FAST_ON))
+		return 0;
+	if (!pkt->h.l3 || pkt->h.l4_proto != IPPROTO_TCP)
+		return 1;
+	if (!(cfg->flags & XG_FAST_TCP) || (pkt->h.frag & XG_FRAG_ANY) || !pkt->h.l4 ||
+	    (pkt->h.tcp_flags & (XG_TCP_SYN | XG_TCP_FIN | XG_TCP_RST)))
+		return 0;
+	if (xg_flow_key_of(&pkt->h, (void *)(long)ctx->data_end, x, &pkt->key, &pkt->seg))
+		return 0;
+	return xg_fast_tcp(&pkt->key, &pkt->seg, ctx->data_end - ctx->data, x);
 }
 
 /*
@@ -230,18 +330,34 @@ int xdpguard_prog(struct xdp_md *ctx)
 	enum xg_reason reason = XG_REASON_REDIRECTED;
 	struct xg_counter *cnt;
 	struct pkt pkt = {};
+	enum xg_reason parsed;
+	int action = XDP_DROP, fast;
 	__u32 key;
-	int action = XDP_DROP;
 
+	parsed = xg_parse((void *)(long)ctx->data, (void *)(long)ctx->data_end, &pkt.h);
 	if (xg_cfg.role == XG_ROLE_OUTER) {
-		reason = outer_policy(ctx, &pkt);
+		reason = outer_policy(ctx, &pkt, parsed);
 		if (reason != XG_REASON_REDIRECTED && reason != XG_REASON_ALLOWLIST) {
 			if (xg_cfg.flags & XG_CFG_META_ALWAYS)
 				write_meta(ctx, &pkt, reason);
 			goto out;
 		}
-		write_meta(ctx, &pkt, reason);
+		fast = fast_path(ctx, &pkt, XG_SIDE_OUT);
+	} else {
+		/* No policy on the origin's side: a frame the parser cannot
+		 * finish is only not fast. */
+		fast = parsed == XG_REASON_REDIRECTED && fast_path(ctx, &pkt, XG_SIDE_IN);
 	}
+	if (fast) {
+		action = bpf_redirect_map(&xg_peer, 0, 0);
+		if (action == XDP_REDIRECT) {
+			reason = XG_REASON_FAST_PATH;
+			goto out;
+		}
+		/* No peer (being changed): the AF_XDP path, as for any frame. */
+	}
+	if (xg_cfg.role == XG_ROLE_OUTER)
+		write_meta(ctx, &pkt, reason);
 
 	/* The fallback action applies when no socket sits at this index. */
 	action = bpf_redirect_map(&xg_xsks, ctx->rx_queue_index, XDP_DROP);

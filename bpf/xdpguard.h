@@ -22,7 +22,7 @@ enum {
 	 * carries it (xg_abi), and so does the compiled shim; xdpguard refuses
 	 * to start when either differs from xdpguard.defs.ABI_VERSION.
 	 */
-	XG_ABI_VERSION = 2,
+	XG_ABI_VERSION = 3,
 	/* Capacity of the per-queue maps; a device may use fewer. */
 	XG_MAX_QUEUES = 64,
 	/*
@@ -120,6 +120,12 @@ enum xg_reason {
 	 * (bpf/xg_parse.h): the frame cannot be judged, so it is dropped.
 	 */
 	XG_REASON_EXT_HEADER_LIMIT = 15,
+	/*
+	 * Forwarded by XDP itself to the other device (a DEVMAP): non-TCP
+	 * traffic that passed the policy, and segments of flows the loop
+	 * verified. Never in the UMEM.
+	 */
+	XG_REASON_FAST_PATH = 16,
 };
 
 /*
@@ -135,7 +141,8 @@ enum xg_reason_stage {
 	XG_STAGE_XDP = (1 << XG_REASON_REDIRECTED) | (1 << XG_REASON_NO_SOCKET) |
 		       (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_ALLOWLIST) |
 		       (1 << XG_REASON_BLOCKLIST) | (1 << XG_REASON_UDP_SRC_PORT) |
-		       (1 << XG_REASON_FRAGMENT) | (1 << XG_REASON_EXT_HEADER_LIMIT),
+		       (1 << XG_REASON_FRAGMENT) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
+		       (1 << XG_REASON_FAST_PATH),
 	/* The loop parses with the same parser and fails closed the same way. */
 	XG_STAGE_LOOP = (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
 			(1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
@@ -214,6 +221,13 @@ enum xg_flow_flags {
 	 * reopen (reopen_isn), taken only if the origin answers it.
 	 */
 	XG_FLOW_REOPEN = 128,
+	/*
+	 * Set by the loop on a flow whose handshake it saw (so its source
+	 * passed any challenge) once it is established: XDP may forward its
+	 * segments that carry no SYN, FIN or RST and fall in the window.
+	 * Cleared when the flow leaves ESTABLISHED.
+	 */
+	XG_FLOW_FAST = 256,
 };
 
 /*
@@ -235,18 +249,61 @@ struct xg_flow_key {
 struct xg_flow {
 	struct xg_flow_key key;
 	__u8 state;		/* enum xg_tcp_state */
-	__u8 flags;		/* enum xg_flow_flags */
 	__u8 wscale[2];		/* window scale shift per side (with XG_FLOW_WSCALE) */
+	__u8 reopen_wscale;	/* with XG_FLOW_REOPEN: the SYN's window scale */
+	__u16 flags;		/* enum xg_flow_flags */
+	__u16 pad;
 	__u32 last_seen;
 	__u32 isn[2];		/* initial sequence number */
 	__u32 end[2];		/* highest seq + len sent */
 	__u32 acked[2];		/* highest acknowledgment sent */
 	__u32 maxwin[2];	/* largest scaled window advertised */
+	__u32 reopen_isn;	/* with XG_FLOW_REOPEN: the SYN's sequence number */
 	__u64 packets;		/* both directions */
 	__u64 bytes;
-	__u32 reopen_isn;	/* with XG_FLOW_REOPEN: the SYN's sequence number */
-	__u8 reopen_wscale;	/* ... and its window scale */
-	__u8 pad[3];
+};
+
+enum {
+	/* Slots of a flow-table bucket: a key lives in one bucket. */
+	XG_FLOW_WAYS = 8,
+};
+
+/*
+ * One bucket of the flow table: the value of the xg_flows array map
+ * (BPF_F_MMAPABLE), which the XDP programs reach through the map and the
+ * loop through the same memory mmap()ed. The lock word is taken by the
+ * loop (spinning, briefly) and by XDP (one try: if it is held, the frame
+ * takes the AF_XDP path). slot[] has XG_FLOW_WAYS entries.
+ */
+struct xg_flow_bucket {
+	__u32 lock;
+	__u32 pad;
+	struct xg_flow slot[8];
+};
+
+/*
+ * What XDP needs to find a flow: xg_flowinfo[0], written once when the
+ * table is made and kept with it (a pinned table keeps its key).
+ */
+struct xg_flow_table {
+	__u8 key[16];		/* SipHash key of the buckets */
+	__u32 nbuckets;		/* a power of two */
+	__u32 magic;		/* XG_FLOW_TABLE_MAGIC once written */
+};
+
+enum {
+	XG_FLOW_TABLE_MAGIC = 0x78676674, /* "xgft" */
+};
+
+/* xg_fastcfg[0] of a program instance: what it may forward itself. */
+enum xg_fast_flags {
+	XG_FAST_ON = 1,		/* a peer sits in xg_peer[0] and takes redirected frames */
+	XG_FAST_TCP = 2,	/* TCP of verified flows too (not in monitor mode or learning) */
+};
+
+struct xg_fast_cfg {
+	__u32 flags;		/* enum xg_fast_flags */
+	__u32 pad;
 };
 
 /* A source that answered a SYN challenge, and until when that counts. */

@@ -37,6 +37,7 @@
 #define XG_INLINE static __always_inline
 #define xg_ntohs(x) bpf_ntohs(x)
 #define xg_htons(x) bpf_htons(x)
+#define xg_ntohl(x) bpf_ntohl(x)
 #else
 /* glibc's netinet/in.h first: the kernel headers then skip their copies. */
 #include <netinet/in.h>
@@ -44,6 +45,7 @@
 #define XG_INLINE static inline __attribute__((always_inline))
 #define xg_ntohs(x) ntohs(x)
 #define xg_htons(x) htons(x)
+#define xg_ntohl(x) ntohl(x)
 #endif
 
 #include <linux/if_ether.h>

@@ -129,6 +129,18 @@ int xg_prog_get_rodata(struct xg_prog *prog, const char *var, void *value, size_
 	return 0;
 }
 
+int xg_prog_reuse_map(struct xg_prog *prog, const char *name, int fd)
+{
+	struct bpf_map *map;
+
+	if (prog->loaded)
+		return -EBUSY;
+	map = bpf_object__find_map_by_name(prog->obj, name);
+	if (!map)
+		return -ENOENT;
+	return bpf_map__reuse_fd(map, fd);
+}
+
 int xg_prog_load(struct xg_prog *prog)
 {
 	int err;

@@ -78,6 +78,14 @@ int xg_netns_cookie(uint64_t *cookie);
  */
 int xg_dev_queues(const char *ifname, uint32_t *rx, uint32_t *tx);
 
+/*
+ * Frames other devices' XDP redirected into @ifname to send, by its driver's
+ * counters: *@sent the ones it took, *@errors the ones it refused (a veth's
+ * tx_queue_N_xdp_xmit[_errors]: what its peer's NAPI received). Returns
+ * 0; -ENOENT if the driver counts no such thing; -ENODEV; -errno. netns.
+ */
+int xg_dev_xdp_xmit(const char *ifname, uint64_t *sent, uint64_t *errors);
+
 /* ---- XDP program ---- */
 
 struct xg_prog;
@@ -106,6 +114,13 @@ int xg_prog_set_rodata(struct xg_prog *prog, const char *var, const void *value,
  * variable's). Does not block.
  */
 int xg_prog_get_rodata(struct xg_prog *prog, const char *var, void *value, size_t size);
+
+/*
+ * Before xg_prog_load(): make the object's map @name the existing map @fd
+ * (shared by several program instances, or pinned), which must have its
+ * shape. Returns 0, -ENOENT, -EBUSY (already loaded) or libbpf's -errno.
+ */
+int xg_prog_reuse_map(struct xg_prog *prog, const char *name, int fd);
 
 /*
  * Load every program and map of the object into the kernel. Needs CAP_BPF.
@@ -223,6 +238,47 @@ int xg_map_update_many(int fd, const void *keys, const void *values,
  */
 int xg_map_delete_many(int fd, const void *keys, uint32_t count,
 		       uint32_t *done);
+
+/* ---- the flow table's maps ---- */
+
+struct xg_flowtab;
+
+/*
+ * Make the flow table: the map xg_flows (an mmapable array of @nbuckets
+ * struct xg_flow_bucket, @nbuckets a power of two) and xg_flowinfo (its
+ * struct xg_flow_table: a fresh random SipHash key, @nbuckets), both
+ * empty, xg_flows mapped into this process. Put the fds into the XDP
+ * programs with xg_prog_reuse_map() before they load. *@out owns maps and
+ * mapping; free with xg_flowtab_close() after everything using them.
+ * Needs CAP_BPF. Returns 0, -EINVAL, or -errno.
+ */
+int xg_flowtab_create(uint32_t nbuckets, struct xg_flowtab **out);
+
+/*
+ * Open a table pinned in @dir by xg_flowtab_pin(), with its flows, if it
+ * has the shape this build expects for @nbuckets buckets. Returns 0;
+ * -ENOENT (nothing pinned); -ESTALE (pinned with another size or layout:
+ * unusable); -errno.
+ */
+int xg_flowtab_open(const char *dir, uint32_t nbuckets, struct xg_flowtab **out);
+
+/*
+ * Pin both maps in @dir (an existing directory of a bpffs), replacing what
+ * was pinned there. The pins outlive the process. Returns 0 or -errno.
+ */
+int xg_flowtab_pin(struct xg_flowtab *t, const char *dir);
+
+/* Fd of xg_flows (@which 0) or xg_flowinfo (1), owned by @t; -EINVAL. */
+int xg_flowtab_fd(const struct xg_flowtab *t, int which);
+
+/* The buckets, mapped; owned by @t. */
+struct xg_flow_bucket *xg_flowtab_buckets(const struct xg_flowtab *t);
+
+/* The table's key and size; owned by @t. */
+const struct xg_flow_table *xg_flowtab_info(const struct xg_flowtab *t);
+
+/* Unmap and close (pins stay). NULL is a no-op. */
+void xg_flowtab_close(struct xg_flowtab *t);
 
 /* ---- UMEM and AF_XDP sockets ---- */
 
@@ -348,6 +404,7 @@ struct xg_tcp_counts {
 	uint64_t verified;	/* live verified sources */
 	uint64_t verified_capacity;
 	uint64_t evictions;	/* flows given up for a new one in a full bucket */
+	uint64_t fast;		/* live flows XDP forwards (XG_FLOW_FAST) */
 };
 
 /*
@@ -360,6 +417,15 @@ struct xg_tcp_counts {
  */
 int xg_tcp_create(uint32_t max_flows, uint32_t max_verified,
 		  const struct xg_tcp_cfg *cfg, struct xg_tcp **out);
+
+/*
+ * The same, with the flow table of @ft, which XDP shares (XG_FLOW_FAST
+ * flows are forwarded there). @ft must outlive the stage; its flows,
+ * restored from a pin or not, are the stage's from the start. Returns 0,
+ * -EINVAL or -ENOMEM.
+ */
+int xg_tcp_create_shared(struct xg_flowtab *ft, uint32_t max_verified,
+			 const struct xg_tcp_cfg *cfg, struct xg_tcp **out);
 
 /* Free @tcp. NULL is a no-op. */
 void xg_tcp_destroy(struct xg_tcp *tcp);

@@ -27,36 +27,19 @@
 #include <arpa/inet.h>
 #include <sys/random.h>
 
-#include "xg_parse.h"
+#include "xg_flow.h"
 #include "xg_tcp.h"
 
 #define XG_WAYS 8
 #define COOKIE_SLOT_SECS 64	/* a cookie is good for one to two slots */
 #define AUTO_HOLD_SECS 2	/* auto mode keeps acting this long after the rate falls */
-#define MIN_WIN 65535U		/* window floor for the sequence checks */
 #define ADOPTED_WIN (1U << 30)	/* windows of a flow picked up mid-stream: unknown */
-#define NO_WSCALE 0xff
+#define NO_WSCALE XG_NO_WSCALE
 
 #define TH_FIN XG_TCP_FIN
 #define TH_SYN XG_TCP_SYN
 #define TH_RST XG_TCP_RST
 #define TH_ACK XG_TCP_ACK
-
-/* Idle timeouts by state (seconds): how long an unanswered state may sit. */
-static const uint32_t timeout_s[XG_TCP_NR_STATES] = {
-	[XG_TCP_SYN_SENT] = 20,
-	[XG_TCP_SYN_RECV] = 20,
-	[XG_TCP_ESTABLISHED] = 600,
-	[XG_TCP_CLOSING] = 30,
-	[XG_TCP_CLOSED] = 5,
-	[XG_TCP_LEARNING] = 20,
-};
-
-struct flow_bucket {
-	uint32_t lock;
-	uint32_t pad;
-	struct xg_flow slot[XG_WAYS];
-} __attribute__((aligned(64)));
 
 struct verified_bucket {
 	uint32_t lock;
@@ -82,12 +65,15 @@ struct dest_bucket {
 } __attribute__((aligned(64)));
 
 struct xg_tcp {
-	struct flow_bucket *flows;
+	/* The flow table: ours, or a BPF map's memory the XDP programs share. */
+	struct xg_flow_bucket *flows;
+	int own_flows;
 	uint32_t flow_mask;		/* buckets - 1 */
 	struct verified_bucket *verified;
 	uint32_t verified_mask;
 	struct dest_bucket dests[DEST_BUCKETS];
-	uint8_t table_key[16];		/* SipHash key of the tables, fixed */
+	uint8_t table_key[16];		/* SipHash key of the verified and rate tables */
+	uint8_t flow_key[16];		/* ... of the flow table (the table's own) */
 	struct xg_tcp_cfg cfg;		/* fields read one by one */
 	/* Cookie secrets: [gen] is current, [!gen] the previous. Seqlock. */
 	uint32_t secret_seq;
@@ -169,21 +155,6 @@ static uint32_t cfg_get(const uint32_t *field)
 	return __atomic_load_n(field, __ATOMIC_RELAXED);
 }
 
-static int seq_before(uint32_t a, uint32_t b)
-{
-	return (int32_t)(a - b) < 0;
-}
-
-static uint32_t seq_max(uint32_t a, uint32_t b)
-{
-	return seq_before(a, b) ? b : a;
-}
-
-static uint32_t max_u32(uint32_t a, uint32_t b)
-{
-	return a > b ? a : b;
-}
-
 uint32_t xg_tcp_now(void)
 {
 	struct timespec ts;
@@ -223,13 +194,13 @@ static uint64_t csum_add(uint64_t sum, const void *data, size_t len)
 /* ---- parsing ---- */
 
 struct pkt {
+	struct xg_hdrs h;	/* the parser's findings */
+	uint8_t *end;		/* of the frame */
 	uint8_t *l3;
 	uint8_t *tcp;
 	uint32_t l2_len;
 	int v6;
-	uint32_t seq, ack, payload;
-	uint16_t win;
-	uint8_t flags;
+	struct xg_seg seg;
 	uint8_t wscale;		/* NO_WSCALE if the SYN offers none */
 	const uint8_t *src, *dst;
 	uint16_t sport, dport;	/* network order */
@@ -276,91 +247,65 @@ enum { NOT_TCP, TCP_SEGMENT, TCP_FRAGMENT, BAD_FRAME };
  */
 static int parse(uint8_t *frame, uint32_t len, struct pkt *p, enum xg_reason *why)
 {
-	struct xg_hdrs h;
+	struct xg_flow_key k;
 	enum xg_reason r;
 	uint8_t *l4, *l3;
 	uint32_t doff;
 
-	r = xg_parse(frame, frame + len, &h);
+	r = xg_parse(frame, frame + len, &p->h);
 	if (r != XG_REASON_REDIRECTED) {
 		*why = r;
 		return BAD_FRAME;
 	}
-	if (!h.l3 || h.l4_proto != IPPROTO_TCP)
+	if (!p->h.l3 || p->h.l4_proto != IPPROTO_TCP)
 		return NOT_TCP;
-	l3 = h.l3;
+	p->end = frame + len;
+	l3 = p->h.l3;
 	p->l3 = l3;
 	p->l2_len = (uint32_t)(l3 - frame);
-	p->v6 = h.v6;
-	p->src = l3 + (h.v6 ? 8 : 12);
-	p->dst = l3 + (h.v6 ? 24 : 16);
-	if (h.frag & XG_FRAG_ANY)
+	p->v6 = p->h.v6;
+	p->src = l3 + (p->h.v6 ? 8 : 12);
+	p->dst = l3 + (p->h.v6 ? 24 : 16);
+	if (p->h.frag & XG_FRAG_ANY)
 		return TCP_FRAGMENT;
-	l4 = h.l4;
+	if (xg_flow_key_of(&p->h, p->end, XG_SIDE_OUT, &k, &p->seg))
+		return NOT_TCP; /* cannot happen: xg_parse() checked the headers */
+	l4 = p->h.l4;
 	doff = (l4[12] >> 4) * 4;
 	p->tcp = l4;
-	p->sport = (uint16_t)(l4[0] | l4[1] << 8);
-	p->dport = (uint16_t)(l4[2] | l4[3] << 8);
-	p->seq = (uint32_t)l4[4] << 24 | l4[5] << 16 | l4[6] << 8 | l4[7];
-	p->ack = (uint32_t)l4[8] << 24 | l4[9] << 16 | l4[10] << 8 | l4[11];
-	p->flags = h.tcp_flags;
-	p->win = (uint16_t)(l4[14] << 8 | l4[15]);
-	p->payload = (uint32_t)((uint8_t *)h.l3_end - l4) - doff;
-	p->wscale = p->flags & TH_SYN ? syn_wscale(l4 + 20, l4 + doff) : NO_WSCALE;
+	p->sport = k.out_port;
+	p->dport = k.in_port;
+	p->wscale = p->seg.flags & TH_SYN ? syn_wscale(l4 + 20, l4 + doff) : NO_WSCALE;
 	return TCP_SEGMENT;
 }
 
+/* The flow's key, outside endpoint first whatever the direction (xg_flow.h). */
 static void make_key(struct xg_flow_key *k, const struct pkt *p, int from_outside)
 {
-	memset(k, 0, sizeof(*k));
-	k->v6 = p->v6;
-	if (from_outside) {
-		addr16(k->out_addr, p->src, p->v6);
-		addr16(k->in_addr, p->dst, p->v6);
-		k->out_port = p->sport;
-		k->in_port = p->dport;
-	} else {
-		addr16(k->out_addr, p->dst, p->v6);
-		addr16(k->in_addr, p->src, p->v6);
-		k->out_port = p->dport;
-		k->in_port = p->sport;
-	}
+	struct xg_seg seg;
+
+	xg_flow_key_of(&p->h, p->end, from_outside ? XG_SIDE_OUT : XG_SIDE_IN, k, &seg);
 }
 
 /* ---- the flow table ---- */
 
 /*
- * Signed: each worker reads the clock once per step, so another worker may
- * have stamped the flow a second "later" than this worker's now.
+ * XDP may forward a flow's segments itself (XG_FLOW_FAST) while it is
+ * established and the loop saw its handshake: its source passed the SYN
+ * gate, and its windows are known. Adopted flows stay with the loop.
+ * Caller holds the bucket's lock.
  */
-static int live(const struct xg_flow *f, uint32_t now)
+static void fast_follows(struct xg_flow *f)
 {
-	return f->state != XG_TCP_FREE &&
-	       (int32_t)(now - f->last_seen) <= (int32_t)timeout_s[f->state];
+	if (f->state == XG_TCP_ESTABLISHED && !(f->flags & XG_FLOW_ADOPTED))
+		f->flags |= XG_FLOW_FAST;
+	else
+		f->flags &= ~XG_FLOW_FAST;
 }
 
-static struct flow_bucket *flow_bucket(struct xg_tcp *t, const struct xg_flow_key *k)
+static struct xg_flow_bucket *flow_bucket(struct xg_tcp *t, const struct xg_flow_key *k)
 {
-	return &t->flows[siphash(t->table_key, k, sizeof(*k), 1, 3) & t->flow_mask];
-}
-
-/* Caller holds b->lock. */
-static struct xg_flow *flow_find(struct flow_bucket *b, const struct xg_flow_key *k,
-				 uint32_t now)
-{
-	int i;
-
-	for (i = 0; i < XG_WAYS; i++) {
-		struct xg_flow *f = &b->slot[i];
-
-		if (f->state != XG_TCP_FREE && !memcmp(&f->key, k, sizeof(*k))) {
-			if (live(f, now))
-				return f;
-			f->state = XG_TCP_FREE;
-			return NULL;
-		}
-	}
-	return NULL;
+	return &t->flows[xg_flow_hash(k, t->flow_key) & t->flow_mask];
 }
 
 /*
@@ -368,7 +313,7 @@ static struct xg_flow *flow_find(struct flow_bucket *b, const struct xg_flow_key
  * is not established. NULL if the bucket holds only established flows.
  * Caller holds b->lock.
  */
-static struct xg_flow *flow_slot(struct xg_tcp *t, struct flow_bucket *b, uint32_t now)
+static struct xg_flow *flow_slot(struct xg_tcp *t, struct xg_flow_bucket *b, uint32_t now)
 {
 	struct xg_flow *victim = NULL;
 	int i;
@@ -376,10 +321,10 @@ static struct xg_flow *flow_slot(struct xg_tcp *t, struct flow_bucket *b, uint32
 	for (i = 0; i < XG_WAYS; i++) {
 		struct xg_flow *f = &b->slot[i];
 
-		if (!live(f, now))
+		if (!xg_flow_live(f, now))
 			return f;
 		if (f->state != XG_TCP_ESTABLISHED &&
-		    (!victim || seq_before(f->last_seen, victim->last_seen)))
+		    (!victim || xg_seq_before(f->last_seen, victim->last_seen)))
 			victim = f;
 	}
 	if (victim)
@@ -398,63 +343,6 @@ static void flow_init(struct xg_flow *f, const struct xg_flow_key *k, uint8_t st
 	f->last_seen = now;
 }
 
-static const uint8_t end_bit[2] = { XG_FLOW_END_OUT, XG_FLOW_END_IN };
-static const uint8_t acked_bit[2] = { XG_FLOW_ACKED_OUT, XG_FLOW_ACKED_IN };
-
-static void set_end(struct xg_flow *f, int x, uint32_t end)
-{
-	f->end[x] = (f->flags & end_bit[x]) ? seq_max(f->end[x], end) : end;
-	f->flags |= end_bit[x];
-}
-
-static void set_acked(struct xg_flow *f, int x, uint32_t ack)
-{
-	f->acked[x] = (f->flags & acked_bit[x]) ? seq_max(f->acked[x], ack) : ack;
-	f->flags |= acked_bit[x];
-}
-
-/* What the frame says about its sender's side @x of the flow. */
-static void note(struct xg_flow *f, int x, const struct pkt *p, uint32_t len)
-{
-	uint32_t end = p->seq + p->payload + !!(p->flags & TH_SYN) + !!(p->flags & TH_FIN);
-	uint32_t win = p->win;
-
-	if (!(p->flags & TH_SYN) && (f->flags & XG_FLOW_WSCALE))
-		win <<= f->wscale[x];
-	set_end(f, x, end);
-	if (p->flags & TH_ACK)
-		set_acked(f, x, p->ack);
-	if (win > f->maxwin[x])
-		f->maxwin[x] = win;
-	f->packets++;
-	f->bytes += len;
-}
-
-/*
- * The window checks of netfilter's tcp_in_window(), sender @x:
- *   seq + len <= what the receiver last acked + its window,
- *   seq >= what the sender sent so far - the receiver's window,
- *   ack <= what the receiver sent, ack >= that - the sender's window.
- */
-static int in_window(const struct xg_flow *f, int x, const struct pkt *p)
-{
-	int y = !x;
-	uint32_t wx = max_u32(f->maxwin[x], MIN_WIN), wy = max_u32(f->maxwin[y], MIN_WIN);
-	uint32_t end = p->seq + p->payload + !!(p->flags & TH_SYN) + !!(p->flags & TH_FIN);
-
-	if (seq_before(f->acked[y] + wy, end))
-		return 0;
-	if (seq_before(p->seq, f->end[x] - wy))
-		return 0;
-	if (p->flags & TH_ACK) {
-		if (seq_before(f->end[y], p->ack))
-			return 0;
-		if (seq_before(p->ack, f->end[y] - wx))
-			return 0;
-	}
-	return 1;
-}
-
 /* ---- verified sources ---- */
 
 static struct verified_bucket *verified_bucket(struct xg_tcp *t, const uint8_t addr[16])
@@ -469,7 +357,7 @@ static int verified(struct xg_tcp *t, const uint8_t addr[16], uint32_t now)
 
 	lock(&b->lock);
 	for (i = 0; i < XG_WAYS && !found; i++)
-		found = b->slot[i].expires && !seq_before(b->slot[i].expires, now) &&
+		found = b->slot[i].expires && !xg_seq_before(b->slot[i].expires, now) &&
 			!memcmp(b->slot[i].addr, addr, 16);
 	unlock(&b->lock);
 	return found;
@@ -490,7 +378,7 @@ static void verified_add(struct xg_tcp *t, const uint8_t addr[16], uint32_t unti
 			break;
 		}
 		/* Else the slot expiring first (an empty one expires at 0). */
-		if (!slot || seq_before(v->expires, slot->expires))
+		if (!slot || xg_seq_before(v->expires, slot->expires))
 			slot = v;
 	}
 	memcpy(slot->addr, addr, 16);
@@ -545,7 +433,7 @@ static int dest_over(struct xg_tcp *t, const uint8_t addr[16], int kind,
 	}
 	if (d->tokens[kind] >= 1000) {
 		d->tokens[kind] -= 1000;
-		over = seq_before(now->s, d->until[kind]);
+		over = xg_seq_before(now->s, d->until[kind]);
 	} else {
 		d->until[kind] = now->s + AUTO_HOLD_SECS;
 		over = 1;
@@ -735,14 +623,14 @@ static enum xg_tcp_verdict syn_gate(struct xg_tcp *t, uint8_t *frame, uint32_t *
  * one, which a new connection replaces as in conntrack): track it. @b is
  * @k's bucket, unlocked: hashed once per frame.
  */
-static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct flow_bucket *b, uint32_t len,
+static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct xg_flow_bucket *b, uint32_t len,
 				   const struct pkt *p, const struct xg_flow_key *k,
 				   const struct xg_clock *now, struct xg_worker_stats *st)
 {
 	struct xg_flow *f;
 
 	lock(&b->lock);
-	f = flow_find(b, k, now->s);
+	f = xg_flow_find(b, k, now->s);
 	if (f && f->state != XG_TCP_CLOSED) {
 		/*
 		 * Not overwritten, whatever its state: a possible reopen,
@@ -752,7 +640,7 @@ static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct flow_bucket *b, uint
 		 * nothing.
 		 */
 		f->flags |= XG_FLOW_REOPEN;
-		f->reopen_isn = p->seq;
+		f->reopen_isn = p->seg.seq;
 		f->reopen_wscale = p->wscale;
 		unlock(&b->lock);
 		return XG_V_FORWARD;
@@ -765,9 +653,9 @@ static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct flow_bucket *b, uint
 		return XG_V_DROP;
 	}
 	flow_init(f, k, XG_TCP_SYN_SENT, 0, now->s);
-	f->isn[XG_SIDE_OUT] = p->seq;
+	f->isn[XG_SIDE_OUT] = p->seg.seq;
 	f->wscale[XG_SIDE_OUT] = p->wscale;
-	note(f, XG_SIDE_OUT, p, len);
+	xg_flow_note(f, XG_SIDE_OUT, &p->seg, len);
 	unlock(&b->lock);
 	return XG_V_FORWARD;
 }
@@ -778,7 +666,7 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 {
 	const int x = XG_SIDE_OUT;
 	struct xg_flow_key k;
-	struct flow_bucket *b;
+	struct xg_flow_bucket *b;
 	struct xg_flow *f;
 	enum xg_reason why;
 	struct pkt p;
@@ -795,22 +683,22 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 	case TCP_FRAGMENT:
 		addr16(k.in_addr, p.dst, p.v6);
 		return out_of_state(t, k.in_addr, XG_REASON_TCP_FRAGMENT, *len,
-				    seq_before(now->s, cfg_get(&t->cfg.learn_until)), now, st);
+				    xg_seq_before(now->s, cfg_get(&t->cfg.learn_until)), now, st);
 	}
 	make_key(&k, &p, 1);
-	learning = seq_before(now->s, cfg_get(&t->cfg.learn_until));
+	learning = xg_seq_before(now->s, cfg_get(&t->cfg.learn_until));
 
 	b = flow_bucket(t, &k);
 	lock(&b->lock);
-	f = flow_find(b, &k, now->s);
+	f = xg_flow_find(b, &k, now->s);
 	state = f ? f->state : XG_TCP_FREE;
 
-	if ((p.flags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN) {
+	if ((p.seg.flags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN) {
 		/* A retransmitted SYN of a flow being opened passes as the first did. */
 		if (f && f->state <= XG_TCP_SYN_RECV && !(f->flags & XG_FLOW_INSIDE_INIT) &&
-		    f->isn[x] == p.seq) {
+		    f->isn[x] == p.seg.seq) {
 			f->last_seen = now->s;
-			note(f, x, &p, *len);
+			xg_flow_note(f, x, &p.seg, *len);
 			unlock(&b->lock);
 			return XG_V_FORWARD;
 		}
@@ -827,25 +715,25 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 	}
 
 	if (!f) {
-		if (learning && !(p.flags & (TH_SYN | TH_RST))) {
+		if (learning && !(p.seg.flags & (TH_SYN | TH_RST))) {
 			/* Adopt a flow that was open before we started. */
 			f = flow_slot(t, b, now->s);
 			if (f) {
 				flow_init(f, &k, XG_TCP_LEARNING, XG_FLOW_ADOPTED, now->s);
 				f->maxwin[0] = f->maxwin[1] = ADOPTED_WIN;
-				note(f, x, &p, *len);
+				xg_flow_note(f, x, &p.seg, *len);
 			}
 			unlock(&b->lock);
 			return XG_V_FORWARD;
 		}
 		unlock(&b->lock);
-		if ((p.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK))
+		if ((p.seg.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK))
 			return out_of_state(t, k.in_addr, XG_REASON_TCP_SYNACK_REFLECTION, *len,
 					    learning, now, st);
 		/* A bare RST is how a real stack answers a challenge. */
-		if ((p.flags & (TH_RST | TH_ACK)) == TH_RST &&
+		if ((p.seg.flags & (TH_RST | TH_ACK)) == TH_RST &&
 		    cfg_get(&t->cfg.syn_mode) != XG_MODE_OFF) {
-			if (cookie_check(t, &k, now->s, p.seq)) {
+			if (cookie_check(t, &k, now->s, p.seg.seq)) {
 				verified_add(t, k.out_addr, now->s + cfg_get(&t->cfg.verify_ttl));
 				count(&st->reasons[XG_REASON_CHALLENGE_PASSED], *len);
 				return XG_V_DROP;
@@ -865,32 +753,32 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 	switch (state) {
 	case XG_TCP_SYN_SENT:
 		/* Only the inside side may answer a SYN it sent with a SYN-ACK. */
-		if ((p.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK)) {
+		if ((p.seg.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK)) {
 			if (!(f->flags & XG_FLOW_INSIDE_INIT) ||
-			    p.ack != f->isn[XG_SIDE_IN] + 1) {
+			    p.seg.ack != f->isn[XG_SIDE_IN] + 1) {
 				why = XG_REASON_TCP_SYNACK_REFLECTION;
 				break;
 			}
 			f->state = XG_TCP_SYN_RECV;
-			f->isn[x] = p.seq;
+			f->isn[x] = p.seg.seq;
 			f->wscale[x] = p.wscale;
 			if (f->wscale[0] != NO_WSCALE && f->wscale[1] != NO_WSCALE)
 				f->flags |= XG_FLOW_WSCALE;
 			f->last_seen = now->s;
-			note(f, x, &p, *len);
+			xg_flow_note(f, x, &p.seg, *len);
 			unlock(&b->lock);
 			return XG_V_FORWARD;
 		}
-		if (p.flags & TH_RST)
+		if (p.seg.flags & TH_RST)
 			goto in_window_check;
 		break;
 	case XG_TCP_SYN_RECV:
-		if (!(f->flags & XG_FLOW_INSIDE_INIT) && (p.flags & TH_ACK) &&
-		    !(p.flags & TH_SYN) && p.ack == f->isn[XG_SIDE_IN] + 1) {
+		if (!(f->flags & XG_FLOW_INSIDE_INIT) && (p.seg.flags & TH_ACK) &&
+		    !(p.seg.flags & TH_SYN) && p.seg.ack == f->isn[XG_SIDE_IN] + 1) {
 			f->state = XG_TCP_ESTABLISHED;
 			goto accept;
 		}
-		if (p.flags & TH_SYN)
+		if (p.seg.flags & TH_SYN)
 			break;
 		goto in_window_check;
 	case XG_TCP_LEARNING:
@@ -900,11 +788,11 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 		break;
 	default:
 in_window_check:
-		if (p.flags & TH_SYN) {
+		if (p.seg.flags & TH_SYN) {
 			why = XG_REASON_TCP_SYNACK_REFLECTION;
 			break;
 		}
-		if (in_window(f, x, &p))
+		if (xg_flow_in_window(f, x, &p.seg))
 			goto accept;
 		break;
 	}
@@ -912,12 +800,13 @@ in_window_check:
 	return out_of_state(t, k.in_addr, why, *len, 0, now, st);
 
 accept:
-	if (p.flags & TH_RST)
+	if (p.seg.flags & TH_RST)
 		f->state = XG_TCP_CLOSED;
-	else if ((p.flags & TH_FIN) && f->state == XG_TCP_ESTABLISHED)
+	else if ((p.seg.flags & TH_FIN) && f->state == XG_TCP_ESTABLISHED)
 		f->state = XG_TCP_CLOSING;
 	f->last_seen = now->s;
-	note(f, x, &p, *len);
+	xg_flow_note(f, x, &p.seg, *len);
+	fast_follows(f);
 	unlock(&b->lock);
 	return XG_V_FORWARD;
 }
@@ -927,7 +816,7 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 {
 	const int x = XG_SIDE_IN, y = XG_SIDE_OUT;
 	struct xg_flow_key k;
-	struct flow_bucket *b;
+	struct xg_flow_bucket *b;
 	enum xg_reason why;
 	struct xg_flow *f;
 	struct pkt p;
@@ -937,16 +826,16 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 	make_key(&k, &p, 0);
 	b = flow_bucket(t, &k);
 	lock(&b->lock);
-	f = flow_find(b, &k, now->s);
+	f = xg_flow_find(b, &k, now->s);
 
-	if ((p.flags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN) {
+	if ((p.seg.flags & (TH_SYN | TH_ACK | TH_RST)) == TH_SYN) {
 		/* The origin opens a connection of its own. */
-		if (!f || f->state != XG_TCP_SYN_SENT || f->isn[x] != p.seq) {
+		if (!f || f->state != XG_TCP_SYN_SENT || f->isn[x] != p.seg.seq) {
 			if (!f)
 				f = flow_slot(t, b, now->s);
 			if (f) {
 				flow_init(f, &k, XG_TCP_SYN_SENT, XG_FLOW_INSIDE_INIT, now->s);
-				f->isn[x] = p.seq;
+				f->isn[x] = p.seg.seq;
 				f->wscale[x] = p.wscale;
 			}
 		}
@@ -956,18 +845,18 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 		 * the learning window says (this is what keeps a restart from
 		 * cutting connections the origin is still using).
 		 */
-		f = (p.flags & TH_RST) ? NULL : flow_slot(t, b, now->s);
+		f = (p.seg.flags & TH_RST) ? NULL : flow_slot(t, b, now->s);
 		if (f) {
 			flow_init(f, &k, XG_TCP_ESTABLISHED, XG_FLOW_ADOPTED, now->s);
 			f->maxwin[0] = f->maxwin[1] = ADOPTED_WIN;
 			/* What the origin acks, the outside has sent; what it
 			 * sends, the outside will ack. */
-			set_end(f, y, p.ack);
-			set_acked(f, y, p.seq);
+			xg_flow_set_end(f, y, p.seg.ack);
+			xg_flow_set_acked(f, y, p.seg.seq);
 		}
-	} else if ((f->flags & XG_FLOW_REOPEN) && f->reopen_isn + 1 == p.ack &&
-		   (p.flags & (TH_SYN | TH_ACK | TH_RST)) == (TH_SYN | TH_ACK) &&
-		   !(f->state == XG_TCP_SYN_SENT && p.ack == f->isn[y] + 1)) {
+	} else if ((f->flags & XG_FLOW_REOPEN) && f->reopen_isn + 1 == p.seg.ack &&
+		   (p.seg.flags & (TH_SYN | TH_ACK | TH_RST)) == (TH_SYN | TH_ACK) &&
+		   !(f->state == XG_TCP_SYN_SENT && p.seg.ack == f->isn[y] + 1)) {
 		/* The origin took the SYN that claimed a reopen: a new flow. */
 		uint32_t isn = f->reopen_isn;
 		uint8_t wscale = f->reopen_wscale;
@@ -975,34 +864,35 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 		flow_init(f, &k, XG_TCP_SYN_RECV, 0, now->s);
 		f->isn[y] = isn;
 		f->wscale[y] = wscale;
-		set_end(f, y, isn + 1);
-		f->isn[x] = p.seq;
+		xg_flow_set_end(f, y, isn + 1);
+		f->isn[x] = p.seg.seq;
 		f->wscale[x] = p.wscale;
 		if (f->wscale[0] != NO_WSCALE && f->wscale[1] != NO_WSCALE)
 			f->flags |= XG_FLOW_WSCALE;
 	} else if (f->state == XG_TCP_SYN_SENT && !(f->flags & XG_FLOW_INSIDE_INIT) &&
-		   (p.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK) &&
-		   p.ack == f->isn[y] + 1) {
+		   (p.seg.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK) &&
+		   p.seg.ack == f->isn[y] + 1) {
 		f->state = XG_TCP_SYN_RECV;
-		f->isn[x] = p.seq;
+		f->isn[x] = p.seg.seq;
 		f->wscale[x] = p.wscale;
 		if (f->wscale[0] != NO_WSCALE && f->wscale[1] != NO_WSCALE)
 			f->flags |= XG_FLOW_WSCALE;
 	} else if (f->state == XG_TCP_SYN_RECV && (f->flags & XG_FLOW_INSIDE_INIT) &&
-		   (p.flags & TH_ACK) && p.ack == f->isn[y] + 1) {
+		   (p.seg.flags & TH_ACK) && p.seg.ack == f->isn[y] + 1) {
 		f->state = XG_TCP_ESTABLISHED;
 	} else if (f->state == XG_TCP_LEARNING) {
 		f->state = XG_TCP_ESTABLISHED;
-		if (!(f->flags & acked_bit[y]))
-			set_acked(f, y, p.seq);
+		if (!(f->flags & xg_acked_bit(y)))
+			xg_flow_set_acked(f, y, p.seg.seq);
 	}
 	if (f) {
-		if (p.flags & TH_RST)
+		if (p.seg.flags & TH_RST)
 			f->state = XG_TCP_CLOSED;
-		else if ((p.flags & TH_FIN) && f->state == XG_TCP_ESTABLISHED)
+		else if ((p.seg.flags & TH_FIN) && f->state == XG_TCP_ESTABLISHED)
 			f->state = XG_TCP_CLOSING;
 		f->last_seen = now->s;
-		note(f, x, &p, len);
+		xg_flow_note(f, x, &p.seg, len);
+		fast_follows(f);
 	}
 	unlock(&b->lock);
 }
@@ -1030,46 +920,74 @@ static uint32_t buckets_for(uint32_t entries)
 	return n;
 }
 
-int xg_tcp_create(uint32_t max_flows, uint32_t max_verified, const struct xg_tcp_cfg *cfg,
-		  struct xg_tcp **out)
+/*
+ * The stage around a flow table of @nf buckets at @flows (NULL: allocate
+ * one, owned) hashed under @flow_key (NULL: a random one).
+ */
+static int tcp_create(struct xg_flow_bucket *flows, uint32_t nf, const uint8_t *flow_key,
+		      uint32_t max_verified, const struct xg_tcp_cfg *cfg, struct xg_tcp **out)
 {
-	uint32_t nf, nv;
+	uint32_t nv;
 	struct xg_tcp *t;
 
-	if (!max_flows || !max_verified || max_flows > (1U << 30) || max_verified > (1U << 28))
+	if (!max_verified || max_verified > (1U << 28))
 		return -EINVAL;
 	t = aligned_alloc(64, (sizeof(*t) + 63) & ~63UL);
 	if (!t)
 		return -ENOMEM;
 	memset(t, 0, sizeof(*t));
-	nf = buckets_for(max_flows);
 	nv = buckets_for(max_verified);
-	t->flows = aligned_alloc(64, (size_t)nf * sizeof(*t->flows));
+	t->own_flows = !flows;
+	t->flows = flows ? flows : aligned_alloc(64, (size_t)nf * sizeof(*t->flows));
 	t->verified = aligned_alloc(64, (size_t)nv * sizeof(*t->verified));
 	if (!t->flows || !t->verified) {
 		xg_tcp_destroy(t);
 		return -ENOMEM;
 	}
-	memset(t->flows, 0, (size_t)nf * sizeof(*t->flows));
+	if (t->own_flows)
+		memset(t->flows, 0, (size_t)nf * sizeof(*t->flows));
 	memset(t->verified, 0, (size_t)nv * sizeof(*t->verified));
 	t->flow_mask = nf - 1;
 	t->verified_mask = nv - 1;
 	if (getrandom(t->table_key, sizeof(t->table_key), 0) != sizeof(t->table_key) ||
-	    getrandom(t->secret[0], sizeof(t->secret[0]), 0) != sizeof(t->secret[0])) {
+	    getrandom(t->secret[0], sizeof(t->secret[0]), 0) != sizeof(t->secret[0]) ||
+	    (!flow_key && getrandom(t->flow_key, 16, 0) != 16)) {
 		xg_tcp_destroy(t);
 		return -EIO;
 	}
+	if (flow_key)
+		memcpy(t->flow_key, flow_key, 16);
 	memcpy(t->secret[1], t->secret[0], 16);
 	t->cfg = *cfg;
 	*out = t;
 	return 0;
 }
 
+int xg_tcp_create(uint32_t max_flows, uint32_t max_verified, const struct xg_tcp_cfg *cfg,
+		  struct xg_tcp **out)
+{
+	if (!max_flows || max_flows > (1U << 30))
+		return -EINVAL;
+	return tcp_create(NULL, buckets_for(max_flows), NULL, max_verified, cfg, out);
+}
+
+int xg_tcp_create_shared(struct xg_flowtab *ft, uint32_t max_verified,
+			 const struct xg_tcp_cfg *cfg, struct xg_tcp **out)
+{
+	const struct xg_flow_table *info = xg_flowtab_info(ft);
+
+	if (!info->nbuckets || info->nbuckets & (info->nbuckets - 1))
+		return -EINVAL;
+	return tcp_create(xg_flowtab_buckets(ft), info->nbuckets, info->key, max_verified, cfg,
+			  out);
+}
+
 void xg_tcp_destroy(struct xg_tcp *tcp)
 {
 	if (!tcp)
 		return;
-	free(tcp->flows);
+	if (tcp->own_flows)
+		free(tcp->flows);
 	free(tcp->verified);
 	free(tcp);
 }
@@ -1114,17 +1032,18 @@ uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts, struct xg
 	counts->evictions = __atomic_load_n(&tcp->evictions, __ATOMIC_RELAXED);
 	counts->verified_capacity = (uint64_t)(tcp->verified_mask + 1) * XG_WAYS;
 	for (b = 0; b <= tcp->flow_mask; b++) {
-		struct flow_bucket *bk = &tcp->flows[b];
+		struct xg_flow_bucket *bk = &tcp->flows[b];
 
 		lock(&bk->lock);
 		for (i = 0; i < XG_WAYS; i++) {
 			struct xg_flow *f = &bk->slot[i];
 
-			if (!live(f, now)) {
+			if (!xg_flow_live(f, now)) {
 				counts->states[XG_TCP_FREE]++;
 				continue;
 			}
 			counts->states[f->state]++;
+			counts->fast += !!(f->flags & XG_FLOW_FAST);
 			if (!ntop)
 				continue;
 			/* Keep @top sorted by packets, busiest first. */
@@ -1144,7 +1063,7 @@ uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts, struct xg
 		lock(&bk->lock);
 		for (i = 0; i < XG_WAYS; i++)
 			counts->verified += bk->slot[i].expires &&
-					    !seq_before(bk->slot[i].expires, now);
+					    !xg_seq_before(bk->slot[i].expires, now);
 		unlock(&bk->lock);
 	}
 	return n;
@@ -1159,7 +1078,7 @@ uint32_t xg_tcp_verified(struct xg_tcp *tcp, struct xg_verified *out, uint32_t m
 
 		lock(&bk->lock);
 		for (i = 0; i < XG_WAYS && n < max; i++)
-			if (bk->slot[i].expires && !seq_before(bk->slot[i].expires, now))
+			if (bk->slot[i].expires && !xg_seq_before(bk->slot[i].expires, now))
 				out[n++] = bk->slot[i];
 		unlock(&bk->lock);
 	}

@@ -83,6 +83,84 @@ int xg_dev_queues(const char *ifname, uint32_t *rx, uint32_t *tx)
 	return 0;
 }
 
+static int ethtool(int fd, const char *ifname, void *cmd)
+{
+	struct ifreq ifr = { 0 };
+
+	strcpy(ifr.ifr_name, ifname);
+	ifr.ifr_data = cmd;
+	return ioctl(fd, SIOCETHTOOL, &ifr) ? -errno : 0;
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), m = strlen(suffix);
+
+	return n >= m && !strcmp(s + n - m, suffix);
+}
+
+int xg_dev_xdp_xmit(const char *ifname, uint64_t *sent, uint64_t *errors)
+{
+	struct ethtool_sset_info *info = NULL;
+	struct ethtool_gstrings *names = NULL;
+	struct ethtool_stats *stats = NULL;
+	uint32_t n, i, found = 0;
+	int fd, err;
+
+	if (strlen(ifname) >= IF_NAMESIZE)
+		return -EINVAL;
+	fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	info = calloc(1, sizeof(*info) + sizeof(uint32_t));
+	err = info ? 0 : -ENOMEM;
+	if (!err) {
+		info->cmd = ETHTOOL_GSSET_INFO;
+		info->sset_mask = 1ULL << ETH_SS_STATS;
+		err = ethtool(fd, ifname, info);
+	}
+	if (err)
+		goto out;
+	n = info->sset_mask ? info->data[0] : 0;
+	names = calloc(1, sizeof(*names) + (size_t)n * ETH_GSTRING_LEN);
+	stats = calloc(1, sizeof(*stats) + (size_t)n * sizeof(uint64_t));
+	if (!names || !stats) {
+		err = -ENOMEM;
+		goto out;
+	}
+	names->cmd = ETHTOOL_GSTRINGS;
+	names->string_set = ETH_SS_STATS;
+	names->len = n;
+	stats->cmd = ETHTOOL_GSTATS;
+	stats->n_stats = n;
+	err = ethtool(fd, ifname, names);
+	if (!err)
+		err = ethtool(fd, ifname, stats);
+	if (err)
+		goto out;
+	*sent = *errors = 0;
+	for (i = 0; i < n; i++) {
+		char name[ETH_GSTRING_LEN + 1] = { 0 };
+
+		memcpy(name, names->data + (size_t)i * ETH_GSTRING_LEN, ETH_GSTRING_LEN);
+		if (strncmp(name, "tx_queue_", 9))
+			continue;
+		if (ends_with(name, "_xdp_xmit")) {
+			*sent += stats->data[i];
+			found = 1;
+		} else if (ends_with(name, "_xdp_xmit_errors")) {
+			*errors += stats->data[i];
+		}
+	}
+	err = found ? 0 : -ENOENT;
+out:
+	free(info);
+	free(names);
+	free(stats);
+	close(fd);
+	return err;
+}
+
 static int is_pow2(uint32_t v)
 {
 	return v && !(v & (v - 1));

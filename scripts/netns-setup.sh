@@ -65,6 +65,12 @@ ip netns exec "$ORIGIN_NS" ethtool -K eth0 tx off >/dev/null
 on_outer ethtool -K "$OUTER" tx off >/dev/null
 ip netns exec "$INNER_NS" ethtool -K "$INNER" tx off >/dev/null
 
+# xdpguard's fast path redirects frames in XDP straight into OUTER and INNER;
+# a veth takes redirected frames only if its peer runs NAPI, which GRO (or
+# an XDP program) turns on. The hosts' ends get GRO.
+ip netns exec "$CLIENT_NS" ethtool -K eth0 gro on >/dev/null
+ip netns exec "$ORIGIN_NS" ethtool -K eth0 gro on >/dev/null
+
 # The bump in the wire must stay invisible to IPv6 on its own ports.
 ip netns exec "$INNER_NS" sysctl -qw "net.ipv6.conf.$INNER.disable_ipv6=1"
 on_outer sysctl -qw "net.ipv6.conf.$OUTER.disable_ipv6=1"

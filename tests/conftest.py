@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import zlib
+from collections.abc import Iterator
 
 import pytest
 
@@ -50,6 +51,22 @@ def pytest_report_header(config: pytest.Config) -> str:
 @pytest.fixture(autouse=True)
 def _seeded(request: pytest.FixtureRequest) -> None:
     random.seed(seed_for(request.node.nodeid))
+
+
+@pytest.fixture(autouse=True)
+def _forget_flow_tables() -> Iterator[None]:
+    """A test's appliances pin their flow tables (they outlive the process,
+    as they should); the test's own go with it, whatever happened."""
+    from pathlib import Path
+
+    root = Path("/sys/fs/bpf/xdpguard")
+    before = set(root.iterdir()) if root.is_dir() else set()
+    yield
+    if root.is_dir():
+        for pin in set(root.iterdir()) - before:
+            for entry in pin.iterdir():
+                entry.unlink()
+            pin.rmdir()
 
 
 def in_ci() -> bool:

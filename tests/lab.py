@@ -323,6 +323,12 @@ class Appliance:
             self.stop()
 
 
+def forwarded_bytes(app: Appliance, direction: str = "in") -> int:
+    """Bytes the appliance forwarded one way, by the loop and by XDP's fast path."""
+    d = app.call("stats")["directions"][direction]
+    return d["tx_bytes"] + d["xdp"]["fast_path"]["bytes"]
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "") -> None:
     """Poll ``predicate`` until it is true; fail after a generous ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -394,7 +400,8 @@ class Account:
     def judged_at_least(self, sent: int) -> int:
         """How many of the generator's frames the loop judged, at the least: all
         that entered XDP, less those XDP dropped or the kernel dropped at a socket."""
-        xdp_dropped = sum(n for r, n in self.xdp.items() if r not in ("redirected", "allowlist"))
+        passed = ("redirected", "allowlist", "fast_path")
+        xdp_dropped = sum(n for r, n in self.xdp.items() if r not in passed)
         return max(0, min(sent, self.xmit) - xdp_dropped - self.xsk_dropped)
 
 

@@ -39,6 +39,9 @@ LISTS_BLOCK_V6: int = lib.XG_LISTS_BLOCK_V6
 META_MAGIC: int = lib.XG_META_MAGIC
 META_ALLOWLISTED: int = lib.XG_META_ALLOWLISTED
 CFG_META_ALWAYS: int = lib.XG_CFG_META_ALWAYS
+FAST_ON: int = lib.XG_FAST_ON
+FAST_TCP: int = lib.XG_FAST_TCP
+FLOW_WAYS: int = lib.XG_FLOW_WAYS
 FRAG_ANY: int = lib.XG_FRAG_ANY
 FRAG_LATER: int = lib.XG_FRAG_LATER
 VERDICT_FORWARD, VERDICT_DROP, VERDICT_REPLY = lib.XG_V_FORWARD, lib.XG_V_DROP, lib.XG_V_REPLY
@@ -60,7 +63,7 @@ DIR_OUT: int = lib.XG_DIR_OUT
 
 
 # What this Python code was written against (bpf/xdpguard.h XG_ABI_VERSION).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 def abi_problem() -> str | None:
@@ -198,6 +201,18 @@ def dev_queues(ifname: str) -> tuple[int, int] | None:
     return int(rx[0]), int(tx[0])
 
 
+def dev_xdp_xmit(ifname: str) -> tuple[int, int] | None:
+    """(taken, refused) redirected frames ``ifname`` sent (veth counters); None if
+    the driver does not count them. This thread's netns."""
+    sent = ffi.new("uint64_t *")
+    errors = ffi.new("uint64_t *")
+    ret = lib.xg_dev_xdp_xmit(ifname.encode(), sent, errors)
+    if ret in (-errno.ENOENT, -errno.EOPNOTSUPP):
+        return None
+    check(ret, f"XDP transmit counters of {ifname}")
+    return int(sent[0]), int(errors[0])
+
+
 # ---- XDP program ----
 
 
@@ -229,6 +244,10 @@ class Prog(_Handle):
         except OSError:
             self.close()
             raise
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        """Before load(): the object's map ``name`` is the existing map ``fd``."""
+        check(lib.xg_prog_reuse_map(self._get(), name.encode(), fd), f"reusing map {name}")
 
     def rodata_u32(self, var: str) -> int:
         """The value of the object's ``const volatile __u32 var``."""
@@ -454,6 +473,44 @@ class Sock(_Handle):
                 self._ptr = None
 
 
+class FlowTab(_Handle):
+    """The flow table's maps (xg_flows, xg_flowinfo), mapped into this process."""
+
+    _what = "flow table"
+
+    def __init__(self, nbuckets: int, pinned: str | None = None) -> None:
+        """A new, empty table; or with ``pinned``, the one pinned in that directory
+        (OSError ENOENT: none; ESTALE: one of another size or layout)."""
+        super().__init__()
+        out = ffi.new("struct xg_flowtab **")
+        if pinned is None:
+            check(lib.xg_flowtab_create(nbuckets, out), "creating the flow table")
+        else:
+            check(lib.xg_flowtab_open(pinned.encode(), nbuckets, out), f"opening {pinned}")
+        self._ptr = out[0]
+        self.nbuckets = nbuckets
+
+    @property
+    def _ft(self) -> Any:
+        return self._get()
+
+    def fds(self) -> dict[str, int]:
+        """The maps' fds by their names in the BPF object, owned by the table."""
+        return {
+            "xg_flows": lib.xg_flowtab_fd(self._get(), 0),
+            "xg_flowinfo": lib.xg_flowtab_fd(self._get(), 1),
+        }
+
+    def pin(self, directory: str) -> None:
+        check(lib.xg_flowtab_pin(self._get(), directory.encode()), f"pinning in {directory}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_flowtab_close(self._ptr)
+                self._ptr = None
+
+
 def sock_registered(umem: Umem, netns_cookie: int, ifindex: int, queue: int) -> bool:
     """Whether the UMEM's registry holds a socket for this (netns, ifindex, queue)."""
     return lib.xg_sock_find(umem._u, netns_cookie, ifindex, queue) != ffi.NULL
@@ -464,12 +521,24 @@ class Tcp(_Handle):
 
     _what = "TCP stage"
 
-    def __init__(self, max_flows: int, max_verified: int, cfg: dict[str, int]) -> None:
+    def __init__(
+        self,
+        max_flows: int,
+        max_verified: int,
+        cfg: dict[str, int],
+        table: FlowTab | None = None,
+    ) -> None:
+        """A flow table of its own for ``max_flows``, or ``table``'s (shared with XDP)."""
         super().__init__()
         out = ffi.new("struct xg_tcp **")
         c = ffi.new("struct xg_tcp_cfg *", cfg)
-        check(lib.xg_tcp_create(max_flows, max_verified, c, out), "creating the flow table")
+        if table is None:
+            ret = lib.xg_tcp_create(max_flows, max_verified, c, out)
+        else:
+            ret = lib.xg_tcp_create_shared(table._ft, max_verified, c, out)
+        check(ret, "creating the TCP stage")
         self._ptr = out[0]
+        self.table = table  # the memory of its flows: kept alive as long as it
 
     @property
     def _t(self) -> Any:

@@ -175,6 +175,14 @@ def main() -> None:
     "A bigger ring rides out longer stalls of a worker (one not on a core of its own).",
 )
 @click.option(
+    "--fast-path",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="Forward in XDP itself what needs no loop: traffic that is not TCP and passed the "
+    "policy, and segments of verified TCP flows. 'xdpguard fast-path' changes it at runtime.",
+)
+@click.option(
     "--no-policy",
     is_flag=True,
     hidden=True,
@@ -193,6 +201,7 @@ def run(
     max_flows: int,
     learn: float,
     ring_size: str,
+    fast_path: str,
     no_policy: bool,
     control: str,
 ) -> None:
@@ -203,7 +212,9 @@ def run(
 
     On SIGINT/SIGTERM (exit 0) or a fatal error such as a device deleted
     under it (exit 1, one line saying why), the XDP programs and the control
-    socket go; the state directory stays for the next start.
+    socket go; the state directory stays for the next start, and so does the
+    flow table (pinned in /sys/fs/bpf/xdpguard/): a restart, even after a
+    SIGKILL, cuts no connection. 'xdpguard flows forget' drops it.
     """
     from xdpguard.daemon import run_daemon
     from xdpguard.engine import EngineConfig, missing_capabilities
@@ -228,6 +239,7 @@ def run(
             max_flows=max_flows,
             learn=learn,
             ring_size=int(ring_size),
+            fast_path=fast_path == "on",
         ),
         control,
         summary_interval,
@@ -487,6 +499,58 @@ def frags(policy: str | None, as_json: bool, control: str) -> None:
     """Drop or pass IPv4 fragments and IPv6 fragment headers; no argument: show."""
     r = _call(control, "frags.set", policy=policy) if policy else _call(control, "frags.get")
     _emit(r, as_json, f"fragments: {r['frags']}")
+
+
+def _fast_text(r: dict[str, Any]) -> str:
+    lines = [f"fast path: {'on' if r['wanted'] else 'off'} (TCP {'too' if r['tcp'] else 'not'})"]
+    for d, p in r["directions"].items():
+        state = "active" if p["active"] else "not active"
+        lines.append(f"  {d:<4} {p['from']} -> {p['to']}: {state} ({p['why']})")
+    return "\n".join(lines)
+
+
+@main.command("fast-path")
+@click.argument("mode", required=False, type=click.Choice(["on", "off", "status"]))
+@json_option
+@control_option
+def fast_path(mode: str | None, as_json: bool, control: str) -> None:
+    """Forward in XDP what needs no loop (on), or everything through the loop (off).
+
+    XDP then forwards traffic that is not TCP and passed the policy, and the
+    segments of TCP flows the loop verified (not while TCP protection is in
+    monitor mode or learning). 'on' probes each direction again: a device
+    that cannot take redirected frames keeps the AF_XDP path, and status
+    says why. No argument or 'status': show.
+    """
+    if mode in (None, "status"):
+        r = _call(control, "fastpath.get")
+    else:
+        r = _call(control, "fastpath.set", mode=mode)
+    _emit(r, as_json, _fast_text(r))
+
+
+@main.group(cls=Group)
+def flows() -> None:
+    """The pinned flow table (offline: no running appliance needed)."""
+
+
+@flows.command("forget")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="/var/lib/xdpguard",
+    show_default=True,
+    help="The state directory of the appliance whose table to drop.",
+)
+def flows_forget(state_dir: Path) -> None:
+    """Drop the flow table pinned for STATE_DIR: the next start is a cold one
+    (with its learning window). Do it while that appliance is stopped."""
+    from xdpguard.flowtable import forget, pin_dir_for
+
+    if forget(state_dir):
+        click.echo(f"flow table {pin_dir_for(state_dir)} removed")
+    else:
+        click.echo(f"no flow table pinned for {state_dir}")
 
 
 TCP_MODES = ["off", "monitor", "on", "auto"]

@@ -248,6 +248,12 @@ COMMANDS: dict[str, Command] = {
             "flow table occupancy by state and the busiest flows: {top?}",
             {"top": Arg(Int(0, 1000))},
         ),
+        Command(
+            "fastpath.set",
+            "forward what needs no loop in XDP itself, or not: {mode: on|off}",
+            {"mode": Arg(Str(4, ("on", "off")), True)},
+        ),
+        Command("fastpath.get", "the fast path, per direction: active or why not"),
         Command("tcp.verified.list", "sources that answered a SYN challenge"),
         Command("tcp.verified.clear", "forget every verified source"),
     )

@@ -25,6 +25,8 @@ from xdpguard import __version__
 from xdpguard import _bindings as B
 from xdpguard.defs import LOOP_REASONS, ROLE_DIRECTION, XDP_REASONS, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
+from xdpguard.fastpath import FastPath
+from xdpguard.flowtable import open_table, pin_dir_for
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
 from xdpguard.tcp import TcpStage
@@ -57,6 +59,8 @@ class EngineConfig:
     frames_per_queue: int = 0
     frame_size: int = 2048
     no_policy: bool = False
+    # XDP forwards what needs no loop itself (xdpguard.fastpath).
+    fast_path: bool = True
     bpf_object: Path | None = None
     state_dir: Path | None = Path("/var/lib/xdpguard")
     max_flows: int = 1_000_000
@@ -113,6 +117,9 @@ class Engine:
         self.fatal_reason = ""
         self.policy: Policy | None = None
         self.tcp: TcpStage | None = None
+        self.fast: FastPath | None = None
+        self.flowtab: B.FlowTab | None = None
+        self.flows_restored = False
         self._stopping = threading.Event()
 
     # ---- lifecycle ----
@@ -149,14 +156,22 @@ class Engine:
         for dev, ns in ((self.outer_dev, self.outer_ns), (self.inner_dev, self.inner_ns)):
             self._check_device(dev, ns)
 
+        # The flow table first: both programs and the loop share it, and a
+        # pinned one brings back every flow a restart would have cut.
+        self.flowtab, self.flows_restored = open_table(cfg.max_flows, cfg.state_dir)
+        self._push_undo("close the flow table", self.flowtab.close)
         for role in (Role.OUTER, Role.INNER):
-            prog = XdpProgram(role, cfg.bpf_object)
+            prog = XdpProgram(role, cfg.bpf_object, shared=self.flowtab.fds())
             self.progs[role] = prog
             self._push_undo(f"unload {role.name.lower()} program", prog.close)
 
-        # The flow table lives as long as the workers that use it.
-        self.tcp = TcpStage(cfg.max_flows, cfg.learn)
-        self._push_undo("free the flow table", self.tcp.close)
+        # A restored table holds the flows already: nothing to adopt.
+        learn = 0.0 if self.flows_restored else cfg.learn
+        self.tcp = TcpStage(cfg.max_flows, learn, self.flowtab)
+        self._push_undo("free the TCP stage", self.tcp.close)
+        if self.flows_restored:
+            n = self.tcp.flows(0)["tracked"]
+            log.info("flow table restored: %d flow(s), no learning window", n)
         if cfg.state_dir is not None:
             # Sources that answered a challenge before a restart need not again.
             verified_file = cfg.state_dir / "verified.json"
@@ -204,6 +219,14 @@ class Engine:
             prog = self.progs[role]
             prog.attach(ns, dev, cfg.xdp_mode)
             self._push_undo(f"detach XDP from {dev.name}", prog.detach)
+        self.fast = FastPath(
+            self.progs,
+            {
+                Role.OUTER: (self.outer_dev, self.outer_ns),
+                Role.INNER: (self.inner_dev, self.inner_ns),
+            },
+        )
+        self.fast.start(cfg.fast_path and not cfg.no_policy, self.tcp.fast_tcp_allowed())
         chores = threading.Thread(target=self._chores, name="xg-chores", daemon=True)
         chores.start()
         self._push_undo("stop housekeeping", lambda: (self._stopping.set(), chores.join(2)))
@@ -313,6 +336,7 @@ class Engine:
             ("TCP clock", self.cfg.expiry_interval, self.tcp.tick if self.tcp else lambda: None),
             ("saving the policy", 5.0, policy.save_if_behind),
             ("device watch", 1.0, self._watch_devices),
+            ("fast path watch", 1.0, self._watch_fast_path),
         ]
         due = [0.0] * len(steps)
         failing: dict[str, str] = {}
@@ -332,6 +356,12 @@ class Engine:
                 else:
                     if failing.pop(name, None) is not None:
                         log.info("housekeeping: %s works again", name)
+
+    def _watch_fast_path(self) -> None:
+        if self.fast is not None and self.tcp is not None:
+            # The learning window closes by itself: TCP may go fast then.
+            self.fast.set_tcp(self.tcp.fast_tcp_allowed())
+            self.fast.watch()
 
     def _expire(self) -> None:
         assert self.policy is not None
@@ -443,6 +473,17 @@ class Engine:
                 raise XdpguardError("xdpguard is starting")
             return self.tcp
 
+        def fast() -> FastPath:
+            if self.fast is None:
+                raise XdpguardError("xdpguard is starting")
+            return self.fast
+
+        def tcp_changed(result: Any) -> Any:
+            # Monitor mode and learning keep TCP off the fast path, at once.
+            if self.fast is not None and self.tcp is not None:
+                self.fast.set_tcp(self.tcp.fast_tcp_allowed())
+            return result
+
         def given(a: dict[str, Any], *skip: str) -> dict[str, Any]:
             return {k: v for k, v in a.items() if v is not None and k not in skip}
 
@@ -454,10 +495,12 @@ class Engine:
             "ports.list": lambda a: policy().ports_list(),
             "frags.set": lambda a: policy().frags_set(a["policy"]),
             "frags.get": lambda a: policy().frags_get(),
-            "tcp.mode": lambda a: policy().tcp_set(
-                {"syn_mode": a["mode"], "state_mode": a["mode"]}
+            "tcp.mode": lambda a: tcp_changed(
+                policy().tcp_set({"syn_mode": a["mode"], "state_mode": a["mode"]})
             ),
-            "tcp.config": lambda a: policy().tcp_set(given(a, "learn"), a["learn"]),
+            "tcp.config": lambda a: tcp_changed(policy().tcp_set(given(a, "learn"), a["learn"])),
+            "fastpath.set": lambda a: fast().set(a["mode"] == "on"),
+            "fastpath.get": lambda a: fast().status(),
             "tcp.flows": lambda a: tcp().flows(10 if a["top"] is None else a["top"]),
             "tcp.verified.list": lambda a: tcp().verified(),
             "tcp.verified.clear": lambda a: tcp().verified_clear(),
@@ -527,6 +570,12 @@ class Engine:
                 "sockets": len(sockets),
             },
             "sockets": sockets,
+            "fast_path": self.fast.status() if self.fast else None,
+            "flow_table": {
+                "buckets": self.flowtab.nbuckets if self.flowtab else 0,
+                "pinned": str(pin_dir_for(self.cfg.state_dir)) if self.cfg.state_dir else None,
+                "restored": self.flows_restored,
+            },
             "workers": [
                 {
                     "queue": p.queue,

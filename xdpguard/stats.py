@@ -9,7 +9,9 @@ from xdpguard import defs
 # XDP's verdicts on every frame (from the header's stage masks); the AF_XDP
 # loop judges some of the "redirected" ones again, counted apart.
 XDP_REASONS = frozenset(r.name for r in defs.XDP_REASONS)
-XDP_PASS_REASONS = frozenset({defs.Reason.redirected.name, defs.Reason.allowlist.name})
+XDP_PASS_REASONS = frozenset(
+    {defs.Reason.redirected.name, defs.Reason.allowlist.name, defs.Reason.fast_path.name}
+)
 
 
 def si(value: float, unit: str) -> str:
@@ -24,10 +26,12 @@ def direction_totals(d: dict[str, Any]) -> dict[str, int]:
     """Frames seen, forwarded and dropped in one direction, from XDP and loop counters."""
     xdp = {name: p["packets"] for name, p in d["xdp"].items()}
     xdp_dropped = sum(n for name, n in xdp.items() if name not in XDP_PASS_REASONS)
+    fast = d["xdp"].get("fast_path", {"packets": 0, "bytes": 0})
     return {
         "seen": sum(xdp.values()),
-        "forwarded": d["tx_packets"],
-        "forwarded_bytes": d["tx_bytes"],
+        "forwarded": d["tx_packets"] + fast["packets"],
+        "forwarded_bytes": d["tx_bytes"] + fast["bytes"],
+        "fast_path": fast["packets"],
         "dropped": xdp_dropped + d["tx_ring_full"] + d["dropped"],
     }
 
@@ -77,12 +81,16 @@ def format_stats(cur: dict[str, Any], prev: dict[str, Any] | None = None) -> str
             rr = r["reasons"][name]
             row += f"{si(rr['pps'], ''):>14}{si(rr['bps'], ''):>14}"
         lines.append(row)
-    lines += ["", f"{'direction':<10}{'seen':>14}{'forwarded':>14}{'dropped':>12}{'ring full':>12}"]
+    lines += [
+        "",
+        f"{'direction':<10}{'seen':>14}{'forwarded':>14}{'in XDP':>12}{'by loop':>12}"
+        f"{'dropped':>12}{'ring full':>12}",
+    ]
     for label, d in cur["directions"].items():
         t = direction_totals(d)
         lines.append(
-            f"{label:<10}{t['seen']:>14}{t['forwarded']:>14}{t['dropped']:>12}"
-            f"{d['tx_ring_full']:>12}"
+            f"{label:<10}{t['seen']:>14}{t['forwarded']:>14}{t['fast_path']:>12}"
+            f"{d['tx_packets']:>12}{t['dropped']:>12}{d['tx_ring_full']:>12}"
         )
         if r:
             rd = r["directions"][label]
@@ -123,6 +131,20 @@ def format_status(st: dict[str, Any]) -> str:
             f"{role:<6} {d['name']:<12} netns {d['netns']:<14} cookie {d['netns_cookie']:<6} "
             f"ifindex {d['ifindex']:<6} queues {d['queues']:<3} "
             f"xdp {d['xdp']['mode']} (prog {d['xdp']['prog_id']})"
+        )
+    fp = st.get("fast_path")
+    if fp:
+        for d, p in fp["directions"].items():
+            lines.append(
+                f"fast   {d:<4} {p['from']} -> {p['to']}: "
+                f"{'active' if p['active'] else 'not active'} ({p['why']})"
+            )
+    ft = st.get("flow_table")
+    if ft:
+        lines.append(
+            f"flows  {ft['buckets'] * 8} slots, "
+            f"{'pinned in ' + ft['pinned'] if ft['pinned'] else 'not pinned'}"
+            f"{', restored' if ft['restored'] else ''}"
         )
     u = st["umem"]
     lines.append(

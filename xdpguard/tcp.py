@@ -84,10 +84,13 @@ def _endpoint(addr: str, port_be: int) -> str:
 class TcpStage:
     """Owns the loop's shared TCP state (xg_tcp) for one appliance."""
 
-    def __init__(self, max_flows: int, learn_seconds: float) -> None:
+    def __init__(
+        self, max_flows: int, learn_seconds: float, table: B.FlowTab | None = None
+    ) -> None:
+        """``table``: the flow table XDP shares (else one of the stage's own)."""
         self.settings: dict[str, Any] = dict(DEFAULTS)
         self.learn_until = B.tcp_now() + int(learn_seconds)
-        self.tcp = B.Tcp(max_flows, max(65536, max_flows // 4), self._c_cfg())
+        self.tcp = B.Tcp(max_flows, max(65536, max_flows // 4), self._c_cfg(), table)
         self._rotated = time.monotonic()
         self.tcp.rotate_secret(os.urandom(16))
 
@@ -106,6 +109,14 @@ class TcpStage:
         """(Re)open the learning window for ``seconds`` from now."""
         self.learn_until = B.tcp_now() + int(seconds)
         self.tcp.configure(self._c_cfg())
+
+    def fast_tcp_allowed(self) -> bool:
+        """May XDP forward verified flows itself? Not while anything is only
+        watched (monitor) or flows are being adopted (learning)."""
+        return (
+            "monitor" not in (self.settings["syn_mode"], self.settings["state_mode"])
+            and not self.learning_left()
+        )
 
     def learning_left(self) -> int:
         return max(0, self.learn_until - B.tcp_now())
@@ -126,6 +137,7 @@ class TcpStage:
             "states": by_state,
             "tracked": sum(by_state.values()),
             "evictions": counts["evictions"],
+            "fast_path": counts["fast"],
             "verified": counts["verified"],
             "verified_capacity": counts["verified_capacity"],
             "learning_left": self.learning_left(),

@@ -80,8 +80,15 @@ def occupied(ns: Netns, dev: Device, prog_id: int, mode: str) -> str:
 class XdpProgram:
     """One instance of the program, for one device (and so one direction)."""
 
-    def __init__(self, role: Role, path: Path | None = None, flags: int = 0) -> None:
-        """``flags``: enum xg_load_flags (B.CFG_META_ALWAYS for tests)."""
+    def __init__(
+        self,
+        role: Role,
+        path: Path | None = None,
+        flags: int = 0,
+        shared: dict[str, int] | None = None,
+    ) -> None:
+        """``flags``: enum xg_load_flags (B.CFG_META_ALWAYS for tests); ``shared``:
+        maps by name that this instance uses instead of its own (the flow table)."""
         self.role = role
         self.path = path or bpf_object_path()
         try:
@@ -100,6 +107,8 @@ class XdpProgram:
                 f"this xdpguard is ABI {B.ABI_VERSION}; run 'make build'"
             )
         try:
+            for name, fd in (shared or {}).items():
+                self._prog.reuse_map(name, fd)
             self._prog.load()
         except OSError as exc:
             self._prog.close()

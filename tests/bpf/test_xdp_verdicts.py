@@ -29,7 +29,7 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 from xdpguard import _bindings as B
 from xdpguard.defs import XDP_REASONS, Reason, Role
-from xdpguard.netns import Netns
+from xdpguard.netns import Netns, resolve_device
 from xdpguard.policy import FAMILIES, parse_items
 from xdpguard.xdp import PolicyMaps, XdpProgram
 
@@ -66,6 +66,7 @@ class Case:
     allow: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
     frags: str = "pass"
+    fast: bool = False  # the fast path on (a peer in xg_peer; no flow table here)
 
 
 GOOD_V4 = raw(ETH / V4 / UDP(sport=1234, dport=53) / (b"x" * 18))
@@ -479,6 +480,46 @@ CASES += [
         "ext_header_limit",
         block=(V4_SRC,),
     ),
+    # The fast path (no flow table in this rig: TCP always goes to the loop).
+    Case("fast-udp", GOOD_V4, B.XDP_REDIRECT, "fast_path", fast=True),
+    Case(
+        "fast-arp",
+        raw(ETH / ARP(psrc="169.254.0.1", pdst="169.254.0.2")),
+        B.XDP_REDIRECT,
+        "fast_path",
+        fast=True,
+    ),
+    Case(
+        "fast-blocked-is-still-dropped",
+        GOOD_V4,
+        B.XDP_DROP,
+        "blocklist",
+        block=(V4_SRC,),
+        fast=True,
+    ),
+    Case(
+        "fast-tcp-of-no-flow-goes-to-the-loop",
+        raw(ETH / V4 / TCP(flags="A")),
+        B.XDP_REDIRECT,
+        "redirected",
+        fast=True,
+    ),
+    Case(
+        "fast-tcp-fragment-goes-to-the-loop",
+        raw(ETH / IP(src=V4_SRC, dst="169.254.0.2", proto=6, frag=185) / (b"f" * 8)),
+        B.XDP_REDIRECT,
+        "redirected",
+        fast=True,
+    ),
+    Case("fast-inner-udp", GOOD_V4, B.XDP_REDIRECT, "fast_path", role=Role.INNER, fast=True),
+    Case(
+        "fast-inner-unparsable-goes-to-the-loop",
+        ipv4_header_patch(GOOD_V4, ihl=4),
+        B.XDP_REDIRECT,
+        "redirected",
+        role=Role.INNER,
+        fast=True,
+    ),
     Case(
         "nd-lookalike-hop-limit-64",
         raw(ETH / IPv6(src=V6_SRC, dst="ff02::1:ff00:2", hlim=64) / ICMPv6ND_NS(tgt="2001:db8::2")),
@@ -495,6 +536,7 @@ class Rig:
     ifindex: int
     progs: dict[Role, XdpProgram]
     maps: PolicyMaps
+    peer_ifindex: int
 
     def set_policy(self, case: Case) -> None:
         """Exactly the case's policy, nothing left from the one before."""
@@ -503,6 +545,12 @@ class Rig:
             self.maps.lists_replace(lst, {f: prefixes[f] for f in FAMILIES})
         self.maps.set_ports(case.ports)
         self.maps.set_frag_policy(case.frags)
+        for prog in self.progs.values():
+            flags = B.FAST_ON | B.FAST_TCP if case.fast else 0
+            cfg = B.struct_bytes("struct xg_fast_cfg", flags=flags)
+            B.map_update(prog.map_fd("xg_fastcfg"), struct.pack("=I", 0), cfg)
+            peer = struct.pack("=I", self.peer_ifindex)
+            self.ns.run(B.map_update, prog.map_fd("xg_peer"), struct.pack("=I", 0), peer)
 
 
 @pytest.fixture(scope="module")
@@ -520,7 +568,7 @@ def rig() -> Iterator[Rig]:
                 progs[role] = XdpProgram(role)
                 progs[role].set_socket(0, sock.info()["fd"])
             maps = PolicyMaps(progs[Role.OUTER])
-            yield Rig(ns, ifindex, progs, maps)
+            yield Rig(ns, ifindex, progs, maps, resolve_device(ns, "xgv1").ifindex)
             maps.close()
         finally:
             for p in progs.values():

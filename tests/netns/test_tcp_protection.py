@@ -15,7 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import CLIENT_V4, ORIGIN_V4, Appliance, Lab, Ledger, import_bench, lab, wait_for
+from lab import (
+    CLIENT_V4,
+    ORIGIN_V4,
+    Appliance,
+    Lab,
+    Ledger,
+    forwarded_bytes,
+    import_bench,
+    lab,
+    wait_for,
+)
 
 from xdpguard.netns import Netns, resolve_device
 
@@ -165,7 +175,7 @@ def test_ack_and_rst_floods_spare_an_established_transfer(
         # The transfer's connection goes through its challenge first.
         with Ledger(lab2, app) as ledger:
             mover, outcome = background_send(lab2, "256M")
-            wait_for(lambda: app.call("stats")["directions"]["in"]["tx_bytes"] > 1 << 20)
+            wait_for(lambda: forwarded_bytes(app) > 1 << 20)
             frag = 0x2000 if flags == "A+MF" else 0x4000
             sent = flood(lab2, flags[0] if flags == "A+MF" else flags, 100_000, frag=frag)
             mover.join()
@@ -237,15 +247,19 @@ def test_restart_during_a_transfer_cuts_nothing(lab2: Lab, tmp_path: Path) -> No
     try:
         app.cli("tcp", "mode", "on")
         mover, outcome = background_send(lab2, "1G")
-        wait_for(lambda: app.call("stats")["directions"]["in"]["tx_bytes"] > 64 << 20)
+        wait_for(lambda: forwarded_bytes(app) > 64 << 20)
         rc, _ = app.stop()
         assert rc == 0
         app = Appliance(lab2, tmp_path).start()  # state mode on comes back from state
         assert json.loads(app.cli("tcp", "config", "--json").stdout)["state_mode"] == "on"
         mover.join()
         assert outcome.get("ok"), outcome
+        # The pinned flow table came back with the transfer's flow in it.
+        assert app.call("status")["flow_table"]["restored"]
         flows = json.loads(app.cli("tcp", "flows", "--json").stdout)
-        assert any(f["adopted"] for f in flows["busiest"])
+        assert any(
+            f["state"] in ("established", "closing") and not f["adopted"] for f in flows["busiest"]
+        ), flows
     finally:
         app.stop()
 
@@ -285,7 +299,7 @@ def test_full_flow_table_keeps_established_flows(lab2: Lab, tmp_path: Path) -> N
         app.cli("tcp", "mode", "off")  # every spoofed SYN becomes a half-open flow
         with Ledger(lab2, app) as ledger:
             mover, outcome = background_send(lab2, "256M")
-            wait_for(lambda: app.call("stats")["directions"]["in"]["tx_bytes"] > 1 << 20)
+            wait_for(lambda: forwarded_bytes(app) > 1 << 20)
             sent = flood(lab2, "S", 50_000)
             flows = json.loads(app.cli("tcp", "flows", "--json").stdout)
             mover.join()

@@ -41,6 +41,8 @@ def build(out: Path) -> Path:
             str(ROOT / "fuzz" / "xg_fuzz_tcp.c"),
             str(ROOT / "libxdp_shim" / "xg_tcp.c"),
             str(ROOT / "libxdp_shim" / "xg_parse.c"),
+            str(ROOT / "libxdp_shim" / "xg_flowtab.c"),
+            "-lbpf",
             "-o",
             str(binary),
         ],

@@ -1,0 +1,193 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
+/*
+ * The flow table's maps: xg_flows, an mmapable array of buckets that the
+ * XDP programs and the loop share with no syscall per packet, and
+ * xg_flowinfo, its SipHash key and size. Both can be pinned, so a table
+ * outlives the process that made it: a restart, even after SIGKILL,
+ * finds every flow where it was.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <bpf/bpf.h>
+
+#include "xg_shim.h"
+
+struct xg_flowtab {
+	int fd[2];		/* enum: 0 = xg_flows, 1 = xg_flowinfo */
+	void *mem;
+	size_t size;
+	struct xg_flow_table info;
+};
+
+static const char *const names[2] = { "xg_flows", "xg_flowinfo" };
+
+static int map_info(int fd, struct bpf_map_info *info)
+{
+	uint32_t len = sizeof(*info);
+
+	memset(info, 0, sizeof(*info));
+	return bpf_obj_get_info_by_fd(fd, info, &len) ? -errno : 0;
+}
+
+/* The maps of @t are the shape xg_flows/xg_flowinfo have in the object. */
+static int check_shape(struct xg_flowtab *t, uint32_t nbuckets)
+{
+	struct bpf_map_info a, b;
+	uint32_t zero = 0;
+	int err;
+
+	err = map_info(t->fd[0], &a);
+	if (!err)
+		err = map_info(t->fd[1], &b);
+	if (err)
+		return err;
+	if (a.type != BPF_MAP_TYPE_ARRAY || a.key_size != 4 ||
+	    a.value_size != sizeof(struct xg_flow_bucket) || a.max_entries != nbuckets ||
+	    !(a.map_flags & BPF_F_MMAPABLE) || b.type != BPF_MAP_TYPE_ARRAY ||
+	    b.key_size != 4 || b.value_size != sizeof(struct xg_flow_table) || b.max_entries != 1)
+		return -ESTALE;
+	if (bpf_map_lookup_elem(t->fd[1], &zero, &t->info))
+		return -errno;
+	if (t->info.magic != XG_FLOW_TABLE_MAGIC || t->info.nbuckets != nbuckets)
+		return -ESTALE;
+	return 0;
+}
+
+static int map_memory(struct xg_flowtab *t, uint32_t nbuckets)
+{
+	long page = sysconf(_SC_PAGESIZE);
+
+	t->size = ((size_t)nbuckets * sizeof(struct xg_flow_bucket) + page - 1) & ~(size_t)(page - 1);
+	t->mem = mmap(NULL, t->size, PROT_READ | PROT_WRITE, MAP_SHARED, t->fd[0], 0);
+	if (t->mem == MAP_FAILED) {
+		t->mem = NULL;
+		return -errno;
+	}
+	return 0;
+}
+
+static struct xg_flowtab *flowtab_new(void)
+{
+	struct xg_flowtab *t = calloc(1, sizeof(*t));
+
+	if (t)
+		t->fd[0] = t->fd[1] = -1;
+	return t;
+}
+
+int xg_flowtab_create(uint32_t nbuckets, struct xg_flowtab **out)
+{
+	LIBBPF_OPTS(bpf_map_create_opts, mmapable, .map_flags = BPF_F_MMAPABLE);
+	struct xg_flowtab *t;
+	uint32_t zero = 0;
+	int err;
+
+	if (!nbuckets || nbuckets & (nbuckets - 1))
+		return -EINVAL;
+	t = flowtab_new();
+	if (!t)
+		return -ENOMEM;
+	t->fd[0] = bpf_map_create(BPF_MAP_TYPE_ARRAY, names[0], 4,
+				  sizeof(struct xg_flow_bucket), nbuckets, &mmapable);
+	t->fd[1] = bpf_map_create(BPF_MAP_TYPE_ARRAY, names[1], 4,
+				  sizeof(struct xg_flow_table), 1, NULL);
+	if (t->fd[0] < 0 || t->fd[1] < 0) {
+		err = t->fd[0] < 0 ? t->fd[0] : t->fd[1];
+		goto fail;
+	}
+	err = map_memory(t, nbuckets);
+	if (err)
+		goto fail;
+	if (getrandom(t->info.key, sizeof(t->info.key), 0) != sizeof(t->info.key)) {
+		err = -EIO;
+		goto fail;
+	}
+	t->info.nbuckets = nbuckets;
+	t->info.magic = XG_FLOW_TABLE_MAGIC;
+	if (bpf_map_update_elem(t->fd[1], &zero, &t->info, 0)) {
+		err = -errno;
+		goto fail;
+	}
+	*out = t;
+	return 0;
+fail:
+	xg_flowtab_close(t);
+	return err;
+}
+
+int xg_flowtab_open(const char *dir, uint32_t nbuckets, struct xg_flowtab **out)
+{
+	struct xg_flowtab *t;
+	char path[4096];
+	int i, err;
+
+	t = flowtab_new();
+	if (!t)
+		return -ENOMEM;
+	for (i = 0; i < 2; i++) {
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		t->fd[i] = bpf_obj_get(path);
+		if (t->fd[i] < 0) {
+			err = -errno;
+			goto fail;
+		}
+	}
+	err = check_shape(t, nbuckets);
+	if (!err)
+		err = map_memory(t, nbuckets);
+	if (err)
+		goto fail;
+	*out = t;
+	return 0;
+fail:
+	xg_flowtab_close(t);
+	return err;
+}
+
+int xg_flowtab_pin(struct xg_flowtab *t, const char *dir)
+{
+	char path[4096];
+	int i;
+
+	for (i = 0; i < 2; i++) {
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		unlink(path);
+		if (bpf_obj_pin(t->fd[i], path))
+			return -errno;
+	}
+	return 0;
+}
+
+int xg_flowtab_fd(const struct xg_flowtab *t, int which)
+{
+	return which == 0 || which == 1 ? t->fd[which] : -EINVAL;
+}
+
+struct xg_flow_bucket *xg_flowtab_buckets(const struct xg_flowtab *t)
+{
+	return t->mem;
+}
+
+const struct xg_flow_table *xg_flowtab_info(const struct xg_flowtab *t)
+{
+	return &t->info;
+}
+
+void xg_flowtab_close(struct xg_flowtab *t)
+{
+	int i;
+
+	if (!t)
+		return;
+	if (t->mem)
+		munmap(t->mem, t->size);
+	for (i = 0; i < 2; i++)
+		if (t->fd[i] >= 0)
+			close(t->fd[i]);
+	free(t);
+}

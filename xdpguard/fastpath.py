@@ -1,0 +1,182 @@
+"""The XDP fast path: frames that need no loop are forwarded by XDP itself.
+
+Each program instance may redirect straight to the other device through its
+DEVMAP (xg_peer): the outer program to inner (direction "in"), the inner
+program to outer ("out"). What it may forward is in its xg_fastcfg: non-TCP
+traffic that passed the policy, and, when TCP state is enforced, the
+segments of flows the loop verified (bpf/xdpguard.bpf.c fast_path()).
+
+A DEVMAP entry's ifindex is resolved in the namespace of the thread that
+writes it, so each peer is written from a thread inside the peer's own
+namespace; that is what makes two devices of one ifindex (INDEX=4242)
+work. Redirecting into a veth works only if its peer has NAPI (GRO on, or
+an XDP program); otherwise every frame would vanish. So each direction is
+probed at start (a frame through the real program, counted by the target
+veth's own counters) and watched while running (redirected frames that the
+target never sent): a direction that cannot take redirected frames falls
+back to the AF_XDP path, and status and stats say why.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from xdpguard import _bindings as B
+from xdpguard.defs import Direction, Reason, Role
+from xdpguard.netns import Device, Netns
+from xdpguard.xdp import XdpProgram
+
+log = logging.getLogger("xdpguard")
+
+# A frame nobody listens to (IEEE local experimental ethertype), broadcast.
+_PROBE = (
+    b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + b"xdpguard fast path probe".ljust(46)
+)
+_PROBE_FRAMES = 4
+# The watch: this many redirected frames in a second and none sent is a black hole.
+_BLACK_HOLE = 32
+
+
+@dataclass
+class _Path:
+    """One direction: its program, where its frames come from and go to."""
+
+    prog: XdpProgram
+    src: Device
+    src_ns: Netns
+    dst: Device
+    dst_ns: Netns
+    usable: bool = False
+    why: str = "not probed yet"
+    last: tuple[int, int] | None = None  # (fast_path frames, target sent + refused)
+
+
+class FastPath:
+    def __init__(self, progs: dict[Role, XdpProgram], devs: dict[Role, tuple[Device, Netns]]):
+        (outer, outer_ns), (inner, inner_ns) = devs[Role.OUTER], devs[Role.INNER]
+        self.paths = {
+            Direction.IN: _Path(progs[Role.OUTER], outer, outer_ns, inner, inner_ns),
+            Direction.OUT: _Path(progs[Role.INNER], inner, inner_ns, outer, outer_ns),
+        }
+        self.wanted = False
+        self.tcp = False
+
+    # -- what each program may do --
+
+    def _write(self, d: Direction, flags: int | None = None) -> None:
+        p = self.paths[d]
+        if flags is None:
+            flags = 0
+            if self.wanted and p.usable:
+                flags = B.FAST_ON | (B.FAST_TCP if self.tcp else 0)
+        value = B.struct_bytes("struct xg_fast_cfg", flags=flags)
+        B.map_update(p.prog.map_fd("xg_fastcfg"), struct.pack("=I", 0), value)
+
+    def _write_all(self) -> None:
+        for d in self.paths:
+            self._write(d)
+
+    def start(self, wanted: bool, tcp: bool) -> None:
+        """Point each program at its peer (from the peer's namespace) and probe."""
+        for p in self.paths.values():
+            fd = p.prog.map_fd("xg_peer")
+            p.dst_ns.run(B.map_update, fd, struct.pack("=I", 0), struct.pack("=I", p.dst.ifindex))
+        self.tcp = tcp
+        self.set(wanted)
+
+    def set(self, wanted: bool) -> dict[str, Any]:
+        """Turn the fast path on (probing each direction again) or off."""
+        self.wanted = wanted
+        if wanted:
+            for d in self.paths:
+                self._probe(d)
+        self._write_all()
+        return self.status()
+
+    def set_tcp(self, allowed: bool) -> None:
+        if allowed != self.tcp:
+            self.tcp = allowed
+            self._write_all()
+
+    # -- is anyone there --
+
+    def _target_counts(self, p: _Path) -> tuple[int, int] | None:
+        return p.dst_ns.run(B.dev_xdp_xmit, p.dst.name)
+
+    def _probe(self, d: Direction) -> None:
+        p = self.paths[d]
+        before = self._target_counts(p)
+        self._write(d, B.FAST_ON)
+        try:
+            p.src_ns.run(B.prog_run_live, p.prog.fd, _PROBE, p.src.ifindex, _PROBE_FRAMES, 1)
+        except OSError as exc:
+            p.usable, p.why = False, f"the probe could not run ({exc.strerror})"
+        else:
+            after = self._target_counts(p)
+            if before is None or after is None:
+                p.usable, p.why = True, f"unverified: {p.dst.name} does not count XDP transmits"
+            elif after[0] > before[0]:
+                p.usable, p.why = True, "on"
+            else:
+                p.usable, p.why = False, self._no_napi(p)
+        self._write(d)
+        p.last = None
+        log.log(
+            logging.INFO if p.usable else logging.WARNING,
+            "fast path %s (%s -> %s): %s",
+            d.label,
+            p.src.name,
+            p.dst.name,
+            p.why if p.usable else f"{p.why}; that direction takes the AF_XDP path",
+        )
+
+    @staticmethod
+    def _no_napi(p: _Path) -> str:
+        return (
+            f"{p.dst.name} (netns {p.dst_ns.label}) takes no redirected frames (a veth needs "
+            "NAPI on its peer: GRO on, or an XDP program there)"
+        )
+
+    def watch(self) -> None:
+        """Once a second: a direction whose redirected frames the target never
+        sends is a black hole; it goes back to the AF_XDP path, said once."""
+        for d, p in self.paths.items():
+            if not (self.wanted and p.usable):
+                p.last = None
+                continue
+            counts = self._target_counts(p)
+            if counts is None:
+                continue
+            fast = int(p.prog.reason_counters()[Reason.fast_path, 0])
+            now = (fast, counts[0] + counts[1])
+            if p.last is not None and now[0] - p.last[0] >= _BLACK_HOLE and now[1] == p.last[1]:
+                p.usable, p.why = False, self._no_napi(p)
+                self._write(d)
+                log.error(
+                    "fast path %s: %d frames redirected to %s and none sent: %s; that "
+                    "direction takes the AF_XDP path now ('xdpguard fast-path on' tries again)",
+                    d.label,
+                    now[0] - p.last[0],
+                    p.dst.name,
+                    p.why,
+                )
+                now = None  # type: ignore[assignment]
+            p.last = now
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "wanted": self.wanted,
+            "tcp": self.tcp,
+            "directions": {
+                d.label: {
+                    "active": self.wanted and p.usable,
+                    "from": p.src.name,
+                    "to": p.dst.name,
+                    "why": p.why if self.wanted else "off",
+                }
+                for d, p in self.paths.items()
+            },
+        }

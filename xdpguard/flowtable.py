@@ -1,0 +1,97 @@
+"""The flow table's home: a BPF map that XDP and the loop share, pinned so it
+outlives the process.
+
+A table is pinned under /sys/fs/bpf/xdpguard/, in a directory named after
+the state directory it belongs with, so two appliances on one machine keep
+two tables. A restart (SIGTERM or SIGKILL alike) opens the pinned table and
+finds every flow where it was: no learning window is needed, and no idle
+connection is cut. A table of another size (--max-flows changed) or layout
+(another ABI) cannot be used: it is replaced by an empty one, said once.
+``xdpguard flows forget`` removes a pinned table.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from xdpguard import _bindings as B
+from xdpguard.errors import XdpguardError
+
+log = logging.getLogger("xdpguard")
+
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "xdpguard"
+
+
+def buckets_for(max_flows: int) -> int:
+    """Buckets of XG_FLOW_WAYS slots for ``max_flows``: a power of two."""
+    n = 1
+    while n * B.FLOW_WAYS < max_flows:
+        n <<= 1
+    return n
+
+
+def pin_dir_for(state_dir: Path) -> Path:
+    """Where the flow table of the appliance with ``state_dir`` is pinned."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    return PIN_ROOT / digest
+
+
+def ensure_bpffs() -> None:
+    """Mount the BPF filesystem at /sys/fs/bpf if nothing is mounted there."""
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in f):
+            return
+    res = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True)
+    if res.returncode:
+        raise XdpguardError(f"cannot mount the BPF filesystem at {BPFFS}: {res.stderr.strip()}")
+
+
+def forget(state_dir: Path) -> bool:
+    """Remove the pinned table of ``state_dir``; whether there was one."""
+    pin = pin_dir_for(state_dir)
+    if not pin.is_dir():
+        return False
+    for entry in pin.iterdir():
+        entry.unlink()
+    pin.rmdir()
+    return True
+
+
+def open_table(max_flows: int, state_dir: Path | None) -> tuple[B.FlowTab, bool]:
+    """The flow table for this appliance, and whether it is one restored from its pin.
+
+    With a state directory the table is pinned (reopened if it is there);
+    without one it lives as long as the process."""
+    nbuckets = buckets_for(max_flows)
+    if state_dir is None:
+        return B.FlowTab(nbuckets), False
+    ensure_bpffs()
+    pin = pin_dir_for(state_dir)
+    try:
+        table = B.FlowTab(nbuckets, str(pin))
+    except OSError as exc:
+        if exc.errno == errno.ESTALE:
+            log.warning(
+                "the pinned flow table in %s has another size or layout; starting with an "
+                "empty one (its flows are not restored)",
+                pin,
+            )
+        elif exc.errno != errno.ENOENT:
+            raise XdpguardError(f"cannot open the pinned flow table in {pin}: {exc}") from None
+    else:
+        return table, True
+    table = B.FlowTab(nbuckets)
+    try:
+        pin.mkdir(mode=0o700, parents=True, exist_ok=True)
+        table.pin(str(pin))
+    except OSError as exc:
+        table.close()
+        raise XdpguardError(f"cannot pin the flow table in {pin}: {exc}") from None
+    os.chmod(pin, 0o700)
+    return table, False
