@@ -47,6 +47,8 @@ class Lab:
     queues: int = 2
     index: int | None = None
     edge: bool = False  # OUTER in a namespace of its own, not the test's
+    # Options every Appliance on this lab gets (e.g. "--fast-path", "off").
+    run_args: tuple[str, ...] = ()
     tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}{next(_serial)}")
 
     def __post_init__(self) -> None:
@@ -268,6 +270,7 @@ class Appliance:
             str(self.control),
             "--state-dir",
             str(self.state_dir),
+            *the_lab.run_args,
             *extra,
         ]
         self.proc: subprocess.Popen[bytes] | None = None

@@ -36,9 +36,12 @@ FLOOD_SRC = "198.18.0.1"  # the generator rewrites the low 17 bits
 PORT = 5201
 
 
-@pytest.fixture
-def lab2() -> Iterator[Lab]:
+@pytest.fixture(params=["fast-path-on", "fast-path-off"])
+def lab2(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """Every test here runs with the XDP fast path and without: the same
+    protection either way (the fast path only ever takes verified flows)."""
     with lab(queues=2) as the_lab, the_lab.server(PORT):
+        the_lab.run_args = ("--fast-path", request.param.removeprefix("fast-path-"))
         yield the_lab
 
 
