@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from lab import ORIGIN_V4, Appliance, Lab, lab, sh, wait_for
+from lab import ORIGIN_V4, ORIGIN_V6, Appliance, Lab, lab, sh, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -62,3 +62,49 @@ def test_housekeeping_outlives_a_broken_state_directory(lab2: Lab, tmp_path: Pat
     with Appliance(lab2, tmp_path) as app:
         entries = app.call("block.list")["entries"]
         assert [e["prefix"] for e in entries] == ["198.51.100.0/24"]
+
+
+def gro(the_lab: Lab, ns: str, on: bool) -> None:
+    the_lab.ns_exec(ns, "ethtool", "-K", "eth0", "gro", "on" if on else "off")
+
+
+def test_a_target_without_napi_keeps_the_af_xdp_path(lab2: Lab, tmp_path: Path) -> None:
+    """Redirected into a veth whose peer has no NAPI, frames vanish: the start
+    probe finds it, that direction keeps the AF_XDP path and says why."""
+    gro(lab2, lab2.origin_ns, False)
+    with Appliance(lab2, tmp_path) as app:
+        fast = app.call("status")["fast_path"]["directions"]
+        assert not fast["in"]["active"] and "takes no redirected frames" in fast["in"]["why"]
+        assert fast["out"]["active"], fast
+        assert "fast path in" in app.output() and "takes the AF_XDP path" in app.output()
+        assert lab2.ping(ORIGIN_V4) and lab2.ping(ORIGIN_V6)
+        # Fixed, and asked again: it probes and goes fast.
+        gro(lab2, lab2.origin_ns, True)
+        app.cli("fast-path", "on")
+        assert app.call("status")["fast_path"]["directions"]["in"]["active"]
+
+
+def test_a_black_hole_at_runtime_is_noticed(lab2: Lab, tmp_path: Path) -> None:
+    from lab import import_bench
+
+    from xdpguard.netns import Netns, resolve_device
+
+    xgbench = import_bench()
+    with Appliance(lab2, tmp_path) as app:
+        assert app.call("status")["fast_path"]["directions"]["in"]["active"]
+        gro(lab2, lab2.origin_ns, False)  # the origin's end loses its NAPI
+        client = resolve_device(Netns(lab2.client_ns), "eth0")
+        origin = resolve_device(Netns(lab2.origin_ns), "eth0")
+        frame = xgbench.udp4_frame(client.mac, origin.mac, "169.254.0.1", ORIGIN_V4, 4000, 9)
+        gen = xgbench.LiveGenerator(lab2.client_ns, "eth0", frame, ratio=0.001)
+
+        def fell_back() -> bool:
+            gen.run(200_000)  # a trickle of UDP, bounded, until the watch sees it
+            return not app.call("status")["fast_path"]["directions"]["in"]["active"]
+
+        try:
+            wait_for(fell_back, what="the black hole noticed")
+        finally:
+            gen.close()
+        assert "none sent" in app.output()
+        assert lab2.ping(ORIGIN_V4)  # through the loop now
