@@ -23,7 +23,7 @@ STAMP := .stamp
 DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 	python3 python3-venv python3-dev python3-bpfcc \
 	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables \
-	libclang-rt-14-dev
+	libclang-rt-14-dev iperf3
 
 BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o
 SHIM := xdpguard/_shim.abi3.so

@@ -15,6 +15,12 @@
  *            the kernel itself forwards (the bridge baseline).
  *   xg_drdos the DRDoS comparison's floor: a minimal hand-written filter that
  *            only drops IPv4 fragments and UDP from source port 53.
+ *   xg_devmap the fast path's limit: every frame redirected to the device in
+ *            fwd_peer[0] (a DEVMAP), nothing looked at.
+ *   xg_devmap_read  the same, but it reads the bytes of the Ethernet, IPv4
+ *            and UDP headers: what any forwarder that looks at headers pays
+ *            (the cache lines of a frame another core wrote), and the bare
+ *            forwarder does not.
  *
  * Live-frame pages are recycled without being reset, so a generator that
  * varies a frame writes every field it varies, on every run.
@@ -161,6 +167,29 @@ SEC("xdp")
 int xg_pass(struct xdp_md *ctx)
 {
 	return XDP_PASS;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} fwd_peer SEC(".maps");
+
+SEC("xdp")
+int xg_devmap(struct xdp_md *ctx)
+{
+	return bpf_redirect_map(&fwd_peer, 0, XDP_DROP);
+}
+
+SEC("xdp")
+int xg_devmap_read(struct xdp_md *ctx)
+{
+	__u8 *p = (void *)(long)ctx->data;
+
+	if ((void *)(p + 42) > (void *)(long)ctx->data_end || (p[0] ^ p[14] ^ p[34] ^ p[41]) == 0x5a)
+		return XDP_DROP; /* never: the lab's MACs start 02 */
+	return bpf_redirect_map(&fwd_peer, 0, XDP_DROP);
 }
 
 char _license[] SEC("license") = "GPL";

@@ -22,6 +22,7 @@ from pathlib import Path
 from xdpguard import _bindings as B
 from xdpguard.control import ControlClient, wait_ready
 from xdpguard.errors import XdpguardError
+from xdpguard.flowtable import forget
 from xdpguard.netns import Netns, resolve_device
 
 HERE = Path(__file__).resolve().parent
@@ -100,6 +101,7 @@ def xdpguard(*extra: str, state_dir: Path, edge: bool = False) -> Iterator[subpr
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
+        forget(state_dir)  # the pinned flow table of this run goes with it
 
 
 def control(proc: subprocess.Popen, cmd: str, **args: object) -> object:
@@ -125,6 +127,22 @@ def attach(netns: str | None, ifname: str, prog_name: str) -> B.Prog:
     prog = B.Prog(str(BENCH_OBJ), prog_name)
     ns.run(prog.attach, resolve_device(ns, ifname).ifindex, B.XDP_FLAGS_DRV_MODE)
     return prog
+
+
+def pin_napi(netns: str | None, ifname: str, cpu: int) -> None:
+    """Run ``ifname``'s NAPI in kernel threads pinned to ``cpu`` (threaded NAPI):
+    the receive work, XDP included, then runs on the forwarder's core and not
+    in the generator's softirq. Call once NAPI is on (an XDP program, or GRO)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    sh(*prefix, "sh", "-c", f"echo 1 > /sys/class/net/{ifname}/threaded")
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                comm = (proc / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm.startswith(f"napi/{ifname}-"):
+                os.sched_setaffinity(int(proc.name), {cpu})
 
 
 def percpu_sum(prog: B.Prog, map_name: str) -> int:

@@ -228,7 +228,8 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pk
 	policy = bpf_map_lookup_elem(&xg_policy, &zero);
 	if (!policy)
 		return XG_REASON_REDIRECTED; /* cannot happen: an array slot */
-	source_keys(ctx, pkt);
+	if (policy->lists)
+		source_keys(ctx, pkt);
 
 	/* Cheapest first; an allowlisted source skips everything after. */
 	if (in_list(pkt, policy, XG_LIST_ALLOW, XG_LISTS_ALLOW_V4, XG_LISTS_ALLOW_V6))
@@ -329,23 +330,20 @@ int xdpguard_prog(struct xdp_md *ctx)
 	__u32 len = ctx->data_end - ctx->data;
 	enum xg_reason reason = XG_REASON_REDIRECTED;
 	struct xg_counter *cnt;
-	struct pkt pkt = {};
+	struct pkt pkt; /* each stage writes what the next reads */
 	enum xg_reason parsed;
-	int action = XDP_DROP, fast;
+	int action = XDP_DROP, fast, pass;
 	__u32 key;
 
 	parsed = xg_parse((void *)(long)ctx->data, (void *)(long)ctx->data_end, &pkt.h);
 	if (xg_cfg.role == XG_ROLE_OUTER) {
 		reason = outer_policy(ctx, &pkt, parsed);
-		if (reason != XG_REASON_REDIRECTED && reason != XG_REASON_ALLOWLIST) {
-			if (xg_cfg.flags & XG_CFG_META_ALWAYS)
-				write_meta(ctx, &pkt, reason);
-			goto out;
-		}
-		fast = fast_path(ctx, &pkt, XG_SIDE_OUT);
+		pass = reason == XG_REASON_REDIRECTED || reason == XG_REASON_ALLOWLIST;
+		fast = pass && fast_path(ctx, &pkt, XG_SIDE_OUT);
 	} else {
 		/* No policy on the origin's side: a frame the parser cannot
 		 * finish is only not fast. */
+		pass = 1;
 		fast = parsed == XG_REASON_REDIRECTED && fast_path(ctx, &pkt, XG_SIDE_IN);
 	}
 	if (fast) {
@@ -356,8 +354,12 @@ int xdpguard_prog(struct xdp_md *ctx)
 		}
 		/* No peer (being changed): the AF_XDP path, as for any frame. */
 	}
-	if (xg_cfg.role == XG_ROLE_OUTER)
+	if (xg_cfg.role == XG_ROLE_OUTER && (pass || (xg_cfg.flags & XG_CFG_META_ALWAYS)))
 		write_meta(ctx, &pkt, reason);
+	if (!pass) {
+		action = XDP_DROP;
+		goto out;
+	}
 
 	/* The fallback action applies when no socket sits at this index. */
 	action = bpf_redirect_map(&xg_xsks, ctx->rx_queue_index, XDP_DROP);

@@ -232,6 +232,8 @@ XG_INLINE enum xg_reason xg_parse_ipv4(struct xg_cursor *c, struct xg_hdrs *h)
 	}
 
 	/* AH in IPv4: its length counts 4-byte words, minus 2. */
+	/* Not unrolled: a short program stays in the instruction cache. */
+#pragma clang loop unroll(disable)
 	for (i = 0; i < XG_MAX_EXT; i++) {
 		if (h->l4_proto != IPPROTO_AH)
 			return xg_parse_l4(c, h);
@@ -267,6 +269,8 @@ XG_INLINE enum xg_reason xg_parse_ipv6(struct xg_cursor *c, struct xg_hdrs *h)
 	h->hop_limit = ip6h->hop_limit;
 	next = ip6h->nexthdr;
 
+	/* Not unrolled: a short program stays in the instruction cache. */
+#pragma clang loop unroll(disable)
 	for (i = 0; i < XG_MAX_EXT; i++) {
 		if (!xg_is_ext(next))
 			break;

@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""The XDP fast path against the alternatives, all in one run, one DUT core.
+
+  rate     64-byte UDP, client -> origin, swept up to the generator's full
+           rate: xdpguard (fast path on, the default), xdpguard
+           --fast-path off, bare-devmap (xg_devmap: every frame redirected
+           outer -> inner through a DEVMAP, the limit), bare-devmap-read
+           (the same, reading the 42 bytes of the Ethernet, IPv4 and UDP
+           headers: the cache lines the generator's core wrote, which any
+           filter pays for and the bare forwarder does not), bare-afxdp
+           (--no-policy: the AF_XDP path with no logic) and the kernel
+           bridge.
+  tcp      one established TCP flow (a real connection whose in-window
+           segment the generator replays into the origin's XDP sink):
+           xdpguard on and off; on again with the flow table filled to
+           about 1,000,000 flows by a spoofed SYN flood (mode off).
+  iperf3   real TCP through the lab, 1 and 4 streams, each direction:
+           goodput and retransmits, xdpguard (fast path on) against the
+           bridge; and ping RTT.
+
+The DUT core is CPU 1: outer's NAPI runs threaded and pinned there (so
+XDP, the fast path's redirect and the bridge's forwarding all run on it),
+and so does xdpguard. The generator runs on CPU 0.
+
+Usage: bench/fastpath.py [--seconds-per-point S] [--json PATH] (as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import xgbench  # noqa: E402
+from forwarding import bridge, summarize, sweep  # noqa: E402
+from xgbench import EDGE_NS, FWD_CPU, GEN_CPU, NAMES, lab  # noqa: E402
+
+from xdpguard import _bindings as B  # noqa: E402
+from xdpguard.netns import Netns, resolve_device  # noqa: E402
+
+ORIGIN, PORT = "169.254.0.2", 5201
+
+
+@contextmanager
+def bare_devmap(name: str = "xg_devmap"):
+    """xg_devmap on outer, its DEVMAP pointing at inner (written from inner's netns)."""
+    prog = xgbench.attach(None, NAMES["OUTER"], name)
+    inner = resolve_device(Netns(NAMES["INNER_NS"]), NAMES["INNER"])
+    Netns(NAMES["INNER_NS"]).run(
+        B.map_update,
+        prog.map_fd("fwd_peer"),
+        struct.pack("=I", 0),
+        struct.pack("=I", inner.ifindex),
+    )
+    try:
+        yield None
+    finally:
+        prog.close()
+
+
+def rates(seconds: float, only: set[str] | None = None) -> list[dict]:
+    results = []
+    for name, extra in (
+        ("xdpguard", ()),
+        ("xdpguard-fast-off", ("--fast-path", "off")),
+        ("bare-afxdp", ("--no-policy",)),
+    ):
+        if only and name not in only:
+            continue
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            lab(edge=False),
+            xgbench.xdpguard(*extra, state_dir=Path(tmp)),
+        ):
+            xgbench.pin_napi(None, NAMES["OUTER"], FWD_CPU)
+            results.append(summarize(name, sweep(seconds), None))
+    for name, prog in (("bare-devmap", "xg_devmap"), ("bare-devmap-read", "xg_devmap_read")):
+        if not only or name in only:
+            with lab(edge=False), bare_devmap(prog):
+                xgbench.pin_napi(None, NAMES["OUTER"], FWD_CPU)
+                results.append(summarize(name, sweep(seconds), None))
+    if not only or "bridge" in only:
+        with lab(edge=True), bridge(rps=False):
+            xgbench.pin_napi(EDGE_NS, NAMES["OUTER"], FWD_CPU)
+            results.append(summarize("bridge", sweep(seconds), None))
+    return results
+
+
+def forward_rate(frame: bytes, sink: xgbench.Sink, runs: int = 4_000_000) -> float:
+    gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame)
+    try:
+        gen.run(50_000, cpu=GEN_CPU)
+        before = sink.count()
+        elapsed = gen.run(runs, cpu=GEN_CPU)
+        time.sleep(0.1)
+        return (sink.count() - before) / elapsed
+    finally:
+        gen.close()
+
+
+def serve_echo(ns: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, str(HERE.parent / "scripts" / "labtraffic.py"),
+         "serve", "--port", str(PORT)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and "serving" in proc.stdout.readline()
+    return proc
+
+
+def tcp_flow() -> dict:
+    """One verified flow's in-window segment, replayed: the fast path's rate."""
+    client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
+    origin = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
+    out: dict = {}
+    for name, extra in (("xdpguard", ()), ("xdpguard-fast-off", ("--fast-path", "off"))):
+        with tempfile.TemporaryDirectory() as tmp, lab(edge=False):
+            srv = serve_echo(NAMES["ORIGIN_NS"])
+            try:
+                with xgbench.xdpguard(*extra, "--learn", "0", state_dir=Path(tmp)) as proc:
+                    xgbench.pin_napi(None, NAMES["OUTER"], FWD_CPU)
+                    xgbench.control(proc, "tcp.config", syn_mode="off", state_mode="on")
+                    s = Netns(NAMES["CLIENT_NS"]).run(
+                        lambda: socket.create_connection((ORIGIN, PORT), timeout=5)
+                    )
+                    s.sendall(b"ECHO\nx\n")
+                    s.recv(16)
+                    cport = s.getsockname()[1]
+                    flow = next(
+                        f
+                        for f in xgbench.control(proc, "tcp.flows", top=10)["busiest"]  # type: ignore[index]
+                        if f["outside"] == f"169.254.0.1:{cport}"
+                    )
+                    segment = xgbench.tcp4_frame(
+                        client.mac, origin.mac, "169.254.0.1", ORIGIN, cport, PORT, "A",
+                        flow["sides"]["outside"]["next_seq"], flow["sides"]["inside"]["next_seq"],
+                    )  # fmt: skip
+                    sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
+                    try:
+                        out[f"{name}_10_flows_pps"] = forward_rate(segment, sink)
+                        if name == "xdpguard":
+                            flood = xgbench.tcp4_frame(
+                                client.mac, origin.mac, "198.18.0.1", ORIGIN, 40000, PORT, "S"
+                            )
+                            gen = xgbench.LiveGenerator(
+                                NAMES["CLIENT_NS"], "eth0", flood, random_saddr=True,
+                                random_sport=True,
+                            )  # fmt: skip
+                            deadline = time.monotonic() + 60
+                            while time.monotonic() < deadline:
+                                gen.run(500_000, cpu=GEN_CPU)
+                                n = xgbench.control(proc, "tcp.flows", top=0)["tracked"]  # type: ignore[index]
+                                if n >= 950_000:
+                                    break
+                            gen.close()
+                            out["tracked"] = xgbench.control(proc, "tcp.flows", top=0)["tracked"]  # type: ignore[index]
+                            out[f"{name}_1m_flows_pps"] = forward_rate(segment, sink)
+                    finally:
+                        sink.close()
+                        s.close()
+            finally:
+                srv.kill()
+                srv.wait()
+    out["1m_over_10"] = out["xdpguard_1m_flows_pps"] / out["xdpguard_10_flows_pps"]
+    return out
+
+
+def iperf(streams: int, reverse: bool, seconds: int = 5) -> dict:
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", NAMES["ORIGIN_NS"], "iperf3", "-s", "-1", "-p", "5202"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)
+        res = xgbench.sh(
+            "ip", "netns", "exec", NAMES["CLIENT_NS"], "iperf3", "-c", ORIGIN, "-p", "5202",
+            "-t", str(seconds), "-P", str(streams), "-J", *(["-R"] if reverse else []),
+        )  # fmt: skip
+    finally:
+        server.wait(timeout=30)
+    end = json.loads(res)["end"]
+    return {
+        "gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
+        "retransmits": end["sum_sent"].get("retransmits", 0),
+    }
+
+
+def ping_rtt(count: int = 200) -> float:
+    out = xgbench.sh(
+        "ip", "netns", "exec", NAMES["CLIENT_NS"], "ping", "-c", str(count), "-i", "0.005", "-q",
+        ORIGIN,
+    )  # fmt: skip
+    return float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))  # type: ignore[union-attr]
+
+
+def real_tcp() -> dict:
+    def measure(edge: bool) -> dict:
+        xgbench.pin_napi(EDGE_NS if edge else None, NAMES["OUTER"], FWD_CPU)
+        return {
+            "ping_ms": ping_rtt(),
+            **{f"{n}x{'down' if r else 'up'}": iperf(n, r) for n in (1, 4) for r in (False, True)},
+        }
+
+    out = {}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        lab(edge=False),
+        xgbench.xdpguard(state_dir=Path(tmp)),
+    ):
+        out["xdpguard"] = measure(False)
+    with lab(edge=True), bridge(rps=False):
+        out["bridge"] = measure(True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--seconds-per-point", type=float, default=1.0)
+    ap.add_argument("--json", type=Path, default=HERE / "results" / "fastpath.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        ap.error("needs root")
+    report: dict = {
+        "benchmark": "XDP fast path",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+    }
+    results = rates(args.seconds_per_point)
+    by = {r["name"]: r["saturated_pps"] for r in results}
+    report["rate"] = {
+        "results": results,
+        "xdpguard_over_bridge": by["xdpguard"] / by["bridge"],
+        "xdpguard_over_bare_devmap": by["xdpguard"] / by["bare-devmap"],
+        "xdpguard_over_bare_devmap_read": by["xdpguard"] / by["bare-devmap-read"],
+        "fast_off_over_bare_afxdp": by["xdpguard-fast-off"] / by["bare-afxdp"],
+    }
+    print(f"{'config':<20}{'saturated':>12}{'max offered':>14}")
+    for r in results:
+        sat, top = r["saturated_pps"] / 1e6, r["max_offered_pps"] / 1e6
+        print(f"{r['name']:<20}{sat:>9.3f} Mp{top:>11.3f} Mp")
+    for k, v in report["rate"].items():
+        if k != "results":
+            print(f"{k}: {v:.2f}")
+    report["tcp"] = tcp_flow()
+    print("tcp flow:", json.dumps(report["tcp"]))
+    report["real_tcp"] = real_tcp()
+    print("real tcp:", json.dumps(report["real_tcp"], indent=1))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
