@@ -123,11 +123,11 @@ def serve_echo(ns: str) -> subprocess.Popen:
 
 def tcp_flow() -> dict:
     """One verified flow's in-window segment, replayed: the fast path's rate."""
-    client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
-    origin = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
     out: dict = {}
     for name, extra in (("xdpguard", ()), ("xdpguard-fast-off", ("--fast-path", "off"))):
         with tempfile.TemporaryDirectory() as tmp, lab(edge=False):
+            client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
+            origin = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
             srv = serve_echo(NAMES["ORIGIN_NS"])
             try:
                 with xgbench.xdpguard(*extra, "--learn", "0", state_dir=Path(tmp)) as proc:
@@ -218,9 +218,17 @@ def real_tcp() -> dict:
     with (
         tempfile.TemporaryDirectory() as tmp,
         lab(edge=False),
-        xgbench.xdpguard(state_dir=Path(tmp)),
+        # A fresh start: no flows to adopt, so no learning window (during
+        # which TCP is never forwarded in XDP).
+        xgbench.xdpguard("--learn", "0", state_dir=Path(tmp)) as proc,
     ):
         out["xdpguard"] = measure(False)
+        d = xgbench.control(proc, "stats")["directions"]  # type: ignore[index]
+        out["xdpguard"]["in_xdp_share"] = {
+            k: v["xdp"]["fast_path"]["packets"]
+            / max(v["rx_packets"] + v["xdp"]["fast_path"]["packets"], 1)
+            for k, v in d.items()
+        }
     with lab(edge=True), bridge(rps=False):
         out["bridge"] = measure(True)
     return out
@@ -257,6 +265,9 @@ def main() -> int:
         if k != "results":
             print(f"{k}: {v:.2f}")
     report["tcp"] = tcp_flow()
+    report["tcp"]["fast_over_off"] = (
+        report["tcp"]["xdpguard_10_flows_pps"] / report["tcp"]["xdpguard-fast-off_10_flows_pps"]
+    )
     print("tcp flow:", json.dumps(report["tcp"]))
     report["real_tcp"] = real_tcp()
     print("real tcp:", json.dumps(report["real_tcp"], indent=1))

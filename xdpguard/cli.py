@@ -634,8 +634,9 @@ def tcp_flows(top: int, as_json: bool, control: str) -> None:
         return
     states = ", ".join(f"{n} {s}" for s, n in r["states"].items() if n)
     click.echo(
-        f"{r['tracked']} of {r['capacity']} flows tracked ({states or 'none'}); "
-        f"{r['evictions']} evicted; {r['verified']} verified sources; "
+        f"{r['tracked']} of {r['capacity']} flows tracked ({states or 'none'}), "
+        f"{r['fast_path']} in the fast path; {r['evictions']} evicted; "
+        f"{r['verified']} verified sources; "
         f"learning {r['learning_left']}s left"
     )
     for f in r["busiest"]:
