@@ -35,6 +35,8 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 #define XG_INLINE static __always_inline
+/* Not unrolled: a short program stays in the instruction cache. */
+#define XG_NO_UNROLL _Pragma("clang loop unroll(disable)")
 #define xg_ntohs(x) bpf_ntohs(x)
 #define xg_htons(x) bpf_htons(x)
 #define xg_ntohl(x) bpf_ntohl(x)
@@ -43,6 +45,7 @@
 #include <netinet/in.h>
 #include <arpa/inet.h>
 #define XG_INLINE static inline __attribute__((always_inline))
+#define XG_NO_UNROLL
 #define xg_ntohs(x) ntohs(x)
 #define xg_htons(x) htons(x)
 #define xg_ntohl(x) ntohl(x)
@@ -232,8 +235,7 @@ XG_INLINE enum xg_reason xg_parse_ipv4(struct xg_cursor *c, struct xg_hdrs *h)
 	}
 
 	/* AH in IPv4: its length counts 4-byte words, minus 2. */
-	/* Not unrolled: a short program stays in the instruction cache. */
-#pragma clang loop unroll(disable)
+	XG_NO_UNROLL
 	for (i = 0; i < XG_MAX_EXT; i++) {
 		if (h->l4_proto != IPPROTO_AH)
 			return xg_parse_l4(c, h);
@@ -269,8 +271,7 @@ XG_INLINE enum xg_reason xg_parse_ipv6(struct xg_cursor *c, struct xg_hdrs *h)
 	h->hop_limit = ip6h->hop_limit;
 	next = ip6h->nexthdr;
 
-	/* Not unrolled: a short program stays in the instruction cache. */
-#pragma clang loop unroll(disable)
+	XG_NO_UNROLL
 	for (i = 0; i < XG_MAX_EXT; i++) {
 		if (!xg_is_ext(next))
 			break;

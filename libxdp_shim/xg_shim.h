@@ -421,8 +421,10 @@ int xg_tcp_create(uint32_t max_flows, uint32_t max_verified,
 /*
  * The same, with the flow table of @ft, which XDP shares (XG_FLOW_FAST
  * flows are forwarded there). @ft must outlive the stage; its flows,
- * restored from a pin or not, are the stage's from the start. Returns 0,
- * -EINVAL or -ENOMEM.
+ * restored from a pin or not, are the stage's from the start. Call it
+ * before any XDP program using @ft is attached: it frees every bucket
+ * lock (a killed process may have died holding one). Returns 0, -EINVAL
+ * or -ENOMEM.
  */
 int xg_tcp_create_shared(struct xg_flowtab *ft, uint32_t max_verified,
 			 const struct xg_tcp_cfg *cfg, struct xg_tcp **out);

@@ -975,9 +975,18 @@ int xg_tcp_create_shared(struct xg_flowtab *ft, uint32_t max_verified,
 			 const struct xg_tcp_cfg *cfg, struct xg_tcp **out)
 {
 	const struct xg_flow_table *info = xg_flowtab_info(ft);
+	struct xg_flow_bucket *b = xg_flowtab_buckets(ft);
+	uint32_t i;
 
 	if (!info->nbuckets || info->nbuckets & (info->nbuckets - 1))
 		return -EINVAL;
+	/*
+	 * A table restored from its pin may carry a lock its last user held
+	 * when it was killed. Nothing else uses the table yet (the programs
+	 * are not attached): free them all.
+	 */
+	for (i = 0; i < info->nbuckets; i++)
+		__atomic_store_n(&b[i].lock, 0, __ATOMIC_RELEASE);
 	return tcp_create(xg_flowtab_buckets(ft), info->nbuckets, info->key, max_verified, cfg,
 			  out);
 }

@@ -544,6 +544,11 @@ class Tcp(_Handle):
     def _t(self) -> Any:
         return self._get()
 
+    @staticmethod
+    def cfg_fields() -> list[str]:
+        """The fields of struct xg_tcp_cfg."""
+        return [name for name, _ in ffi.typeof("struct xg_tcp_cfg").fields]
+
     def configure(self, cfg: dict[str, int]) -> None:
         with self._lock:
             lib.xg_tcp_configure(self._t, ffi.new("struct xg_tcp_cfg *", cfg))

@@ -200,3 +200,23 @@ def test_closing_takes_the_flow_off_the_fast_path(rig: Rig, conn: Conn) -> None:
     conn.cseq += 1
     assert not rig.flow()["flags"] & B.lib.XG_FLOW_FAST
     assert rig.xdp(Role.INNER, conn.frame(False, "A")) == LOOP
+
+
+def test_a_lock_left_held_by_a_killed_process_is_freed() -> None:
+    """A pinned table outlives a process that may die inside a bucket's lock:
+    the next stage on the table frees every lock before XDP sees it."""
+    import mmap
+
+    size, offsets = B.struct_layout("struct xg_flow_bucket")
+    table = B.FlowTab(8)
+    try:
+        fd = table.fds()["xg_flows"]
+        with mmap.mmap(fd, (8 * size + 4095) & ~4095, mmap.MAP_SHARED) as m:
+            locks = [b * size + offsets["lock"] for b in range(8)]
+            for off in locks:
+                m[off : off + 4] = struct.pack("=I", 1)  # held, by nobody alive
+            cfg = dict.fromkeys(B.Tcp.cfg_fields(), 1) | {"syn_mode": 0, "state_mode": 0}
+            B.Tcp(0, 64, cfg, table).close()
+            assert [struct.unpack("=I", m[o : o + 4])[0] for o in locks] == [0] * 8
+    finally:
+        table.close()
