@@ -175,6 +175,9 @@ class FastPath:
                     "active": self.wanted and p.usable,
                     "from": p.src.name,
                     "to": p.dst.name,
+                    # The peer as its DEVMAP entry holds it: resolved in its own netns.
+                    "to_netns_cookie": p.dst.netns_cookie,
+                    "to_ifindex": p.dst.ifindex,
                     "why": p.why if self.wanted else "off",
                 }
                 for d, p in self.paths.items()
