@@ -82,16 +82,7 @@ struct xg_tcp {
 	uint64_t evictions;
 };
 
-/* ---- SipHash (Aumasson and Bernstein), c-d rounds ---- */
-
-#define ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
-#define SIPROUND                                                       \
-	do {                                                           \
-		v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32); \
-		v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                    \
-		v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                    \
-		v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32); \
-	} while (0)
+/* ---- SipHash (Aumasson and Bernstein), c-d rounds (XG_SIPROUND: xg_flow.h) ---- */
 
 static uint64_t load64(const uint8_t *p)
 {
@@ -114,18 +105,18 @@ static uint64_t siphash(const uint8_t key[16], const void *data, size_t len, int
 		m = load64(p);
 		v3 ^= m;
 		for (i = 0; i < c; i++)
-			SIPROUND;
+			XG_SIPROUND;
 		v0 ^= m;
 	}
 	for (i = 0; i < (int)(len & 7); i++)
 		b |= (uint64_t)p[i] << (8 * i);
 	v3 ^= b;
 	for (i = 0; i < c; i++)
-		SIPROUND;
+		XG_SIPROUND;
 	v0 ^= b;
 	v2 ^= 0xff;
 	for (i = 0; i < d; i++)
-		SIPROUND;
+		XG_SIPROUND;
 	return v0 ^ v1 ^ v2 ^ v3;
 }
 
