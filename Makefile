@@ -25,7 +25,7 @@ DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables \
 	libclang-rt-14-dev iperf3
 
-BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o
+BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o scripts/xg_anyport.bpf.o
 SHIM := xdpguard/_shim.abi3.so
 SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py bpf/xdpguard.h bpf/xg_parse.h bpf/xg_flow.h
 

@@ -228,6 +228,13 @@ int xg_xdp_query(int ifindex, uint32_t *prog_id, uint32_t *mode)
 	return 0;
 }
 
+int xg_netns_link(int prog_fd, int netns_fd)
+{
+	int fd = bpf_link_create(prog_fd, netns_fd, BPF_SK_LOOKUP, NULL);
+
+	return fd < 0 ? -errno : fd;
+}
+
 int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id)
 {
 	struct bpf_link_info info;

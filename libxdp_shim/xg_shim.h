@@ -170,6 +170,13 @@ void xg_prog_close(struct xg_prog *prog);
 int xg_xdp_query(int ifindex, uint32_t *prog_id, uint32_t *mode);
 
 /*
+ * Attach the sk_lookup program @prog_fd to the network namespace open at
+ * @netns_fd with a BPF link. Returns the link's fd (the caller owns it:
+ * closing it detaches), or -errno. Needs CAP_NET_ADMIN and CAP_BPF.
+ */
+int xg_netns_link(int prog_fd, int netns_fd);
+
+/*
  * The BPF link that holds program @prog_id on @ifindex (from
  * xg_xdp_query(), so in the caller's namespace): *@link_id. Returns 0, or
  * -ENOENT when no link does (the program was attached through netlink).

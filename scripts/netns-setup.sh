@@ -6,7 +6,10 @@
 # OUTER and INNER carry no address and have no path between them: only a
 # running xdpguard connects client and origin.
 #
-# Knobs (environment): QUEUES (default: number of CPUs), INDEX (if set, OUTER
+# Knobs (environment): QUEUES (default: number of CPUs), ANYPORT=1 (a service
+# prefix for scripts/anyport-origin.py: 169.254.100.0/24 and 2001:db8:100::/64
+# local at the origin, routed there by the client, and client addresses
+# 169.254.0.11-14 and 2001:db8::11-14), INDEX (if set, OUTER
 # and INNER are both created with this ifindex, the same-ifindex regression
 # case), OUTER_NS (if set, OUTER lives in this extra "edge" namespace instead
 # of the current one), OUTER, INNER, INNER_NS, CLIENT_NS, ORIGIN_NS (names,
@@ -95,6 +98,17 @@ ip -n "$CLIENT_NS" addr add 169.254.0.1/24 dev eth0
 ip -n "$CLIENT_NS" addr add 2001:db8::1/64 dev eth0 nodad
 ip -n "$ORIGIN_NS" addr add 169.254.0.2/24 dev eth0
 ip -n "$ORIGIN_NS" addr add 2001:db8::2/64 dev eth0 nodad
+
+if [ "${ANYPORT:-}" = 1 ]; then
+	ip -n "$ORIGIN_NS" route add local 169.254.100.0/24 dev lo
+	ip -n "$ORIGIN_NS" -6 route add local 2001:db8:100::/64 dev lo
+	ip -n "$CLIENT_NS" route add 169.254.100.0/24 via 169.254.0.2
+	ip -n "$CLIENT_NS" -6 route add 2001:db8:100::/64 via 2001:db8::2
+	for i in 11 12 13 14; do
+		ip -n "$CLIENT_NS" addr add "169.254.0.$i/24" dev eth0
+		ip -n "$CLIENT_NS" addr add "2001:db8::$i/64" dev eth0 nodad
+	done
+fi
 
 # Ready means ready: wait (bounded) until no IPv6 address of the hosts is
 # still tentative (link-local DAD), so the first packets do not wait on it.

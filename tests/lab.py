@@ -47,6 +47,7 @@ class Lab:
     queues: int = 2
     index: int | None = None
     edge: bool = False  # OUTER in a namespace of its own, not the test's
+    anyport: bool = False  # the service prefix of scripts/anyport-origin.py
     # Options every Appliance on this lab gets (e.g. "--fast-path", "off").
     run_args: tuple[str, ...] = ()
     tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}{next(_serial)}")
@@ -70,7 +71,11 @@ class Lab:
             CLIENT_NS=self.client_ns,
             ORIGIN_NS=self.origin_ns,
         )
-        for knob, value in (("INDEX", self.index), ("OUTER_NS", self.outer_ns)):
+        for knob, value in (
+            ("INDEX", self.index),
+            ("OUTER_NS", self.outer_ns),
+            ("ANYPORT", "1" if self.anyport else None),
+        ):
             if value is not None:
                 env[knob] = str(value)
             else:
@@ -217,6 +222,27 @@ class Lab:
             self.ns_exec(self.origin_ns, "nft", "delete", "table", "netdev", table, check=False)
 
     @contextlib.contextmanager
+    def anyport_server(self, workers: int = 1) -> Iterator[subprocess.Popen[str]]:
+        """scripts/anyport-origin.py in the origin namespace (a lab with anyport)."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.origin_ns, sys.executable,
+             str(SCRIPTS / "anyport-origin.py"), "--workers", str(workers)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert "serving" in line, f"anyport origin did not start: {line}"
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    @contextlib.contextmanager
     def server(self, port: int = 5201) -> Iterator[subprocess.Popen[str]]:
         """labtraffic's server in the origin namespace for the duration of the block."""
         proc = subprocess.Popen(
@@ -236,8 +262,10 @@ class Lab:
 
 
 @contextlib.contextmanager
-def lab(queues: int = 2, index: int | None = None, edge: bool = False) -> Iterator[Lab]:
-    the_lab = Lab(queues=queues, index=index, edge=edge)
+def lab(
+    queues: int = 2, index: int | None = None, edge: bool = False, anyport: bool = False
+) -> Iterator[Lab]:
+    the_lab = Lab(queues=queues, index=index, edge=edge, anyport=anyport)
     ok = False
     try:
         yield the_lab.up()

@@ -294,6 +294,11 @@ def xdp_query(ifindex: int) -> tuple[int, str]:
     return int(prog_id[0]), XDP_ATTACHED_MODES.get(int(mode[0]), str(mode[0]))
 
 
+def netns_link(prog_fd: int, netns_fd: int) -> int:
+    """An sk_lookup program attached to a netns; the link's fd (close it to detach)."""
+    return check(lib.xg_netns_link(prog_fd, netns_fd), "attaching sk_lookup")
+
+
 def xdp_link_id(ifindex: int, prog_id: int) -> int | None:
     """Id of the BPF link holding ``prog_id`` on ``ifindex`` (this netns), None if none."""
     out = ffi.new("uint32_t *")
