@@ -27,6 +27,7 @@ demand, close.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import json
 import math
@@ -77,6 +78,7 @@ class Worker:
         self.plan, self.lo, self.hi = plan, lo, hi
         self.conns: list[socket.socket] = []
         self.failed = 0
+        self.errors: dict[str, int] = {}
         self.seq = 0
 
     def open(self, timeout: float) -> dict[str, Any]:
@@ -107,9 +109,12 @@ class Worker:
                 s = key.fileobj  # type: ignore[assignment]
                 sel.unregister(s)
                 pending -= 1
-                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
                     s.close()
                     self.failed += 1
+                    name = errno.errorcode.get(err, str(err))
+                    self.errors[name] = self.errors.get(name, 0) + 1
                 else:
                     self.conns.append(s)
         for key in list(sel.get_map().values()):  # still connecting at the deadline
@@ -122,6 +127,7 @@ class Worker:
             "failed": self.failed,
             "seconds": time.monotonic() - start,
             "rss_kb": rss_kb(),
+            "errors": self.errors,
         }
 
     def check(self, timeout: float) -> dict[str, Any]:
@@ -238,7 +244,11 @@ class ConnScale:
             if not line:
                 raise RuntimeError(f"a connscale worker died (exit {p.wait()})")
             for k, v in json.loads(line).items():
-                if isinstance(v, int | float) and not isinstance(v, bool):
+                if isinstance(v, dict):
+                    merged = out.setdefault(k, {})
+                    for name, n in v.items():
+                        merged[name] = merged.get(name, 0) + n
+                elif isinstance(v, int | float) and not isinstance(v, bool):
                     out[k] = out.get(k, 0) + v if k != "seconds" else max(out.get(k, 0), v)
         return out
 

@@ -49,11 +49,14 @@ def sh(*cmd: str, env: dict[str, str] | None = None, stdin: str | None = None) -
 
 
 @contextmanager
-def lab(edge: bool, queues: int = 1) -> Iterator[None]:
-    """The lab of scripts/netns-setup.sh under NAMES; OUTER in EDGE_NS if ``edge``."""
+def lab(edge: bool, queues: int = 1, anyport: bool = False) -> Iterator[None]:
+    """The lab of scripts/netns-setup.sh under NAMES; OUTER in EDGE_NS if ``edge``;
+    the any-port service prefix if ``anyport``."""
     env = dict(os.environ, QUEUES=str(queues), **NAMES)
     if edge:
         env["OUTER_NS"] = EDGE_NS
+    if anyport:
+        env["ANYPORT"] = "1"
     try:
         sh(str(ROOT / "scripts" / "netns-setup.sh"), env=env)
         yield

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""100,000 real TCP connections through xdpguard, to every port of a prefix.
+
+  setup     time to establish them (TCP protection on: each client address
+            answers one challenge), through xdpguard and through the kernel
+            bridge (the setup rate an operator would otherwise get)
+  memory    the daemon's resident memory and the flow table's map memory
+  restarts  survivors after a SIGTERM restart and after a SIGKILL restart,
+            the connections idle all the while (no learning window: the
+            pinned table comes back)
+  rate      one established flow's forwarding rate (its in-window segment
+            replayed into the origin's XDP sink) with the table holding them
+
+Usage: bench/scale.py [--conns N] [--json PATH] (as root; its own labs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import xgbench  # noqa: E402
+from connscale import ConnScale  # noqa: E402
+from forwarding import bridge  # noqa: E402
+from xgbench import GEN_CPU, NAMES, lab  # noqa: E402
+
+from xdpguard.netns import Netns, resolve_device  # noqa: E402
+
+SOURCES = ("169.254.0.11", "169.254.0.12", "169.254.0.13", "169.254.0.14")
+
+
+def origin(workers: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", NAMES["ORIGIN_NS"], sys.executable,
+         str(HERE.parent / "scripts" / "anyport-origin.py"), "--workers", str(workers)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and "serving" in proc.stdout.readline()
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def flow_map_mb() -> float:
+    maps = json.loads(xgbench.sh("bpftool", "-j", "map", "show"))
+    return sum(m.get("bytes_memlock", 0) for m in maps if m.get("name") == "xg_flows") / 2**20
+
+
+def start(state: Path) -> subprocess.Popen:
+    cm = xgbench.xdpguard("--max-flows", "1000000", state_dir=state)
+    proc = cm.__enter__()
+    proc.cm = cm  # type: ignore[attr-defined]
+    return proc
+
+
+def through_xdpguard(conns: int, workers: int) -> dict:
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp, lab(edge=False, anyport=True):
+        srv = origin(workers)
+        state = Path(tmp)
+        proc = start(state)
+        try:
+            xgbench.control(proc, "tcp.mode", mode="on")
+            with ConnScale(NAMES["CLIENT_NS"], conns, SOURCES, addrs=200, ports=500) as cs:
+                out["open"] = cs.opened()
+                out["tracked"] = xgbench.control(proc, "tcp.flows", top=0)["tracked"]  # type: ignore[index]
+                out["daemon_rss_mb"] = rss_mb(proc.pid)
+                out["flow_map_mb"] = flow_map_mb()
+                out["before_restart"] = cs.check()
+                print(json.dumps(out), flush=True)
+                for name, sig in (("sigterm", signal.SIGTERM), ("sigkill", signal.SIGKILL)):
+                    proc.send_signal(sig)
+                    proc.wait(timeout=30)
+                    t0 = time.monotonic()
+                    proc = start(state)
+                    out[f"{name}_restart_s"] = time.monotonic() - t0
+                    out[f"{name}_survivors"] = cs.check()
+                    print(name, json.dumps(out[f"{name}_survivors"]), flush=True)
+                flow = xgbench.control(proc, "tcp.flows", top=1)["busiest"][0]  # type: ignore[index]
+                out["rate_pps"] = replay_rate(flow)
+        finally:
+            proc.cm.__exit__(None, None, None)  # type: ignore[attr-defined]
+            stop(srv)
+    return out
+
+
+def replay_rate(flow: dict) -> float:
+    """The forwarding rate of one established flow of the full table."""
+    client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
+    origin_dev = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
+    src, sport = flow["outside"].rsplit(":", 1)
+    dst, dport = flow["inside"].rsplit(":", 1)
+    segment = xgbench.tcp4_frame(
+        client.mac, origin_dev.mac, src, dst, int(sport), int(dport), "A",
+        flow["sides"]["outside"]["next_seq"], flow["sides"]["inside"]["next_seq"],
+    )  # fmt: skip
+    sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
+    gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", segment)
+    try:
+        before = sink.count()
+        elapsed = gen.run(4_000_000, cpu=GEN_CPU)
+        time.sleep(0.1)
+        return (sink.count() - before) / elapsed
+    finally:
+        gen.close()
+        sink.close()
+
+
+def through_bridge(conns: int, workers: int) -> dict:
+    with lab(edge=True, anyport=True), bridge(rps=False):
+        srv = origin(workers)
+        try:
+            with ConnScale(NAMES["CLIENT_NS"], conns, SOURCES, addrs=200, ports=500) as cs:
+                return {"open": cs.opened(), "check": cs.check()}
+        finally:
+            stop(srv)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--conns", type=int, default=100_000)
+    ap.add_argument("--json", type=Path, default=HERE / "results" / "scale.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        ap.error("needs root")
+    workers = -(-args.conns // 16_000)
+    report = {
+        "benchmark": f"{args.conns} connections",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "xdpguard": through_xdpguard(args.conns, workers),
+        "bridge": through_bridge(args.conns, workers),
+    }
+    for k in ("xdpguard", "bridge"):
+        o = report[k]["open"]
+        print(f"{k}: {o['established']} established in {o['seconds']:.1f} s "
+              f"({o['established'] / o['seconds']:.0f}/s), {o['failed']} failed")  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
