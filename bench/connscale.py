@@ -74,8 +74,8 @@ def rss_kb() -> int:
 class Worker:
     """Connections [lo, hi) of a plan, in this process."""
 
-    def __init__(self, plan: Plan, lo: int, hi: int) -> None:
-        self.plan, self.lo, self.hi = plan, lo, hi
+    def __init__(self, plan: Plan, lo: int, hi: int, in_flight: int = IN_FLIGHT) -> None:
+        self.plan, self.lo, self.hi, self.in_flight = plan, lo, hi, in_flight
         self.conns: list[socket.socket] = []
         self.failed = 0
         self.errors: dict[str, int] = {}
@@ -88,7 +88,7 @@ class Worker:
         i = self.lo
         deadline = start + timeout
         while (i < self.hi or pending) and time.monotonic() < deadline:
-            while i < self.hi and pending < IN_FLIGHT:
+            while i < self.hi and pending < self.in_flight:
                 src, dst, port = self.plan.dest(i)
                 i += 1
                 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
@@ -173,7 +173,7 @@ class Worker:
 def worker_main(args: argparse.Namespace) -> int:
     """One worker process, driven over stdin: check | quit."""
     plan = Plan(tuple(args.sources.split(",")), args.prefix, args.addrs, args.port_base, args.ports)
-    w = Worker(plan, args.lo, args.hi)
+    w = Worker(plan, args.lo, args.hi, args.in_flight)
     print(json.dumps(w.open(args.timeout)), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
@@ -200,6 +200,7 @@ class ConnScale:
         port_base: int = 10000,
         per_proc: int = PER_PROC,
         timeout: float = 120.0,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.procs: list[subprocess.Popen[str]] = []
         nprocs = max(1, math.ceil(conns / per_proc))
@@ -229,6 +230,8 @@ class ConnScale:
                         str(min(lo + step, conns)),
                         "--timeout",
                         str(timeout),
+                        "--in-flight",
+                        str(in_flight),
                     ],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -290,7 +293,7 @@ def run_main(args: argparse.Namespace) -> int:
     sources = tuple(args.sources.split(","))
     report: dict[str, Any] = {"conns": args.conns}
     with ConnScale(None, args.conns, sources, args.prefix, args.addrs, args.ports,
-                   args.port_base, args.per_proc, args.timeout) as cs:  # fmt: skip
+                   args.port_base, args.per_proc, args.timeout, args.in_flight) as cs:  # fmt: skip
         report["open"] = cs.opened()
         print(json.dumps(report["open"]), flush=True)
         end = time.monotonic() + args.hold
@@ -318,6 +321,7 @@ def main() -> int:
         p.add_argument("--ports", type=int, default=500)
         p.add_argument("--port-base", type=int, default=10000)
         p.add_argument("--timeout", type=float, default=120.0)
+        p.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="connects at once, each")
         if name == "run":
             p.add_argument("--conns", type=int, default=10000)
             p.add_argument("--per-proc", type=int, default=PER_PROC)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import zlib
 from collections.abc import Iterator
 
@@ -56,17 +57,15 @@ def _seeded(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(autouse=True)
 def _forget_flow_tables() -> Iterator[None]:
     """A test's appliances pin their flow tables (they outlive the process,
-    as they should); the test's own go with it, whatever happened."""
-    from pathlib import Path
-
-    root = Path("/sys/fs/bpf/xdpguard")
-    before = set(root.iterdir()) if root.is_dir() else set()
+    as they should); the tables of this test's state directories go with it,
+    whatever happened, and nobody else's (another run may be going on)."""
     yield
-    if root.is_dir():
-        for pin in set(root.iterdir()) - before:
-            for entry in pin.iterdir():
-                entry.unlink()
-            pin.rmdir()
+    lab = sys.modules.get("lab")
+    if lab is not None:
+        from xdpguard.flowtable import forget
+
+        while lab.STATE_DIRS:
+            forget(lab.STATE_DIRS.pop())
 
 
 def in_ci() -> bool:

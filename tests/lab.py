@@ -34,6 +34,9 @@ CLIENT_V4, ORIGIN_V4 = "169.254.0.1", "169.254.0.2"
 CLIENT_V6, ORIGIN_V6 = "2001:db8::1", "2001:db8::2"
 
 _serial = itertools.count()
+# State directories of the appliances started here: their pinned flow
+# tables are forgotten after each test (tests/conftest.py).
+STATE_DIRS: set[Path] = set()
 
 
 def sh(
@@ -284,6 +287,7 @@ class Appliance:
         self.log = workdir / f"{the_lab.tag}.log"
         # Per lab, not per start: a restart finds what the last run saved.
         self.state_dir = workdir / f"{the_lab.tag}-state"
+        STATE_DIRS.add(self.state_dir)
         self.args = [
             str(XDPGUARD),
             "run",

@@ -84,6 +84,8 @@ def open_table(max_flows: int, state_dir: Path | None) -> tuple[B.FlowTab, bool]
             )
         elif exc.errno != errno.ENOENT:
             raise XdpguardError(f"cannot open the pinned flow table in {pin}: {exc}") from None
+        else:
+            log.info("no flow table pinned in %s: a cold start (%s)", pin, exc.strerror)
     else:
         return table, True
     table = B.FlowTab(nbuckets)
@@ -94,4 +96,5 @@ def open_table(max_flows: int, state_dir: Path | None) -> tuple[B.FlowTab, bool]
         table.close()
         raise XdpguardError(f"cannot pin the flow table in {pin}: {exc}") from None
     os.chmod(pin, 0o700)
+    log.info("flow table: a new one, pinned in %s", pin)
     return table, False

@@ -288,7 +288,10 @@ def test_monitor_mode_passes_and_counts(lab2: Lab, tmp_path: Path) -> None:
             # Counted as what "on" would have done, and passed: the loop
             # dropped nothing, and every frame it passed reached the origin
             # but for what the origin's own veth dropped.
-            judged = acct.monitor.get(would, 0)
+            # (A spoofed tuple may hit a flow the SYN flood left: that one
+            # counts as out of window.)
+            judged = sum(acct.monitor.values())
+            assert acct.monitor.get(would, 0) > 0, acct
             assert judged >= acct.judged_at_least(sent) > 0, acct
             assert acct.loop == {} and acct.dropped == 0, acct
             seen = counts()[at_origin]
