@@ -110,7 +110,7 @@ struct {
 } xg_policy SEC(".maps");
 
 /*
- * The fast path (DESIGN: verified flows never leave XDP). The flow table
+ * The fast path (docs/ARCHITECTURE.md): verified flows never leave XDP. The flow table
  * is one map shared by both program instances and the loop (mmap()ed);
  * xg_fastcfg and xg_peer are this instance's: whether it may forward
  * itself, and the device it forwards to (the other one, written from a

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the lab of DESIGN.md section 1:
+# Build the lab of docs/ARCHITECTURE.md section 1:
 #
 #   CLIENT_NS:eth0 <-veth-> OUTER (OUTER_NS)   INNER (INNER_NS) <-veth-> ORIGIN_NS:eth0
 #

@@ -1,6 +1,6 @@
 """Labs and a running appliance for the netns tier.
 
-A Lab is the topology of DESIGN.md section 1 built by scripts/netns-setup.sh
+A Lab is the topology of docs/ARCHITECTURE.md section 1 built by scripts/netns-setup.sh
 under names unique to this test, and always removed again. An Appliance is
 ``xdpguard run`` as a subprocess on a lab, talked to through its own control
 socket. Set XDPGUARD_KEEP_LAB=1 to leave a failed test's lab for debugging.

@@ -24,7 +24,7 @@ log = logging.getLogger("xdpguard")
 
 MODES = tuple(B.TCP_MODES)
 # What an appliance does out of the box: nothing until a destination's rate
-# says it is under attack (see DESIGN.md 2.4).
+# says it is under attack (docs/ARCHITECTURE.md, the TCP stage).
 DEFAULTS: dict[str, Any] = {
     "syn_mode": "auto",
     "state_mode": "auto",
