@@ -231,14 +231,15 @@ enum { NOT_TCP, TCP_SEGMENT, TCP_FRAGMENT, BAD_FRAME };
 
 /*
  * Find the TCP header of a frame with the parser the XDP program uses
- * (bpf/xg_parse.h): TCP_SEGMENT and @p filled in; TCP_FRAGMENT (only the
- * addresses filled in) for any fragment of a TCP segment; BAD_FRAME and
- * the reason in *@why for a frame the parser could not finish; NOT_TCP for
- * the rest.
+ * (bpf/xg_parse.h): TCP_SEGMENT, @p and the flow's key @k (for a frame
+ * from @side, xg_flow.h) filled in; TCP_FRAGMENT (only the addresses in
+ * @p filled in) for any fragment of a TCP segment; BAD_FRAME and the
+ * reason in *@why for a frame the parser could not finish; NOT_TCP for the
+ * rest.
  */
-static int parse(uint8_t *frame, uint32_t len, struct pkt *p, enum xg_reason *why)
+static int parse(uint8_t *frame, uint32_t len, int side, struct pkt *p,
+		 struct xg_flow_key *k, enum xg_reason *why)
 {
-	struct xg_flow_key k;
 	enum xg_reason r;
 	uint8_t *l4, *l3;
 	uint32_t doff;
@@ -259,23 +260,15 @@ static int parse(uint8_t *frame, uint32_t len, struct pkt *p, enum xg_reason *wh
 	p->dst = l3 + (p->h.v6 ? 24 : 16);
 	if (p->h.frag & XG_FRAG_ANY)
 		return TCP_FRAGMENT;
-	if (xg_flow_key_of(&p->h, p->end, XG_SIDE_OUT, &k, &p->seg))
+	if (xg_flow_key_of(&p->h, p->end, side, k, &p->seg))
 		return NOT_TCP; /* cannot happen: xg_parse() checked the headers */
 	l4 = p->h.l4;
 	doff = (l4[12] >> 4) * 4;
 	p->tcp = l4;
-	p->sport = k.out_port;
-	p->dport = k.in_port;
+	p->sport = side == XG_SIDE_OUT ? k->out_port : k->in_port;
+	p->dport = side == XG_SIDE_OUT ? k->in_port : k->out_port;
 	p->wscale = p->seg.flags & TH_SYN ? syn_wscale(l4 + 20, l4 + doff) : NO_WSCALE;
 	return TCP_SEGMENT;
-}
-
-/* The flow's key, outside endpoint first whatever the direction (xg_flow.h). */
-static void make_key(struct xg_flow_key *k, const struct pkt *p, int from_outside)
-{
-	struct xg_seg seg;
-
-	xg_flow_key_of(&p->h, p->end, from_outside ? XG_SIDE_OUT : XG_SIDE_IN, k, &seg);
 }
 
 /* ---- the flow table ---- */
@@ -664,7 +657,7 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 	uint8_t state;
 	int learning;
 
-	switch (parse(frame, *len, &p, &why)) {
+	switch (parse(frame, *len, x, &p, &k, &why)) {
 	case NOT_TCP:
 		return XG_V_FORWARD;
 	case BAD_FRAME:
@@ -676,7 +669,6 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 		return out_of_state(t, k.in_addr, XG_REASON_TCP_FRAGMENT, *len,
 				    xg_seq_before(now->s, cfg_get(&t->cfg.learn_until)), now, st);
 	}
-	make_key(&k, &p, 1);
 	learning = xg_seq_before(now->s, cfg_get(&t->cfg.learn_until));
 
 	b = flow_bucket(t, &k);
@@ -812,9 +804,8 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 	struct xg_flow *f;
 	struct pkt p;
 
-	if (parse((uint8_t *)frame, len, &p, &why) != TCP_SEGMENT)
+	if (parse((uint8_t *)frame, len, x, &p, &k, &why) != TCP_SEGMENT)
 		return;
-	make_key(&k, &p, 0);
 	b = flow_bucket(t, &k);
 	lock(&b->lock);
 	f = xg_flow_find(b, &k, now->s);

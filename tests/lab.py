@@ -225,31 +225,11 @@ class Lab:
             self.ns_exec(self.origin_ns, "nft", "delete", "table", "netdev", table, check=False)
 
     @contextlib.contextmanager
-    def anyport_server(self, workers: int = 1) -> Iterator[subprocess.Popen[str]]:
-        """scripts/anyport-origin.py in the origin namespace (a lab with anyport)."""
+    def _origin_server(self, what: str, *argv: str) -> Iterator[subprocess.Popen[str]]:
+        """@argv in the origin namespace until the block ends; it says "serving"
+        on its first line once it listens."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.origin_ns, sys.executable,
-             str(SCRIPTS / "anyport-origin.py"), "--workers", str(workers)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert "serving" in line, f"anyport origin did not start: {line}"
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    @contextlib.contextmanager
-    def server(self, port: int = 5201) -> Iterator[subprocess.Popen[str]]:
-        """labtraffic's server in the origin namespace for the duration of the block."""
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.origin_ns, *TRAFFIC, "serve", "--port", str(port)],
+            ["ip", "netns", "exec", self.origin_ns, *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -257,11 +237,29 @@ class Lab:
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
-            assert "serving" in line, f"server did not start: {line}"
+            assert "serving" in line, f"{what} did not start: {line}"
             yield proc
         finally:
-            proc.kill()
-            proc.wait(timeout=10)
+            # SIGTERM first: the any-port origin detaches its sk_lookup program.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def anyport_server(
+        self, workers: int = 1
+    ) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+        """scripts/anyport-origin.py in the origin namespace (a lab with anyport)."""
+        script = str(SCRIPTS / "anyport-origin.py")
+        return self._origin_server(
+            "anyport origin", sys.executable, script, "--workers", str(workers)
+        )
+
+    def server(self, port: int = 5201) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+        """labtraffic's server in the origin namespace for the duration of the block."""
+        return self._origin_server("server", *TRAFFIC, "serve", "--port", str(port))
 
 
 @contextlib.contextmanager

@@ -163,7 +163,8 @@ class FastPath:
                     p.dst.name,
                     p.why,
                 )
-                now = None  # type: ignore[assignment]
+                p.last = None
+                continue
             p.last = now
 
     def status(self) -> dict[str, Any]:
