@@ -26,10 +26,7 @@ Usage: bench/drdos.py [--seconds S] [--json PATH] (as root).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -226,14 +223,9 @@ def measure(frame: bytes, seconds: float, dropped: Callable[[], int]) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = xgbench.arguments(__doc__, "drdos")
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "drdos.json")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        ap.error("needs root")
+    args = xgbench.parse_as_root(ap)
 
     results = {}
     with lab(edge=True):
@@ -254,16 +246,14 @@ def main() -> int:
     for r in results.values():
         r["ns_per_packet_net"] = max(0.0, (1 / r["pps"] - 1 / ceiling) * 1e9)
     x = results["xdpguard"]["pps"]
-    report = {
-        "benchmark": "DRDoS drop: 1:1 UDP sport 53 and smallest IPv4 fragments, one core",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+    report = xgbench.report(
+        "DRDoS drop: 1:1 UDP sport 53 and smallest IPv4 fragments, one core"
+    ) | {
         "results": results,
         "xdpguard_over_xdp_minimal": x / results["xdp-minimal"]["pps"],
         "xdpguard_over_iptables": x / results["iptables"]["pps"],
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    xgbench.write_report(report, args.json)
 
     print(f"\n{'dropper':<12}{'drop rate':>12}{'own ns/pkt':>12}{'vs xdpguard':>13}")
     for name, r in results.items():
@@ -273,7 +263,6 @@ def main() -> int:
         )
     print(f"xdpguard / xdp-minimal: {report['xdpguard_over_xdp_minimal']:.2f} (goal >= 0.9)")
     print(f"xdpguard / iptables+ipset: {report['xdpguard_over_iptables']:.2f} (goal >= 2.5)")
-    print(f"written to {args.json}")
     return 0
 
 

@@ -27,10 +27,7 @@ Usage: bench/fastpath.py [--seconds-per-point S] [--json PATH] (as root).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import re
 import socket
 import struct
@@ -235,19 +232,10 @@ def real_tcp() -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = xgbench.arguments(__doc__, "fastpath")
     ap.add_argument("--seconds-per-point", type=float, default=1.0)
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "fastpath.json")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        ap.error("needs root")
-    report: dict = {
-        "benchmark": "XDP fast path",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
-    }
+    args = xgbench.parse_as_root(ap)
+    report: dict = xgbench.report("XDP fast path")
     results = rates(args.seconds_per_point)
     by = {r["name"]: r["saturated_pps"] for r in results}
     report["rate"] = {
@@ -271,9 +259,7 @@ def main() -> int:
     print("tcp flow:", json.dumps(report["tcp"]))
     report["real_tcp"] = real_tcp()
     print("real tcp:", json.dumps(report["real_tcp"], indent=1))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.json}")
+    xgbench.write_report(report, args.json)
     return 0
 
 

@@ -4,7 +4,9 @@
 Every configuration runs in the same invocation, on the same machine, with
 the same generator and the same sink:
 
-  xdpguard     xdpguard run --queues 1, its process pinned to CPU 1
+  xdpguard     xdpguard run --queues 1 --fast-path off, its process pinned
+               to CPU 1: every frame through the AF_XDP loop (fastpath.py
+               measures the XDP fast path, on by default)
   bare-afxdp   the same, --no-policy: the same UMEM and rings, no per-frame logic
   bridge-rps   Linux bridge between outer and inner in one namespace, RPS
                steering the forwarding to CPU 1 (the core the worker gets)
@@ -23,10 +25,7 @@ Usage: bench/forwarding.py [--seconds-per-point S] [--json PATH]
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -130,18 +129,14 @@ def summarize(name: str, points: list[dict], idle: float | None) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = xgbench.arguments(__doc__, "forwarding")
     ap.add_argument("--seconds-per-point", type=float, default=1.0)
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "forwarding.json")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        ap.error("needs root")
+    args = xgbench.parse_as_root(ap)
     if os.cpu_count() < 2:
         ap.error("needs two CPUs: one for the generator, one for the forwarder")
     results = []
-    for name, extra in (("xdpguard", ()), ("bare-afxdp", ("--no-policy",))):
+    loop = ("--fast-path", "off")
+    for name, extra in (("xdpguard", loop), ("bare-afxdp", (*loop, "--no-policy"))):
         with (
             tempfile.TemporaryDirectory() as tmp,
             lab(edge=False),
@@ -154,18 +149,14 @@ def main() -> int:
             results.append(summarize(name, sweep(args.seconds_per_point), None))
 
     by = {r["name"]: r for r in results}
-    report = {
-        "benchmark": "forwarding, 64-byte UDP, one queue",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+    report = xgbench.report("forwarding, 64-byte UDP, one queue") | {
         "results": results,
         "xdpguard_over_bare": by["xdpguard"]["saturated_pps"] / by["bare-afxdp"]["saturated_pps"],
         "xdpguard_over_bridge_rps": (
             by["xdpguard"]["saturated_pps"] / by["bridge-rps"]["saturated_pps"]
         ),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    xgbench.write_report(report, args.json)
 
     print(
         f"{'config':<12}{'saturated':>12}{'max offered':>14}{'x':>6}{'fwd there':>12}"
@@ -182,7 +173,6 @@ def main() -> int:
         )
     print(f"xdpguard / bare AF_XDP: {report['xdpguard_over_bare']:.2f} (goal >= 0.9)")
     print(f"xdpguard / kernel bridge (RPS to one core): {report['xdpguard_over_bridge_rps']:.2f}")
-    print(f"written to {args.json}")
     return 0
 
 

@@ -18,10 +18,7 @@ Usage: bench/policy_scale.py [--json PATH] (as root).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import subprocess
@@ -116,21 +113,12 @@ def drop_rate(frame: bytes, runs: int) -> tuple[float, int]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "policy_scale.json")
+    ap = xgbench.arguments(__doc__, "policy_scale")
     ap.add_argument("--v4", type=int, default=1_000_000)
     ap.add_argument("--v6", type=int, default=100_000)
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        ap.error("needs root")
+    args = xgbench.parse_as_root(ap)
 
-    report: dict = {
-        "benchmark": "policy scale",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
-    }
+    report: dict = xgbench.report("policy scale")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         f4, f6, both = write_lists(tmp, args.v4, args.v6)
@@ -230,9 +218,7 @@ def main() -> int:
                 flush=True,
             )
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.json}")
+    xgbench.write_report(report, args.json)
     return 0
 
 

@@ -16,10 +16,7 @@ Usage: bench/scale.py [--conns N] [--json PATH] (as root; its own labs).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
@@ -138,19 +135,11 @@ def through_bridge(conns: int, workers: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = xgbench.arguments(__doc__, "scale")
     ap.add_argument("--conns", type=int, default=100_000)
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "scale.json")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        ap.error("needs root")
+    args = xgbench.parse_as_root(ap)
     workers = -(-args.conns // 16_000)
-    report = {
-        "benchmark": f"{args.conns} connections",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+    report = xgbench.report(f"{args.conns} connections") | {
         "xdpguard": through_xdpguard(args.conns, workers),
         "bridge": through_bridge(args.conns, workers),
     }
@@ -158,9 +147,7 @@ def main() -> int:
         o = report[k]["open"]
         print(f"{k}: {o['established']} established in {o['seconds']:.1f} s "
               f"({o['established'] / o['seconds']:.0f}/s), {o['failed']} failed")  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.json}")
+    xgbench.write_report(report, args.json)
     return 0
 
 

@@ -20,12 +20,8 @@ Usage: bench/tcp.py [--json PATH] (as root).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
-import json
-import os
-import platform
 import socket
 import statistics
 import sys
@@ -224,18 +220,9 @@ def forward_rate(frame: bytes, sink: xgbench.Sink, seconds: float) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--json", type=Path, default=HERE / "results" / "tcp.json")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        ap.error("needs root")
-    report: dict = {
-        "benchmark": "TCP protection",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
-    }
+    ap = xgbench.arguments(__doc__, "tcp")
+    args = xgbench.parse_as_root(ap)
+    report: dict = xgbench.report("TCP protection")
     stop = threading.Event()
     with tempfile.TemporaryDirectory() as tmp, lab(edge=False):
         for src in SOURCES:
@@ -336,9 +323,7 @@ def main() -> int:
             stop.set()
             srv.join(3)
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {args.json}")
+    xgbench.write_report(report, args.json)
     return 0
 
 

@@ -8,7 +8,10 @@ XDP, so a measurement does not include the receiver's network stack.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
 import signal
 import socket
 import struct
@@ -40,6 +43,38 @@ NAMES = {
     "ORIGIN_NS": "xgb-origin",
 }
 EDGE_NS = "xgb-edge"
+
+
+def arguments(doc: str | None, name: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: @doc as its help, --json results/<name>.json."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--json", type=Path, default=HERE / "results" / f"{name}.json")
+    return ap
+
+
+def parse_as_root(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Every benchmark builds labs; a one-line error instead of a traceback."""
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        ap.error("needs root")
+    return args
+
+
+def report(benchmark: str) -> dict:
+    """The head of every benchmark's JSON: what ran, when, on what."""
+    return {
+        "benchmark": benchmark,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+    }
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {path}")
 
 
 def sh(*cmd: str, env: dict[str, str] | None = None, stdin: str | None = None) -> str:
