@@ -244,11 +244,55 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pk
 }
 
 /*
+ * A bucket lock is held for a few dozen instructions, usually by the program
+ * on the other device noting the flow's reverse direction on the other
+ * core. XDP waits for it: a segment sent to the loop instead arrives after
+ * its successors, and the receiver's duplicate ACKs make the sender
+ * retransmit (with one try, an iperf3 stream had 0.06 % of its segments
+ * reordered so, and retransmitted about 1 % of all it sent). Most waits
+ * take under 64 tries; an interrupt or a VM exit in the holder's critical
+ * section makes a few last a thousand. Bounded, because the holder may be
+ * the loop, preempted on this very core until this poll ends: after a wait
+ * that failed, this core tries each lock once for XG_FAST_LOCK_BACKOFF_NS
+ * instead of spinning again for every frame.
+ */
+#define XG_FAST_LOCK_TRIES 4096
+#define XG_FAST_LOCK_BACKOFF_NS 50000
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64); /* until when (ktime, ns) this core does not wait */
+} xg_lock_backoff SEC(".maps");
+
+/* Take @b's lock, waiting a bounded while; 1 if taken. */
+static __always_inline int bucket_lock(struct xg_flow_bucket *b)
+{
+	__u32 zero = 0, tries;
+	__u64 *backoff, now;
+
+	if (__sync_val_compare_and_swap(&b->lock, 0, 1) == 0)
+		return 1;
+	backoff = bpf_map_lookup_elem(&xg_lock_backoff, &zero);
+	if (!backoff)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (now < *backoff)
+		return 0;
+	for (tries = 1; tries < XG_FAST_LOCK_TRIES; tries++)
+		if (__sync_val_compare_and_swap(&b->lock, 0, 1) == 0)
+			return 1;
+	*backoff = now + XG_FAST_LOCK_BACKOFF_NS;
+	return 0;
+}
+
+/*
  * A TCP segment (@k, @s, @len bytes from side @x) of a flow the loop
  * verified, in its window: note it (the loop's view stays true) and say
- * yes. Anything else, including a bucket someone else holds right now,
- * is the loop's: no. A global function, so the verifier checks it once
- * and not once per path through the parser.
+ * yes. Anything else, including a bucket lock bucket_lock() could not
+ * get, is the loop's: no. A global function, so the verifier checks it
+ * once and not once per path through the parser.
  */
 __attribute__((noinline)) int xg_fast_tcp(struct xg_flow_key *k, struct xg_seg *s, __u32 len,
 					   int x)
@@ -266,7 +310,7 @@ __attribute__((noinline)) int xg_fast_tcp(struct xg_flow_key *k, struct xg_seg *
 		return 0;
 	idx = xg_flow_hash(k, info->key) & (info->nbuckets - 1);
 	b = bpf_map_lookup_elem(&xg_flows, &idx);
-	if (!b || __sync_val_compare_and_swap(&b->lock, 0, 1) != 0)
+	if (!b || !bucket_lock(b))
 		return 0;
 	now = bpf_ktime_get_coarse_ns() / 1000000000;
 	f = xg_flow_find(b, k, now);

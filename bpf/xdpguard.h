@@ -272,8 +272,9 @@ enum {
  * One bucket of the flow table: the value of the xg_flows array map
  * (BPF_F_MMAPABLE), which the XDP programs reach through the map and the
  * loop through the same memory mmap()ed. The lock word is taken by the
- * loop (spinning, briefly) and by XDP (one try: if it is held, the frame
- * takes the AF_XDP path). slot[] has XG_FLOW_WAYS entries.
+ * loop (spinning, briefly) and by XDP (spinning a bounded while: if it is
+ * still held, the frame takes the AF_XDP path). slot[] has XG_FLOW_WAYS
+ * entries.
  */
 struct xg_flow_bucket {
 	__u32 lock;
