@@ -74,6 +74,15 @@ ip netns exec "$INNER_NS" ethtool -K "$INNER" tx off >/dev/null
 ip netns exec "$CLIENT_NS" ethtool -K eth0 gro on >/dev/null
 ip netns exec "$ORIGIN_NS" ethtool -K eth0 gro on >/dev/null
 
+# A host's NIC queues what its link cannot take yet; a veth with its default
+# noqueue drops it instead. When the peer's receive ring (256 frames) is
+# full, a veth stops its queue only if a qdisc sits on it (Linux 6.16 and
+# later); without one, a bulk TCP sender with a few streams loses
+# hundreds of thousands of segments a second at its own eth0, before the
+# appliance sees them. The hosts' ends get the plain FIFO a NIC would.
+ip netns exec "$CLIENT_NS" tc qdisc replace dev eth0 root pfifo_fast
+ip netns exec "$ORIGIN_NS" tc qdisc replace dev eth0 root pfifo_fast
+
 # The bump in the wire must stay invisible to IPv6 on its own ports.
 ip netns exec "$INNER_NS" sysctl -qw "net.ipv6.conf.$INNER.disable_ipv6=1"
 on_outer sysctl -qw "net.ipv6.conf.$OUTER.disable_ipv6=1"
