@@ -44,8 +44,9 @@ RATIOS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 @contextmanager
-def bridge(rps: bool):
-    """Kernel forwarding: inner joins outer's namespace, a bridge links them."""
+def bridge(rps: bool, xdp_on: tuple[str, ...] = ("OUTER",)):
+    """Kernel forwarding: inner joins outer's namespace, a bridge links them.
+    ``xdp_on`` (NAMES keys) get a pass-through XDP program."""
     sh("ip", "-n", NAMES["INNER_NS"], "link", "set", NAMES["INNER"], "netns", EDGE_NS)
     e = ["ip", "-n", EDGE_NS]
     sh(*e, "link", "add", "xgb-br", "type", "bridge")
@@ -63,12 +64,14 @@ def bridge(rps: bool):
             "-c",
             f"echo {1 << FWD_CPU:x} > /sys/class/net/{NAMES['OUTER']}/queues/rx-0/rps_cpus",
         )
-    # A veth takes XDP_TX frames from its peer only with XDP (or GRO) on.
-    passp = xgbench.attach(EDGE_NS, NAMES["OUTER"], "xg_pass")
+    # A veth takes XDP_TX frames (the generator's) from its peer only with
+    # XDP (or GRO) on.
+    progs = [xgbench.attach(EDGE_NS, NAMES[dev], "xg_pass") for dev in xdp_on]
     try:
         yield None
     finally:
-        passp.close()
+        for prog in progs:
+            prog.close()
 
 
 def sweep(seconds: float) -> list[dict]:

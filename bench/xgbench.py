@@ -100,13 +100,14 @@ def lab(edge: bool, queues: int = 1, anyport: bool = False) -> Iterator[None]:
 
 
 @contextmanager
-def xdpguard(*extra: str, state_dir: Path, edge: bool = False) -> Iterator[subprocess.Popen]:
-    """``xdpguard run`` on the bench lab, pinned to FWD_CPU, until the block ends."""
+def xdpguard(
+    *extra: str, state_dir: Path, edge: bool = False, pin: bool = True
+) -> Iterator[subprocess.Popen]:
+    """``xdpguard run`` on the bench lab, pinned to FWD_CPU unless not ``pin``,
+    until the block ends."""
     control = state_dir / "control.sock"
     args = [
-        "taskset",
-        "-c",
-        str(FWD_CPU),
+        *(["taskset", "-c", str(FWD_CPU)] if pin else []),
         str(XDPGUARD),
         "run",
         "--outer",
