@@ -259,7 +259,9 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 def cli(*a: str) -> None:
                     """The command an operator types, against this daemon."""
                     cmd = [str(xgbench.XDPGUARD), *a, "--control", sock]
-                    subprocess.run(cmd, check=True, capture_output=True)
+                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    if res.returncode:
+                        raise RuntimeError(f"{' '.join(a)}: {res.stderr.strip()}")
 
                 cli("tcp", "mode", "on")
                 macs = (
