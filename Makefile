@@ -27,7 +27,7 @@ DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 
 BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o scripts/xg_anyport.bpf.o
 SHIM := xdpguard/_shim.abi3.so
-SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py bpf/xdpguard.h bpf/xg_parse.h bpf/xg_flow.h
+SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py $(wildcard bpf/*.h)
 
 PYTEST_ARGS ?=
 
@@ -73,7 +73,7 @@ $(STAMP)/venv: pyproject.toml setup.py | apt
 
 build: $(BPF_OBJS) $(SHIM)
 
-%.bpf.o: %.bpf.c bpf/xdpguard.h bpf/xg_parse.h bpf/xg_flow.h $(wildcard bench/*.h) | apt
+%.bpf.o: %.bpf.c $(wildcard bpf/*.h) $(wildcard bench/*.h) | apt
 	@echo "  CLANG  $@"
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
@@ -105,6 +105,8 @@ bench: deps build
 	$(Q)$(PY) bench/drdos.py
 	$(Q)$(PY) bench/policy_scale.py
 	$(Q)$(PY) bench/tcp.py
+	$(Q)$(PY) bench/fastpath.py
+	$(Q)$(PY) bench/challenge.py
 
 # The long runs of the fuzz tests that make test runs short (FUZZ_RUNS each).
 FUZZ_RUNS ?= 10000000

@@ -1,19 +1,16 @@
 #!/usr/bin/env python3
-"""TCP protection under load: challenge rate, connection setup, flow-table cost.
+"""TCP protection under load: the flow table's cost to an established flow.
 
 xdpguard runs with one queue pinned to CPU 1; the generator is pinned to
-CPU 0 and sends spoofed segments from 198.18.0.0/15.
+CPU 0.
 
-  challenges  SYN challenges sent per second when a spoofed SYN flood is
-              offered at increasing rates (`tcp mode on`).
-  setup       connect() time of real clients from 24 fresh source addresses
-              (so each goes through a challenge) and again once verified,
-              with no flood and with a spoofed SYN flood at about half the
-              challenge capacity.
   flows       forwarding rate of an established flow (a real connection
               whose in-window segment the generator replays into an XDP
               sink at the origin) with 10 flows in the table and with the
               table filled to about 1,000,000 flows by a spoofed SYN flood.
+
+The challenges (rate, connection setup under floods) are bench/challenge.py's;
+this module also holds the real clients both use.
 
 Usage: bench/tcp.py [--json PATH] (as root).
 """
@@ -21,7 +18,6 @@ Usage: bench/tcp.py [--json PATH] (as root).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import socket
 import statistics
 import sys
@@ -96,117 +92,6 @@ def syn_frame(client_mac: str, origin_mac: str) -> bytes:
     return xgbench.tcp4_frame(client_mac, origin_mac, "198.18.0.1", ORIGIN, 40000, PORT, "S")
 
 
-def measure_challenges(proc, frame: bytes, seconds: float = 2.0) -> list[dict]:  # type: ignore[no-untyped-def]
-    """Sustained challenges/s at increasing offered rates, each over ``seconds``."""
-    probe = xgbench.LiveGenerator(
-        NAMES["CLIENT_NS"], "eth0", frame, random_saddr=True, random_sport=True
-    )
-    runs_per_s = 300_000 / probe.run(300_000, cpu=GEN_CPU)  # program runs/s at full load
-    probe.close()
-    points = []
-    for ratio in (0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0):
-        gen = xgbench.LiveGenerator(
-            NAMES["CLIENT_NS"], "eth0", frame, random_saddr=True, random_sport=True, ratio=ratio
-        )
-        try:
-            gen.run(20_000, cpu=GEN_CPU)
-            time.sleep(0.3)
-            before, sent0 = losses(proc), gen.sent()
-            c0 = xgbench.control(proc, "stats")["challenges"]  # type: ignore[index]
-            elapsed = gen.run(int(runs_per_s * seconds), cpu=GEN_CPU)
-            c1 = xgbench.control(proc, "stats")["challenges"]  # type: ignore[index]
-            after, sent = losses(proc), gen.sent() - sent0
-        finally:
-            gen.close()
-        points.append(
-            {
-                "ratio": ratio,
-                "offered_pps": sent / elapsed,
-                "challenges_per_s": (c1["sent"] - c0["sent"]) / elapsed,
-                "kernel_drops_per_s": (after["outer_rx_ring_full"] - before["outer_rx_ring_full"])
-                / elapsed,
-            }
-        )
-        p = points[-1]
-        print(
-            f"  offered {p['offered_pps'] / 1e6:.3f} Mpps -> {p['challenges_per_s'] / 1e6:.3f}"
-            f" M challenges/s, {p['kernel_drops_per_s'] / 1e6:.3f} M/s dropped at the "
-            "socket's RX ring",
-            flush=True,
-        )
-    return points
-
-
-def ratio_for(points: list[dict], pps: float) -> float:
-    """The generator's ratio that offered ``pps`` in the sweep (interpolated).
-
-    Not pps / full rate: a run that sends nothing is cheaper than one that
-    sends, so thinned runs go faster and the offered rate is not linear in
-    the ratio.
-    """
-    pts = sorted((p["offered_pps"], p["ratio"]) for p in points)
-    for (p0, r0), (p1, r1) in itertools.pairwise(pts):
-        if p0 <= pps <= p1:
-            return r0 + (r1 - r0) * (pps - p0) / (p1 - p0)
-    return pts[0][1] * pps / pts[0][0]
-
-
-def losses(proc) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    """Where frames can be lost on the way: kernel socket drops and the loop's own."""
-    st = xgbench.control(proc, "stats")
-    out = {"challenges_lost": st["challenges"]["lost"]}  # type: ignore[index]
-    for d in ("in", "out"):
-        out[f"{d}_tx_ring_full"] = st["directions"][d]["tx_ring_full"]  # type: ignore[index]
-    for side in ("outer", "inner"):
-        for k in ("rx_ring_full", "rx_dropped"):
-            out[f"{side}_{k}"] = sum(q["xsk"][side][k] for q in st["queues"])  # type: ignore[index]
-    return out
-
-
-def measure_setup(proc, frame: bytes, flood_ratio: float | None) -> dict:  # type: ignore[no-untyped-def]
-    xgbench.control(proc, "tcp.verified.clear")
-    before = losses(proc)
-    stop = threading.Event()
-    flooder = None
-    if flood_ratio:
-        gen = xgbench.LiveGenerator(
-            NAMES["CLIENT_NS"],
-            "eth0",
-            frame,
-            random_saddr=True,
-            random_sport=True,
-            ratio=flood_ratio,
-        )
-
-        def flood() -> None:
-            # Long calls: each call's start and end cost an RCU grace period
-            # with no frames, so short calls would make the flood bursty.
-            while not stop.is_set():
-                gen.run(3_000_000, cpu=GEN_CPU)
-
-        flooder = threading.Thread(target=flood)
-        flooder.start()
-        time.sleep(0.3)
-    sent = gen.sent if flooder else lambda: 0
-    t0, sent0 = time.perf_counter(), sent()
-    try:
-        challenged = connect_times(SOURCES)
-        verified = connect_times(SOURCES)
-        flood_pps = (sent() - sent0) / (time.perf_counter() - t0)
-    finally:
-        stop.set()
-        if flooder:
-            flooder.join()
-            gen.close()
-    after = losses(proc)
-    return {
-        "flood_pps": flood_pps,
-        "challenged": summary(challenged),
-        "verified": summary(verified),
-        "losses": {k: after[k] - before[k] for k in after if after[k] != before[k]},
-    }
-
-
 def forward_rate(frame: bytes, sink: xgbench.Sink, seconds: float) -> float:
     gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame)
     try:
@@ -234,34 +119,6 @@ def main() -> int:
         # Answers to spoofed sources must not flood the client host's stack.
         shield = xgbench.attach(NAMES["CLIENT_NS"], "eth0", "xg_drop_spoofed")
         try:
-            with xgbench.xdpguard(state_dir=Path(tmp) / "a") as proc:
-                xgbench.control(proc, "tcp.mode", mode="on")
-                print("challenges (one worker):", flush=True)
-                points = measure_challenges(proc, frame)
-                top = max(p["challenges_per_s"] for p in points)
-                # Sustained: the highest rate served with (almost) no drops.
-                clean = max(
-                    (
-                        p["challenges_per_s"]
-                        for p in points
-                        if p["kernel_drops_per_s"] < 0.01 * p["offered_pps"]
-                    ),
-                    default=0.0,
-                )
-                report["challenges"] = {
-                    "points": points,
-                    "max_per_s": top,
-                    "without_drops_per_s": clean,
-                }
-                print("connection setup:", flush=True)
-                report["setup"] = {"no_flood": measure_setup(proc, frame, None)}
-                # A flood at about half of what one worker challenges without
-                # drops (or at all, if no point of the sweep was drop-free).
-                half = 0.5 * (clean or top)
-                report["setup"]["flood"] = measure_setup(proc, frame, ratio_for(points, half))
-                for k, v in report["setup"].items():
-                    print(f"  {k}: {v}", flush=True)
-
             with xgbench.xdpguard("--max-flows", "1000000", state_dir=Path(tmp) / "b") as proc:
                 xgbench.control(proc, "tcp.config", syn_mode="off", state_mode="on", learn=0)
                 s = Netns(NAMES["CLIENT_NS"]).run(

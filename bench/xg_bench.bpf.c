@@ -21,15 +21,26 @@
  *            and UDP headers: what any forwarder that looks at headers pays
  *            (the cache lines of a frame another core wrote), and the bare
  *            forwarder does not.
+ *   xg_count_synacks  xg_drop_spoofed, counting the SYN-ACKs it drops per
+ *            destination /24 (synacks_per_24): what a reflector's victims
+ *            would receive.
+ *   xg_synack the challenges' limit: every IPv4 TCP SYN answered in place
+ *            with a SYN-ACK (addresses and ports swapped, checksum updated
+ *            for what changed) and sent back with XDP_TX; no cookie, no
+ *            policy, no caps. synack_count counts the answers.
  *
- * Live-frame pages are recycled without being reset, so a generator that
- * varies a frame writes every field it varies, on every run.
+ * Live-frame pages are recycled without being reset, and a page comes back
+ * as whatever the device under test left of it (xdpguard rewrites a SYN in
+ * place into its challenge, and XDP_TX sends that very page back): so the
+ * generator writes the template's first bytes (gen_template: every header)
+ * again on every run, then what it varies.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/tcp.h>
 #include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -47,6 +58,9 @@ const volatile __u32 gen_tx_ratio = 0xffffffff; /* fraction of runs sent, of 2^3
  * for receivers that verify it (the kernel's IP layer does).
  */
 const volatile __u32 gen_mix;
+/* The frame's first gen_template_len bytes (at most 128), rewritten every run. */
+const volatile __u64 gen_template[16];
+const volatile __u32 gen_template_len;
 const volatile __u16 gen_a_tot_len, gen_a_frag_off, gen_a_check; /* network order */
 const volatile __u16 gen_b_tot_len, gen_b_frag_off, gen_b_check;
 
@@ -74,6 +88,7 @@ int xg_gen(struct xdp_md *ctx)
 	struct udphdr *udp;
 	__u32 rnd, key = 0;
 	__u64 *sent;
+	int i;
 
 	if (gen_tx_ratio != 0xffffffff && bpf_get_prandom_u32() > gen_tx_ratio)
 		return XDP_DROP;
@@ -81,6 +96,11 @@ int xg_gen(struct xdp_md *ctx)
 	if (!sent)
 		return XDP_DROP;
 	(*sent)++;
+	for (i = 0; i < 16; i++) {
+		if (i * 8 >= gen_template_len || data + (i + 1) * 8 > end)
+			break;
+		((__u64 *)data)[i] = gen_template[i];
+	}
 	if (gen_mix) {
 		if ((void *)(iph + 1) > end)
 			return XDP_DROP;
@@ -163,6 +183,40 @@ int xg_drop_spoofed(struct xdp_md *ctx)
 	return XDP_PASS;
 }
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);	/* the destination's /24, network order */
+	__type(value, __u64);
+} synacks_per_24 SEC(".maps");
+
+SEC("xdp")
+int xg_count_synacks(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = (void *)(eth + 1);
+	struct tcphdr *tcp = (void *)(iph + 1);
+	__u64 one = 1, *n;
+	__u32 key;
+
+	if ((void *)(iph + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    (iph->daddr & bpf_htonl(0xfffe0000)) != bpf_htonl(0xc6120000))
+		return XDP_PASS;
+	if (iph->protocol == IPPROTO_TCP && iph->ihl == 5 && (void *)(tcp + 1) <= end &&
+	    ((__u8 *)tcp)[13] == 0x12) {
+		key = iph->daddr & bpf_htonl(0xffffff00);
+		n = bpf_map_lookup_elem(&synacks_per_24, &key);
+		if (!n && bpf_map_update_elem(&synacks_per_24, &key, &one, BPF_NOEXIST) == 0)
+			return XDP_DROP;
+		n = n ? n : bpf_map_lookup_elem(&synacks_per_24, &key); /* another CPU's insert */
+		if (n)
+			(*n)++;
+	}
+	return XDP_DROP;
+}
+
 SEC("xdp")
 int xg_pass(struct xdp_md *ctx)
 {
@@ -190,6 +244,66 @@ int xg_devmap_read(struct xdp_md *ctx)
 	if ((void *)(p + 42) > (void *)(long)ctx->data_end || (p[0] ^ p[14] ^ p[34] ^ p[41]) == 0x5a)
 		return XDP_DROP; /* never: the lab's MACs start 02 */
 	return bpf_redirect_map(&fwd_peer, 0, XDP_DROP);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} synack_count SEC(".maps");
+
+/* The one's-complement checksum @csum after a 32-bit word went from @from to @to. */
+static __always_inline __u16 csum_replace4(__u16 csum, __be32 from, __be32 to)
+{
+	__u32 sum = (__u16)~csum;
+
+	sum += (__u16)~from + (__u16)~(from >> 16) + (__u16)to + (__u16)(to >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+SEC("xdp")
+int xg_synack(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = (void *)(eth + 1);
+	struct tcphdr *tcp = (void *)(iph + 1);
+	__u8 mac[ETH_ALEN];
+	__be32 addr, old_seq, old_ack, old_word, new_word;
+	__be16 port;
+	__u32 key = 0;
+	__u64 *cnt;
+
+	if ((void *)(tcp + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || iph->ihl != 5 ||
+	    iph->protocol != IPPROTO_TCP || ((__u8 *)tcp)[13] != 0x02)
+		return XDP_PASS;
+	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+	addr = iph->saddr; /* swapped addresses and ports leave the sums as they are */
+	iph->saddr = iph->daddr;
+	iph->daddr = addr;
+	port = tcp->source;
+	tcp->source = tcp->dest;
+	tcp->dest = port;
+	old_seq = tcp->seq;
+	old_ack = tcp->ack_seq;
+	__builtin_memcpy(&old_word, (__u8 *)tcp + 12, 4);
+	tcp->ack_seq = bpf_htonl(bpf_ntohl(old_seq) + 1);
+	tcp->seq = bpf_htonl(0x12345678);
+	((__u8 *)tcp)[13] = 0x12; /* SYN | ACK */
+	__builtin_memcpy(&new_word, (__u8 *)tcp + 12, 4);
+	tcp->check = csum_replace4(tcp->check, old_seq, tcp->seq);
+	tcp->check = csum_replace4(tcp->check, old_ack, tcp->ack_seq);
+	tcp->check = csum_replace4(tcp->check, old_word, new_word);
+	cnt = bpf_map_lookup_elem(&synack_count, &key);
+	if (cnt)
+		(*cnt)++;
+	return XDP_TX;
 }
 
 char _license[] SEC("license") = "GPL";

@@ -298,6 +298,9 @@ class LiveGenerator:
             "gen_random_saddr": struct.pack("=I", int(random_saddr)),
             "gen_random_sport": struct.pack("=I", int(random_sport)),
             "gen_tx_ratio": struct.pack("=I", threshold),
+            # Whole 8-byte words of the frame's start, rewritten every run.
+            "gen_template": frame[:128].ljust(128, b"\0"),
+            "gen_template_len": struct.pack("=I", min(len(frame), 128) & ~7),
         }
         if mix_fragments:
             # Variant a: the template; variant b: the smallest later fragment.

@@ -5,10 +5,13 @@
  *   outer: parse (bpf/xg_parse.h, the parser the C loop compiles too: a
  *          frame it cannot finish is dropped), apply the stateless policy
  *          to every IP frame (cheapest first: allowlist, blocklist, UDP
- *          source ports, fragments, impossible TCP flags), hand survivors
- *          to the AF_XDP socket of the frame's RX queue with the parser's
- *          findings in front (struct xg_meta);
- *   inner: hand everything to the socket (the origin's replies carry no
+ *          source ports, fragments, impossible TCP flags), forward what
+ *          needs no loop to inner itself (the fast path), answer SYN
+ *          challenges and check their answers (bpf/xg_challenge.h), and
+ *          hand the rest to the AF_XDP socket of the frame's RX queue with
+ *          the parser's findings in front (struct xg_meta);
+ *   inner: forward verified flows and non-TCP traffic to outer itself,
+ *          hand the rest to the socket (the origin's replies carry no
  *          policy).
  *
  * Every frame leaves through the single exit of xdpguard_prog(), which counts
@@ -39,9 +42,11 @@ const volatile struct {
 	struct xg_lpm_v4 lpm_v4;
 	struct xg_lpm_v6 lpm_v6;
 	struct xg_meta meta;
-	/* Kept by the loop today; laid out for BPF maps tomorrow. */
 	struct xg_flow flow;
-	struct xg_verified verified;
+	struct xg_verified_src verified;
+	struct xg_cookie_secret secret;
+	struct xg_tcp_cfg tcp_cfg;
+	struct xg_addr addr;
 } xg_btf_anchor;
 
 struct {
@@ -326,6 +331,35 @@ __attribute__((noinline)) int xg_fast_tcp(struct xg_flow_key *k, struct xg_seg *
 }
 
 /*
+ * Does @k have a live flow? Yes too if its bucket stays locked: the loop
+ * then judges the frame, which is the safe side.
+ */
+__attribute__((noinline)) int xg_flow_exists(struct xg_flow_key *k)
+{
+	struct xg_flow_table *info;
+	struct xg_flow_bucket *b;
+	__u32 zero = 0, idx;
+	int found;
+
+	if (!k)
+		return 1;
+	info = bpf_map_lookup_elem(&xg_flowinfo, &zero);
+	if (!info || info->magic != XG_FLOW_TABLE_MAGIC || !info->nbuckets)
+		return 0; /* no table: nothing is tracked */
+	idx = xg_flow_hash(k, info->key) & (info->nbuckets - 1);
+	b = bpf_map_lookup_elem(&xg_flows, &idx);
+	if (!b)
+		return 0;
+	if (!bucket_lock(b))
+		return 1;
+	found = !!xg_flow_find(b, k, bpf_ktime_get_coarse_ns() / 1000000000);
+	__sync_lock_test_and_set(&b->lock, 0);
+	return found;
+}
+
+#include "xg_challenge.h"
+
+/*
  * May this frame, which passed the policy, skip the loop? Non-TCP: yes
  * (no state to keep). TCP: only a segment without SYN, FIN or RST of a
  * verified flow, in its window, while TCP state is enforced (not in
@@ -354,12 +388,13 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct pkt *pkt, int x)
  * front of the frame for the loop. Without room for the metadata (a driver
  * without support) the loop finds no magic and parses on its own.
  */
-static __always_inline void write_meta(struct xdp_md *ctx, struct pkt *pkt, __u8 reason)
+static __always_inline void write_meta(struct xdp_md *ctx, struct pkt *pkt, __u8 reason,
+				       __u32 flags)
 {
 	struct xg_meta m = {}, *meta;
 
 	xg_summarise(&pkt->h, (void *)(long)ctx->data, reason, &m);
-	m.flags = reason == XG_REASON_ALLOWLIST ? XG_META_ALLOWLISTED : 0;
+	m.flags = flags;
 	m.magic = XG_META_MAGIC;
 	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(m)))
 		return;
@@ -372,12 +407,12 @@ SEC("xdp")
 int xdpguard_prog(struct xdp_md *ctx)
 {
 	__u32 len = ctx->data_end - ctx->data;
-	enum xg_reason reason = XG_REASON_REDIRECTED;
+	enum xg_reason reason = XG_REASON_REDIRECTED, why = XG_REASON_REDIRECTED;
 	struct xg_counter *cnt;
 	struct pkt pkt; /* each stage writes what the next reads */
 	enum xg_reason parsed;
 	int action = XDP_DROP, fast, pass;
-	__u32 key;
+	__u32 key, meta_flags;
 
 	parsed = xg_parse((void *)(long)ctx->data, (void *)(long)ctx->data_end, &pkt.h);
 	if (xg_cfg.role == XG_ROLE_OUTER) {
@@ -398,8 +433,24 @@ int xdpguard_prog(struct xdp_md *ctx)
 		}
 		/* No peer (being changed): the AF_XDP path, as for any frame. */
 	}
+	meta_flags = reason == XG_REASON_ALLOWLIST ? XG_META_ALLOWLISTED : 0;
+	if (xg_cfg.role == XG_ROLE_OUTER && pass) {
+		switch (xg_tcp_gate(ctx, &pkt, len, reason == XG_REASON_ALLOWLIST, &meta_flags,
+				    &why)) {
+		case XG_GATE_TX:
+			reason = why;
+			action = bpf_redirect_map(&xg_self, 0, XDP_TX);
+			goto out;
+		case XG_GATE_DROP:
+			reason = why;
+			pass = 0;
+			break;
+		default:
+			break;
+		}
+	}
 	if (xg_cfg.role == XG_ROLE_OUTER && (pass || (xg_cfg.flags & XG_CFG_META_ALWAYS)))
-		write_meta(ctx, &pkt, reason);
+		write_meta(ctx, &pkt, reason, meta_flags);
 	if (!pass) {
 		action = XDP_DROP;
 		goto out;

@@ -22,7 +22,7 @@ enum {
 	 * carries it (xg_abi), and so does the compiled shim; xdpguard refuses
 	 * to start when either differs from xdpguard.defs.ABI_VERSION.
 	 */
-	XG_ABI_VERSION = 3,
+	XG_ABI_VERSION = 4,
 	/* Capacity of the per-queue maps; a device may use fewer. */
 	XG_MAX_QUEUES = 64,
 	/*
@@ -126,6 +126,14 @@ enum xg_reason {
 	 * verified. Never in the UMEM.
 	 */
 	XG_REASON_FAST_PATH = 16,
+	/*
+	 * A SYN that would have been challenged, but the challenges to its
+	 * source's /24 (IPv4) or /48 (IPv6), or to everyone, are at their
+	 * cap: dropped, so that xdpguard is no reflector.
+	 */
+	XG_REASON_CHALLENGE_RATE_LIMITED = 17,
+	/* A SYN from a verified source above its SYN rate: dropped. */
+	XG_REASON_VERIFIED_SYN_RATE_LIMITED = 18,
 };
 
 /*
@@ -142,13 +150,14 @@ enum xg_reason_stage {
 		       (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_ALLOWLIST) |
 		       (1 << XG_REASON_BLOCKLIST) | (1 << XG_REASON_UDP_SRC_PORT) |
 		       (1 << XG_REASON_FRAGMENT) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
-		       (1 << XG_REASON_FAST_PATH),
+		       (1 << XG_REASON_FAST_PATH) | (1 << XG_REASON_SYN_CHALLENGED) |
+		       (1 << XG_REASON_CHALLENGE_PASSED) | (1 << XG_REASON_CHALLENGE_FAILED) |
+		       (1 << XG_REASON_CHALLENGE_RATE_LIMITED) |
+		       (1 << XG_REASON_VERIFIED_SYN_RATE_LIMITED),
 	/* The loop parses with the same parser and fails closed the same way. */
 	XG_STAGE_LOOP = (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
 			(1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
-			(1 << XG_REASON_TCP_SYNACK_REFLECTION) |
-			(1 << XG_REASON_SYN_CHALLENGED) | (1 << XG_REASON_CHALLENGE_PASSED) |
-			(1 << XG_REASON_CHALLENGE_FAILED) | (1 << XG_REASON_FLOW_TABLE_FULL) |
+			(1 << XG_REASON_TCP_SYNACK_REFLECTION) | (1 << XG_REASON_FLOW_TABLE_FULL) |
 			(1 << XG_REASON_TCP_FRAGMENT),
 };
 
@@ -160,6 +169,17 @@ enum xg_reason_stage {
 enum {
 	XG_META_MAGIC = 0x78676d32, /* "xgm2": the fields below are valid */
 	XG_META_ALLOWLISTED = 1,    /* the source matched the allowlist */
+	/*
+	 * State mode auto: the destination is above its rate of frames sent
+	 * to the loop for a state check, so out-of-state frames are dropped.
+	 */
+	XG_META_STATE_OVER = 2,
+	/*
+	 * Forward without a state check: a RST of no flow that is not a
+	 * challenge's answer, let through because SYN challenges are only
+	 * monitored or the learning window is open.
+	 */
+	XG_META_FORWARD = 4,
 };
 
 /* Fragment state of a frame, as bits. */
@@ -307,11 +327,59 @@ struct xg_fast_cfg {
 	__u32 pad;
 };
 
-/* A source that answered a SYN challenge, and until when that counts. */
-struct xg_verified {
-	__u8 addr[16];		/* IPv4 as ::ffff:a.b.c.d */
+enum xg_tcp_mode {
+	XG_MODE_OFF = 0,	/* no check */
+	XG_MODE_MONITOR = 1,	/* count what would be dropped or challenged, pass it */
+	XG_MODE_ON = 2,		/* always */
+	XG_MODE_AUTO = 3,	/* only for a destination above its rate threshold */
+};
+
+/*
+ * The TCP policy: the loop's (xg_tcp_configure(), read field by field once
+ * per burst) and the outer program's (xg_tcpcfg[0], rewritten whole). Rates
+ * are per second; each per-CPU token bucket of XDP gets rate / ncpus.
+ */
+struct xg_tcp_cfg {
+	__u32 syn_mode;		/* enum xg_tcp_mode: SYN challenges */
+	__u32 state_mode;	/* enum xg_tcp_mode: out-of-state drops */
+	__u32 syn_rate;		/* auto: SYNs/s to one destination before challenges */
+	__u32 syn_burst;	/* auto: SYNs above the rate tolerated at once */
+	__u32 state_rate;	/* auto: frames/s to one destination judged by state */
+	__u32 state_burst;
+	__u32 verify_ttl;	/* seconds a verified source skips challenges */
+	__u32 learn_until;	/* xg_tcp_now() up to which mid-stream flows are adopted */
+	__u32 challenge_rate;	/* challenges/s sent at most, to all sources together */
+	__u32 challenge_prefix_rate; /* ... to one source /24 (IPv4) or /48 (IPv6) */
+	__u32 verified_syn_rate; /* SYNs/s a verified source may send while challenged */
+	__u32 ncpus;		/* CPUs sharing each per-CPU rate */
+};
+
+/*
+ * The cookie secret of the challenges (xg_secret[0]): key[gen] makes new
+ * cookies, and the other, the previous key, still checks answers. Python
+ * writes the next key into key[!gen], then flips gen.
+ */
+struct xg_cookie_secret {
+	__u32 gen;
+	__u32 pad;
+	__u8 key[2][16];
+};
+
+/* An address as the TCP tables key it: IPv4 as ::ffff:a.b.c.d. */
+struct xg_addr {
+	__u8 addr[16];
+};
+
+/*
+ * A source that answered a SYN challenge (xg_verified, an LRU hash keyed by
+ * its struct xg_addr): until when that counts, and
+ * its SYN rate's token bucket.
+ */
+struct xg_verified_src {
 	__u32 expires;		/* coarse monotonic seconds */
 	__u32 pad;
+	__u64 last_ns;		/* the bucket's last refill (coarse ktime) */
+	__s64 tokens;		/* billionths of a SYN; below zero for a moment in a race */
 };
 
 /* Keys of the LPM tries: prefix length in bits, then the address. */

@@ -4,6 +4,7 @@
  * path) and the C loop (libxdp_shim/xg_tcp.c). One copy of each rule a
  * frame is held to, compiled by both:
  *
+ *   xg_siphash()         SipHash-c-d of whole words (the table's, the cookies')
  *   xg_flow_hash()       where a key lives (SipHash-1-3 under the table's key)
  *   xg_flow_live()       whether a slot still holds a flow (idle timeouts)
  *   xg_flow_find()       the live flow of a key in its bucket
@@ -91,36 +92,50 @@ XG_INLINE int xg_key_equal(const struct xg_flow_key *a, const struct xg_flow_key
 	} while (0)
 
 /*
- * SipHash-1-3 of a flow key (40 bytes: five words) under @key: the bucket
- * an attacker cannot aim at without the key. Little-endian hosts.
+ * SipHash-c-d (Aumasson and Bernstein) of @n 64-bit words under @key, for
+ * constant @n, @c and @d. Little-endian hosts.
  */
-XG_INLINE __u64 xg_flow_hash(const struct xg_flow_key *k, const __u8 key[16])
+XG_INLINE __u64 xg_siphash(const __u64 *words, const int n, const __u8 key[16], const int c,
+			   const int d)
 {
-	__u64 k0, k1, v0, v1, v2, v3, m, words[5];
-	int i;
+	__u64 k0, k1, v0, v1, v2, v3, m;
+	int i, j;
 
 	__builtin_memcpy(&k0, key, 8);
 	__builtin_memcpy(&k1, key + 8, 8);
-	__builtin_memcpy(words, k, sizeof(words));
 	v0 = 0x736f6d6570736575ULL ^ k0;
 	v1 = 0x646f72616e646f6dULL ^ k1;
 	v2 = 0x6c7967656e657261ULL ^ k0;
 	v3 = 0x7465646279746573ULL ^ k1;
-	for (i = 0; i < 5; i++) {
+	for (i = 0; i < n; i++) {
 		m = words[i];
 		v3 ^= m;
-		XG_SIPROUND;
+		for (j = 0; j < c; j++)
+			XG_SIPROUND;
 		v0 ^= m;
 	}
-	m = (__u64)sizeof(words) << 56;
+	m = (__u64)(n * 8) << 56;
 	v3 ^= m;
-	XG_SIPROUND;
+	for (j = 0; j < c; j++)
+		XG_SIPROUND;
 	v0 ^= m;
 	v2 ^= 0xff;
-	XG_SIPROUND;
-	XG_SIPROUND;
-	XG_SIPROUND;
+	for (j = 0; j < d; j++)
+		XG_SIPROUND;
 	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/*
+ * SipHash-1-3 of a flow key (40 bytes: five words) under @key: the bucket
+ * an attacker cannot aim at without the key. A pinned table outlives the
+ * program that made it, so this never changes.
+ */
+XG_INLINE __u64 xg_flow_hash(const struct xg_flow_key *k, const __u8 key[16])
+{
+	__u64 words[5];
+
+	__builtin_memcpy(words, k, sizeof(words));
+	return xg_siphash(words, 5, key, 1, 3);
 }
 
 /*

@@ -37,6 +37,8 @@ int bpf_map_update_elem(int fd, const void *key, const void *value,
                         uint64_t flags);
 int bpf_map_delete_elem(int fd, const void *key);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int bpf_obj_pin(int fd, const char *pathname);
+int bpf_obj_get(const char *pathname);
 int libbpf_num_possible_cpus(void);
 """
 

@@ -4,8 +4,7 @@
  * outer and the inner socket of that queue.
  *
  * Per step: reap completions -> top up fill rings -> outer RX, each frame
- * judged by the TCP stage (xg_tcp.c): passed to inner TX, dropped, or
- * rewritten in place into a challenge and sent back out of outer TX ->
+ * judged by the TCP stage (xg_tcp.c): passed to inner TX or dropped ->
  * inner RX (which only feeds the flow table) to outer TX -> kick TX where
  * the ring asks -> poll() if nothing happened. Frames are forwarded by
  * handing the very descriptor that came off one socket's RX ring to a TX
@@ -151,13 +150,13 @@ static uint32_t transmit(struct xg_worker *w, int side, const struct xdp_desc *d
 
 /*
  * Judge one frame of direction @dir. Only TCP frames from outside can be
- * dropped or answered; frames from inside feed the flow table and pass.
+ * dropped; frames from inside feed the flow table and pass.
  */
 static enum xg_tcp_verdict judge(struct xg_worker *w, int dir, uint64_t addr, uint32_t *len)
 {
 	uint8_t *frame = (uint8_t *)w->umem->area + addr;
 	struct xg_meta *meta;
-	int allowlisted;
+	uint32_t flags;
 
 	if (!w->tcp || (w->flags & XG_WORKER_NO_POLICY))
 		return XG_V_FORWARD;
@@ -165,27 +164,30 @@ static enum xg_tcp_verdict judge(struct xg_worker *w, int dir, uint64_t addr, ui
 		xg_tcp_inside(w->tcp, frame, *len, &w->now);
 		return XG_V_FORWARD;
 	}
-	/* The XDP program's word on the frame, in its headroom. Cleared once
-	 * read, so that a recycled frame never shows a stale one. */
+	/*
+	 * The XDP program's word on the frame, in its headroom. Cleared once
+	 * read, so that a recycled frame never shows a stale one. Without it
+	 * (a driver with no room for metadata) an auto state mode counts the
+	 * destination as attacked: the checks apply, the safe side.
+	 */
 	meta = (struct xg_meta *)(frame - sizeof(*meta));
-	allowlisted = meta->magic == XG_META_MAGIC && (meta->flags & XG_META_ALLOWLISTED);
+	flags = meta->magic == XG_META_MAGIC ? meta->flags : XG_META_STATE_OVER;
 	meta->magic = 0;
-	return xg_tcp_outside(w->tcp, frame, len, allowlisted, &w->now, &w->stats);
+	return xg_tcp_outside(w->tcp, frame, len, flags, &w->now, &w->stats);
 }
 
 /*
  * Move up to one batch from @from's RX ring: what passes goes to @to's TX
- * ring as the very same descriptor, challenge replies go back out of
- * @from. Frames that find no room on a TX ring are freed and counted: a
- * slow peer must cost us frames, never stall the RX ring (which would
- * stall the kernel).
+ * ring as the very same descriptor. Frames that find no room on a TX ring
+ * are freed and counted: a slow peer must cost us frames, never stall the
+ * RX ring (which would stall the kernel).
  */
 static uint32_t forward(struct xg_worker *w, int from, int to, int dir)
 {
 	struct xg_sock *src = w->sock[from];
 	struct xg_dir_stats *st = &w->stats.dir[dir];
-	struct xdp_desc pass[XG_BATCH], reply[XG_BATCH];
-	uint32_t i, n, npass = 0, nreply = 0, sent, idx_rx;
+	struct xdp_desc pass[XG_BATCH];
+	uint32_t i, n, npass = 0, sent, idx_rx;
 	const struct xdp_desc *d;
 	uint32_t len;
 
@@ -204,10 +206,6 @@ static uint32_t forward(struct xg_worker *w, int from, int to, int dir)
 			pass[npass].addr = d->addr;
 			pass[npass++].len = len;
 			break;
-		case XG_V_REPLY:
-			reply[nreply].addr = d->addr;
-			reply[nreply++].len = len;
-			break;
 		default:
 			free_push(w, d->addr);
 			st->dropped++;
@@ -220,11 +218,6 @@ static uint32_t forward(struct xg_worker *w, int from, int to, int dir)
 	st->tx_ring_full += npass - sent;
 	for (i = 0; i < sent; i++)
 		st->tx_bytes += pass[i].len;
-	if (nreply) {
-		sent = transmit(w, from, reply, nreply);
-		w->stats.challenges_sent += sent;
-		w->stats.challenges_lost += nreply - sent;
-	}
 	return n;
 }
 

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
  * Policy maps: fresh LPM tries for atomic list replacement, and bulk
- * updates that use the kernel's batch operations where it has them.
+ * updates that use the kernel's batch operations where it has them; the
+ * shape of a map, and its whole content, for the maps Python keeps.
  */
 #include <errno.h>
 #include <bpf/bpf.h>
+#include <bpf/libbpf.h>
 
 #include "xg_shim.h"
 
@@ -88,6 +90,79 @@ int xg_map_delete_many(int fd, const void *keys, uint32_t count, uint32_t *done)
 		if (err)
 			return err;
 		*done = i + 1;
+	}
+	return 0;
+}
+
+int xg_map_shape(int fd, struct xg_map_shape *out)
+{
+	struct bpf_map_info info = {};
+	uint32_t len = sizeof(info);
+
+	if (bpf_obj_get_info_by_fd(fd, &info, &len))
+		return -errno;
+	out->type = info.type;
+	out->key_size = info.key_size;
+	out->value_size = info.value_size;
+	out->max_entries = info.max_entries;
+	out->flags = info.map_flags;
+	out->value_stride = info.value_size;
+	switch (info.type) {
+	case BPF_MAP_TYPE_PERCPU_HASH:
+	case BPF_MAP_TYPE_PERCPU_ARRAY:
+	case BPF_MAP_TYPE_LRU_PERCPU_HASH:
+	case BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE: {
+		int ncpus = libbpf_num_possible_cpus();
+
+		if (ncpus < 0)
+			return ncpus;
+		out->value_stride = ((info.value_size + 7) & ~7U) * (uint32_t)ncpus;
+	}
+	}
+	return 0;
+}
+
+int xg_map_dump(int fd, void *keys, void *values, uint32_t max, uint32_t *count)
+{
+	LIBBPF_OPTS(bpf_map_batch_opts, opts);
+	struct xg_map_shape shape;
+	uint32_t n, batch, i = 0;
+	uint64_t cursor = 0;
+	void *in = NULL;
+	char *k = keys, *v = values;
+	int err;
+
+	*count = 0;
+	err = xg_map_shape(fd, &shape);
+	if (err)
+		return err;
+	/* Batches, while the kernel has them for this map type. */
+	for (;;) {
+		n = max - *count;
+		if (!n)
+			return 0;
+		batch = n;
+		err = bpf_map_lookup_batch(fd, in, &cursor, k + (size_t)*count * shape.key_size,
+					   v + (size_t)*count * shape.value_stride, &batch, &opts);
+		if (err && err != -ENOENT) {
+			if (batch_refused(err) && !*count && !in)
+				break;
+			return err;
+		}
+		*count += batch;
+		if (err == -ENOENT)
+			return 0;
+		in = &cursor;
+	}
+	/* One by one. A key deleted meanwhile ends the walk early. */
+	for (i = 0; i < max; i++) {
+		char *key = k + (size_t)i * shape.key_size;
+
+		if (bpf_map_get_next_key(fd, i ? key - shape.key_size : NULL, key))
+			return errno == ENOENT ? 0 : -errno;
+		if (bpf_map_lookup_elem(fd, key, v + (size_t)i * shape.value_stride))
+			return errno == ENOENT ? 0 : -errno;
+		*count = i + 1;
 	}
 	return 0;
 }

@@ -141,6 +141,18 @@ int xg_prog_reuse_map(struct xg_prog *prog, const char *name, int fd)
 	return bpf_map__reuse_fd(map, fd);
 }
 
+int xg_prog_set_max_entries(struct xg_prog *prog, const char *name, uint32_t max_entries)
+{
+	struct bpf_map *map;
+
+	if (prog->loaded)
+		return -EBUSY;
+	map = bpf_object__find_map_by_name(prog->obj, name);
+	if (!map)
+		return -ENOENT;
+	return bpf_map__set_max_entries(map, max_entries);
+}
+
 int xg_prog_load(struct xg_prog *prog)
 {
 	int err;

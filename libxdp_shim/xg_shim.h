@@ -19,8 +19,9 @@
  *   xg_worker  the hot loop for one queue index: it owns the outer and the
  *              inner socket of that queue, all four of their rings, and a
  *              private slice of the UMEM's frames.
- *   xg_tcp     the TCP stage every worker shares: flow table, verified
- *              sources, cookie secrets and the policy of its checks.
+ *   xg_tcp     the TCP stage every worker shares: the flow table (XDP's
+ *              too) and the policy of its checks. SYN challenges are XDP's
+ *              (bpf/xg_challenge.h).
  *
  * Ring ownership, per worker (U = this worker, K = kernel):
  *
@@ -30,8 +31,7 @@
  *    |                 same descriptor,      v                     |
  *    |  outer TX (U->K) <---- no copy ---- inner RX (K->U)         |
  *    |       |   ^                             inner TX (U->K) <---+ (from outer RX)
- *    |       v   +-- challenge SYN-ACKs, rewritten in    |
- *    |               place from outer RX                 v
+ *    |       v                                           v
  *    +-- outer completion (K->U)      inner completion (K->U) --> free
  *
  * A frame is always in exactly one place: the worker's free stack, a fill,
@@ -121,6 +121,12 @@ int xg_prog_get_rodata(struct xg_prog *prog, const char *var, void *value, size_
  * shape. Returns 0, -ENOENT, -EBUSY (already loaded) or libbpf's -errno.
  */
 int xg_prog_reuse_map(struct xg_prog *prog, const char *name, int fd);
+
+/*
+ * Before xg_prog_load(): give the object's map @name @max_entries instead
+ * of what the object says. Returns 0, -ENOENT, -EBUSY or libbpf's -errno.
+ */
+int xg_prog_set_max_entries(struct xg_prog *prog, const char *name, uint32_t max_entries);
 
 /*
  * Load every program and map of the object into the kernel. Needs CAP_BPF.
@@ -245,6 +251,29 @@ int xg_map_update_many(int fd, const void *keys, const void *values,
  */
 int xg_map_delete_many(int fd, const void *keys, uint32_t count,
 		       uint32_t *done);
+
+/* What a map is, as the kernel has it (enum bpf_map_type, sizes, flags). */
+struct xg_map_shape {
+	uint32_t type;
+	uint32_t key_size;
+	uint32_t value_size;
+	uint32_t max_entries;
+	uint32_t flags;
+	/* Bytes of one entry's value as lookups copy it: every CPU's, per CPU. */
+	uint32_t value_stride;
+};
+
+/* Fill *@out for the map @fd. Returns 0 or -errno. Does not block. */
+int xg_map_shape(int fd, struct xg_map_shape *out);
+
+/*
+ * Copy up to @max entries of the map @fd to @keys and @values (arrays of
+ * its key size and value_stride), in batches where the kernel has them for the
+ * map type, else key by key; *@count is how many. Entries added or
+ * deleted meanwhile may be missed (never copied twice). Returns 0 or
+ * -errno. Blocks for the duration of the syscalls.
+ */
+int xg_map_dump(int fd, void *keys, void *values, uint32_t max, uint32_t *count);
 
 /* ---- the flow table's maps ---- */
 
@@ -381,49 +410,27 @@ void xg_sock_destroy(struct xg_sock *sock);
 struct xg_tcp;
 struct xg_worker_stats;
 
-enum xg_tcp_mode {
-	XG_MODE_OFF = 0,	/* no check */
-	XG_MODE_MONITOR = 1,	/* count what would be dropped or challenged, pass it */
-	XG_MODE_ON = 2,		/* always */
-	XG_MODE_AUTO = 3,	/* only for a destination above its rate threshold */
-};
-
 /*
- * The TCP stage's policy. Written by Python (xg_tcp_configure()), read by
- * the workers field by field once per burst: a change takes effect within
- * one burst.
+ * enum xg_tcp_mode and struct xg_tcp_cfg, the TCP policy, are in
+ * bpf/xdpguard.h: XDP reads them too.
  */
-struct xg_tcp_cfg {
-	uint32_t syn_mode;	/* enum xg_tcp_mode: SYN challenges */
-	uint32_t state_mode;	/* enum xg_tcp_mode: out-of-state drops */
-	uint32_t syn_rate;	/* auto: SYNs/s to one destination before challenges */
-	uint32_t syn_burst;	/* auto: SYNs above the rate tolerated at once */
-	uint32_t state_rate;	/* auto: out-of-state frames/s before drops */
-	uint32_t state_burst;
-	uint32_t verify_ttl;	/* seconds a verified source skips challenges */
-	uint32_t learn_until;	/* xg_tcp_now() up to which mid-stream flows are adopted */
-};
 
 /* Occupancy of the flow table (see xg_tcp_scan()). */
 struct xg_tcp_counts {
 	uint64_t capacity;
 	uint64_t states[8];	/* live flows by enum xg_tcp_state; [0] = free slots */
-	uint64_t verified;	/* live verified sources */
-	uint64_t verified_capacity;
 	uint64_t evictions;	/* flows given up for a new one in a full bucket */
 	uint64_t fast;		/* live flows XDP forwards (XG_FLOW_FAST) */
 };
 
 /*
- * Allocate the flow table (@max_flows, rounded up to whole buckets of 8) and
- * the verified-source table (@max_verified, likewise) with @cfg, and a
- * random cookie secret. The tables are keyed with SipHash under a random
- * key, so no one can aim floods at one bucket. *@out belongs to the
- * caller; free it with xg_tcp_destroy() after every worker using it.
- * Returns 0, -EINVAL or -ENOMEM. Does not block.
+ * Allocate the flow table (@max_flows, rounded up to whole buckets of 8)
+ * with @cfg. The table is keyed with SipHash under a random key, so no one
+ * can aim floods at one bucket. *@out belongs to the caller; free it with
+ * xg_tcp_destroy() after every worker using it. Returns 0, -EINVAL or
+ * -ENOMEM. Does not block.
  */
-int xg_tcp_create(uint32_t max_flows, uint32_t max_verified,
-		  const struct xg_tcp_cfg *cfg, struct xg_tcp **out);
+int xg_tcp_create(uint32_t max_flows, const struct xg_tcp_cfg *cfg, struct xg_tcp **out);
 
 /*
  * The same, with the flow table of @ft, which XDP shares (XG_FLOW_FAST
@@ -433,8 +440,8 @@ int xg_tcp_create(uint32_t max_flows, uint32_t max_verified,
  * lock (a killed process may have died holding one). Returns 0, -EINVAL
  * or -ENOMEM.
  */
-int xg_tcp_create_shared(struct xg_flowtab *ft, uint32_t max_verified,
-			 const struct xg_tcp_cfg *cfg, struct xg_tcp **out);
+int xg_tcp_create_shared(struct xg_flowtab *ft, const struct xg_tcp_cfg *cfg,
+			 struct xg_tcp **out);
 
 /* Free @tcp. NULL is a no-op. */
 void xg_tcp_destroy(struct xg_tcp *tcp);
@@ -445,53 +452,32 @@ void xg_tcp_configure(struct xg_tcp *tcp, const struct xg_tcp_cfg *cfg);
 /* Copy the policy out. */
 void xg_tcp_config(const struct xg_tcp *tcp, struct xg_tcp_cfg *cfg);
 
-/*
- * Make @key (16 bytes) the cookie secret; the previous one stays valid for
- * answers already on their way. Rotate every few minutes. Never fails.
- */
-void xg_tcp_rotate_secret(struct xg_tcp *tcp, const uint8_t *key);
-
 /* The loop's clock: coarse monotonic seconds (for learn_until, expiries). */
 uint32_t xg_tcp_now(void);
 
 /*
- * Walk the tables (taking each bucket's lock briefly; workers keep
+ * Walk the flow table (taking each bucket's lock briefly; workers keep
  * running): fill *@counts and copy up to @ntop of the busiest live flows,
  * most packets first, to @top. Returns how many were copied. O(capacity).
  */
 uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts,
 		     struct xg_flow *top, uint32_t ntop);
 
-/*
- * Copy up to @max live verified sources to @out; returns how many. O(capacity).
- */
-uint32_t xg_tcp_verified(struct xg_tcp *tcp, struct xg_verified *out, uint32_t max);
-
-/* Forget every verified source (each must answer a challenge again). */
-void xg_tcp_verified_clear(struct xg_tcp *tcp);
-
-/*
- * Mark @addr (16 bytes, IPv4 as ::ffff:a.b.c.d) verified until @expires
- * (xg_tcp_now() seconds): how a restart brings back the sources verified
- * before it. Never fails (a full bucket gives up its soonest-expiring entry).
- */
-void xg_tcp_verified_add(struct xg_tcp *tcp, const uint8_t *addr, uint32_t expires);
-
 enum xg_tcp_verdict {
 	XG_V_FORWARD = 0,	/* pass the frame on, unchanged */
 	XG_V_DROP = 1,		/* free the frame (its reason is counted) */
-	XG_V_REPLY = 2,		/* the frame was rewritten into a reply: send it back */
 };
 
 /*
  * Judge one frame exactly as the hot loop does, with the clock given
  * (@now_s as xg_tcp_now(), @now_ms in milliseconds): for tests and tools.
- * @from_outside picks the direction (frames from inside always pass). On
- * XG_V_REPLY the frame was rewritten in place and *@len changed. Verdict
- * counters go to @stats. Returns an enum xg_tcp_verdict.
+ * @from_outside picks the direction (frames from inside always pass);
+ * @meta is what XDP said of a frame from outside (XG_META_* flags). The
+ * frame is not changed (*@len neither). Verdict counters go to @stats.
+ * Returns an enum xg_tcp_verdict.
  */
 int xg_tcp_judge(struct xg_tcp *tcp, uint8_t *frame, uint32_t *len, int from_outside,
-		 int allowlisted, uint32_t now_s, uint64_t now_ms,
+		 uint32_t meta, uint32_t now_s, uint64_t now_ms,
 		 struct xg_worker_stats *stats);
 
 /* ---- workers ---- */
@@ -539,8 +525,6 @@ struct xg_worker_stats {
 	struct xg_counter reasons[64];
 	/* What monitor (or auto below its threshold) let pass but would drop. */
 	struct xg_counter monitor[64];
-	uint64_t challenges_sent; /* cookie SYN-ACKs put on the outer TX ring */
-	uint64_t challenges_lost; /* ... or freed for lack of room there */
 	uint64_t tx_down;	/* kicks refused because the device was down */
 	/* Why the loop stopped by itself: 0, or -errno and the XG_ROLE_* of
 	 * the socket concerned. Written once, before xg_worker_run() returns. */

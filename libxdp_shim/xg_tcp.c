@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
- * TCP flow protection for the hot loop: passive bidirectional tracking,
- * SYN challenges with keyed cookies, and per-destination rate thresholds.
+ * TCP flow protection for the hot loop: passive bidirectional tracking and
+ * out-of-state drops. SYN challenges, the verified sources and the
+ * per-destination rates of auto mode live in XDP (bpf/xg_challenge.h): a
+ * SYN that reaches the loop passed them, and the frame's metadata says
+ * what XDP found (XG_META_STATE_OVER, XG_META_FORWARD).
  *
  * Every worker shares one flow table: the two directions of a connection
  * may arrive on different queues (each end's stack picks its own TX queue).
@@ -11,28 +14,18 @@
  * dozen instructions. Expiry is lazy (a slot idle longer than its state's
  * timeout is free), and a full bucket gives up its oldest non-established
  * flow, never an established one.
- *
- * Challenge: a SYN from an unverified source is rewritten in place into a
- * SYN-ACK whose acknowledgment number is a cookie; a real stack in SYN-SENT
- * answers such an unacceptable ACK with <SEQ=SEG.ACK><CTL=RST> (RFC 9293
- * 3.10.7.3) and, on Linux, retransmits its SYN within milliseconds. The
- * cookie carries its time slot's low bits and the key generation, so the
- * RST is verified with one hash.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <arpa/inet.h>
 #include <sys/random.h>
 
 #include "xg_flow.h"
 #include "xg_tcp.h"
 
 #define XG_WAYS 8
-#define COOKIE_SLOT_SECS 64	/* a cookie is good for one to two slots */
-#define AUTO_HOLD_SECS 2	/* auto mode keeps acting this long after the rate falls */
 #define ADOPTED_WIN (1U << 30)	/* windows of a flow picked up mid-stream: unknown */
 #define NO_WSCALE XG_NO_WSCALE
 
@@ -41,84 +34,15 @@
 #define TH_RST XG_TCP_RST
 #define TH_ACK XG_TCP_ACK
 
-struct verified_bucket {
-	uint32_t lock;
-	uint32_t pad;
-	struct xg_verified slot[XG_WAYS];
-} __attribute__((aligned(64)));
-
-/* A destination's rate of SYNs and of out-of-state frames (auto mode). */
-struct dest {
-	uint8_t addr[16];
-	uint64_t last_ms;
-	int64_t tokens[2];	/* milli-tokens: [0] SYN, [1] state */
-	uint32_t until[2];	/* acting until (seconds) */
-};
-
-#define DEST_BUCKETS 1024
-#define DEST_WAYS 4
-
-struct dest_bucket {
-	uint32_t lock;
-	uint32_t pad;
-	struct dest slot[DEST_WAYS];
-} __attribute__((aligned(64)));
-
 struct xg_tcp {
 	/* The flow table: ours, or a BPF map's memory the XDP programs share. */
 	struct xg_flow_bucket *flows;
 	int own_flows;
 	uint32_t flow_mask;		/* buckets - 1 */
-	struct verified_bucket *verified;
-	uint32_t verified_mask;
-	struct dest_bucket dests[DEST_BUCKETS];
-	uint8_t table_key[16];		/* SipHash key of the verified and rate tables */
-	uint8_t flow_key[16];		/* ... of the flow table (the table's own) */
+	uint8_t flow_key[16];		/* SipHash key of the flow table (the table's own) */
 	struct xg_tcp_cfg cfg;		/* fields read one by one */
-	/* Cookie secrets: [gen] is current, [!gen] the previous. Seqlock. */
-	uint32_t secret_seq;
-	uint32_t secret_gen;
-	uint8_t secret[2][16];
 	uint64_t evictions;
 };
-
-/* ---- SipHash (Aumasson and Bernstein), c-d rounds (XG_SIPROUND: xg_flow.h) ---- */
-
-static uint64_t load64(const uint8_t *p)
-{
-	uint64_t v;
-
-	memcpy(&v, p, 8);
-	return v; /* little-endian hosts only, like the rest of the shim */
-}
-
-static uint64_t siphash(const uint8_t key[16], const void *data, size_t len, int c, int d)
-{
-	uint64_t k0 = load64(key), k1 = load64(key + 8);
-	uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
-	uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
-	const uint8_t *p = data, *end = p + (len & ~7UL);
-	uint64_t b = (uint64_t)len << 56, m;
-	int i;
-
-	for (; p != end; p += 8) {
-		m = load64(p);
-		v3 ^= m;
-		for (i = 0; i < c; i++)
-			XG_SIPROUND;
-		v0 ^= m;
-	}
-	for (i = 0; i < (int)(len & 7); i++)
-		b |= (uint64_t)p[i] << (8 * i);
-	v3 ^= b;
-	for (i = 0; i < c; i++)
-		XG_SIPROUND;
-	v0 ^= b;
-	v2 ^= 0xff;
-	for (i = 0; i < d; i++)
-		XG_SIPROUND;
-	return v0 ^ v1 ^ v2 ^ v3;
-}
 
 /* ---- small helpers ---- */
 
@@ -163,51 +87,13 @@ void xg_clock_read(struct xg_clock *c)
 	c->ms = (uint64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static uint16_t csum_fold(uint64_t sum)
-{
-	while (sum >> 16)
-		sum = (sum & 0xffff) + (sum >> 16);
-	return (uint16_t)~sum;
-}
-
-static uint64_t csum_add(uint64_t sum, const void *data, size_t len)
-{
-	const uint8_t *p = data;
-	size_t i;
-
-	for (i = 0; i + 1 < len; i += 2)
-		sum += (uint32_t)p[i] << 8 | p[i + 1];
-	if (len & 1)
-		sum += (uint32_t)p[len - 1] << 8;
-	return sum;
-}
-
 /* ---- parsing ---- */
 
 struct pkt {
 	struct xg_hdrs h;	/* the parser's findings */
-	uint8_t *end;		/* of the frame */
-	uint8_t *l3;
-	uint8_t *tcp;
-	uint32_t l2_len;
-	int v6;
 	struct xg_seg seg;
 	uint8_t wscale;		/* NO_WSCALE if the SYN offers none */
-	const uint8_t *src, *dst;
-	uint16_t sport, dport;	/* network order */
 };
-
-static const uint8_t v4mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
-
-static void addr16(uint8_t out[16], const uint8_t *addr, int v6)
-{
-	if (v6) {
-		memcpy(out, addr, 16);
-	} else {
-		memcpy(out, v4mapped, 12);
-		memcpy(out + 12, addr, 4);
-	}
-}
 
 static uint8_t syn_wscale(const uint8_t *opt, const uint8_t *end)
 {
@@ -232,16 +118,15 @@ enum { NOT_TCP, TCP_SEGMENT, TCP_FRAGMENT, BAD_FRAME };
 /*
  * Find the TCP header of a frame with the parser the XDP program uses
  * (bpf/xg_parse.h): TCP_SEGMENT, @p and the flow's key @k (for a frame
- * from @side, xg_flow.h) filled in; TCP_FRAGMENT (only the addresses in
- * @p filled in) for any fragment of a TCP segment; BAD_FRAME and the
- * reason in *@why for a frame the parser could not finish; NOT_TCP for the
- * rest.
+ * from @side, xg_flow.h) filled in; TCP_FRAGMENT for any fragment of a TCP
+ * segment; BAD_FRAME and the reason in *@why for a frame the parser could
+ * not finish; NOT_TCP for the rest.
  */
 static int parse(uint8_t *frame, uint32_t len, int side, struct pkt *p,
 		 struct xg_flow_key *k, enum xg_reason *why)
 {
 	enum xg_reason r;
-	uint8_t *l4, *l3;
+	uint8_t *l4;
 	uint32_t doff;
 
 	r = xg_parse(frame, frame + len, &p->h);
@@ -251,22 +136,12 @@ static int parse(uint8_t *frame, uint32_t len, int side, struct pkt *p,
 	}
 	if (!p->h.l3 || p->h.l4_proto != IPPROTO_TCP)
 		return NOT_TCP;
-	p->end = frame + len;
-	l3 = p->h.l3;
-	p->l3 = l3;
-	p->l2_len = (uint32_t)(l3 - frame);
-	p->v6 = p->h.v6;
-	p->src = l3 + (p->h.v6 ? 8 : 12);
-	p->dst = l3 + (p->h.v6 ? 24 : 16);
 	if (p->h.frag & XG_FRAG_ANY)
 		return TCP_FRAGMENT;
-	if (xg_flow_key_of(&p->h, p->end, side, k, &p->seg))
+	if (xg_flow_key_of(&p->h, frame + len, side, k, &p->seg))
 		return NOT_TCP; /* cannot happen: xg_parse() checked the headers */
 	l4 = p->h.l4;
 	doff = (l4[12] >> 4) * 4;
-	p->tcp = l4;
-	p->sport = side == XG_SIDE_OUT ? k->out_port : k->in_port;
-	p->dport = side == XG_SIDE_OUT ? k->in_port : k->out_port;
 	p->wscale = p->seg.flags & TH_SYN ? syn_wscale(l4 + 20, l4 + doff) : NO_WSCALE;
 	return TCP_SEGMENT;
 }
@@ -327,221 +202,6 @@ static void flow_init(struct xg_flow *f, const struct xg_flow_key *k, uint8_t st
 	f->last_seen = now;
 }
 
-/* ---- verified sources ---- */
-
-static struct verified_bucket *verified_bucket(struct xg_tcp *t, const uint8_t addr[16])
-{
-	return &t->verified[siphash(t->table_key, addr, 16, 1, 3) & t->verified_mask];
-}
-
-static int verified(struct xg_tcp *t, const uint8_t addr[16], uint32_t now)
-{
-	struct verified_bucket *b = verified_bucket(t, addr);
-	int i, found = 0;
-
-	lock(&b->lock);
-	for (i = 0; i < XG_WAYS && !found; i++)
-		found = b->slot[i].expires && !xg_seq_before(b->slot[i].expires, now) &&
-			!memcmp(b->slot[i].addr, addr, 16);
-	unlock(&b->lock);
-	return found;
-}
-
-static void verified_add(struct xg_tcp *t, const uint8_t addr[16], uint32_t until)
-{
-	struct verified_bucket *b = verified_bucket(t, addr);
-	struct xg_verified *slot = NULL;
-	int i;
-
-	lock(&b->lock);
-	for (i = 0; i < XG_WAYS; i++) {
-		struct xg_verified *v = &b->slot[i];
-
-		if (v->expires && !memcmp(v->addr, addr, 16)) {
-			slot = v;
-			break;
-		}
-		/* Else the slot expiring first (an empty one expires at 0). */
-		if (!slot || xg_seq_before(v->expires, slot->expires))
-			slot = v;
-	}
-	memcpy(slot->addr, addr, 16);
-	slot->expires = until;
-	unlock(&b->lock);
-}
-
-/* ---- per-destination rates (auto mode) ---- */
-
-/*
- * Is @addr above its rate for @kind (0: SYNs, 1: out-of-state frames)?
- * Counts one frame against a token bucket of the configured rate and
- * burst; once empty, the destination counts as attacked until
- * AUTO_HOLD_SECS after the last frame that found it empty.
- */
-static int dest_over(struct xg_tcp *t, const uint8_t addr[16], int kind,
-		     const struct xg_clock *now)
-{
-	struct dest_bucket *b = &t->dests[siphash(t->table_key, addr, 16, 1, 3) % DEST_BUCKETS];
-	uint32_t rate[2] = { cfg_get(&t->cfg.syn_rate), cfg_get(&t->cfg.state_rate) };
-	uint32_t burst[2] = { cfg_get(&t->cfg.syn_burst), cfg_get(&t->cfg.state_burst) };
-	int64_t cap[2] = { (int64_t)(burst[0] ? burst[0] : 1) * 1000,
-			   (int64_t)(burst[1] ? burst[1] : 1) * 1000 };
-	struct dest *d = NULL, *lru = NULL;
-	int i, over;
-
-	lock(&b->lock);
-	for (i = 0; i < DEST_WAYS; i++) {
-		if (b->slot[i].last_ms && !memcmp(b->slot[i].addr, addr, 16)) {
-			d = &b->slot[i];
-			break;
-		}
-		if (!lru || b->slot[i].last_ms < lru->last_ms)
-			lru = &b->slot[i];
-	}
-	if (!d) {
-		d = lru;
-		memset(d, 0, sizeof(*d));
-		memcpy(d->addr, addr, 16);
-		d->tokens[0] = cap[0];
-		d->tokens[1] = cap[1];
-		d->last_ms = now->ms ? now->ms : 1;
-	}
-	if (now->ms > d->last_ms) {
-		for (i = 0; i < 2; i++) {
-			/* rate tokens/s = rate milli-tokens/ms */
-			d->tokens[i] += (int64_t)(now->ms - d->last_ms) * rate[i];
-			if (d->tokens[i] > cap[i])
-				d->tokens[i] = cap[i];
-		}
-		d->last_ms = now->ms;
-	}
-	if (d->tokens[kind] >= 1000) {
-		d->tokens[kind] -= 1000;
-		over = xg_seq_before(now->s, d->until[kind]);
-	} else {
-		d->until[kind] = now->s + AUTO_HOLD_SECS;
-		over = 1;
-	}
-	unlock(&b->lock);
-	return over;
-}
-
-/* ---- cookies ---- */
-
-static void secret_read(struct xg_tcp *t, uint32_t gen, uint8_t key[16])
-{
-	uint32_t seq;
-
-	do {
-		seq = __atomic_load_n(&t->secret_seq, __ATOMIC_ACQUIRE);
-		memcpy(key, t->secret[gen & 1], 16);
-		__atomic_thread_fence(__ATOMIC_ACQUIRE);
-	} while ((seq & 1) || seq != __atomic_load_n(&t->secret_seq, __ATOMIC_RELAXED));
-}
-
-static uint64_t cookie_hash(struct xg_tcp *t, uint32_t gen, const struct xg_flow_key *k,
-			    uint32_t slot)
-{
-	struct {
-		struct xg_flow_key k;
-		uint32_t slot;
-	} in;
-	uint8_t key[16];
-
-	in.k = *k;
-	in.slot = slot;
-	secret_read(t, gen, key);
-	return siphash(key, &in, sizeof(in), 2, 4);
-}
-
-/* The cookie for @k now; its low 3 bits are the slot (2) and generation (1). */
-static uint32_t cookie_make(struct xg_tcp *t, const struct xg_flow_key *k, uint32_t now,
-			    uint32_t *isn)
-{
-	uint32_t gen = __atomic_load_n(&t->secret_gen, __ATOMIC_ACQUIRE) & 1;
-	uint32_t slot = now / COOKIE_SLOT_SECS;
-	uint64_t h = cookie_hash(t, gen, k, slot);
-
-	*isn = (uint32_t)(h >> 32);
-	return ((uint32_t)h & ~7U) | (slot & 3) << 1 | gen;
-}
-
-static int cookie_check(struct xg_tcp *t, const struct xg_flow_key *k, uint32_t now,
-			uint32_t cookie)
-{
-	uint32_t cur = now / COOKIE_SLOT_SECS, slot;
-
-	if ((cur & 3) == ((cookie >> 1) & 3))
-		slot = cur;
-	else if (((cur - 1) & 3) == ((cookie >> 1) & 3))
-		slot = cur - 1;
-	else
-		return 0;
-	return ((uint32_t)cookie_hash(t, cookie & 1, k, slot) & ~7U) == (cookie & ~7U);
-}
-
-/*
- * Rewrite the SYN in @p into the challenge SYN-ACK, in place: addresses and
- * ports swapped, no options, acknowledgment = cookie. Returns the new frame
- * length.
- */
-static uint32_t build_challenge(uint8_t *frame, const struct pkt *p, uint32_t cookie,
-				uint32_t isn)
-{
-	uint8_t mac[6], src[16], dst[16], *ip = p->l3, *tcp;
-	uint16_t sport = p->sport, dport = p->dport, sum;
-	uint32_t alen = p->v6 ? 16 : 4, hl = p->v6 ? 40 : 20;
-	uint64_t ps;
-
-	memcpy(src, p->src, alen);
-	memcpy(dst, p->dst, alen);
-	memcpy(mac, frame, 6);
-	memcpy(frame, frame + 6, 6);
-	memcpy(frame + 6, mac, 6);
-
-	memset(ip, 0, hl + 20);
-	if (p->v6) {
-		ip[0] = 0x60;
-		ip[5] = 20;	/* payload length */
-		ip[6] = 6;	/* TCP */
-		ip[7] = 64;	/* hop limit */
-		memcpy(ip + 8, dst, 16);
-		memcpy(ip + 24, src, 16);
-	} else {
-		ip[0] = 0x45;
-		ip[3] = 40;	/* total length */
-		ip[6] = 0x40;	/* DF */
-		ip[8] = 64;	/* TTL */
-		ip[9] = 6;
-		memcpy(ip + 12, dst, 4);
-		memcpy(ip + 16, src, 4);
-		sum = csum_fold(csum_add(0, ip, 20));
-		ip[10] = sum >> 8;
-		ip[11] = sum & 0xff;
-	}
-	tcp = ip + hl;
-	memcpy(tcp, &dport, 2);
-	memcpy(tcp + 2, &sport, 2);
-	tcp[4] = isn >> 24;
-	tcp[5] = isn >> 16;
-	tcp[6] = isn >> 8;
-	tcp[7] = isn;
-	tcp[8] = cookie >> 24;
-	tcp[9] = cookie >> 16;
-	tcp[10] = cookie >> 8;
-	tcp[11] = cookie;
-	tcp[12] = 5 << 4;
-	tcp[13] = TH_SYN | TH_ACK;
-	tcp[14] = 0x20; /* window 8192 */
-	/* Pseudo-header: addresses, protocol, TCP length. */
-	ps = csum_add(0, ip + (p->v6 ? 8 : 12), 2 * alen);
-	ps += 6 + 20;
-	sum = csum_fold(csum_add(ps, tcp, 20));
-	tcp[16] = sum >> 8;
-	tcp[17] = sum & 0xff;
-	return p->l2_len + hl + 20;
-}
-
 /* ---- verdicts ---- */
 
 static void count(struct xg_counter *c, uint32_t len)
@@ -554,17 +214,17 @@ static void count(struct xg_counter *c, uint32_t len)
  * An out-of-state frame from outside under the state mode: drop it (and
  * count @reason), or let it pass and count what would have happened. A
  * frame of no tracked flow is not dropped while @learning: it may belong to
- * a flow opened before the start.
+ * a flow opened before the start. In auto mode XDP said whether the
+ * destination is above its rate (@meta: XG_META_STATE_OVER).
  */
-static enum xg_tcp_verdict out_of_state(struct xg_tcp *t, const uint8_t dst[16],
-					enum xg_reason reason, uint32_t len, int learning,
-					const struct xg_clock *now, struct xg_worker_stats *st)
+static enum xg_tcp_verdict out_of_state(struct xg_tcp *t, uint32_t meta, enum xg_reason reason,
+					uint32_t len, int learning, struct xg_worker_stats *st)
 {
 	uint32_t mode = cfg_get(&t->cfg.state_mode);
 
 	if (mode != XG_MODE_OFF && learning)
 		mode = XG_MODE_MONITOR;
-	if (mode == XG_MODE_ON || (mode == XG_MODE_AUTO && dest_over(t, dst, 1, now))) {
+	if (mode == XG_MODE_ON || (mode == XG_MODE_AUTO && (meta & XG_META_STATE_OVER))) {
 		count(&st->reasons[reason], len);
 		return XG_V_DROP;
 	}
@@ -574,36 +234,7 @@ static enum xg_tcp_verdict out_of_state(struct xg_tcp *t, const uint8_t dst[16],
 }
 
 /*
- * Whether a SYN from outside may pass: XG_V_REPLY when it was rewritten
- * into a challenge (unverified source, challenges on for its destination),
- * else XG_V_FORWARD (monitor mode counts what it would have done).
- */
-static enum xg_tcp_verdict syn_gate(struct xg_tcp *t, uint8_t *frame, uint32_t *len,
-				    const struct pkt *p, const struct xg_flow_key *k,
-				    int allowlisted, const struct xg_clock *now,
-				    struct xg_worker_stats *st)
-{
-	uint32_t mode = cfg_get(&t->cfg.syn_mode), cookie, isn;
-	int challenge = 0;
-
-	if (mode == XG_MODE_AUTO)
-		challenge = dest_over(t, k->in_addr, 0, now);
-	else if (mode == XG_MODE_ON || mode == XG_MODE_MONITOR)
-		challenge = 1;
-	if (!challenge || allowlisted || verified(t, k->out_addr, now->s))
-		return XG_V_FORWARD;
-	if (mode == XG_MODE_MONITOR) {
-		count(&st->monitor[XG_REASON_SYN_CHALLENGED], *len);
-		return XG_V_FORWARD;
-	}
-	count(&st->reasons[XG_REASON_SYN_CHALLENGED], *len);
-	cookie = cookie_make(t, k, now->s, &isn);
-	*len = build_challenge(frame, p, cookie, isn);
-	return XG_V_REPLY;
-}
-
-/*
- * A SYN that passed the gate, for a tuple with no live flow (or a closed
+ * A SYN that passed XDP's challenge, for a tuple with no live flow (or a closed
  * one, which a new connection replaces as in conntrack): track it. @b is
  * @k's bucket, unlocked: hashed once per frame.
  */
@@ -645,7 +276,7 @@ static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct xg_flow_bucket *b, u
 }
 
 enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *len,
-				   int allowlisted, const struct xg_clock *now,
+				   uint32_t meta, const struct xg_clock *now,
 				   struct xg_worker_stats *st)
 {
 	const int x = XG_SIDE_OUT;
@@ -657,6 +288,8 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 	uint8_t state;
 	int learning;
 
+	if (meta & XG_META_FORWARD)
+		return XG_V_FORWARD;
 	switch (parse(frame, *len, x, &p, &k, &why)) {
 	case NOT_TCP:
 		return XG_V_FORWARD;
@@ -665,9 +298,8 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 		count(&st->reasons[why], *len);
 		return XG_V_DROP;
 	case TCP_FRAGMENT:
-		addr16(k.in_addr, p.dst, p.v6);
-		return out_of_state(t, k.in_addr, XG_REASON_TCP_FRAGMENT, *len,
-				    xg_seq_before(now->s, cfg_get(&t->cfg.learn_until)), now, st);
+		return out_of_state(t, meta, XG_REASON_TCP_FRAGMENT, *len,
+				    xg_seq_before(now->s, cfg_get(&t->cfg.learn_until)), st);
 	}
 	learning = xg_seq_before(now->s, cfg_get(&t->cfg.learn_until));
 
@@ -686,14 +318,12 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 			return XG_V_FORWARD;
 		}
 		/*
-		 * Anything else is a new connection, or claims to be: it goes
-		 * through the challenge like any SYN, and a live flow of the
+		 * Anything else is a new connection, or claims to be: it went
+		 * through XDP's challenge like any SYN, and a live flow of the
 		 * tuple stays as it is (new_syn()). An established origin
 		 * answers such a SYN with a challenge ACK (RFC 5961 4).
 		 */
 		unlock(&b->lock);
-		if (syn_gate(t, frame, len, &p, &k, allowlisted, now, st) == XG_V_REPLY)
-			return XG_V_REPLY;
 		return new_syn(t, b, *len, &p, &k, now, st);
 	}
 
@@ -711,25 +341,13 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 		}
 		unlock(&b->lock);
 		if ((p.seg.flags & (TH_SYN | TH_ACK)) == (TH_SYN | TH_ACK))
-			return out_of_state(t, k.in_addr, XG_REASON_TCP_SYNACK_REFLECTION, *len,
-					    learning, now, st);
-		/* A bare RST is how a real stack answers a challenge. */
-		if ((p.seg.flags & (TH_RST | TH_ACK)) == TH_RST &&
-		    cfg_get(&t->cfg.syn_mode) != XG_MODE_OFF) {
-			if (cookie_check(t, &k, now->s, p.seg.seq)) {
-				verified_add(t, k.out_addr, now->s + cfg_get(&t->cfg.verify_ttl));
-				count(&st->reasons[XG_REASON_CHALLENGE_PASSED], *len);
-				return XG_V_DROP;
-			}
-			/* While learning it may end a flow opened before the start. */
-			if (cfg_get(&t->cfg.syn_mode) == XG_MODE_MONITOR || learning) {
-				count(&st->monitor[XG_REASON_CHALLENGE_FAILED], *len);
-				return XG_V_FORWARD;
-			}
-			count(&st->reasons[XG_REASON_CHALLENGE_FAILED], *len);
-			return XG_V_DROP;
-		}
-		return out_of_state(t, k.in_addr, XG_REASON_TCP_NO_FLOW, *len, learning, now, st);
+			return out_of_state(t, meta, XG_REASON_TCP_SYNACK_REFLECTION, *len,
+					    learning, st);
+		/*
+		 * A bare RST of no flow answered a challenge or was judged in
+		 * XDP; one that reaches the loop lost its flow on the way.
+		 */
+		return out_of_state(t, meta, XG_REASON_TCP_NO_FLOW, *len, learning, st);
 	}
 
 	why = XG_REASON_TCP_OUT_OF_WINDOW;
@@ -780,7 +398,7 @@ in_window_check:
 		break;
 	}
 	unlock(&b->lock);
-	return out_of_state(t, k.in_addr, why, *len, 0, now, st);
+	return out_of_state(t, meta, why, *len, 0, st);
 
 accept:
 	if (p.seg.flags & TH_RST)
@@ -882,7 +500,7 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 /* ---- the C API of xg_shim.h ---- */
 
 int xg_tcp_judge(struct xg_tcp *tcp, uint8_t *frame, uint32_t *len, int from_outside,
-		 int allowlisted, uint32_t now_s, uint64_t now_ms, struct xg_worker_stats *st)
+		 uint32_t meta, uint32_t now_s, uint64_t now_ms, struct xg_worker_stats *st)
 {
 	struct xg_clock now = { .s = now_s, .ms = now_ms };
 
@@ -890,7 +508,7 @@ int xg_tcp_judge(struct xg_tcp *tcp, uint8_t *frame, uint32_t *len, int from_out
 		xg_tcp_inside(tcp, frame, *len, &now);
 		return XG_V_FORWARD;
 	}
-	return xg_tcp_outside(tcp, frame, len, allowlisted, &now, st);
+	return xg_tcp_outside(tcp, frame, len, meta, &now, st);
 }
 
 static uint32_t buckets_for(uint32_t entries)
@@ -907,54 +525,43 @@ static uint32_t buckets_for(uint32_t entries)
  * one, owned) hashed under @flow_key (NULL: a random one).
  */
 static int tcp_create(struct xg_flow_bucket *flows, uint32_t nf, const uint8_t *flow_key,
-		      uint32_t max_verified, const struct xg_tcp_cfg *cfg, struct xg_tcp **out)
+		      const struct xg_tcp_cfg *cfg, struct xg_tcp **out)
 {
-	uint32_t nv;
 	struct xg_tcp *t;
 
-	if (!max_verified || max_verified > (1U << 28))
-		return -EINVAL;
 	t = aligned_alloc(64, (sizeof(*t) + 63) & ~63UL);
 	if (!t)
 		return -ENOMEM;
 	memset(t, 0, sizeof(*t));
-	nv = buckets_for(max_verified);
 	t->own_flows = !flows;
 	t->flows = flows ? flows : aligned_alloc(64, (size_t)nf * sizeof(*t->flows));
-	t->verified = aligned_alloc(64, (size_t)nv * sizeof(*t->verified));
-	if (!t->flows || !t->verified) {
+	if (!t->flows) {
 		xg_tcp_destroy(t);
 		return -ENOMEM;
 	}
 	if (t->own_flows)
 		memset(t->flows, 0, (size_t)nf * sizeof(*t->flows));
-	memset(t->verified, 0, (size_t)nv * sizeof(*t->verified));
 	t->flow_mask = nf - 1;
-	t->verified_mask = nv - 1;
-	if (getrandom(t->table_key, sizeof(t->table_key), 0) != sizeof(t->table_key) ||
-	    getrandom(t->secret[0], sizeof(t->secret[0]), 0) != sizeof(t->secret[0]) ||
-	    (!flow_key && getrandom(t->flow_key, 16, 0) != 16)) {
+	if (!flow_key && getrandom(t->flow_key, 16, 0) != 16) {
 		xg_tcp_destroy(t);
 		return -EIO;
 	}
 	if (flow_key)
 		memcpy(t->flow_key, flow_key, 16);
-	memcpy(t->secret[1], t->secret[0], 16);
 	t->cfg = *cfg;
 	*out = t;
 	return 0;
 }
 
-int xg_tcp_create(uint32_t max_flows, uint32_t max_verified, const struct xg_tcp_cfg *cfg,
-		  struct xg_tcp **out)
+int xg_tcp_create(uint32_t max_flows, const struct xg_tcp_cfg *cfg, struct xg_tcp **out)
 {
 	if (!max_flows || max_flows > (1U << 30))
 		return -EINVAL;
-	return tcp_create(NULL, buckets_for(max_flows), NULL, max_verified, cfg, out);
+	return tcp_create(NULL, buckets_for(max_flows), NULL, cfg, out);
 }
 
-int xg_tcp_create_shared(struct xg_flowtab *ft, uint32_t max_verified,
-			 const struct xg_tcp_cfg *cfg, struct xg_tcp **out)
+int xg_tcp_create_shared(struct xg_flowtab *ft, const struct xg_tcp_cfg *cfg,
+			 struct xg_tcp **out)
 {
 	const struct xg_flow_table *info = xg_flowtab_info(ft);
 	struct xg_flow_bucket *b = xg_flowtab_buckets(ft);
@@ -969,8 +576,7 @@ int xg_tcp_create_shared(struct xg_flowtab *ft, uint32_t max_verified,
 	 */
 	for (i = 0; i < info->nbuckets; i++)
 		__atomic_store_n(&b[i].lock, 0, __ATOMIC_RELEASE);
-	return tcp_create(xg_flowtab_buckets(ft), info->nbuckets, info->key, max_verified, cfg,
-			  out);
+	return tcp_create(xg_flowtab_buckets(ft), info->nbuckets, info->key, cfg, out);
 }
 
 void xg_tcp_destroy(struct xg_tcp *tcp)
@@ -979,7 +585,6 @@ void xg_tcp_destroy(struct xg_tcp *tcp)
 		return;
 	if (tcp->own_flows)
 		free(tcp->flows);
-	free(tcp->verified);
 	free(tcp);
 }
 
@@ -1003,16 +608,6 @@ void xg_tcp_config(const struct xg_tcp *tcp, struct xg_tcp_cfg *cfg)
 		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
 }
 
-void xg_tcp_rotate_secret(struct xg_tcp *tcp, const uint8_t *key)
-{
-	uint32_t next = !(__atomic_load_n(&tcp->secret_gen, __ATOMIC_RELAXED) & 1);
-
-	__atomic_fetch_add(&tcp->secret_seq, 1, __ATOMIC_ACQ_REL);
-	memcpy(tcp->secret[next], key, 16);
-	__atomic_fetch_add(&tcp->secret_seq, 1, __ATOMIC_ACQ_REL);
-	__atomic_store_n(&tcp->secret_gen, next, __ATOMIC_RELEASE);
-}
-
 uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts, struct xg_flow *top,
 		     uint32_t ntop)
 {
@@ -1021,7 +616,6 @@ uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts, struct xg
 	memset(counts, 0, sizeof(*counts));
 	counts->capacity = (uint64_t)(tcp->flow_mask + 1) * XG_WAYS;
 	counts->evictions = __atomic_load_n(&tcp->evictions, __ATOMIC_RELAXED);
-	counts->verified_capacity = (uint64_t)(tcp->verified_mask + 1) * XG_WAYS;
 	for (b = 0; b <= tcp->flow_mask; b++) {
 		struct xg_flow_bucket *bk = &tcp->flows[b];
 
@@ -1048,48 +642,5 @@ uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts, struct xg
 		}
 		unlock(&bk->lock);
 	}
-	for (b = 0; b <= tcp->verified_mask; b++) {
-		struct verified_bucket *bk = &tcp->verified[b];
-
-		lock(&bk->lock);
-		for (i = 0; i < XG_WAYS; i++)
-			counts->verified += bk->slot[i].expires &&
-					    !xg_seq_before(bk->slot[i].expires, now);
-		unlock(&bk->lock);
-	}
 	return n;
-}
-
-uint32_t xg_tcp_verified(struct xg_tcp *tcp, struct xg_verified *out, uint32_t max)
-{
-	uint32_t now = xg_tcp_now(), b, i, n = 0;
-
-	for (b = 0; b <= tcp->verified_mask && n < max; b++) {
-		struct verified_bucket *bk = &tcp->verified[b];
-
-		lock(&bk->lock);
-		for (i = 0; i < XG_WAYS && n < max; i++)
-			if (bk->slot[i].expires && !xg_seq_before(bk->slot[i].expires, now))
-				out[n++] = bk->slot[i];
-		unlock(&bk->lock);
-	}
-	return n;
-}
-
-void xg_tcp_verified_add(struct xg_tcp *tcp, const uint8_t *addr, uint32_t expires)
-{
-	verified_add(tcp, addr, expires);
-}
-
-void xg_tcp_verified_clear(struct xg_tcp *tcp)
-{
-	uint32_t b;
-
-	for (b = 0; b <= tcp->verified_mask; b++) {
-		struct verified_bucket *bk = &tcp->verified[b];
-
-		lock(&bk->lock);
-		memset(bk->slot, 0, sizeof(bk->slot));
-		unlock(&bk->lock);
-	}
 }

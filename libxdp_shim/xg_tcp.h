@@ -16,13 +16,12 @@ struct xg_clock {
 void xg_clock_read(struct xg_clock *c);
 
 /*
- * A frame that came in from outside (outer RX). May rewrite the frame in
- * place into a challenge SYN-ACK (XG_V_REPLY, *@len updated). Counts its
- * verdict in @st. Does not block beyond a bucket spinlock held for a few
- * dozen instructions.
+ * A frame that came in from outside (outer RX), with what XDP said of it
+ * (@meta: XG_META_* flags). Counts its verdict in @st. Does not block
+ * beyond a bucket spinlock held for a few dozen instructions.
  */
 enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *len,
-				   int allowlisted, const struct xg_clock *now,
+				   uint32_t meta, const struct xg_clock *now,
 				   struct xg_worker_stats *st);
 
 /* A frame from inside (inner RX): updates flow state, always forwarded. */

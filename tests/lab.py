@@ -395,14 +395,13 @@ class Account:
     veth_dropped: int  # ... and those it dropped there (ring full)
     xdp_seen: int  # frames outer's XDP program ran on (the veth's count)
     xdp: dict[str, int]  # XDP's verdicts, by reason
-    loop: dict[str, int]  # the loop's verdicts (drops and challenges), by reason
+    loop: dict[str, int]  # the loop's verdicts (drops), by reason
     monitor: dict[str, int]  # what monitor mode passed but counted
     xsk_dropped: int  # redirected to a socket, dropped by the kernel (ring full, no buffer)
     rx: int  # taken from outer's RX rings by the loop
     tx: int  # put on inner's TX rings
     tx_ring_full: int
     dropped: int  # freed by a verdict of the loop
-    challenges: int  # SYN-ACK challenges sent or lost
     origin_dropped: int  # dropped on the way out of inner to the origin (veth)
 
     def check(self, sent: int | None = None) -> None:
@@ -418,14 +417,11 @@ class Account:
                 self.xdp.get("redirected", 0) + self.xdp.get("allowlist", 0),
                 self.rx + self.xsk_dropped,
             ),
-            "loop rx = tx + ring full + drops + challenges": (
+            "loop rx = tx + ring full + drops": (
                 self.rx,
-                self.tx + self.tx_ring_full + self.dropped + self.challenges,
+                self.tx + self.tx_ring_full + self.dropped,
             ),
-            "loop verdicts = drops + challenges": (
-                sum(self.loop.values()),
-                self.dropped + self.challenges,
-            ),
+            "loop verdicts = drops": (sum(self.loop.values()), self.dropped),
         }
         broken = {name: v for name, v in law.items() if v[0] != v[1]}
         assert not broken, (broken, self)
@@ -473,7 +469,6 @@ class Ledger:
             "tx": d["tx_packets"],
             "tx_ring_full": d["tx_ring_full"],
             "dropped": d["dropped"],
-            "challenges": st["challenges"]["sent"] + st["challenges"]["lost"],
             "origin_dropped": inner["tx"]["dropped"],
             "busy": st["frames"]["rx"],
         }
@@ -516,7 +511,6 @@ class Ledger:
             tx=delta["tx"],
             tx_ring_full=delta["tx_ring_full"],
             dropped=delta["dropped"],
-            challenges=delta["challenges"],
             origin_dropped=delta["origin_dropped"],
         )
         print(acct)  # shown with a failure's output

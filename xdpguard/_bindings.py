@@ -38,13 +38,15 @@ LISTS_BLOCK_V4: int = lib.XG_LISTS_BLOCK_V4
 LISTS_BLOCK_V6: int = lib.XG_LISTS_BLOCK_V6
 META_MAGIC: int = lib.XG_META_MAGIC
 META_ALLOWLISTED: int = lib.XG_META_ALLOWLISTED
+META_STATE_OVER: int = lib.XG_META_STATE_OVER
+META_FORWARD: int = lib.XG_META_FORWARD
 CFG_META_ALWAYS: int = lib.XG_CFG_META_ALWAYS
 FAST_ON: int = lib.XG_FAST_ON
 FAST_TCP: int = lib.XG_FAST_TCP
 FLOW_WAYS: int = lib.XG_FLOW_WAYS
 FRAG_ANY: int = lib.XG_FRAG_ANY
 FRAG_LATER: int = lib.XG_FRAG_LATER
-VERDICT_FORWARD, VERDICT_DROP, VERDICT_REPLY = lib.XG_V_FORWARD, lib.XG_V_DROP, lib.XG_V_REPLY
+VERDICT_FORWARD, VERDICT_DROP = lib.XG_V_FORWARD, lib.XG_V_DROP
 TCP_MODES = {
     "off": lib.XG_MODE_OFF,
     "monitor": lib.XG_MODE_MONITOR,
@@ -63,7 +65,7 @@ DIR_OUT: int = lib.XG_DIR_OUT
 
 
 # What this Python code was written against (bpf/xdpguard.h XG_ABI_VERSION).
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 def abi_problem() -> str | None:
@@ -249,6 +251,10 @@ class Prog(_Handle):
         """Before load(): the object's map ``name`` is the existing map ``fd``."""
         check(lib.xg_prog_reuse_map(self._get(), name.encode(), fd), f"reusing map {name}")
 
+    def set_max_entries(self, name: str, n: int) -> None:
+        """Before load(): the object's map ``name`` holds ``n`` entries."""
+        check(lib.xg_prog_set_max_entries(self._get(), name.encode(), n), f"sizing map {name}")
+
     def rodata_u32(self, var: str) -> int:
         """The value of the object's ``const volatile __u32 var``."""
         out = ffi.new("uint32_t *")
@@ -390,6 +396,47 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
     check(lib.bpf_map_update_elem(fd, key, value, flags), "map update")
 
 
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete ``key``; whether it was there."""
+    ret = lib.bpf_map_delete_elem(fd, key)
+    if ret == -errno.ENOENT:
+        return False
+    check(ret, "map delete")
+    return True
+
+
+def map_shape(fd: int) -> dict[str, int]:
+    """type (enum bpf_map_type), key_size, value_size, max_entries, flags, and
+    value_stride (a value as lookups copy it: every CPU's for a per-CPU map)."""
+    out = ffi.new("struct xg_map_shape *")
+    check(lib.xg_map_shape(fd, out), "reading a map's shape")
+    return _to_dict(out[0])
+
+
+def map_dump(fd: int, max_entries: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of the map ``fd``, up to ``max_entries`` (a per-CPU
+    map's values hold every CPU's)."""
+    shape = map_shape(fd)
+    n = max(max_entries, 1)
+    keys = ffi.new("char[]", n * shape["key_size"])
+    values = ffi.new("char[]", n * shape["value_stride"])
+    count = ffi.new("uint32_t *")
+    check(lib.xg_map_dump(fd, keys, values, max_entries, count), "reading a map")
+    k, v = bytes(ffi.buffer(keys)), bytes(ffi.buffer(values))
+    ks, vs = shape["key_size"], shape["value_stride"]
+    return [(k[i * ks : (i + 1) * ks], v[i * vs : (i + 1) * vs]) for i in range(count[0])]
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin the BPF object ``fd`` at ``path`` (in a BPF filesystem)."""
+    check(lib.bpf_obj_pin(fd, path.encode()), f"pinning {path}")
+
+
+def obj_get(path: str) -> int:
+    """An fd of the BPF object pinned at ``path``; the caller closes it."""
+    return check(lib.bpf_obj_get(path.encode()), f"opening {path}")
+
+
 def lpm_create(v6: bool) -> int:
     """An empty LPM trie shaped like the list slots' inner maps; caller closes the fd."""
     return check(lib.xg_lpm_create(int(v6)), "creating LPM trie")
@@ -522,14 +569,13 @@ def sock_registered(umem: Umem, netns_cookie: int, ifindex: int, queue: int) -> 
 
 
 class Tcp(_Handle):
-    """The TCP stage shared by every worker: flow table, verified sources, cookies."""
+    """The loop's TCP stage, shared by every worker: the flow table and its policy."""
 
     _what = "TCP stage"
 
     def __init__(
         self,
         max_flows: int,
-        max_verified: int,
         cfg: dict[str, int],
         table: FlowTab | None = None,
     ) -> None:
@@ -538,9 +584,9 @@ class Tcp(_Handle):
         out = ffi.new("struct xg_tcp **")
         c = ffi.new("struct xg_tcp_cfg *", cfg)
         if table is None:
-            ret = lib.xg_tcp_create(max_flows, max_verified, c, out)
+            ret = lib.xg_tcp_create(max_flows, c, out)
         else:
-            ret = lib.xg_tcp_create_shared(table._ft, max_verified, c, out)
+            ret = lib.xg_tcp_create_shared(table._ft, c, out)
         check(ret, "creating the TCP stage")
         self._ptr = out[0]
         self.table = table  # the memory of its flows: kept alive as long as it
@@ -564,11 +610,6 @@ class Tcp(_Handle):
             lib.xg_tcp_config(self._t, out)
         return _to_dict(out[0])
 
-    def rotate_secret(self, key: bytes) -> None:
-        assert len(key) == 16
-        with self._lock:
-            lib.xg_tcp_rotate_secret(self._t, key)
-
     def scan(self, top: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Occupancy counts and the ``top`` busiest flows (O(capacity))."""
         counts = ffi.new("struct xg_tcp_counts *")
@@ -577,31 +618,17 @@ class Tcp(_Handle):
             n = lib.xg_tcp_scan(self._t, counts, flows, top)
         return _to_dict(counts[0]), [_to_dict(flows[i]) for i in range(n)]
 
-    def verified(self, limit: int) -> list[dict[str, Any]]:
-        out = ffi.new("struct xg_verified[]", max(limit, 1))
-        with self._lock:
-            n = lib.xg_tcp_verified(self._t, out, limit)
-        return [_to_dict(out[i]) for i in range(n)]
-
-    def verified_clear(self) -> None:
-        with self._lock:
-            lib.xg_tcp_verified_clear(self._t)
-
-    def verified_add(self, addr16: bytes, expires: int) -> None:
-        assert len(addr16) == 16
-        with self._lock:
-            lib.xg_tcp_verified_add(self._t, addr16, expires)
-
     def judge(
         self,
         frame: bytes,
         from_outside: bool,
         now_s: int,
         now_ms: int | None = None,
-        allowlisted: bool = False,
+        meta: int = 0,
         stats: Any = None,
     ) -> tuple[int, bytes]:
-        """One frame through the TCP stage as the loop would: (verdict, frame after)."""
+        """One frame through the TCP stage as the loop would, with what XDP said
+        of it (``meta``: META_* flags): (verdict, frame after)."""
         buf = ffi.new("uint8_t[]", frame)
         length = ffi.new("uint32_t *", len(frame))
         st = stats if stats is not None else ffi.new("struct xg_worker_stats *")
@@ -611,7 +638,7 @@ class Tcp(_Handle):
                 buf,
                 length,
                 int(from_outside),
-                int(allowlisted),
+                meta,
                 now_s,
                 now_s * 1000 if now_ms is None else now_ms,
                 st,

@@ -543,8 +543,10 @@ def flows() -> None:
     help="The state directory of the appliance whose table to drop.",
 )
 def flows_forget(state_dir: Path) -> None:
-    """Drop the flow table pinned for STATE_DIR: the next start is a cold one
-    (with its learning window). Do it while that appliance is stopped."""
+    """Drop the flow table pinned for STATE_DIR, and the challenges' secret and
+    verified sources pinned with it: the next start is a cold one (with its
+    learning window; verified.json, if any, brings the verified sources
+    back). Do it while that appliance is stopped."""
     from xdpguard.flowtable import forget, pin_dir_for
 
     if forget(state_dir):
@@ -567,7 +569,13 @@ def tcp() -> None:
       on       always
       auto     only for a destination whose rate exceeds its threshold
                (--syn-rate/--syn-burst, --state-rate/--state-burst)
-    Verified sources and the allowlist skip challenges. Out-of-state frames
+    Challenges are answered in XDP: a SYN from a source that has not proved
+    it is real gets a SYN-ACK with a cookie, which a real stack answers with
+    a RST. The allowlist skips challenges, and so does a verified source, up
+    to --verified-syn-rate SYNs/s (beyond: verified_syn_rate_limited).
+    Challenges never go out faster than --challenge-rate/s in all, or
+    --challenge-prefix-rate/s to one source /24 or /48 (beyond:
+    challenge_rate_limited): xdpguard is no reflector. Out-of-state frames
     are those of no tracked flow (tcp_no_flow, tcp_synack_reflection,
     challenge_failed), outside their flow's window (tcp_out_of_window), and
     fragments of TCP segments (tcp_fragment: no flow can vouch for them).
@@ -586,7 +594,9 @@ def _tcp_text(r: dict[str, Any]) -> str:
     return (
         f"SYN challenges: {r['syn_mode']}, "
         f"{threshold(r['syn_mode'], r['syn_rate'], r['syn_burst'], 'SYN')}; "
-        f"verified sources kept {r['verify_ttl']}s\n"
+        f"verified sources kept {r['verify_ttl']}s, at most {r['verified_syn_rate']} SYN/s "
+        f"each; at most {r['challenge_rate']} challenges/s, "
+        f"{r['challenge_prefix_rate']}/s per source /24 or /48\n"
         f"out-of-state drops: {r['state_mode']}, "
         f"{threshold(r['state_mode'], r['state_rate'], r['state_burst'], 'frame')}\n"
         f"learning: {r['learning_left']}s left"
@@ -610,6 +620,19 @@ def tcp_mode(mode: str, as_json: bool, control: str) -> None:
 @click.option("--state-rate", type=click.IntRange(1), help="auto: out-of-state frames/s.")
 @click.option("--state-burst", type=click.IntRange(1), help="auto: ... tolerated above it.")
 @click.option("--verify-ttl", type=click.IntRange(1), help="Seconds a verified source is kept.")
+@click.option(
+    "--challenge-rate", type=click.IntRange(1), help="Challenges/s at most, to all sources."
+)
+@click.option(
+    "--challenge-prefix-rate",
+    type=click.IntRange(1),
+    help="Challenges/s at most to one source /24 (IPv4) or /48 (IPv6).",
+)
+@click.option(
+    "--verified-syn-rate",
+    type=click.IntRange(1),
+    help="SYNs/s a verified source may send while challenges are on.",
+)
 @click.option(
     "--learn", type=click.FloatRange(0, 86400), help="Adopt open flows for SECONDS from now."
 )

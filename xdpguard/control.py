@@ -235,7 +235,8 @@ COMMANDS: dict[str, Command] = {
         Command(
             "tcp.config",
             "TCP settings: {syn_mode?, state_mode?, syn_rate?, syn_burst?, state_rate?, "
-            "state_burst?, verify_ttl?, learn?}; none: show",
+            "state_burst?, verify_ttl?, challenge_rate?, challenge_prefix_rate?, "
+            "verified_syn_rate?, learn?}; none: show",
             {
                 "syn_mode": Arg(_MODE),
                 "state_mode": Arg(_MODE),

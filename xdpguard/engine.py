@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,14 @@ import numpy as np
 
 from xdpguard import __version__
 from xdpguard import _bindings as B
+from xdpguard.challenges import (
+    INNER_MAX_ENTRIES,
+    PINNED,
+    Challenges,
+    open_pinned,
+    pin_maps,
+    verified_capacity,
+)
 from xdpguard.defs import LOOP_REASONS, ROLE_DIRECTION, XDP_REASONS, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.fastpath import FastPath
@@ -120,6 +129,7 @@ class Engine:
         self.fast: FastPath | None = None
         self.flowtab: B.FlowTab | None = None
         self.flows_restored = False
+        self.challenge_tx = "XDP_TX"  # how challenges leave outer
         self._stopping = threading.Event()
 
     # ---- lifecycle ----
@@ -157,27 +167,55 @@ class Engine:
             self._check_device(dev, ns)
 
         # The flow table first: both programs and the loop share it, and a
-        # pinned one brings back every flow a restart would have cut.
+        # pinned one brings back every flow a restart would have cut. The
+        # challenges' secret and verified sources are pinned beside it.
         self.flowtab, self.flows_restored = open_table(cfg.max_flows, cfg.state_dir)
         self._push_undo("close the flow table", self.flowtab.close)
-        for role in (Role.OUTER, Role.INNER):
-            prog = XdpProgram(role, cfg.bpf_object, shared=self.flowtab.fds())
-            self.progs[role] = prog
-            self._push_undo(f"unload {role.name.lower()} program", prog.close)
+        pin = pin_dir_for(cfg.state_dir) if cfg.state_dir is not None else None
+        max_verified = verified_capacity(cfg.max_flows)
+        pinned = open_pinned(pin, max_verified)
+        try:
+            outer = XdpProgram(
+                Role.OUTER,
+                cfg.bpf_object,
+                shared=self.flowtab.fds() | pinned,
+                max_entries={"xg_verified": max_verified},
+            )
+        finally:
+            for fd in pinned.values():
+                os.close(fd)
+        self.progs[Role.OUTER] = outer
+        self._push_undo("unload outer program", outer.close)
+        challenge_maps = {name: outer.map_fd(name) for name in PINNED}
+        if pin is not None and not pinned:
+            pin_maps(pin, challenge_maps)
+        # The inner program answers no challenge: its own tables of them stay small.
+        inner = XdpProgram(
+            Role.INNER,
+            cfg.bpf_object,
+            shared=self.flowtab.fds() | challenge_maps,
+            max_entries=INNER_MAX_ENTRIES,
+        )
+        self.progs[Role.INNER] = inner
+        self._push_undo("unload inner program", inner.close)
 
         # A restored table holds the flows already: nothing to adopt.
         learn = 0.0 if self.flows_restored else cfg.learn
-        self.tcp = TcpStage(cfg.max_flows, learn, self.flowtab)
+        self.tcp = TcpStage(cfg.max_flows, learn, Challenges(outer, bool(pinned)), self.flowtab)
         self._push_undo("free the TCP stage", self.tcp.close)
         if self.flows_restored:
             n = self.tcp.flows(0)["tracked"]
             log.info("flow table restored: %d flow(s), no learning window", n)
+        if pinned:
+            n = self.tcp.verified()["count"]
+            log.info("challenges: secret and %d verified source(s) restored from %s", n, pin)
         if cfg.state_dir is not None:
-            # Sources that answered a challenge before a restart need not again.
+            # Sources that answered a challenge before a reboot need not again.
             verified_file = cfg.state_dir / "verified.json"
-            n = self.tcp.load_verified(verified_file)
-            if n:
-                log.info("tcp: %d verified source(s) restored", n)
+            if not pinned:
+                n = self.tcp.load_verified(verified_file)
+                if n:
+                    log.info("tcp: %d verified source(s) restored from %s", n, verified_file)
             self._push_undo("save verified sources", lambda: self._save_verified(verified_file))
 
         # The policy is in the maps before the program sees a packet.
@@ -219,6 +257,17 @@ class Engine:
             prog = self.progs[role]
             prog.attach(ns, dev, cfg.xdp_mode)
             self._push_undo(f"detach XDP from {dev.name}", prog.detach)
+        # A veth flushes what XDP_TX queued to its peer only if the peer runs
+        # an XDP program: challenges to a plain host behind one would wait
+        # for its next frame. They leave by a redirect to outer itself then.
+        if self.outer_dev.kind == "veth":
+            self.outer_ns.run(
+                B.map_update,
+                outer.map_fd("xg_self"),
+                struct.pack("=I", 0),
+                struct.pack("=I", self.outer_dev.ifindex),
+            )
+            self.challenge_tx = "redirect to itself"
         self.fast = FastPath(
             self.progs,
             {
@@ -559,6 +608,7 @@ class Engine:
         return {
             "version": __version__,
             "pid": os.getpid(),
+            "challenges_leave_by": self.challenge_tx,
             "policy": self.policy.summary() if self.policy else None,
             "uptime": round(time.time() - self.started_at, 3),
             "devices": devices,
@@ -600,8 +650,11 @@ class Engine:
 
         queues = []
         totals = {d: dict.fromkeys(_DIR_FIELDS, 0) for d in Direction}
-        monitor = np.zeros((max(Reason) + 1, 2), dtype=np.uint64)
-        challenges = {"sent": 0, "lost": 0}
+        monitor = (
+            self.tcp.challenges.monitor_counters()
+            if self.tcp is not None
+            else np.zeros((max(Reason) + 1, 2), dtype=np.uint64)
+        )
         accounts: list[dict[str, Any]] = []
         for path in self.paths:
             assert path.worker and path.outer and path.inner
@@ -620,8 +673,6 @@ class Engine:
                     (monitor, ws["monitor"]),
                 ):
                     into[r] += np.array((counts[r]["packets"], counts[r]["bytes"]), dtype=np.uint64)
-            challenges["sent"] += ws["challenges_sent"]
-            challenges["lost"] += ws["challenges_lost"]
             entry["loops"] = ws["loops"]
             entry["polls"] = ws["polls"]
             entry["tx_down"] = ws["tx_down"]
@@ -664,7 +715,8 @@ class Engine:
             # What monitor mode (or auto below its threshold) let through but
             # would have dropped or challenged.
             "monitor": {name: v for name, v in named(monitor).items() if v["packets"]},
-            "challenges": challenges,
+            # Answered by XDP itself (XDP_TX), never in the UMEM.
+            "challenges": {"sent": int(xdp[Direction.IN][Reason.syn_challenged, 0])},
             "queues": queues,
         }
         if account:

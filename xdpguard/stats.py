@@ -109,7 +109,7 @@ def format_stats(cur: dict[str, Any], prev: dict[str, Any] | None = None) -> str
         lines += ["", f"monitor (passed, would have been dropped or challenged): {would}"]
     if cur.get("challenges"):
         c = cur["challenges"]
-        lines.append(f"SYN challenges sent: {c['sent']} ({c['lost']} lost for a full TX ring)")
+        lines.append(f"SYN challenges sent: {c['sent']} (answered in XDP)")
     f = cur.get("frames")
     if f:
         lines += [

@@ -1,23 +1,25 @@
-"""The TCP stage of the hot loop as Python drives it.
+"""The TCP stage as Python drives it.
 
-The loop (libxdp_shim/xg_tcp.c) tracks flows, challenges SYNs and drops
-what is out of state; Python sets its policy (modes and thresholds, which
-are part of the persisted policy), opens the learning window at start,
-rotates the cookie secret, and reads the tables for `xdpguard tcp ...`.
+The loop (libxdp_shim/xg_tcp.c) tracks flows and drops what is out of
+state; the outer XDP program answers SYN challenges and keeps the verified
+sources and the rates of auto mode (bpf/xg_challenge.h, through
+xdpguard.challenges). Python sets the policy of both (modes and
+thresholds, which are part of the persisted policy), opens the learning
+window at start, rotates the cookie secret, and reads the tables for
+`xdpguard tcp ...`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from xdpguard import _bindings as B
+from xdpguard import challenges as ch
 from xdpguard.errors import XdpguardError
 
 log = logging.getLogger("xdpguard")
@@ -33,13 +35,23 @@ DEFAULTS: dict[str, Any] = {
     "state_rate": 1000,
     "state_burst": 2000,
     "verify_ttl": 600,
+    # The reflection caps: challenges per second to everyone, and to one
+    # source /24 (IPv4) or /48 (IPv6). A challenge is 54 to 74 bytes.
+    "challenge_rate": 1_000_000,
+    "challenge_prefix_rate": 1000,
+    # SYNs per second one verified source may send while it would be
+    # challenged (a real host's address can be verified by a spoofer).
+    "verified_syn_rate": 10_000,
 }
 LIMITS = {
     "syn_rate": (1, 100_000_000),
     "syn_burst": (1, 100_000_000),
     "state_rate": (1, 100_000_000),
     "state_burst": (1, 100_000_000),
-    "verify_ttl": (1, 30 * 86400),
+    "verify_ttl": (1, ch.MAX_VERIFY_TTL),
+    "challenge_rate": (1, 100_000_000),
+    "challenge_prefix_rate": (1, 100_000_000),
+    "verified_syn_rate": (1, 100_000_000),
 }
 STATES = {
     value: name.removeprefix("XG_TCP_").lower()
@@ -82,33 +94,45 @@ def _endpoint(addr: str, port_be: int) -> str:
 
 
 class TcpStage:
-    """Owns the loop's shared TCP state (xg_tcp) for one appliance."""
+    """Owns the loop's TCP state (xg_tcp) and the outer program's challenges."""
 
     def __init__(
-        self, max_flows: int, learn_seconds: float, table: B.FlowTab | None = None
+        self,
+        max_flows: int,
+        learn_seconds: float,
+        challenges: ch.Challenges,
+        table: B.FlowTab | None = None,
     ) -> None:
         """``table``: the flow table XDP shares (else one of the stage's own)."""
         self.settings: dict[str, Any] = dict(DEFAULTS)
         self.learn_until = B.tcp_now() + int(learn_seconds)
-        self.tcp = B.Tcp(max_flows, max(65536, max_flows // 4), self._c_cfg(), table)
+        self.challenges = challenges
+        self.tcp = B.Tcp(max_flows, self._c_cfg(), table)
+        self.challenges.configure(self._c_cfg())
         self._rotated = time.monotonic()
-        self.tcp.rotate_secret(os.urandom(16))
 
     def _c_cfg(self) -> dict[str, int]:
         cfg = {k: v for k, v in self.settings.items() if not k.endswith("_mode")}
         cfg["syn_mode"] = B.TCP_MODES[self.settings["syn_mode"]]
         cfg["state_mode"] = B.TCP_MODES[self.settings["state_mode"]]
         cfg["learn_until"] = self.learn_until
+        # XDP's per-CPU token buckets share each rate among the CPUs.
+        cfg["ncpus"] = os.cpu_count() or 1
         return cfg
+
+    def _push(self) -> None:
+        cfg = self._c_cfg()
+        self.tcp.configure(cfg)
+        self.challenges.configure(cfg)
 
     def apply(self, settings: dict[str, Any]) -> None:
         self.settings = {**DEFAULTS, **settings}
-        self.tcp.configure(self._c_cfg())
+        self._push()
 
     def learn(self, seconds: float) -> None:
         """(Re)open the learning window for ``seconds`` from now."""
         self.learn_until = B.tcp_now() + int(seconds)
-        self.tcp.configure(self._c_cfg())
+        self._push()
 
     def fast_tcp_allowed(self) -> bool:
         """May XDP forward verified flows itself? Not while anything is only
@@ -124,7 +148,7 @@ class TcpStage:
     def tick(self) -> None:
         """Called periodically: rotate the cookie secret when it is due."""
         if time.monotonic() - self._rotated >= SECRET_ROTATE_SECONDS:
-            self.tcp.rotate_secret(os.urandom(16))
+            self.challenges.rotate_secret(os.urandom(16))
             self._rotated = time.monotonic()
 
     def flows(self, top: int = 10) -> dict[str, Any]:
@@ -138,8 +162,8 @@ class TcpStage:
             "tracked": sum(by_state.values()),
             "evictions": counts["evictions"],
             "fast_path": counts["fast"],
-            "verified": counts["verified"],
-            "verified_capacity": counts["verified_capacity"],
+            "verified": len(self.challenges.verified(now)),
+            "verified_capacity": self.challenges.capacity,
             "learning_left": self.learning_left(),
             "busiest": [
                 {
@@ -163,88 +187,23 @@ class TcpStage:
             ],
         }  # fmt: skip
 
-    def verified(self, limit: int = 1_000_000) -> dict[str, Any]:
+    def verified(self) -> dict[str, Any]:
         now = B.tcp_now()
         entries = [
-            {"source": _addr(v["addr"], _is_v6(v["addr"])), "ttl": max(0, v["expires"] - now)}
-            for v in self.tcp.verified(limit)
+            {"source": ch.addr_text(addr), "ttl": (expires - now) & 0xFFFFFFFF}
+            for addr, expires in self.challenges.verified(now)
         ]
         entries.sort(key=lambda e: e["source"])
         return {"count": len(entries), "entries": entries}
 
     def save_verified(self, path: Path) -> int:
-        """Write the verified sources and their remaining TTLs (on a clean stop)."""
-        entries = self.verified()["entries"]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"saved_at": time.time(), "entries": entries}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return len(entries)
+        return ch.save_verified(self.challenges, path)
 
     def load_verified(self, path: Path) -> int:
-        """Bring back what save_verified() wrote, minus the time xdpguard was down.
-
-        The file only saves clients a challenge: a missing one restores
-        nothing, and a damaged one is refused whole, said in one line, and
-        left for the operator to look at."""
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return 0
-        except OSError as exc:
-            log.warning("state file %s unreadable (%s): no verified source restored", path, exc)
-            return 0
-        try:
-            entries = _parse_verified(raw)
-        except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            log.warning("state file %s is corrupt (%s): no verified source restored", path, exc)
-            return 0
-        now, n = B.tcp_now(), 0
-        for packed, left in entries:
-            addr = packed if len(packed) == 16 else bytes(10) + b"\xff\xff" + packed
-            self.tcp.verified_add(addr, now + min(left, LIMITS["verify_ttl"][1]))
-            n += 1
-        return n
+        return ch.load_verified(self.challenges, path)
 
     def verified_clear(self) -> dict[str, Any]:
-        n = self.verified()["count"]
-        self.tcp.verified_clear()
-        return {"cleared": n}
+        return {"cleared": self.challenges.verified_clear()}
 
     def close(self) -> None:
         self.tcp.close()
-
-
-def _is_v6(raw: list[int]) -> bool:
-    return bytes(raw[:12]) != bytes(10) + b"\xff\xff"
-
-
-def _parse_verified(raw: bytes) -> list[tuple[bytes, int]]:
-    """verified.json, checked whole: (address, seconds left) of the live entries."""
-    data = json.loads(raw)
-    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
-        raise ValueError("not an object with a list of entries")
-    saved_at = data.get("saved_at")
-    if isinstance(saved_at, bool) or not isinstance(saved_at, int | float):
-        raise ValueError("saved_at is not a time")
-    if not math.isfinite(saved_at):
-        raise ValueError("saved_at is not a time")
-    down = max(0.0, time.time() - float(saved_at))
-    out = []
-    for i, e in enumerate(data["entries"]):
-        if not isinstance(e, dict) or not isinstance(e.get("source"), str):
-            raise ValueError(f"entry {i}: no source address")
-        ttl = e.get("ttl")
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
-            raise ValueError(f"entry {i}: ttl is not a number")
-        if not 0 <= ttl <= LIMITS["verify_ttl"][1]:
-            raise ValueError(f"entry {i}: ttl {ttl} out of range")
-        packed = ipaddress.ip_address(e["source"]).packed
-        left = int(ttl - down)
-        if left > 0:
-            out.append((packed, left))
-    return out

@@ -86,9 +86,12 @@ class XdpProgram:
         path: Path | None = None,
         flags: int = 0,
         shared: dict[str, int] | None = None,
+        max_entries: dict[str, int] | None = None,
     ) -> None:
         """``flags``: enum xg_load_flags (B.CFG_META_ALWAYS for tests); ``shared``:
-        maps by name that this instance uses instead of its own (the flow table)."""
+        maps by name that this instance uses instead of its own (the flow table,
+        the challenges' secret and verified sources); ``max_entries``: sizes of
+        its own maps other than the object's."""
         self.role = role
         self.path = path or bpf_object_path()
         try:
@@ -109,6 +112,9 @@ class XdpProgram:
         try:
             for name, fd in (shared or {}).items():
                 self._prog.reuse_map(name, fd)
+            for name, n in (max_entries or {}).items():
+                if name not in (shared or {}):
+                    self._prog.set_max_entries(name, n)
             self._prog.load()
         except OSError as exc:
             self._prog.close()

@@ -72,7 +72,6 @@ def rig() -> Iterator[Rig]:
         table = B.FlowTab(1024)
         tcp = B.Tcp(
             0,
-            1024,
             {
                 "syn_mode": B.TCP_MODES["off"],
                 "state_mode": B.TCP_MODES["on"],
@@ -220,7 +219,7 @@ def test_a_lock_left_held_by_a_killed_process_is_freed() -> None:
             for off in locks:
                 m[off : off + 4] = struct.pack("=I", 1)  # held, by nobody alive
             cfg = dict.fromkeys(B.Tcp.cfg_fields(), 1) | {"syn_mode": 0, "state_mode": 0}
-            B.Tcp(0, 64, cfg, table).close()
+            B.Tcp(0, cfg, table).close()
             assert [struct.unpack("=I", m[o : o + 4])[0] for o in locks] == [0] * 8
     finally:
         table.close()

@@ -141,8 +141,9 @@ def test_no_bypass_reaches_the_origin(tmp_path: Path, frags: str) -> None:
         neigh = the_lab.ns_exec(the_lab.origin_ns, "ip", "-6", "neigh", "show", BLOCKED_V6)
         assert neigh.stdout.strip() == "", neigh.stdout
         # Each attack was stopped where it should be, and counted there.
-        xdp = ["ext_header_limit", "blocklist", "udp_src_port"]
-        loop = ["syn_challenged", "tcp_no_flow", "challenge_failed"]
+        xdp = ["ext_header_limit", "blocklist", "udp_src_port", "syn_challenged"]
+        xdp.append("challenge_failed")
+        loop = ["tcp_no_flow"]
         # The atomic fragment's SYN: the fragment policy, or else the TCP stage.
         (xdp if frags == "drop" else loop).append("fragment" if frags == "drop" else "tcp_fragment")
         for reason in xdp:

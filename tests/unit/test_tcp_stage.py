@@ -1,8 +1,10 @@
 """The loop's TCP stage, frame by frame, with a clock the test controls.
 
 xg_tcp_judge() runs exactly the code the hot loop runs for each frame; here
-it is fed real TCP conversations built with scapy. No kernel is involved:
-what the kernel sees of it is tested in tests/netns/test_tcp_*.py.
+it is fed real TCP conversations built with scapy, with what XDP would
+have said of each (its metadata flags). No kernel is involved: what the
+kernel sees of it is tested in tests/netns/test_tcp_*.py, and the SYN
+challenges, which XDP answers, in tests/bpf/test_challenge.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from xdpguard.defs import Reason
 
 pytestmark = pytest.mark.unit
 
-FWD, DROP, REPLY = B.VERDICT_FORWARD, B.VERDICT_DROP, B.VERDICT_REPLY
+FWD, DROP = B.VERDICT_FORWARD, B.VERDICT_DROP
 CLIENT_MAC, ORIGIN_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 T0 = 100_000  # seconds on the stage's clock
 V4_PAIR = ("169.254.0.1", "169.254.0.2")
@@ -39,7 +41,7 @@ def stage(syn: str = "off", state: str = "on", max_flows: int = 4096, **cfg: int
         "learn_until": 0,
         **cfg,
     }
-    return B.Tcp(max_flows, 1024, settings)
+    return B.Tcp(max_flows, settings)
 
 
 @dataclass
@@ -89,8 +91,8 @@ class Conv:
         )
         return bytes(pkt)
 
-    def judge(self, outside: bool, frame: bytes, allowlisted: bool = False) -> tuple[int, bytes]:
-        return self.tcp.judge(frame, outside, self.now, allowlisted=allowlisted, stats=self.stats)
+    def judge(self, outside: bool, frame: bytes, meta: int = 0) -> tuple[int, bytes]:
+        return self.tcp.judge(frame, outside, self.now, meta=meta, stats=self.stats)
 
     def syn_opts(self) -> list:
         return [("MSS", 1460)] + ([("WScale", self.wscale)] if self.wscale is not None else [])
@@ -213,13 +215,20 @@ def test_floods_of_unknown_flows() -> None:
         assert c.judge(True, c.frame(True, "A", seq, ack))[0] == DROP
         assert c.judge(True, c.frame(True, "RA", seq, ack))[0] == DROP
         assert c.judge(True, c.frame(True, "SA", seq, ack))[0] == DROP
-        assert c.judge(True, c.frame(True, "R", seq))[0] == DROP  # not a valid cookie
-    assert c.reasons() == {
-        "tcp_no_flow": 600,
-        "tcp_synack_reflection": 300,
-        "challenge_failed": 300,
-    }
+        # A bare RST of no flow is XDP's (a challenge's answer, or
+        # challenge_failed); one that reaches the loop lost its flow.
+        assert c.judge(True, c.frame(True, "R", seq))[0] == DROP
+    assert c.reasons() == {"tcp_no_flow": 900, "tcp_synack_reflection": 300}
     assert states(tcp) == {}
+
+
+def test_what_xdp_let_through_as_it_is_passes() -> None:
+    """XG_META_FORWARD: a RST of no flow XDP passed while challenges are only
+    monitored or the learning window is open; the loop keeps no state of it."""
+    tcp = stage(syn="on")
+    c = Conv(tcp)
+    assert c.judge(True, c.frame(True, "R", c.cseq), meta=B.META_FORWARD)[0] == FWD
+    assert c.reasons() == c.monitor() == {} and states(tcp) == {}
 
 
 def _fragments(c: Conv) -> list[bytes]:
@@ -262,105 +271,18 @@ def test_no_out_of_state_drops_while_learning() -> None:
     seq, ack = c.cseq, c.oseq
     for _ in range(2):
         assert c.judge(True, c.frame(True, "SA", seq, ack))[0] == FWD  # origin's connect
-        assert c.judge(True, c.frame(True, "R", seq))[0] == FWD  # no cookie: a late reset
+        assert c.judge(True, c.frame(True, "RA", seq, ack))[0] == FWD  # a late reset
         assert all(c.judge(True, f)[0] == FWD for f in _fragments(c))
     assert c.reasons() == {}
     # A flow whose handshake the stage saw is checked from the start.
     known = Conv(tcp, cport=40001)
-    syn = known.frame(True, "S", known.cseq, opts=known.syn_opts())
-    assert known.judge(True, syn, allowlisted=True)[0] == FWD  # not challenged
-    assert (known.synack(), known.ack()) == (FWD, FWD)
+    assert (known.syn(), known.synack(), known.ack()) == (FWD, FWD, FWD)
     assert known.judge(True, known.frame(True, "A", known.cseq, known.oseq + 10**6))[0] == DROP
     assert known.reasons() == {"tcp_out_of_window": 1}
     c.now = T0 + 11
     assert c.judge(True, c.frame(True, "SA", seq, ack))[0] == DROP
-    assert c.judge(True, c.frame(True, "R", seq))[0] == DROP
-    assert c.reasons() == {"tcp_synack_reflection": 1, "challenge_failed": 1}
-
-
-def test_syn_challenge_round_trip() -> None:
-    tcp = stage(syn="on")
-    c = Conv(tcp)
-    v, reply = c.judge(True, c.frame(True, "S", c.cseq, opts=c.syn_opts()))
-    assert v == REPLY
-    synack = Ether(reply)
-    # A valid SYN-ACK back to the client, checksums right, no options.
-    assert synack[Ether].dst == CLIENT_MAC and synack[Ether].src == ORIGIN_MAC
-    assert (synack[IP].src, synack[IP].dst) == (c.origin, c.client)
-    assert (synack[TCP].sport, synack[TCP].dport) == (c.oport, c.cport)
-    assert synack[TCP].flags == "SA" and synack[TCP].options == []
-    fresh = Ether(bytes(Ether(reply)))
-    del fresh[IP].chksum, fresh[TCP].chksum
-    fresh = Ether(bytes(fresh))
-    assert (fresh[IP].chksum, fresh[TCP].chksum) == (synack[IP].chksum, synack[TCP].chksum)
-    assert synack[TCP].ack != (c.cseq + 1) % 2**32  # deliberately unacceptable
-    assert states(tcp) == {}  # nothing is kept for an unverified SYN
-
-    # The client's stack answers <SEQ=SEG.ACK><CTL=RST>.
-    rst = c.frame(True, "R", synack[TCP].ack)
-    assert c.judge(True, rst)[0] == DROP
-    assert [e["expires"] for e in tcp.verified(10)] == [T0 + 600]
-    # Its retransmitted SYN now passes, and the connection opens normally.
-    assert c.syn() == FWD
-    assert c.synack() == FWD and c.ack() == FWD
-    assert c.send(10) == FWD
-    # A new connection from the same source is not challenged.
-    c2 = Conv(tcp, cport=40001)
-    assert c2.syn() == FWD
-    assert c.reasons() == {"syn_challenged": 1, "challenge_passed": 1}
-
-
-def test_cookie_is_bound_to_the_tuple_and_time() -> None:
-    tcp = stage(syn="on")
-    c = Conv(tcp)
-    reply = c.judge(True, c.frame(True, "S", c.cseq))[1]
-    cookie = Ether(reply)[TCP].ack
-    # Another port, a bit flipped, or three minutes late: no.
-    other = Conv(tcp, cport=c.cport + 1, stats=c.stats)
-    assert other.judge(True, other.frame(True, "R", cookie))[0] == DROP
-    assert c.judge(True, c.frame(True, "R", cookie ^ 0x100))[0] == DROP
-    c.now += 3 * 64
-    assert c.judge(True, c.frame(True, "R", cookie))[0] == DROP
-    assert c.reasons() == {"syn_challenged": 1, "challenge_failed": 3}
-    # Within the next slot it still counts.
-    c.now = T0 + 64
-    assert c.judge(True, c.frame(True, "R", cookie))[0] == DROP
-    assert c.reasons()["challenge_passed"] == 1
-
-
-def test_secret_rotation_keeps_the_previous_secret() -> None:
-    tcp = stage(syn="on")
-    c = Conv(tcp)
-    cookies = []
-    for _ in range(3):
-        cookies.append(Ether(c.judge(True, c.frame(True, "S", c.cseq))[1])[TCP].ack)
-        c.cport += 1
-    c.cport -= 3
-    tcp.rotate_secret(bytes(range(16)))
-    assert c.judge(True, c.frame(True, "R", cookies[0]))[0] == DROP
-    assert c.reasons()["challenge_passed"] == 1
-    tcp.rotate_secret(bytes(range(1, 17)))
-    c.cport += 1
-    assert c.judge(True, c.frame(True, "R", cookies[1]))[0] == DROP
-    assert c.reasons()["challenge_failed"] == 1
-
-
-def test_allowlisted_and_verified_skip_challenges() -> None:
-    tcp = stage(syn="on")
-    stranger = Conv(tcp, client="169.254.0.7")
-    assert stranger.syn() == REPLY  # challenges are on for everyone else
-    allowed = Conv(tcp, client="169.254.0.8", stats=stranger.stats)
-    v, _ = allowed.judge(True, allowed.frame(True, "S", allowed.cseq), allowlisted=True)
-    assert v == FWD
-    # A source verified earlier (as a restart restores it) is not asked again ...
-    verified = Conv(tcp, client="169.254.0.9", stats=stranger.stats)
-    tcp.verified_add(bytes(10) + b"\xff\xff" + bytes([169, 254, 0, 9]), T0 + 60)
-    assert verified.syn() == FWD
-    assert stranger.reasons() == {"syn_challenged": 1}
-    # ... until its verification expires.
-    again = Conv(tcp, client="169.254.0.9", cport=40001, now=T0 + 61, stats=stranger.stats)
-    assert again.syn() == REPLY
-    assert stranger.reasons() == {"syn_challenged": 2}
+    assert c.judge(True, c.frame(True, "RA", seq, ack))[0] == DROP
+    assert c.reasons() == {"tcp_synack_reflection": 1, "tcp_no_flow": 1}
 
 
 def test_monitor_counts_and_passes() -> None:
@@ -371,31 +293,22 @@ def test_monitor_counts_and_passes() -> None:
     c.cport += 1
     assert c.judge(True, c.frame(True, "A", 5, 6))[0] == FWD  # no flow
     assert c.reasons() == {}
-    assert c.monitor() == {"syn_challenged": 1, "tcp_out_of_window": 1, "tcp_no_flow": 1}
+    assert c.monitor() == {"tcp_out_of_window": 1, "tcp_no_flow": 1}
 
 
-def test_auto_challenges_only_above_the_rate_and_stops_after() -> None:
-    tcp = stage(syn="auto", syn_rate=10, syn_burst=5)
-    verdicts = []
-    for i in range(20):
-        c = Conv(tcp, client=f"198.18.0.{i + 1}", now=T0)
-        verdicts.append(c.syn())
-    assert verdicts[:5] == [FWD] * 5  # the burst
-    assert verdicts[5:] == [REPLY] * 15
-    # The rate fell back: after the hold, SYNs pass again.
-    later = Conv(tcp, client="198.18.1.1", now=T0 + 4)
-    assert later.syn() == FWD
-
-
-def test_auto_state_drops_only_above_the_rate() -> None:
-    tcp = stage(state="auto", state_rate=10, state_burst=3)
+def test_auto_state_drops_only_what_xdp_found_above_the_rate() -> None:
+    """XDP keeps the per-destination rate; the loop drops out-of-state frames
+    only when it says the destination is above it (XG_META_STATE_OVER)."""
+    tcp = stage(state="auto")
     c = Conv(tcp)
     verdicts = []
     for i in range(8):
         c.cport = 2000 + i
-        verdicts.append(c.judge(True, c.frame(True, "A", i, i))[0])
+        meta = B.META_STATE_OVER if i >= 3 else 0
+        verdicts.append(c.judge(True, c.frame(True, "A", i, i), meta=meta)[0])
     assert verdicts == [FWD] * 3 + [DROP] * 5
     assert c.monitor() == {"tcp_no_flow": 3}
+    assert c.reasons() == {"tcp_no_flow": 5}
 
 
 def test_learning_window_adopts_flows_seen_from_both_sides() -> None:
@@ -438,17 +351,13 @@ def test_connection_opened_by_the_origin() -> None:
     assert c2.reasons() == {"tcp_synack_reflection": 1}
 
 
-def test_ipv6_flow_and_challenge() -> None:
+def test_ipv6_flow() -> None:
     tcp = stage(syn="on")
     c = Conv(tcp, client="2001:db8::1", origin="2001:db8::2")
-    v, reply = c.judge(True, c.frame(True, "S", c.cseq))
-    assert v == REPLY
-    synack = Ether(reply)
-    assert (synack[IPv6].src, synack[IPv6].dst) == (c.origin, c.client)
-    c.judge(True, c.frame(True, "R", synack[TCP].ack))
     c.open()
-    assert c.send(1000) == FWD
-    assert c.reasons() == {"syn_challenged": 1, "challenge_passed": 1}
+    assert c.send(1000) == FWD and c.reply(1000) == FWD
+    assert c.judge(True, c.frame(True, "A", c.cseq, c.oseq + 10**6))[0] == DROP
+    assert c.reasons() == {"tcp_out_of_window": 1}
 
 
 def test_full_table_keeps_established_flows() -> None:
@@ -630,12 +539,13 @@ def test_a_reopen_confirmed_by_the_origin_replaces_the_flow() -> None:
     assert c.reasons() == {}
 
 
-def test_a_syn_on_a_live_tuple_is_challenged_like_any() -> None:
+def test_a_syn_on_a_live_tuple_that_passed_xdp_changes_nothing() -> None:
+    """A SYN claiming a live tuple is challenged in XDP like any; one that
+    passed (a verified source) is a possible reopen, nothing more."""
     tcp = stage(syn="on", learn_until=T0 + 10)
     c = Conv(tcp)
     _learning(c)
     before = flow_of(tcp, c.cport)
-    v, _ = c.judge(True, c.frame(True, "S", c.cseq + 2**31))
-    assert v == REPLY
+    assert c.judge(True, c.frame(True, "S", c.cseq + 2**31))[0] == FWD
     assert flow_of(tcp, c.cport)["state"] == before["state"]
-    assert c.reasons() == {"syn_challenged": 1}
+    assert c.reasons() == {}

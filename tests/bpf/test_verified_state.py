@@ -1,24 +1,35 @@
-"""verified.json is input: a crafted one restores nothing and says so in one line."""
+"""verified.json is input: a crafted one restores nothing and says so in one
+line. (The file brings verified sources back across a reboot, into the
+outer program's xg_verified map: a real one here.)"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from xdpguard import _bindings as B
+from xdpguard.challenges import Challenges
+from xdpguard.defs import Role
 from xdpguard.tcp import TcpStage
+from xdpguard.xdp import XdpProgram
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.bpf
 
 
 @pytest.fixture
-def stage() -> TcpStage:
-    s = TcpStage(4096, 10)
-    yield s
-    s.close()
+def stage() -> Iterator[TcpStage]:
+    prog = XdpProgram(Role.OUTER)
+    s = TcpStage(4096, 10, Challenges(prog, restored=False))
+    try:
+        yield s
+    finally:
+        s.close()
+        prog.close()
 
 
 def test_round_trip(stage: TcpStage, tmp_path: Path) -> None:
@@ -27,7 +38,13 @@ def test_round_trip(stage: TcpStage, tmp_path: Path) -> None:
         json.dumps({"saved_at": time.time(), "entries": [{"source": "192.0.2.1", "ttl": 300}]})
     )
     assert stage.load_verified(path) == 1
-    assert [e["source"] for e in stage.verified()["entries"]] == ["192.0.2.1"]
+    (entry,) = stage.verified()["entries"]
+    assert entry["source"] == "192.0.2.1" and 298 <= entry["ttl"] <= 300
+    saved = tmp_path / "again.json"
+    assert stage.save_verified(saved) == 1
+    assert json.loads(saved.read_text())["entries"] == [entry]
+    assert stage.verified_clear() == {"cleared": 1}
+    assert stage.verified()["count"] == 0 and B.tcp_now() > 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,273 @@
+"""SYN challenges as the outer XDP program answers them (bpf/xg_challenge.h),
+and what Python keeps of them: their policy (xg_tcpcfg), the cookie secret
+(xg_secret) and the sources that answered (xg_verified).
+
+The secret and the verified sources are pinned beside the flow table
+(flowtable.pin_dir_for()), mode 0600: a restart, even after SIGKILL, finds
+the secret a challenge in flight was made with, and every source verified
+before it. A pinned map of another shape (another ABI, --max-flows
+changed) is replaced by an empty one, said once. verified.json in the
+state directory (written on a clean stop) brings the verified sources
+back when nothing is pinned (after a reboot).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import math
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xdpguard import _bindings as B
+from xdpguard.defs import COUNTER_DTYPE, Reason
+from xdpguard.errors import XdpguardError
+
+log = logging.getLogger("xdpguard")
+
+PINNED = ("xg_secret", "xg_verified")
+# The inner program answers no challenge: its own tables of them stay small.
+INNER_MAX_ENTRIES = {"xg_chal_prefix": 1, "xg_dest_rates": 1}
+_MAP_ARRAY, _MAP_LRU_HASH = 2, 9  # enum bpf_map_type
+_ZERO = struct.pack("=I", 0)
+# Longest TTL a verified source may have (seconds); also bounds a restored one.
+MAX_VERIFY_TTL = 30 * 86400
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def verified_capacity(max_flows: int) -> int:
+    """Sources xg_verified holds: a quarter of the flows, at least 65,536."""
+    return max(65536, max_flows // 4)
+
+
+def _shapes(max_verified: int) -> dict[str, dict[str, int]]:
+    return {
+        "xg_secret": {
+            "type": _MAP_ARRAY,
+            "key_size": 4,
+            "value_size": B.struct_layout("struct xg_cookie_secret")[0],
+            "max_entries": 1,
+        },
+        "xg_verified": {
+            "type": _MAP_LRU_HASH,
+            "key_size": 16,
+            "value_size": B.struct_layout("struct xg_verified_src")[0],
+            "max_entries": max_verified,
+        },
+    }
+
+
+def open_pinned(pin: Path | None, max_verified: int) -> dict[str, int]:
+    """fds of the challenge maps pinned in ``pin``, if all are there in this
+    build's shape; else {} (and nothing pinned there is used)."""
+    if pin is None:
+        return {}
+    fds: dict[str, int] = {}
+    try:
+        for name, want in _shapes(max_verified).items():
+            try:
+                fd = B.obj_get(str(pin / name))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise XdpguardError(f"cannot open {pin / name}: {exc.strerror}") from None
+                return {}
+            fds[name] = fd
+            shape = {k: v for k, v in B.map_shape(fd).items() if k in want}
+            if shape != want:
+                log.warning(
+                    "the pinned %s in %s has another shape; starting with an empty one "
+                    "(its contents are not restored)",
+                    name,
+                    pin,
+                )
+                for p in PINNED:
+                    (pin / p).unlink(missing_ok=True)
+                return {}
+        restored, fds = fds, {}
+        return restored
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def pin_maps(pin: Path, fds: dict[str, int]) -> None:
+    """Pin ``fds`` (the challenge maps a program made) in ``pin``, mode 0600."""
+    for name in PINNED:
+        path = pin / name
+        path.unlink(missing_ok=True)
+        try:
+            B.obj_pin(fds[name], str(path))
+        except OSError as exc:
+            raise XdpguardError(f"cannot pin {path}: {exc.strerror}") from None
+        os.chmod(path, 0o600)
+
+
+def addr_text(raw: bytes) -> str:
+    if raw[:12] == _V4_MAPPED:
+        return str(ipaddress.IPv4Address(raw[12:]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def _addr16(text: str) -> bytes:
+    packed = ipaddress.ip_address(text).packed
+    return packed if len(packed) == 16 else _V4_MAPPED + packed
+
+
+class Challenges:
+    """The challenge state of one appliance, in the outer program's maps."""
+
+    def __init__(self, prog: Any, restored: bool) -> None:
+        """``prog``: the outer XdpProgram; ``restored``: its secret and verified
+        sources came back from their pins (else the secret is made here)."""
+        self._cfg = prog.map_fd("xg_tcpcfg")
+        self._secret = prog.map_fd("xg_secret")
+        self._verified = prog.map_fd("xg_verified")
+        self._monitor = prog.map_fd("xg_monitor")
+        self.capacity = B.map_shape(self._verified)["max_entries"]
+        self._ncpus = B.num_possible_cpus()
+        self._value = B.struct_dtype("struct xg_verified_src")
+        if not restored or self._read_secret()[1] == [bytes(16)] * 2:
+            key = os.urandom(16)
+            self._write_secret(0, [key, key])
+
+    # ---- policy and secret ----
+
+    def configure(self, cfg: dict[str, int]) -> None:
+        """Write the whole TCP policy (struct xg_tcp_cfg) for XDP."""
+        B.map_update(self._cfg, _ZERO, B.struct_bytes("struct xg_tcp_cfg", **cfg))
+
+    def _read_secret(self) -> tuple[int, list[bytes]]:
+        size = B.struct_layout("struct xg_cookie_secret")[0]
+        raw = B.map_lookup(self._secret, _ZERO, size)
+        assert raw is not None  # an array slot
+        gen = struct.unpack_from("=I", raw)[0] & 1
+        return gen, [raw[8:24], raw[24:40]]
+
+    def _write_secret(self, gen: int, keys: list[bytes]) -> None:
+        raw = struct.pack("=II", gen, 0) + keys[0] + keys[1]
+        B.map_update(self._secret, _ZERO, raw)
+
+    def rotate_secret(self, key: bytes) -> None:
+        """Make ``key`` the secret of new cookies; the current one still checks
+        answers. The key goes in first, the generation flips after: a cookie
+        never names a key that is not there yet."""
+        assert len(key) == 16
+        gen, keys = self._read_secret()
+        keys[1 - gen] = key
+        self._write_secret(gen, keys)
+        self._write_secret(1 - gen, keys)
+
+    # ---- verified sources ----
+
+    def verified(self, now: int) -> list[tuple[bytes, int]]:
+        """(16-byte address, expires) of every live verified source."""
+        out = []
+        for key, raw in B.map_dump(self._verified, self.capacity):
+            expires = struct.unpack_from("=I", raw)[0]
+            if (expires - now) & 0xFFFFFFFF < 0x80000000:  # not before now
+                out.append((key, expires))
+        return out
+
+    def verified_add(self, addr16: bytes, expires: int) -> None:
+        """Mark a source verified until ``expires`` (xg_tcp_now() seconds), with
+        a full SYN bucket (its rate is XDP's to keep)."""
+        value = np.zeros(1, dtype=self._value)
+        value["expires"] = expires
+        value["tokens"] = 1 << 62  # clamped to the rate at the first SYN
+        B.map_update(self._verified, addr16, value.tobytes())
+
+    def verified_clear(self) -> int:
+        """Forget every verified source; how many there were."""
+        keys = [k for k, _ in B.map_dump(self._verified, self.capacity)]
+        return sum(B.map_delete(self._verified, k) for k in keys)
+
+    def monitor_counters(self) -> np.ndarray:
+        """What monitor mode let through, per reason: [reason] -> (packets, bytes)."""
+        out = np.zeros((max(Reason) + 1, 2), dtype=np.uint64)
+        size = COUNTER_DTYPE.itemsize * self._ncpus
+        for r in Reason:
+            raw = B.map_lookup(self._monitor, struct.pack("=I", r), size)
+            if raw is not None:
+                per_cpu = np.frombuffer(raw, dtype=COUNTER_DTYPE)
+                out[r] = per_cpu["packets"].sum(), per_cpu["bytes"].sum()
+        return out
+
+
+# ---- verified.json: the verified sources across a reboot ----
+
+
+def save_verified(challenges: Challenges, path: Path) -> int:
+    """Write the verified sources and their remaining TTLs (on a clean stop)."""
+    now = B.tcp_now()
+    entries = [
+        {"source": addr_text(addr), "ttl": (expires - now) & 0xFFFFFFFF}
+        for addr, expires in challenges.verified(now)
+    ]
+    entries.sort(key=lambda e: e["source"])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"saved_at": time.time(), "entries": entries}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(entries)
+
+
+def load_verified(challenges: Challenges, path: Path) -> int:
+    """Bring back what save_verified() wrote, minus the time xdpguard was down.
+
+    The file only saves clients a challenge: a missing one restores nothing,
+    and a damaged one is refused whole, said in one line, and left for the
+    operator to look at."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.warning("state file %s unreadable (%s): no verified source restored", path, exc)
+        return 0
+    try:
+        entries = _parse_verified(raw)
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        log.warning("state file %s is corrupt (%s): no verified source restored", path, exc)
+        return 0
+    now = B.tcp_now()
+    for addr, left in entries[: challenges.capacity]:
+        challenges.verified_add(addr, now + min(left, MAX_VERIFY_TTL))
+    return min(len(entries), challenges.capacity)
+
+
+def _parse_verified(raw: bytes) -> list[tuple[bytes, int]]:
+    """verified.json, checked whole: (16-byte address, seconds left) of the live entries."""
+    data = json.loads(raw)
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise ValueError("not an object with a list of entries")
+    saved_at = data.get("saved_at")
+    if isinstance(saved_at, bool) or not isinstance(saved_at, int | float):
+        raise ValueError("saved_at is not a time")
+    if not math.isfinite(saved_at):
+        raise ValueError("saved_at is not a time")
+    down = max(0.0, time.time() - float(saved_at))
+    out = []
+    for i, e in enumerate(data["entries"]):
+        if not isinstance(e, dict) or not isinstance(e.get("source"), str):
+            raise ValueError(f"entry {i}: no source address")
+        ttl = e.get("ttl")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+            raise ValueError(f"entry {i}: ttl is not a number")
+        if not 0 <= ttl <= MAX_VERIFY_TTL:
+            raise ValueError(f"entry {i}: ttl {ttl} out of range")
+        addr = _addr16(e["source"])
+        left = int(ttl - down)
+        if left > 0:
+            out.append((addr, left))
+    return out
