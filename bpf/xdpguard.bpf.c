@@ -292,6 +292,19 @@ static __always_inline int bucket_lock(struct xg_flow_bucket *b)
 	return 0;
 }
 
+/* @k's bucket of the flow table; NULL while there is no table. */
+static __always_inline struct xg_flow_bucket *flow_bucket(const struct xg_flow_key *k)
+{
+	struct xg_flow_table *info;
+	__u32 zero = 0, idx;
+
+	info = bpf_map_lookup_elem(&xg_flowinfo, &zero);
+	if (!info || info->magic != XG_FLOW_TABLE_MAGIC || !info->nbuckets)
+		return (struct xg_flow_bucket *)0;
+	idx = xg_flow_hash(k, info->key) & (info->nbuckets - 1);
+	return bpf_map_lookup_elem(&xg_flows, &idx);
+}
+
 /*
  * A TCP segment (@k, @s, @len bytes from side @x) of a flow the loop
  * verified, in its window: note it (the loop's view stays true) and say
@@ -302,19 +315,14 @@ static __always_inline int bucket_lock(struct xg_flow_bucket *b)
 __attribute__((noinline)) int xg_fast_tcp(struct xg_flow_key *k, struct xg_seg *s, __u32 len,
 					   int x)
 {
-	struct xg_flow_table *info;
 	struct xg_flow_bucket *b;
 	struct xg_flow *f;
-	__u32 zero = 0, idx, now;
+	__u32 now;
 	int ok;
 
 	if (!k || !s)
 		return 0;
-	info = bpf_map_lookup_elem(&xg_flowinfo, &zero);
-	if (!info || info->magic != XG_FLOW_TABLE_MAGIC || !info->nbuckets)
-		return 0;
-	idx = xg_flow_hash(k, info->key) & (info->nbuckets - 1);
-	b = bpf_map_lookup_elem(&xg_flows, &idx);
+	b = flow_bucket(k);
 	if (!b || !bucket_lock(b))
 		return 0;
 	now = bpf_ktime_get_coarse_ns() / 1000000000;
@@ -336,20 +344,14 @@ __attribute__((noinline)) int xg_fast_tcp(struct xg_flow_key *k, struct xg_seg *
  */
 __attribute__((noinline)) int xg_flow_exists(struct xg_flow_key *k)
 {
-	struct xg_flow_table *info;
 	struct xg_flow_bucket *b;
-	__u32 zero = 0, idx;
 	int found;
 
 	if (!k)
 		return 1;
-	info = bpf_map_lookup_elem(&xg_flowinfo, &zero);
-	if (!info || info->magic != XG_FLOW_TABLE_MAGIC || !info->nbuckets)
-		return 0; /* no table: nothing is tracked */
-	idx = xg_flow_hash(k, info->key) & (info->nbuckets - 1);
-	b = bpf_map_lookup_elem(&xg_flows, &idx);
+	b = flow_bucket(k);
 	if (!b)
-		return 0;
+		return 0; /* no table: nothing is tracked */
 	if (!bucket_lock(b))
 		return 1;
 	found = !!xg_flow_find(b, k, bpf_ktime_get_coarse_ns() / 1000000000);

@@ -129,28 +129,29 @@ int xg_prog_get_rodata(struct xg_prog *prog, const char *var, void *value, size_
 	return 0;
 }
 
+/* The object's map @name, while it can still be changed: 0, -EBUSY or -ENOENT. */
+static int map_to_set(struct xg_prog *prog, const char *name, struct bpf_map **map)
+{
+	if (prog->loaded)
+		return -EBUSY;
+	*map = bpf_object__find_map_by_name(prog->obj, name);
+	return *map ? 0 : -ENOENT;
+}
+
 int xg_prog_reuse_map(struct xg_prog *prog, const char *name, int fd)
 {
 	struct bpf_map *map;
+	int err = map_to_set(prog, name, &map);
 
-	if (prog->loaded)
-		return -EBUSY;
-	map = bpf_object__find_map_by_name(prog->obj, name);
-	if (!map)
-		return -ENOENT;
-	return bpf_map__reuse_fd(map, fd);
+	return err ? err : bpf_map__reuse_fd(map, fd);
 }
 
 int xg_prog_set_max_entries(struct xg_prog *prog, const char *name, uint32_t max_entries)
 {
 	struct bpf_map *map;
+	int err = map_to_set(prog, name, &map);
 
-	if (prog->loaded)
-		return -EBUSY;
-	map = bpf_object__find_map_by_name(prog->obj, name);
-	if (!map)
-		return -ENOENT;
-	return bpf_map__set_max_entries(map, max_entries);
+	return err ? err : bpf_map__set_max_entries(map, max_entries);
 }
 
 int xg_prog_load(struct xg_prog *prog)

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from xdpguard import _bindings as B
-from xdpguard.defs import COUNTER_DTYPE, Reason
 from xdpguard.errors import XdpguardError
+from xdpguard.xdp import reason_counters
 
 log = logging.getLogger("xdpguard")
 
@@ -131,7 +131,6 @@ class Challenges:
         self._verified = prog.map_fd("xg_verified")
         self._monitor = prog.map_fd("xg_monitor")
         self.capacity = B.map_shape(self._verified)["max_entries"]
-        self._ncpus = B.num_possible_cpus()
         self._value = B.struct_dtype("struct xg_verified_src")
         if not restored or self._read_secret()[1] == [bytes(16)] * 2:
             key = os.urandom(16)
@@ -190,14 +189,7 @@ class Challenges:
 
     def monitor_counters(self) -> np.ndarray:
         """What monitor mode let through, per reason: [reason] -> (packets, bytes)."""
-        out = np.zeros((max(Reason) + 1, 2), dtype=np.uint64)
-        size = COUNTER_DTYPE.itemsize * self._ncpus
-        for r in Reason:
-            raw = B.map_lookup(self._monitor, struct.pack("=I", r), size)
-            if raw is not None:
-                per_cpu = np.frombuffer(raw, dtype=COUNTER_DTYPE)
-                out[r] = per_cpu["packets"].sum(), per_cpu["bytes"].sum()
-        return out
+        return reason_counters(self._monitor)
 
 
 # ---- verified.json: the verified sources across a reboot ----

@@ -77,6 +77,19 @@ def occupied(ns: Netns, dev: Device, prog_id: int, mode: str) -> str:
     )
 
 
+def reason_counters(fd: int) -> np.ndarray:
+    """A per-CPU array of struct xg_counter indexed by reason (xg_stats,
+    xg_monitor) as [reason] -> (packets, bytes), summed over CPUs."""
+    out = np.zeros((max(Reason) + 1, 2), dtype=np.uint64)
+    size = COUNTER_DTYPE.itemsize * B.num_possible_cpus()
+    for reason in Reason:
+        raw = B.map_lookup(fd, struct.pack("=I", reason), size)
+        if raw is not None:
+            per_cpu = np.frombuffer(raw, dtype=COUNTER_DTYPE)
+            out[reason] = per_cpu["packets"].sum(), per_cpu["bytes"].sum()
+    return out
+
+
 class XdpProgram:
     """One instance of the program, for one device (and so one direction)."""
 
@@ -123,7 +136,6 @@ class XdpProgram:
             ) from exc
         self._xsks = self._prog.map_fd("xg_xsks")
         self._stats = self._prog.map_fd("xg_stats")
-        self._ncpus = B.num_possible_cpus()
         self.device: Device | None = None
         self.mode: str | None = None
 
@@ -164,14 +176,7 @@ class XdpProgram:
 
     def reason_counters(self) -> np.ndarray:
         """Array [reason] -> (packets, bytes), summed over CPUs."""
-        out = np.zeros((max(Reason) + 1, 2), dtype=np.uint64)
-        size = COUNTER_DTYPE.itemsize * self._ncpus
-        for reason in Reason:
-            raw = B.map_lookup(self._stats, struct.pack("=I", reason), size)
-            if raw is not None:
-                per_cpu = np.frombuffer(raw, dtype=COUNTER_DTYPE)
-                out[reason] = per_cpu["packets"].sum(), per_cpu["bytes"].sum()
-        return out
+        return reason_counters(self._stats)
 
     def close(self) -> None:
         self._prog.close()
