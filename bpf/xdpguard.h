@@ -22,7 +22,7 @@ enum {
 	 * carries it (xg_abi), and so does the compiled shim; xdpguard refuses
 	 * to start when either differs from xdpguard.defs.ABI_VERSION.
 	 */
-	XG_ABI_VERSION = 4,
+	XG_ABI_VERSION = 5,
 	/* Capacity of the per-queue maps; a device may use fewer. */
 	XG_MAX_QUEUES = 64,
 	/*
@@ -363,6 +363,11 @@ struct xg_cookie_secret {
 	__u32 gen;
 	__u32 pad;
 	__u8 key[2][16];
+	/*
+	 * Odd, random, made with the first key and never rotated: which
+	 * xg_chal_prefix slot a source prefix's challenges count in.
+	 */
+	__u64 prefix_salt;
 };
 
 /* An address as the TCP tables key it: IPv4 as ::ffff:a.b.c.d. */

@@ -21,7 +21,11 @@
  *     Ethernet + IP + a 20-byte TCP header);
  *   - a cap on replies per source /24 (IPv4) or /48 (IPv6), and one over
  *     all sources: per-CPU token buckets, each with rate / ncpus; a SYN
- *     above a cap is dropped (challenge_rate_limited);
+ *     above a cap is dropped (challenge_rate_limited). The prefixes' buckets
+ *     are XG_PREFIX_SLOTS slots of an array, picked by a keyed hash: a
+ *     prefix never gets more than its cap, though one may share a slot
+ *     (and its cap) with another. An LRU hash of prefixes, exact, cost
+ *     40 % of the challenge rate;
  *   - a verified source is held to its own SYN rate while challenges are
  *     on (verified_syn_rate_limited): any live host answers a stray
  *     SYN-ACK with a RST, so a spoofer can get a real host verified, but
@@ -54,11 +58,8 @@ struct xg_dest_rate {
 	__u64 until_ns[2];	/* counts as attacked until */
 };
 
-/* A source's /24 (IPv4) or /48 (IPv6): whose challenges share a cap. */
-struct xg_prefix_key {
-	__u32 v6;
-	__u8 prefix[8];
-};
+#define XG_PREFIX_SLOTS_LOG 14
+#define XG_PREFIX_SLOTS (1 << XG_PREFIX_SLOTS_LOG)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -67,7 +68,8 @@ struct {
 	__type(value, struct xg_tcp_cfg);
 } xg_tcpcfg SEC(".maps");
 
-/* Shared by both program instances and pinned with the flow table. */
+/* Shared by both program instances and pinned with the flow table, as are
+ * xg_verified and xg_verified_bloom. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -83,10 +85,26 @@ struct {
 	__type(value, struct xg_verified_src);
 } xg_verified SEC(".maps");
 
+/*
+ * Which sources may be in xg_verified: a SYN flood's random sources miss
+ * there, each lookup a cache miss in a table of several megabytes (140 ns
+ * a SYN here, half a challenge's cost). This bit array of a kernel Bloom
+ * filter (one hash, a random seed, 64 KiB for 262,144 sources) says "no"
+ * to almost all of them first. Sources are only ever added: one that left
+ * xg_verified costs a lookup, never a wrong answer. Sized and pinned with
+ * xg_verified.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_BLOOM_FILTER);
 	__uint(max_entries, 65536);
-	__type(key, struct xg_prefix_key);
+	__type(value, struct xg_addr);
+	__uint(map_extra, 1); /* hash functions */
+} xg_verified_bloom SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XG_PREFIX_SLOTS);
+	__type(key, __u32);
 	__type(value, struct xg_rate);
 } xg_chal_prefix SEC(".maps");
 
@@ -199,32 +217,33 @@ XG_INLINE int xg_dest_over(const struct xg_tcp_cfg *cfg, const __u8 *addr, int k
 	return 1;
 }
 
+/* The xg_chal_prefix slot of @k's source /24 (IPv4) or /48 (IPv6). */
+XG_INLINE __u32 xg_prefix_slot(const struct xg_cookie_secret *sec, const struct xg_flow_key *k)
+{
+	__u64 p = 0;
+
+	if (k->v6) {
+		__builtin_memcpy(&p, k->out_addr, 6);
+		p |= 1ULL << 63;
+	} else {
+		__builtin_memcpy(&p, k->out_addr + 12, 3);
+	}
+	/* Multiply-shift under a random odd multiplier (Dietzfelbinger). */
+	return (__u32)((p * sec->prefix_salt) >> (64 - XG_PREFIX_SLOTS_LOG));
+}
+
 /* May one more challenge go to @k's source? Its prefix's cap, then everyone's. */
-XG_INLINE int xg_challenge_allowed(const struct xg_tcp_cfg *cfg, const struct xg_flow_key *k,
-				   __u64 now)
+XG_INLINE int xg_challenge_allowed(const struct xg_tcp_cfg *cfg,
+				   const struct xg_cookie_secret *sec,
+				   const struct xg_flow_key *k, __u64 now)
 {
 	__u64 prate = xg_per_cpu(cfg->challenge_prefix_rate, cfg);
 	__u64 grate = xg_per_cpu(cfg->challenge_rate, cfg);
-	struct xg_prefix_key pk = {};
-	struct xg_rate *b, fresh = {};
-	__u32 zero = 0;
+	__u32 zero = 0, slot = xg_prefix_slot(sec, k);
+	struct xg_rate *b;
 
-	pk.v6 = k->v6;
-	if (k->v6) {
-		__builtin_memcpy(pk.prefix, k->out_addr, 6);
-	} else {
-		__builtin_memcpy(pk.prefix, k->out_addr + 12, 3);
-	}
-	b = bpf_map_lookup_elem(&xg_chal_prefix, &pk);
-	if (!b) {
-		fresh.last_ns = now;
-		fresh.tokens = prate * XG_NANO;
-		bpf_map_update_elem(&xg_chal_prefix, &pk, &fresh, BPF_NOEXIST);
-		b = bpf_map_lookup_elem(&xg_chal_prefix, &pk);
-		if (!b)
-			return 0;
-	}
-	if (!xg_rate_take(b, prate, prate, now))
+	b = bpf_map_lookup_elem(&xg_chal_prefix, &slot);
+	if (!b || !xg_rate_take(b, prate, prate, now))
 		return 0;
 	b = bpf_map_lookup_elem(&xg_chal_global, &zero);
 	return b && xg_rate_take(b, grate, grate, now);
@@ -257,13 +276,26 @@ XG_INLINE int xg_verified_take(struct xg_verified_src *v, const struct xg_tcp_cf
 	return 0;
 }
 
+/*
+ * SipHash-2-4 of the flow's addresses, ports and the time slot under @key:
+ * two words for IPv4, five for IPv6 (the length is hashed too, so the two
+ * never meet).
+ */
 XG_INLINE __u64 xg_cookie_hash(const __u8 *key, const struct xg_flow_key *k, __u32 slot)
 {
-	__u64 w[6];
+	__u64 w[5], tail = (__u64)k->out_port | (__u64)k->in_port << 16 | (__u64)slot << 32;
+	__u32 a, b;
 
-	__builtin_memcpy(w, k, 40);
-	w[5] = slot;
-	return xg_siphash(w, 6, key, 2, 4);
+	if (!k->v6) {
+		__builtin_memcpy(&a, k->out_addr + 12, 4);
+		__builtin_memcpy(&b, k->in_addr + 12, 4);
+		w[0] = a | (__u64)b << 32;
+		w[1] = tail;
+		return xg_siphash(w, 2, key, 2, 4);
+	}
+	__builtin_memcpy(w, k->out_addr, 32);
+	w[4] = tail;
+	return xg_siphash(w, 5, key, 2, 4);
 }
 
 /* The cookie for @k now, and the challenge's own sequence number. */
@@ -438,7 +470,9 @@ __attribute__((noinline)) int xg_syn_judge(struct xg_flow_key *k, __u32 allowlis
 	now_s = now / XG_NANO;
 	if (mode == XG_MODE_AUTO && !xg_dest_over(cfg, k->in_addr, 0, now))
 		return 0;
-	v = bpf_map_lookup_elem(&xg_verified, k->out_addr);
+	v = bpf_map_peek_elem(&xg_verified_bloom, k->out_addr) ?
+		    (struct xg_verified_src *)0 :
+		    bpf_map_lookup_elem(&xg_verified, k->out_addr);
 	if (v && !xg_seq_before(v->expires, now_s)) {
 		if (xg_verified_take(v, cfg, now))
 			return 0;
@@ -455,7 +489,7 @@ __attribute__((noinline)) int xg_syn_judge(struct xg_flow_key *k, __u32 allowlis
 		return 0;
 	}
 	sec = bpf_map_lookup_elem(&xg_secret, &zero);
-	if (!sec || !xg_challenge_allowed(cfg, k, now)) {
+	if (!sec || !xg_challenge_allowed(cfg, sec, k, now)) {
 		out->gate = XG_GATE_DROP;
 		out->why = XG_REASON_CHALLENGE_RATE_LIMITED;
 		return 0;
@@ -497,6 +531,7 @@ __attribute__((noinline)) int xg_rst_judge(struct xg_flow_key *k, __u32 seq, __u
 		fresh.last_ns = now;
 		fresh.tokens = (__s64)(cfg->verified_syn_rate ? cfg->verified_syn_rate : 1) * XG_NANO;
 		bpf_map_update_elem(&xg_verified, k->out_addr, &fresh, BPF_ANY);
+		bpf_map_push_elem(&xg_verified_bloom, k->out_addr, BPF_ANY);
 		out->gate = XG_GATE_DROP;
 		out->why = XG_REASON_CHALLENGE_PASSED;
 		return 0;

@@ -65,7 +65,7 @@ DIR_OUT: int = lib.XG_DIR_OUT
 
 
 # What this Python code was written against (bpf/xdpguard.h XG_ABI_VERSION).
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 def abi_problem() -> str | None:
@@ -142,15 +142,16 @@ _NUMPY_PRIMITIVES = {
 
 
 def struct_dtype(c_struct: str) -> np.dtype:
-    """A numpy dtype with the C compiler's layout of ``c_struct`` (scalars and arrays)."""
+    """A numpy dtype with the C compiler's layout of ``c_struct`` (scalars and
+    arrays, nested ones too)."""
     ctype = ffi.typeof(c_struct)
     names, formats, offsets = [], [], []
     for name, field in ctype.fields:
-        t = field.type
-        if t.kind == "array":
-            fmt: Any = (_NUMPY_PRIMITIVES[t.item.cname], t.length)
-        else:
-            fmt = _NUMPY_PRIMITIVES[t.cname]
+        t, dims = field.type, []
+        while t.kind == "array":  # key[2][16]: shape (2, 16)
+            dims.append(t.length)
+            t = t.item
+        fmt: Any = (_NUMPY_PRIMITIVES[t.cname], tuple(dims)) if dims else _NUMPY_PRIMITIVES[t.cname]
         names.append(name)
         formats.append(fmt)
         offsets.append(field.offset)
@@ -394,6 +395,11 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
     check(lib.bpf_map_update_elem(fd, key, value, flags), "map update")
+
+
+def map_push(fd: int, value: bytes) -> None:
+    """Add ``value`` to a keyless map (a Bloom filter, a queue)."""
+    check(lib.bpf_map_update_elem(fd, ffi.NULL, value, 0), "map push")
 
 
 def map_delete(fd: int, key: bytes) -> bool:

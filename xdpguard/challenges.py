@@ -32,10 +32,10 @@ from xdpguard.xdp import reason_counters
 
 log = logging.getLogger("xdpguard")
 
-PINNED = ("xg_secret", "xg_verified")
+PINNED = ("xg_secret", "xg_verified", "xg_verified_bloom")
 # The inner program answers no challenge: its own tables of them stay small.
 INNER_MAX_ENTRIES = {"xg_chal_prefix": 1, "xg_dest_rates": 1}
-_MAP_ARRAY, _MAP_LRU_HASH = 2, 9  # enum bpf_map_type
+_MAP_ARRAY, _MAP_LRU_HASH, _MAP_BLOOM_FILTER = 2, 9, 30  # enum bpf_map_type
 _ZERO = struct.pack("=I", 0)
 # Longest TTL a verified source may have (seconds); also bounds a restored one.
 MAX_VERIFY_TTL = 30 * 86400
@@ -61,7 +61,18 @@ def _shapes(max_verified: int) -> dict[str, dict[str, int]]:
             "value_size": B.struct_layout("struct xg_verified_src")[0],
             "max_entries": max_verified,
         },
+        "xg_verified_bloom": {
+            "type": _MAP_BLOOM_FILTER,
+            "key_size": 0,
+            "value_size": 16,
+            "max_entries": max_verified,
+        },
     }
+
+
+def max_entries(max_verified: int) -> dict[str, int]:
+    """The sizes the loader gives the verified sources' maps."""
+    return {"xg_verified": max_verified, "xg_verified_bloom": max_verified}
 
 
 def open_pinned(pin: Path | None, max_verified: int) -> dict[str, int]:
@@ -129,12 +140,17 @@ class Challenges:
         self._cfg = prog.map_fd("xg_tcpcfg")
         self._secret = prog.map_fd("xg_secret")
         self._verified = prog.map_fd("xg_verified")
+        self._bloom = prog.map_fd("xg_verified_bloom")
         self._monitor = prog.map_fd("xg_monitor")
         self.capacity = B.map_shape(self._verified)["max_entries"]
         self._value = B.struct_dtype("struct xg_verified_src")
-        if not restored or self._read_secret()[1] == [bytes(16)] * 2:
-            key = os.urandom(16)
-            self._write_secret(0, [key, key])
+        self._secret_dtype = B.struct_dtype("struct xg_cookie_secret")
+        if not restored or not self._read_secret()["prefix_salt"]:
+            secret = np.zeros(1, dtype=self._secret_dtype)
+            key = np.frombuffer(os.urandom(16), dtype=np.uint8)
+            secret["key"][0] = [key, key]
+            secret["prefix_salt"] = int.from_bytes(os.urandom(8), "little") | 1
+            self._write_secret(secret)
 
     # ---- policy and secret ----
 
@@ -142,26 +158,25 @@ class Challenges:
         """Write the whole TCP policy (struct xg_tcp_cfg) for XDP."""
         B.map_update(self._cfg, _ZERO, B.struct_bytes("struct xg_tcp_cfg", **cfg))
 
-    def _read_secret(self) -> tuple[int, list[bytes]]:
-        size = B.struct_layout("struct xg_cookie_secret")[0]
-        raw = B.map_lookup(self._secret, _ZERO, size)
+    def _read_secret(self) -> np.ndarray:
+        raw = B.map_lookup(self._secret, _ZERO, self._secret_dtype.itemsize)
         assert raw is not None  # an array slot
-        gen = struct.unpack_from("=I", raw)[0] & 1
-        return gen, [raw[8:24], raw[24:40]]
+        return np.frombuffer(raw, dtype=self._secret_dtype).copy()[0]
 
-    def _write_secret(self, gen: int, keys: list[bytes]) -> None:
-        raw = struct.pack("=II", gen, 0) + keys[0] + keys[1]
-        B.map_update(self._secret, _ZERO, raw)
+    def _write_secret(self, secret: np.ndarray) -> None:
+        B.map_update(self._secret, _ZERO, secret.tobytes())
 
     def rotate_secret(self, key: bytes) -> None:
         """Make ``key`` the secret of new cookies; the current one still checks
         answers. The key goes in first, the generation flips after: a cookie
         never names a key that is not there yet."""
         assert len(key) == 16
-        gen, keys = self._read_secret()
-        keys[1 - gen] = key
-        self._write_secret(gen, keys)
-        self._write_secret(1 - gen, keys)
+        secret = np.array(self._read_secret())
+        gen = int(secret["gen"]) & 1
+        secret["key"][1 - gen] = np.frombuffer(key, dtype=np.uint8)
+        self._write_secret(secret)
+        secret["gen"] = 1 - gen
+        self._write_secret(secret)
 
     # ---- verified sources ----
 
@@ -181,9 +196,11 @@ class Challenges:
         value["expires"] = expires
         value["tokens"] = 1 << 62  # clamped to the rate at the first SYN
         B.map_update(self._verified, addr16, value.tobytes())
+        B.map_push(self._bloom, addr16)
 
     def verified_clear(self) -> int:
-        """Forget every verified source; how many there were."""
+        """Forget every verified source; how many there were. (Their bits stay
+        in xg_verified_bloom, which only ever grows: a lookup each, no more.)"""
         keys = [k for k, _ in B.map_dump(self._verified, self.capacity)]
         return sum(B.map_delete(self._verified, k) for k in keys)
 

@@ -32,6 +32,7 @@ from xdpguard.challenges import (
     pin_maps,
     verified_capacity,
 )
+from xdpguard.challenges import max_entries as verified_max_entries
 from xdpguard.defs import LOOP_REASONS, ROLE_DIRECTION, XDP_REASONS, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.fastpath import FastPath
@@ -179,7 +180,7 @@ class Engine:
                 Role.OUTER,
                 cfg.bpf_object,
                 shared=self.flowtab.fds() | pinned,
-                max_entries={"xg_verified": max_verified},
+                max_entries=verified_max_entries(max_verified),
             )
         finally:
             for fd in pinned.values():

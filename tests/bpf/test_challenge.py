@@ -31,6 +31,17 @@ MACS = ("02:00:00:00:00:01", "02:00:00:00:00:02")  # client, origin
 ORIGIN_V4, ORIGIN_V6 = "169.254.0.2", "2001:db8::2"
 META = B.struct_dtype("struct xg_meta")
 LOOP = "to the loop"
+SALT = 0x9E3779B97F4A7C15  # odd
+
+
+def prefix_slot(addr: str) -> int:
+    """bpf/xg_challenge.h xg_prefix_slot(): the cap slot of a source's /24 or /48."""
+    import ipaddress
+
+    packed = ipaddress.ip_address(addr).packed
+    p = int.from_bytes(packed[:6], "little") | 1 << 63 if len(packed) == 16 else 0
+    p = p or int.from_bytes(packed[:3], "little")
+    return ((p * SALT) % 2**64) >> (64 - 14)
 
 
 @dataclass
@@ -80,6 +91,14 @@ def rig() -> Iterator[Rig]:
     tcp = B.Tcp(0, dict.fromkeys(B.Tcp.cfg_fields(), 0), table)
     r = Rig(prog, Challenges(prog, restored=False), table, tcp, B.TestRunner(prog.fd))
     r.configure()
+    # A known salt: which prefixes share a cap's slot is then known too.
+    secret = B.struct_dtype("struct xg_cookie_secret")
+    fd = prog.map_fd("xg_secret")
+    raw = B.map_lookup(fd, struct.pack("=I", 0), secret.itemsize)
+    assert raw is not None
+    value = np.frombuffer(raw, dtype=secret).copy()
+    value["prefix_salt"] = SALT
+    B.map_update(fd, struct.pack("=I", 0), value.tobytes())
     try:
         yield r
     finally:
@@ -230,6 +249,10 @@ def test_auto_state_says_when_a_destination_is_over_its_rate(rig: Rig) -> None:
 
 
 def test_the_reflection_caps_hold(rig: Rig) -> None:
+    # Each prefix below counts in a slot of its own (a shared one would
+    # share its cap: fewer challenges, never more).
+    firsts = ["198.18.7.1", "198.18.8.1", "2001:db8:1:1::1"]  # two /24s, one /48
+    assert len({prefix_slot(a) for a in firsts}) == len(firsts)
     rig.configure(challenge_prefix_rate=3, challenge_rate=8)
     # One /24, many hosts and ports: three challenges, then none.
     a = [rig.run(syn(f"198.18.7.{i}", sport=1000 + i))[0] for i in range(1, 7)]
@@ -287,8 +310,10 @@ def test_syns_of_any_shape_get_a_well_formed_challenge(rig: Rig) -> None:
 
 
 def test_a_secret_is_made_once_and_kept_with_its_pin(rig: Rig) -> None:
-    raw = B.map_lookup(rig.prog.map_fd("xg_secret"), struct.pack("=I", 0), 40)
-    assert raw is not None and raw[8:40] != bytes(32)
+    size, off = B.struct_layout("struct xg_cookie_secret")
+    raw = B.map_lookup(rig.prog.map_fd("xg_secret"), struct.pack("=I", 0), size)
+    assert raw is not None and raw[off["key"] : off["key"] + 32] != bytes(32)
+    assert struct.unpack_from("=Q", raw, off["prefix_salt"])[0] & 1  # odd
     again = Challenges(rig.prog, restored=True)  # a restart that found the pin
-    assert B.map_lookup(rig.prog.map_fd("xg_secret"), struct.pack("=I", 0), 40) == raw
+    assert B.map_lookup(rig.prog.map_fd("xg_secret"), struct.pack("=I", 0), size) == raw
     assert again.capacity == rig.ch.capacity
