@@ -4,7 +4,8 @@
   setup     time to establish them (TCP protection on: each client address
             answers one challenge), through xdpguard and through the kernel
             bridge (the setup rate an operator would otherwise get)
-  memory    the daemon's resident memory and the flow table's map memory
+  memory    the daemon's resident memory and the kernel memory of the maps it
+            pinned (the flow table, the challenges' verified sources)
   restarts  survivors after a SIGTERM restart and after a SIGKILL restart,
             the connections idle all the while (no learning window: the
             pinned table comes back)
@@ -32,6 +33,7 @@ from connscale import ConnScale  # noqa: E402
 from forwarding import bridge  # noqa: E402
 from xgbench import GEN_CPU, NAMES, lab  # noqa: E402
 
+from xdpguard.flowtable import pin_dir_for  # noqa: E402
 from xdpguard.netns import Netns, resolve_device  # noqa: E402
 
 SOURCES = ("169.254.0.11", "169.254.0.12", "169.254.0.13", "169.254.0.14")
@@ -59,9 +61,14 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def flow_map_mb() -> float:
-    maps = json.loads(xgbench.sh("bpftool", "-j", "map", "show"))
-    return sum(m.get("bytes_memlock", 0) for m in maps if m.get("name") == "xg_flows") / 2**20
+def pinned_maps_mb(state: Path) -> dict[str, float]:
+    """Kernel memory of the maps this appliance pinned (the flow table, the
+    challenges' verified sources), by name."""
+    out = {}
+    for path in sorted(pin_dir_for(state).iterdir()):
+        info = json.loads(xgbench.sh("bpftool", "-j", "map", "show", "pinned", str(path)))
+        out[path.name] = info.get("bytes_memlock", 0) / 2**20
+    return out
 
 
 def start(state: Path) -> subprocess.Popen:
@@ -83,7 +90,7 @@ def through_xdpguard(conns: int, workers: int) -> dict:
                 out["open"] = cs.opened()
                 out["tracked"] = xgbench.control(proc, "tcp.flows", top=0)["tracked"]  # type: ignore[index]
                 out["daemon_rss_mb"] = rss_mb(proc.pid)
-                out["flow_map_mb"] = flow_map_mb()
+                out["pinned_maps_mb"] = pinned_maps_mb(state)
                 out["before_restart"] = cs.check()
                 print(json.dumps(out), flush=True)
                 for name, sig in (("sigterm", signal.SIGTERM), ("sigkill", signal.SIGKILL)):
