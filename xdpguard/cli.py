@@ -17,33 +17,9 @@ import click
 
 from xdpguard import __version__
 from xdpguard.control import DEFAULT_CONTROL, ControlClient, wait_ready
-from xdpguard.defs import MAX_QUEUES
 from xdpguard.errors import XdpguardError
-from xdpguard.netns import valid_ifname
 
 log = logging.getLogger("xdpguard")
-
-
-class Interface(click.ParamType):
-    """A network device name, checked for shape here and for existence by the engine."""
-
-    name = "DEV"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        if not isinstance(value, str) or not valid_ifname(value):
-            self.fail(f"{value!r} is not a valid device name (1-15 chars, no '/', ':' or spaces)")
-        return value
-
-
-class NetnsName(click.ParamType):
-    """A name of the ``ip netns`` kind (/run/netns/NAME); whether it exists is checked at use."""
-
-    name = "NS"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
-            self.fail(f"{value!r} is not a valid namespace name")
-        return value
 
 
 class Cidr(click.ParamType):
@@ -115,96 +91,56 @@ def main() -> None:
     """
 
 
+class SettingType(click.ParamType):
+    """A setting of xdpguard.settings on the command line: the same check as in the file."""
+
+    def __init__(self, setting: Any) -> None:
+        self.setting = setting
+        self.name = setting.metavar
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            text = isinstance(value, str)
+            return self.setting.check(self.setting.parse(value) if text else value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def run_options(fn: Any) -> Any:
+    """``run``'s options, one per setting of xdpguard.settings.RUN."""
+    from xdpguard.settings import RUN
+
+    for s in reversed(RUN):
+        default = "" if s.default is None else f" [default: {s.default}]"
+        fn = click.option(
+            s.flag,
+            s.key,
+            type=SettingType(s),
+            metavar=s.metavar,
+            envvar="XDPGUARD_CONTROL" if s.key == "control" else None,
+            show_envvar=s.key == "control",
+            help=f"{s.help}{' Required, here or in the file.' if s.required else ''}{default}",
+        )(fn)
+    return fn
+
+
 @main.command()
-@click.option("--outer", required=True, type=Interface(), help="Untrusted device (clients).")
 @click.option(
-    "--outer-netns",
-    type=NetnsName(),
-    help="Namespace of --outer (default: the one xdpguard runs in).",
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Settings file (TOML: each option below by its name with underscores, and the "
+    "initial TCP settings in [tcp]); the options given here override it. "
+    "[default: /etc/xdpguard/xdpguard.toml if it exists]",
 )
-@click.option("--inner", required=True, type=Interface(), help="Device towards the origin.")
-@click.option("--inner-netns", required=True, type=NetnsName(), help="Namespace of --inner.")
-@click.option(
-    "--queues",
-    type=click.IntRange(1, MAX_QUEUES),
-    help="Queues to serve, one worker each (default: all of the devices' queues).",
-)
-@click.option(
-    "--xdp-mode",
-    type=click.Choice(["native", "skb"]),
-    default="native",
-    show_default=True,
-    help="XDP attach mode; skb (generic) is the fallback for drivers without native XDP.",
-)
-@click.option(
-    "--summary-interval",
-    type=click.FloatRange(min=0.5),
-    default=5.0,
-    show_default=True,
-    help="Seconds between the rate lines printed to stderr.",
-)
-@click.option(
-    "--state-dir",
-    # Not checked here: that needs root, which run checks first with a clearer message.
-    type=click.Path(file_okay=False, readable=False, path_type=Path),
-    default="/var/lib/xdpguard",
-    show_default=True,
-    help="Where the policy is saved after every change and restored from at start.",
-)
-@click.option(
-    "--max-flows",
-    type=click.IntRange(1024, 1 << 30),
-    default=1_000_000,
-    show_default=True,
-    help="Capacity of the TCP flow table (memory: about 100 bytes per flow).",
-)
-@click.option(
-    "--learn",
-    type=click.FloatRange(0, 86400),
-    default=10.0,
-    show_default=True,
-    help="Seconds after start during which TCP flows already open are adopted, "
-    "so a restart cuts no connection; out-of-state drops begin after.",
-)
-@click.option(
-    "--ring-size",
-    type=click.Choice([str(1 << n) for n in range(9, 15)]),
-    default="2048",
-    show_default=True,
-    help="Entries of every AF_XDP ring; each queue gets 4x as many UMEM frames of 2 KiB. "
-    "A bigger ring rides out longer stalls of a worker (one not on a core of its own).",
-)
-@click.option(
-    "--fast-path",
-    type=click.Choice(["on", "off"]),
-    default="on",
-    show_default=True,
-    help="Forward in XDP itself what needs no loop: traffic that is not TCP and passed the "
-    "policy, and segments of verified TCP flows. 'xdpguard fast-path' changes it at runtime.",
-)
+@run_options
 @click.option(
     "--no-policy",
     is_flag=True,
     hidden=True,
     help="Forward without per-frame logic (the benchmarks' bare forwarder).",
 )
-@control_option
-def run(
-    outer: str,
-    outer_netns: str | None,
-    inner: str,
-    inner_netns: str,
-    queues: int | None,
-    xdp_mode: str,
-    summary_interval: float,
-    state_dir: Path,
-    max_flows: int,
-    learn: float,
-    ring_size: str,
-    fast_path: str,
-    no_policy: bool,
-    control: str,
-) -> None:
+@click.pass_context
+def run(ctx: click.Context, config: Path | None, no_policy: bool, **options: Any) -> None:
     """Run the appliance in the foreground until SIGINT or SIGTERM.
 
     Frames arriving on --outer that pass the policy leave unchanged on
@@ -218,32 +154,51 @@ def run(
     """
     from xdpguard.daemon import run_daemon
     from xdpguard.engine import EngineConfig, missing_capabilities
+    from xdpguard.settings import MissingSetting, check_required, config_path, merge
 
-    missing = missing_capabilities()
-    if missing:
-        raise XdpguardError(f"xdpguard run needs root (missing {', '.join(missing)})")
+    given = {
+        k: v
+        for k, v in options.items()
+        if v is not None and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT
+    }
+    path = config_path(config)
+    try:
+        check_required(given, path)
+        missing = missing_capabilities()
+        if missing:
+            raise XdpguardError(f"xdpguard run needs root (missing {', '.join(missing)})")
+        settings, tcp_initial = merge(given, path)
+    except MissingSetting as exc:
+        raise click.UsageError(str(exc)) from None
 
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="xdpguard: %(levelname)s: %(message)s"
     )
+    summary_interval = settings.pop("summary_interval")
+    control = str(settings.pop("control"))
+    settings["fast_path"] = settings["fast_path"] == "on"
     run_daemon(
-        EngineConfig(
-            outer=outer,
-            outer_netns=outer_netns,
-            inner=inner,
-            inner_netns=inner_netns,
-            queues=queues,
-            xdp_mode=xdp_mode,
-            no_policy=no_policy,
-            state_dir=state_dir,
-            max_flows=max_flows,
-            learn=learn,
-            ring_size=int(ring_size),
-            fast_path=fast_path == "on",
-        ),
+        EngineConfig(**settings, no_policy=no_policy, tcp_initial=tcp_initial),
         control,
         summary_interval,
     )
+
+
+@main.group(cls=Group)
+def config() -> None:
+    """The settings file of 'xdpguard run' (TOML; see 'xdpguard run --help')."""
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def config_check(file: Path) -> None:
+    """Check FILE as 'xdpguard run --config FILE' would, without running:
+    unknown keys, wrong types and values are errors naming the key."""
+    from xdpguard.settings import check_file, read_file
+
+    run_settings, tcp_settings = check_file(file, read_file(file))
+    n = len(run_settings) + len(tcp_settings)
+    click.echo(f"{file}: ok ({n} setting{'s' * (n != 1)})")
 
 
 def _client(control: str) -> ControlClient:

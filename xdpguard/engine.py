@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from xdpguard.fastpath import FastPath
 from xdpguard.flowtable import open_table, pin_dir_for
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
+from xdpguard.settings import DEFAULTS
 from xdpguard.tcp import TcpStage
 from xdpguard.xdp import XDP_MODES, PolicyMaps, XdpProgram, occupied
 
@@ -55,26 +56,33 @@ _CAPS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_BPF":
 
 @dataclass
 class EngineConfig:
+    """What the engine runs with; the operator's settings and their defaults
+    are xdpguard.settings' (one table for the command line, the file and this)."""
+
     outer: str
     inner: str
     inner_netns: str
     outer_netns: str | None = None
     queues: int | None = None
-    xdp_mode: str = "native"
+    xdp_mode: str = DEFAULTS["xdp_mode"]
     # Entries of each fill, RX, TX and completion ring: what absorbs the
     # worker being off its core (2048 frames are 2 ms at 1 Mpps).
-    ring_size: int = 2048
+    ring_size: int = DEFAULTS["ring_size"]
     # Frames of the UMEM per queue (default 4 x ring_size: both fill rings
     # full and as much again on the RX and TX rings).
     frames_per_queue: int = 0
     frame_size: int = 2048
     no_policy: bool = False
     # XDP forwards what needs no loop itself (xdpguard.fastpath).
-    fast_path: bool = True
+    fast_path: bool = DEFAULTS["fast_path"] == "on"
     bpf_object: Path | None = None
-    state_dir: Path | None = Path("/var/lib/xdpguard")
-    max_flows: int = 1_000_000
-    learn: float = 10.0
+    state_dir: Path | None = Path(DEFAULTS["state_dir"])
+    max_flows: int = DEFAULTS["max_flows"]
+    learn: float = DEFAULTS["learn"]
+    # Prometheus metrics served on (address, port); None: off.
+    metrics: tuple[str, int] | None = None
+    # The settings file's [tcp]: the TCP settings of a first start.
+    tcp_initial: dict[str, Any] = field(default_factory=dict)
     # How often TTL expiry runs: entries leave within this of their deadline.
     expiry_interval: float = 0.2
 
@@ -222,7 +230,7 @@ class Engine:
         # The policy is in the maps before the program sees a packet.
         maps = PolicyMaps(self.progs[Role.OUTER])
         self._push_undo("close policy maps", maps.close)
-        self.policy = Policy(maps, cfg.state_dir, tcp=self.tcp)
+        self.policy = Policy(maps, cfg.state_dir, tcp=self.tcp, tcp_initial=cfg.tcp_initial)
         restored = self.policy.restore()
         log.info(
             "policy: blocklist %d+%d, allowlist %d+%d prefixes (v4+v6), %d UDP source ports, "

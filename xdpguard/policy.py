@@ -371,10 +371,14 @@ class Policy:
         state_dir: Path | None,
         clock: Any = time.time,
         tcp: tcpmod.TcpStage | None = None,
+        tcp_initial: dict[str, Any] | None = None,
     ) -> None:
+        """``tcp_initial``: the TCP settings of a first start (the settings
+        file's [tcp]); a state file's saved ones win over them."""
         self.maps = maps
         self.tcp = tcp
-        self.tcp_settings: dict[str, Any] = dict(tcpmod.DEFAULTS)
+        self.tcp_initial = dict(tcp_initial or {})
+        self.tcp_settings: dict[str, Any] = {**tcpmod.DEFAULTS, **self.tcp_initial}
         self.state_path = state_dir / STATE_FILE if state_dir else None
         self.clock = clock
         self.lists = {lst: {f: PrefixSet(f) for f in FAMILIES} for lst in LISTS}
@@ -775,9 +779,10 @@ class Policy:
             if not isinstance(tcp, dict):
                 raise ValueError("tcp: not an object")
             try:
-                tcp_settings = {**tcpmod.DEFAULTS, **tcpmod.validate(tcp)}
+                saved_tcp = tcpmod.validate(tcp)
             except XdpguardError as exc:
                 raise ValueError(str(exc)) from None
+            tcp_settings = {**tcpmod.DEFAULTS, **self.tcp_initial, **saved_tcp}
             lists: dict[str, dict[str, PrefixSet]] = {}
             for lst in LISTS:
                 lists[lst] = {}
@@ -809,6 +814,14 @@ class Policy:
                     lists[lst][f] = s
         self.lists, self.ports, self.frags = lists, sorted(set(ports)), meta["frags"]
         self.tcp_settings = tcp_settings
+        overridden = sorted(k for k, v in self.tcp_initial.items() if saved_tcp.get(k, v) != v)
+        if overridden:
+            log.info(
+                "tcp: the saved %s of %s win over the settings file's [tcp] "
+                "('xdpguard tcp config' changes them)",
+                ", ".join(f"{k}={saved_tcp[k]}" for k in overridden),
+                path,
+            )
         self.comments = list(comments)
         self._comment_ids = {c: i for i, c in enumerate(comments)}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lab import ROOT, XDPGUARD, Appliance, Lab, lab, sh
+from lab import ROOT, STATE_DIRS, XDPGUARD, Appliance, Lab, lab, sh
 
 pytestmark = pytest.mark.netns
 
@@ -135,3 +135,57 @@ def test_clients_not_root(lab2: Lab, tmp_path: Path) -> None:
     with Appliance(lab2, tmp_path) as app:
         res = sh(*NOBODY, str(XDPGUARD), "status", "--control", str(app.control), check=False)
         assert_user_error(res, "permission denied", "root only")
+
+
+def test_a_settings_file_runs_the_appliance(lab2: Lab, tmp_path: Path) -> None:
+    """The devices and the first TCP settings from the file, a command-line
+    option over it; after 'tcp config', the saved setting wins over the file."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from xdpguard.control import wait_ready
+
+    control, state = tmp_path / "c.sock", tmp_path / "state"
+    STATE_DIRS.add(state)  # its pinned tables go after the test
+    conf = tmp_path / "xdpguard.toml"
+    conf.write_text(
+        f'outer = "{lab2.outer}"\ninner = "{lab2.inner}"\ninner_netns = "{lab2.inner_ns}"\n'
+        f'control = "{control}"\nstate_dir = "{state}"\nmax_flows = 8192\n'
+        '[tcp]\nsyn_mode = "on"\nverify_ttl = 900\n'
+    )
+    assert "ok" in sh(str(XDPGUARD), "config", "check", str(conf)).stdout
+
+    def start(*extra: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([str(XDPGUARD), "run", "--config", str(conf), *extra],
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                wait_ready(control, 1.0)
+                return proc
+            except Exception:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+
+    def cli(*args: str) -> dict:
+        return json.loads(sh(str(XDPGUARD), *args, "--json", "--control", str(control)).stdout)
+
+    proc = start("--max-flows", "4096")
+    try:
+        assert cli("tcp", "flows")["capacity"] == 4096  # the command line won
+        tcp = cli("tcp", "config")
+        assert (tcp["syn_mode"], tcp["verify_ttl"], tcp["state_mode"]) == ("on", 900, "auto")
+        cli("tcp", "config", "--syn-mode", "off")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    proc = start()
+    try:
+        assert cli("tcp", "flows")["capacity"] == 8192  # the file's, now
+        tcp = cli("tcp", "config")
+        assert (tcp["syn_mode"], tcp["verify_ttl"]) == ("off", 900)  # saved beats the file
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert "the saved syn_mode=off of" in err and "win over the settings file's [tcp]" in err
