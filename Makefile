@@ -21,9 +21,9 @@ STAMP := .stamp
 # Debian-packaged bcc is importable), and the tools the labs, tests and
 # benchmarks drive.
 DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
-	python3 python3-venv python3-dev python3-bpfcc \
+	python3 python3-venv python3-dev python3-bpfcc python3-prometheus-client \
 	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables \
-	libclang-rt-14-dev iperf3
+	libclang-rt-14-dev iperf3 prometheus
 
 BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o scripts/xg_anyport.bpf.o
 SHIM := xdpguard/_shim.abi3.so

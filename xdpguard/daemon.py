@@ -125,13 +125,20 @@ def run_daemon(cfg: EngineConfig, control: str, summary_interval: float) -> None
     handlers = {name: gated(fn) for name, fn in engine.control_handlers().items()}
     handlers["status"] = status
     server = ControlServer(control, handlers)
-    # The socket first: a second instance on the same path fails before
-    # touching any device.
+    # The sockets first: a second instance on the same path, or a metrics
+    # port taken, fails before touching any device.
     server.start()
+    metrics = None
     try:
+        if cfg.metrics is not None:
+            from xdpguard.metrics import MetricsServer
+
+            metrics = MetricsServer(engine, *cfg.metrics)
         engine.start()
         _wait_polling(engine)
         life.set(READY)
+        if metrics is not None:
+            metrics.start()
         sd_notify(f"READY=1\nSTATUS=forwarding {cfg.outer} <-> {cfg.inner}\nMAINPID={os.getpid()}")
         log.info("ready; control socket %s", control)
         prev = engine.stats(account=False)
@@ -147,6 +154,8 @@ def run_daemon(cfg: EngineConfig, control: str, summary_interval: float) -> None
     finally:
         life.set(STOPPING)
         sd_notify("STOPPING=1")
+        if metrics is not None:
+            metrics.close()
         server.close()
         engine.stop()
     log.info("stopped")

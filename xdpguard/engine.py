@@ -114,6 +114,7 @@ class _QueuePath:
         self.worker: B.Worker | None = None
         self.thread: threading.Thread | None = None
         self.exit_code: int | None = None
+        self.tid: int | None = None  # the worker thread's, for its CPU time
         self.first_frame = 0
         self.nframes = 0
 
@@ -477,6 +478,7 @@ class Engine:
 
     def _run_worker(self, path: _QueuePath) -> None:
         assert path.worker is not None
+        path.tid = threading.get_native_id()
         rc = path.worker.run()
         path.exit_code = rc
         if rc < 0:

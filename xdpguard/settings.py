@@ -82,7 +82,10 @@ def _path(v: Any) -> Path:
 
 
 def _listen(v: Any) -> tuple[str, int]:
-    """[ADDR:]PORT; an address alone is not enough, a port alone listens on loopback."""
+    """[ADDR:]PORT; an address alone is not enough, a port alone listens on loopback.
+    (An (address, port) pair, as this makes, is checked again as is.)"""
+    if isinstance(v, tuple) and len(v) == 2:
+        v = f"[{v[0]}]:{v[1]}"
     text = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
     if not isinstance(text, str) or not text:
         raise ValueError(f"{v!r} is not [ADDR:]PORT")

@@ -1,0 +1,112 @@
+"""Prometheus metrics of a running appliance, with real traffic: what
+promtool accepts, counters that never go down, and a real Prometheus server
+that scrapes them and answers a query for them."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from lab import ORIGIN_V4, Appliance, lab, wait_for
+
+pytestmark = pytest.mark.netns
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def counters(text: str) -> dict[str, float]:
+    """Every sample of a counter (``*_total``), by series."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^(xdpguard_\w+_total(?:\{[^}]*\})?) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def test_metrics_during_traffic(tmp_path: Path) -> None:
+    port = free_port()
+    with lab(queues=2) as the_lab, the_lab.server():
+        with Appliance(the_lab, tmp_path, "--metrics", str(port)) as app:
+            app.cli("block", "add", "192.0.2.0/24")
+            mover = subprocess.Popen(
+                ["ip", "netns", "exec", the_lab.client_ns, "ping", "-c", "50", "-i", "0.02",
+                 ORIGIN_V4], stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                first = scrape(port)
+                check = subprocess.run(
+                    ["promtool", "check", "metrics"], input=first, text=True, capture_output=True
+                )
+                assert check.returncode == 0, check.stdout + check.stderr
+                before = counters(first)
+                # Every reason and direction, zeros included: a bounded, fixed set.
+                reasons = json.loads(app.cli("stats", "--json").stdout)["reasons"]
+                for d in ("in", "out"):
+                    for r in reasons:
+                        assert f'xdpguard_packets_total{{direction="{d}",reason="{r}"}}' in before
+                assert 'xdpguard_policy_prefixes{family="v4",list="block"} 1.0' in first
+                assert "xdpguard_build_info{" in first
+                wait_for(lambda: mover.poll() is not None, what="the pings")
+                after = counters(scrape(port))
+            finally:
+                mover.wait(30)
+        assert set(after) == set(before)
+        went_down = {k: (before[k], after[k]) for k in before if after[k] < before[k]}
+        assert not went_down, went_down
+        moved = after['xdpguard_packets_total{direction="in",reason="fast_path"}']
+        assert moved > before['xdpguard_packets_total{direction="in",reason="fast_path"}']
+
+
+def test_a_prometheus_server_scrapes_them(tmp_path: Path) -> None:
+    port, prom_port = free_port(), free_port()
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n  - job_name: xdpguard\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+    )
+    with lab(queues=1) as the_lab, Appliance(the_lab, tmp_path, "--metrics", str(port)):
+        assert the_lab.ping(ORIGIN_V4)
+        prom = subprocess.Popen(
+            ["prometheus", f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            query = urllib.parse.urlencode(
+                {"query": 'xdpguard_packets_total{direction="in",reason="fast_path"}'}
+            )
+            url = f"http://127.0.0.1:{prom_port}/api/v1/query?{query}"
+            found: list = []
+
+            def answered() -> bool:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as r:
+                        found[:] = json.loads(r.read())["data"]["result"]
+                except OSError:
+                    return False
+                return bool(found)
+
+            wait_for(answered, timeout=60, what="Prometheus to scrape xdpguard")
+            (sample,) = found
+            assert sample["metric"]["job"] == "xdpguard"
+            assert float(sample["value"][1]) > 0  # the pings, forwarded in XDP
+        finally:
+            prom.terminate()
+            prom.wait(30)

@@ -1,0 +1,239 @@
+"""Prometheus metrics of a running appliance (``xdpguard run --metrics``).
+
+One source, two formats: every scrape reads the same snapshot ``stats
+--json`` prints (Engine.stats()), plus the tables behind ``tcp flows`` and
+the policy's sizes, and turns it into metrics with a custom collector of
+prometheus_client. Every series that can exist is exported, zeros
+included; no label carries a flow or a source address, so the number of
+series is fixed by the reasons, directions, queues and states.
+
+    xdpguard_packets_total{direction,reason}      every frame's verdict (XDP's and the loop's)
+    xdpguard_bytes_total{direction,reason}
+    xdpguard_monitor_packets_total{reason}        what monitor mode let through
+    xdpguard_challenges_total{result}             sent, passed, failed, rate_limited
+    xdpguard_queue_packets_total{queue,direction,kind}   the loop: rx, tx, dropped, tx_ring_full
+    xdpguard_xsk_drops_total{queue,device,kind}   the kernel's drops at the AF_XDP sockets
+    xdpguard_flows{state}, xdpguard_flows_fast_path, xdpguard_flows_capacity,
+    xdpguard_flow_evictions_total, xdpguard_verified_sources
+    xdpguard_policy_prefixes{list,family}, xdpguard_policy_udp_ports
+    xdpguard_frames{place}                        the frame account: where every UMEM frame is
+    xdpguard_worker_busy_ratio{queue}             CPU time of each worker since the last scrape
+    xdpguard_up_seconds, xdpguard_build_info{version,abi}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from xdpguard import __version__
+from xdpguard import _bindings as B
+from xdpguard.defs import Reason
+from xdpguard.errors import XdpguardError
+
+log = logging.getLogger("xdpguard")
+
+_CHALLENGES = {
+    "sent": "syn_challenged",
+    "passed": "challenge_passed",
+    "failed": "challenge_failed",
+    "rate_limited": "challenge_rate_limited",
+}
+_QUEUE_KINDS = {
+    "rx": "rx_packets",
+    "tx": "tx_packets",
+    "dropped": "dropped",
+    "tx_ring_full": "tx_ring_full",
+}
+_XSK_KINDS = ("rx_dropped", "rx_ring_full", "rx_fill_ring_empty_descs", "tx_invalid_descs")
+_FRAME_PLACES = ("free", "fill", "rx", "tx", "completion", "in_flight")
+
+
+class ApplianceCollector(Collector):
+    """Metrics of one engine, read at each scrape."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._busy: dict[int, tuple[float, float]] = {}  # queue -> (cpu seconds, when)
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())  # unchecked: the collector's series come from the snapshot
+
+    def _busy_ratios(self) -> dict[int, float]:
+        """Each worker's share of one CPU since the previous scrape."""
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        with self._lock:
+            for path in self.engine.paths:
+                tid = getattr(path, "tid", None)
+                if tid is None:
+                    continue
+                try:
+                    with open(f"/proc/self/task/{tid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                cpu, now = (int(fields[11]) + int(fields[12])) / tick, time.monotonic()
+                last = self._busy.get(path.queue)
+                self._busy[path.queue] = (cpu, now)
+                if last is not None and now > last[1]:
+                    out[path.queue] = max(0.0, min(1.0, (cpu - last[0]) / (now - last[1])))
+                else:
+                    out[path.queue] = 0.0
+        return out
+
+    def collect(self) -> Iterator[Any]:
+        engine = self.engine
+        st = engine.stats(account=True)
+        flows = engine.tcp.flows(0) if engine.tcp is not None else None
+        policy = engine.policy.summary() if engine.policy is not None else None
+
+        info = InfoMetricFamily("xdpguard_build", "xdpguard's version and data-path ABI.")
+        info.add_metric([], {"version": __version__, "abi": str(B.ABI_VERSION)})
+        yield info
+        up = GaugeMetricFamily("xdpguard_up_seconds", "Seconds since xdpguard started.")
+        up.add_metric([], st["uptime"])
+        yield up
+
+        packets = CounterMetricFamily(
+            "xdpguard_packets", "Frames by verdict (XDP's and the loop's).",
+            labels=["direction", "reason"],
+        )  # fmt: skip
+        nbytes = CounterMetricFamily(
+            "xdpguard_bytes", "Bytes by verdict.", labels=["direction", "reason"]
+        )
+        for direction, d in st["directions"].items():
+            for r in Reason:
+                v = d["reasons"][r.name]
+                packets.add_metric([direction, r.name], v["packets"])
+                nbytes.add_metric([direction, r.name], v["bytes"])
+        yield packets
+        yield nbytes
+
+        monitor = CounterMetricFamily(
+            "xdpguard_monitor_packets", "What monitor mode let through, by the verdict it "
+            "would have had.", labels=["reason"],
+        )  # fmt: skip
+        for r in Reason:
+            monitor.add_metric([r.name], st["monitor"].get(r.name, {"packets": 0})["packets"])
+        yield monitor
+
+        challenges = CounterMetricFamily(
+            "xdpguard_challenges", "SYN challenges, answered in XDP.", labels=["result"]
+        )
+        for result, reason in _CHALLENGES.items():
+            challenges.add_metric([result], st["reasons"][reason]["packets"])
+        yield challenges
+
+        queue = CounterMetricFamily(
+            "xdpguard_queue_packets", "Frames the AF_XDP loop moved, per queue.",
+            labels=["queue", "direction", "kind"],
+        )  # fmt: skip
+        xsk = CounterMetricFamily(
+            "xdpguard_xsk_drops", "Frames the kernel dropped at an AF_XDP socket.",
+            labels=["queue", "device", "kind"],
+        )  # fmt: skip
+        for q in st["queues"]:
+            for direction in ("in", "out"):
+                for kind, field in _QUEUE_KINDS.items():
+                    queue.add_metric([str(q["queue"]), direction, kind], q[direction][field])
+            for device in ("outer", "inner"):
+                for kind in _XSK_KINDS:
+                    xsk.add_metric([str(q["queue"]), device, kind], q["xsk"][device][kind])
+        yield queue
+        yield xsk
+
+        frames = GaugeMetricFamily(
+            "xdpguard_frames", "Where the UMEM's frames are (the frame account).",
+            labels=["place"],
+        )  # fmt: skip
+        for place in _FRAME_PLACES:
+            frames.add_metric([place], st["frames"][place])
+        yield frames
+        busy = GaugeMetricFamily(
+            "xdpguard_worker_busy_ratio", "Each worker's CPU time per second since the last "
+            "scrape (1: a whole core).", labels=["queue"],
+        )  # fmt: skip
+        for q, ratio in self._busy_ratios().items():
+            busy.add_metric([str(q)], ratio)
+        yield busy
+
+        if flows is not None:
+            by_state = GaugeMetricFamily("xdpguard_flows", "Tracked TCP flows.", labels=["state"])
+            for state, n in flows["states"].items():
+                by_state.add_metric([state], n)
+            yield by_state
+            for name, doc, value in (
+                ("xdpguard_flows_fast_path", "Flows XDP forwards itself.", flows["fast_path"]),
+                ("xdpguard_flows_capacity", "Slots of the flow table.", flows["capacity"]),
+                ("xdpguard_verified_sources", "Sources that answered a challenge.",
+                 flows["verified"]),
+            ):  # fmt: skip
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
+                yield g
+            ev = CounterMetricFamily(
+                "xdpguard_flow_evictions", "Flows given up for a new one in a full bucket."
+            )
+            ev.add_metric([], flows["evictions"])
+            yield ev
+        if policy is not None:
+            prefixes = GaugeMetricFamily(
+                "xdpguard_policy_prefixes", "Prefixes of each list.", labels=["list", "family"]
+            )
+            for lst in ("allow", "block"):
+                for family, n in policy[lst].items():
+                    prefixes.add_metric([lst, family], n)
+            yield prefixes
+            ports = GaugeMetricFamily("xdpguard_policy_udp_ports", "UDP source ports dropped.")
+            ports.add_metric([], len(policy["ports"]))
+            yield ports
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
+        pass
+
+
+class MetricsServer:
+    """An HTTP server of /metrics for one engine, on its own thread. The port
+    is taken at once (a busy one fails the start, before any device is
+    touched); scrapes are served from start()."""
+
+    def __init__(self, engine: Any, addr: str, port: int) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ApplianceCollector(engine))
+        family = socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
+
+        class Server(WSGIServer):
+            address_family = family
+
+        try:
+            self._server = make_server(addr, port, make_wsgi_app(registry), Server, _Quiet)
+        except OSError as exc:
+            raise XdpguardError(f"cannot serve metrics on {addr}:{port}: {exc.strerror}") from None
+        self.address = f"[{addr}]:{port}" if family == socket.AF_INET6 else f"{addr}:{port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="xg-metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics on http://%s/metrics", self.address)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(2)
