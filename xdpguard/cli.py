@@ -153,7 +153,7 @@ def run(ctx: click.Context, config: Path | None, no_policy: bool, **options: Any
     SIGKILL, cuts no connection. 'xdpguard flows forget' drops it.
     """
     from xdpguard.daemon import run_daemon
-    from xdpguard.engine import EngineConfig, missing_capabilities
+    from xdpguard.engine import EngineConfig, require_capabilities
     from xdpguard.settings import MissingSetting, check_required, config_path, merge
 
     given = {
@@ -164,9 +164,7 @@ def run(ctx: click.Context, config: Path | None, no_policy: bool, **options: Any
     path = config_path(config)
     try:
         check_required(given, path)
-        missing = missing_capabilities()
-        if missing:
-            raise XdpguardError(f"xdpguard run needs root (missing {', '.join(missing)})")
+        require_capabilities()
         settings, tcp_initial = merge(given, path)
     except MissingSetting as exc:
         raise click.UsageError(str(exc)) from None

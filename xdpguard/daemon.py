@@ -9,9 +9,9 @@ The lifecycle is what scripts and service managers wait on:
     stopping  a signal or a fatal error; the data path is being taken down
 
 ``status`` reports the state, and ``status`` with ``wait`` blocks until the
-appliance leaves ``starting`` (``xdpguard status --wait``). When
-NOTIFY_SOCKET is set, READY=1 and STOPPING=1 go to it (the sd_notify
-protocol: one datagram per message).
+appliance leaves ``starting`` (``xdpguard status --wait``). Under systemd
+(NOTIFY_SOCKET), READY=1 and STOPPING=1 go to it, and WATCHDOG=1 from the
+housekeeping while every worker makes progress (xdpguard.sdnotify).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any
 from xdpguard.control import ControlServer
 from xdpguard.engine import Engine, EngineConfig
 from xdpguard.errors import XdpguardError
+from xdpguard.sdnotify import sd_notify
 from xdpguard.stats import summary_line
 
 log = logging.getLogger("xdpguard")
@@ -36,23 +36,6 @@ log = logging.getLogger("xdpguard")
 STARTING, READY, STOPPING = "starting", "ready", "stopping"
 # Longest a client may ask ``status`` to wait for readiness.
 MAX_WAIT = 3600.0
-
-
-def sd_notify(message: str) -> bool:
-    """Send ``message`` to $NOTIFY_SOCKET; False if unset. Never raises."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):  # the abstract namespace
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc.strerror)
-        return False
-    return True
 
 
 class Lifecycle:

@@ -39,6 +39,7 @@ from xdpguard.fastpath import FastPath
 from xdpguard.flowtable import open_table, pin_dir_for
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
+from xdpguard.sdnotify import sd_notify, watchdog_seconds
 from xdpguard.settings import DEFAULTS
 from xdpguard.tcp import TcpStage
 from xdpguard.xdp import XDP_MODES, PolicyMaps, XdpProgram, occupied
@@ -50,8 +51,18 @@ log = logging.getLogger("xdpguard")
 _XDP_PACKET_HEADROOM = 256
 _MAX_L2_OVERHEAD = 14 + 2 * 4  # Ethernet and two VLAN tags
 
-# Capabilities xdpguard run needs (linux/capability.h bit numbers).
-_CAPS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
+# Capabilities xdpguard run needs (linux/capability.h bit numbers): XDP
+# and BPF maps, AF_XDP sockets, entering namespaces and the BPF filesystem,
+# and the UMEM's locked pages (without CAP_IPC_LOCK they count against
+# RLIMIT_MEMLOCK, and a socket fails with ENOBUFS). The systemd unit
+# (contrib/systemd/xdpguard.service) grants these and no more.
+_CAPS = {
+    "CAP_NET_ADMIN": 12,
+    "CAP_NET_RAW": 13,
+    "CAP_IPC_LOCK": 14,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_BPF": 39,
+}
 
 
 @dataclass
@@ -89,6 +100,16 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.frames_per_queue:
             self.frames_per_queue = 4 * self.ring_size
+
+
+def require_capabilities() -> None:
+    """One line naming what is missing, if anything is."""
+    missing = missing_capabilities()
+    if missing:
+        raise XdpguardError(
+            f"xdpguard run needs root, or at least {', '.join(_CAPS)} "
+            f"(missing {', '.join(missing)})"
+        )
 
 
 def missing_capabilities() -> list[str]:
@@ -140,6 +161,8 @@ class Engine:
         self.flowtab: B.FlowTab | None = None
         self.flows_restored = False
         self.challenge_tx = "XDP_TX"  # how challenges leave outer
+        self._loops_seen: list[int] | None = None  # the workers' loops at the last check
+        self._stalled = False
         self._stopping = threading.Event()
 
     # ---- lifecycle ----
@@ -157,9 +180,7 @@ class Engine:
 
     def _start(self) -> None:
         cfg = self.cfg
-        missing = missing_capabilities()
-        if missing:
-            raise XdpguardError(f"xdpguard run needs root (missing {', '.join(missing)})")
+        require_capabilities()
         problem = B.abi_problem()
         if problem:
             raise XdpguardError(problem)
@@ -397,6 +418,10 @@ class Engine:
             ("device watch", 1.0, self._watch_devices),
             ("fast path watch", 1.0, self._watch_fast_path),
         ]
+        watchdog = watchdog_seconds()
+        if watchdog:
+            # Twice per timeout, as systemd asks; a stuck worker stops the pings.
+            steps.append(("watchdog", watchdog / 2, self._watchdog))
         due = [0.0] * len(steps)
         failing: dict[str, str] = {}
         while not self._stopping.wait(self.cfg.expiry_interval):
@@ -415,6 +440,28 @@ class Engine:
                 else:
                     if failing.pop(name, None) is not None:
                         log.info("housekeeping: %s works again", name)
+
+    def workers_progressing(self) -> bool:
+        """Has every worker gone round its loop since the last call? (An idle
+        worker goes round too: it wakes from poll() every XG_IDLE_POLL_MS.)"""
+        loops = [p.worker.stats()["loops"] if p.worker else 0 for p in self.paths]
+        seen, self._loops_seen = self._loops_seen, loops
+        stuck = [
+            p.queue for p, a, b in zip(self.paths, loops, seen or loops, strict=True) if a <= b
+        ]
+        if seen is not None and stuck:
+            if not self._stalled:
+                log.error("worker(s) of queue(s) %s made no progress: no watchdog ping", stuck)
+            self._stalled = True
+            return False
+        if self._stalled:
+            log.info("every worker makes progress again")
+        self._stalled = False
+        return True
+
+    def _watchdog(self) -> None:
+        if self.workers_progressing():
+            sd_notify("WATCHDOG=1")
 
     def _watch_fast_path(self) -> None:
         if self.fast is not None and self.tcp is not None:
@@ -641,6 +688,7 @@ class Engine:
                 {
                     "queue": p.queue,
                     "running": p.thread is not None and p.thread.is_alive(),
+                    "tid": p.tid,  # for taskset, perf, top -H
                     "frames": [p.first_frame, p.first_frame + p.nframes],
                 }
                 for p in self.paths

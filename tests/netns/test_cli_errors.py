@@ -189,3 +189,41 @@ def test_a_settings_file_runs_the_appliance(lab2: Lab, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert "the saved syn_mode=off of" in err and "win over the settings file's [tcp]" in err
+
+
+def _unit_caps() -> list[str]:
+    unit = ROOT / "contrib" / "systemd" / "xdpguard.service"
+    (line,) = [
+        ln for ln in unit.read_text().splitlines() if ln.startswith("CapabilityBoundingSet=")
+    ]
+    return line.split("=", 1)[1].split()
+
+
+def _with_caps(caps: list[str]) -> list[str]:
+    """setpriv keeping root's uid but only ``caps``, as the unit's bounding set does."""
+    spec = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+    return ["setpriv", f"--bounding-set={spec}", f"--inh-caps={spec}", f"--ambient-caps={spec}"]
+
+
+def test_the_units_capabilities_are_enough_and_each_is_needed(lab2: Lab, tmp_path: Path) -> None:
+    import subprocess
+
+    from lab import ORIGIN_V4
+
+    caps = _unit_caps()
+    control = tmp_path / "c.sock"
+    state = tmp_path / "state"
+    STATE_DIRS.add(state)
+    args = run_args(lab2, control, **{"--state-dir": str(state)})
+    proc = subprocess.Popen([*_with_caps(caps), *args], stderr=subprocess.PIPE, text=True)
+    try:
+        res = sh(str(XDPGUARD), "status", "--wait", "30", "--control", str(control), check=False)
+        assert res.returncode == 0, proc.stderr.read() if proc.poll() is not None else res
+        assert lab2.ping(ORIGIN_V4)
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    for missing in caps:
+        res = sh(*_with_caps([c for c in caps if c != missing]), *args, check=False)
+        assert_user_error(res, f"(missing {missing})")
+        assert_nothing_left(lab2, control)

@@ -59,3 +59,65 @@ def test_status_reports_the_state(lab2: Lab, tmp_path: Path) -> None:
         st = app.call("status")
         assert st["state"] == "ready" and st["pid"] == app.proc.pid  # type: ignore[union-attr]
         assert "ready" in app.cli("status").stdout
+
+
+def test_the_watchdog_is_pinged_only_while_the_workers_make_progress(
+    lab2: Lab, tmp_path: Path
+) -> None:
+    """WATCHDOG=1 twice per WATCHDOG_USEC; a worker frozen in its loop (a
+    ptrace stop of its thread alone) stops the pings, and they come back
+    with it."""
+    import ctypes
+    import os
+    import time
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    seize, interrupt, detach = 0x4206, 0x4207, 17
+    notify = tmp_path / "notify.sock"
+    period = 0.4  # WATCHDOG_USEC: a ping every 0.2 s
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sd:
+        sd.bind(str(notify))
+        sd.settimeout(30)
+        app = Appliance(lab2, tmp_path)
+        env = {"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": str(int(period * 1e6))}
+        with open(app.log, "ab") as log:
+            proc = subprocess.Popen(app.args, stdout=log, stderr=log, env=env)
+        try:
+            messages = []
+
+            def next_message(timeout: float = 30) -> bytes:
+                sd.settimeout(timeout)
+                messages.append(sd.recv(4096))
+                return messages[-1]
+
+            while b"READY=1" not in next_message():
+                pass
+            while next_message() != b"WATCHDOG=1":
+                pass
+            assert next_message() == b"WATCHDOG=1"
+            tid = app.call("status")["workers"][0]["tid"]
+            assert libc.ptrace(seize, tid, None, None) == 0, os.strerror(ctypes.get_errno())
+            try:
+                assert libc.ptrace(interrupt, tid, None, None) == 0
+                os.waitpid(tid, 0x40000000)  # __WALL: its stop
+                deadline = time.monotonic() + 30
+                while "made no progress: no watchdog ping" not in app.output():
+                    assert time.monotonic() < deadline, app.output()
+                    time.sleep(0.05)
+                sd.setblocking(False)
+                while True:  # pings sent before the check that saw the stall
+                    try:
+                        sd.recv(4096)
+                    except BlockingIOError:
+                        break
+                # Three more checks' worth: not one ping.
+                sd.settimeout(3 * period / 2)
+                with pytest.raises(TimeoutError):
+                    sd.recv(4096)
+            finally:
+                libc.ptrace(detach, tid, None, None)
+            assert next_message() == b"WATCHDOG=1"  # progress again, pings again
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, app.output()

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from xdpguard.control import PROTOCOL_VERSION, ControlServer, wait_ready
-from xdpguard.daemon import READY, STOPPING, Lifecycle, sd_notify
+from xdpguard.daemon import READY, STOPPING, Lifecycle
 from xdpguard.errors import XdpguardError
+from xdpguard.sdnotify import sd_notify
 
 pytestmark = pytest.mark.unit
 
