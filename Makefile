@@ -17,17 +17,22 @@ PY := $(VENV)/bin/python
 STAMP := .stamp
 
 # Everything the project needs from Debian: toolchain and libraries for the
-# BPF object and the shim, Python for the venv (system site packages so the
-# Debian-packaged bcc is importable), and the tools the labs, tests and
-# benchmarks drive.
+# BPF objects and the shim (bpftool also dumps the kernel's BTF for
+# xdpguard trace), Python for the venv (system site packages, so Debian's
+# prometheus-client is importable), and the tools the labs, tests and
+# benchmarks drive (prometheus for promtool and a real scraper).
 DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
-	python3 python3-venv python3-dev python3-bpfcc python3-prometheus-client \
+	python3 python3-venv python3-dev python3-prometheus-client \
 	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables \
 	libclang-rt-14-dev iperf3 prometheus
 
-BPF_OBJS := bpf/xdpguard.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o scripts/xg_anyport.bpf.o
+BPF_OBJS := bpf/xdpguard.bpf.o bpf/xg_trace.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o \
+	scripts/xg_anyport.bpf.o
+# The project's BPF headers; vmlinux.h (the running kernel's types, for the
+# CO-RE trace programs) is made here, not kept.
+BPF_HDRS := $(filter-out bpf/vmlinux.h,$(wildcard bpf/*.h))
 SHIM := xdpguard/_shim.abi3.so
-SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py $(wildcard bpf/*.h)
+SHIM_DEPS := $(wildcard libxdp_shim/*.c libxdp_shim/*.h) libxdp_shim/build_shim.py $(BPF_HDRS)
 
 PYTEST_ARGS ?=
 
@@ -73,7 +78,13 @@ $(STAMP)/venv: pyproject.toml setup.py | apt
 
 build: $(BPF_OBJS) $(SHIM)
 
-%.bpf.o: %.bpf.c $(wildcard bpf/*.h) $(wildcard bench/*.h) | apt
+bpf/vmlinux.h: | apt
+	@echo "  BTF    $@"
+	$(Q)bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@
+
+bpf/xg_trace.bpf.o: bpf/vmlinux.h
+
+%.bpf.o: %.bpf.c $(BPF_HDRS) $(wildcard bench/*.h) | apt
 	@echo "  CLANG  $@"
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
@@ -115,4 +126,4 @@ fuzz: deps build
 		$(PY) -m pytest -s -p no:cacheprovider tests/bpf/test_parser_parity.py tests/unit/test_fuzz.py
 
 clean:
-	$(Q)rm -rf build $(STAMP) $(BPF_OBJS) xdpguard/_shim.* xdpguard/*.so *.egg-info
+	$(Q)rm -rf build $(STAMP) $(BPF_OBJS) bpf/vmlinux.h xdpguard/_shim.* xdpguard/*.so *.egg-info

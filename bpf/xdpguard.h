@@ -12,7 +12,9 @@
 #ifndef XDPGUARD_H
 #define XDPGUARD_H
 
+#ifndef __VMLINUX_H__ /* bpf/xg_trace.bpf.c has the kernel's own types */
 #include <linux/types.h>
+#endif
 
 /* cffi:begin */
 
@@ -422,6 +424,31 @@ enum xg_load_flags {
 struct xg_load_cfg {
 	__u32 role;  /* enum xg_role */
 	__u32 flags; /* enum xg_load_flags */
+};
+
+/* What xdpguard trace reports: one kernel XDP error (bpf/xg_trace.bpf.c). */
+enum xg_trace_kind {
+	XG_TRACE_EXCEPTION = 1,	   /* xdp_exception: an XDP action failed (act) */
+	XG_TRACE_REDIRECT_ERR = 2, /* xdp_redirect_err: a redirect failed (err, map) */
+	XG_TRACE_DEVMAP_XMIT = 3,  /* xdp_devmap_xmit with drops or an error */
+};
+
+struct xg_trace_event {
+	__u64 ts_ns;		/* ktime */
+	__u64 netns_cookie;	/* of the device (the sending one for devmap_xmit) */
+	__u64 to_netns_cookie;	/* devmap_xmit: the target device's */
+	__u32 kind;		/* enum xg_trace_kind */
+	__u32 ifindex;
+	__u32 to_ifindex;
+	__s32 err;		/* -errno, or 0 */
+	__u32 act;		/* exception: the XDP action */
+	__u32 prog_id;		/* the XDP program, where known */
+	__u32 map_id;		/* redirect: the map, where there is one */
+	__u32 map_type;
+	__u32 index;		/* redirect: the map key */
+	__s32 sent;		/* devmap_xmit: frames sent, and dropped */
+	__s32 drops;
+	__u32 pad;
 };
 
 /* cffi:end */

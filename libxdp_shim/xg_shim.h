@@ -613,6 +613,30 @@ int xg_worker_set_tcp(struct xg_worker *w, struct xg_tcp *tcp);
 /* Free @w (stop and join its thread first). NULL is a no-op. */
 void xg_worker_destroy(struct xg_worker *w);
 
+/* ---- xdpguard trace ---- */
+
+struct xg_trace;
+
+/*
+ * Load the trace object at @path (bpf/xg_trace.bpf.o) and attach each of
+ * its tp_btf programs to the kernel's XDP tracepoints. *@out belongs to the
+ * caller (xg_trace_close()). Needs CAP_BPF and CAP_PERFMON. Returns 0 or
+ * -errno (the verifier's log, if any, on stderr).
+ */
+int xg_trace_open(const char *path, struct xg_trace **out);
+
+/*
+ * Copy up to @max events to @out; if none is waiting, wait for one at most
+ * @timeout_ms (-1: for ever). Returns how many, or -errno. Blocks.
+ */
+int xg_trace_poll(struct xg_trace *t, struct xg_trace_event *out, uint32_t max, int timeout_ms);
+
+/* Events lost for lack of room, in the kernel's ring buffer or ours. */
+uint64_t xg_trace_lost(struct xg_trace *t);
+
+/* Detach and free @t. NULL is a no-op. */
+void xg_trace_close(struct xg_trace *t);
+
 /* cffi:end */
 
 #endif /* XG_SHIM_H */

@@ -574,6 +574,33 @@ def sock_registered(umem: Umem, netns_cookie: int, ifindex: int, queue: int) -> 
     return lib.xg_sock_find(umem._u, netns_cookie, ifindex, queue) != ffi.NULL
 
 
+class Trace(_Handle):
+    """The kernel's XDP error tracepoints, attached (bpf/xg_trace.bpf.o)."""
+
+    _what = "trace"
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        out = ffi.new("struct xg_trace **")
+        check(lib.xg_trace_open(path.encode(), out), f"loading {path}")
+        self._ptr = out[0]
+        self._buf = ffi.new("struct xg_trace_event[]", 256)
+
+    def poll(self, timeout_ms: int) -> list[dict[str, Any]]:
+        """The events that came, waiting at most ``timeout_ms`` for the first."""
+        n = check(lib.xg_trace_poll(self._get(), self._buf, 256, timeout_ms), "reading events")
+        return [_to_dict(self._buf[i]) for i in range(n)]
+
+    def lost(self) -> int:
+        return int(lib.xg_trace_lost(self._get()))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_trace_close(self._ptr)
+                self._ptr = None
+
+
 class Tcp(_Handle):
     """The loop's TCP stage, shared by every worker: the flow table and its policy."""
 

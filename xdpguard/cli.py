@@ -182,6 +182,49 @@ def run(ctx: click.Context, config: Path | None, no_policy: bool, **options: Any
     )
 
 
+@main.command()
+@json_option
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.1, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds between readings of the AF_XDP sockets' statistics.",
+)
+@click.option("--count", type=click.IntRange(1), help="Stop after COUNT events.")
+@click.option("--seconds", type=click.FloatRange(0), help="Stop after SECONDS.")
+@control_option
+def trace(
+    as_json: bool, interval: float, count: int | None, seconds: float | None, control: str
+) -> None:
+    """Show the kernel's XDP and AF_XDP errors as they happen, until Ctrl-C.
+
+    \b
+    From the kernel's own tracepoints, on every device (not only xdpguard's):
+      exception     an XDP action the driver could not carry out
+      redirect_err  a redirect that failed (no target, a full AF_XDP ring)
+      devmap_xmit   a DEVMAP's transmit that dropped frames or failed
+                    (e.g. into a veth whose peer has no NAPI)
+    Devices are named in their own network namespaces. With xdpguard
+    running (--control), its AF_XDP sockets' kernel drops that grew
+    (rx_dropped, rx_ring_full, tx_invalid_descs) are events too.
+    One line per event; --json: one JSON object per line. Needs root.
+    """
+    from xdpguard.trace import follow, text
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="xdpguard trace: %(message)s")
+    n, until = 0, None if seconds is None else time.monotonic() + seconds
+    try:
+        for event in follow(control, interval, until):
+            click.echo(json.dumps(event) if as_json else text(event))
+            n += 1
+            if count is not None and n >= count:
+                break
+    except KeyboardInterrupt:
+        pass
+    click.echo(f"xdpguard trace: {n} event(s)", err=True)
+
+
 @main.group(cls=Group)
 def config() -> None:
     """The settings file of 'xdpguard run' (TOML; see 'xdpguard run --help')."""

@@ -36,8 +36,10 @@ _PROBE = (
     b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + b"xdpguard fast path probe".ljust(46)
 )
 _PROBE_FRAMES = 4
-# The watch: this many redirected frames in a second and none sent is a black hole.
-_BLACK_HOLE = 32
+# The watch: this many frames redirected since the target last sent one is
+# a black hole. Counted across seconds: the first thing lost is often ARP,
+# one request a second, and a second's worth would never be enough.
+_BLACK_HOLE = 3
 
 
 @dataclass
@@ -51,7 +53,8 @@ class _Path:
     dst_ns: Netns
     usable: bool = False
     why: str = "not probed yet"
-    last: tuple[int, int] | None = None  # (fast_path frames, target sent + refused)
+    # (fast_path frames, frames the target sent) when it last sent one
+    last: tuple[int, int] | None = None
 
 
 class FastPath:
@@ -141,8 +144,9 @@ class FastPath:
         )
 
     def watch(self) -> None:
-        """Once a second: a direction whose redirected frames the target never
-        sends is a black hole; it goes back to the AF_XDP path, said once."""
+        """Once a second: a direction whose target sent none of the last
+        _BLACK_HOLE frames redirected to it is a black hole; it goes back to
+        the AF_XDP path, said once."""
         for d, p in self.paths.items():
             if not (self.wanted and p.usable):
                 p.last = None
@@ -151,21 +155,21 @@ class FastPath:
             if counts is None:
                 continue
             fast = int(p.prog.reason_counters()[Reason.fast_path, 0])
-            now = (fast, counts[0] + counts[1])
-            if p.last is not None and now[0] - p.last[0] >= _BLACK_HOLE and now[1] == p.last[1]:
+            if p.last is None or counts[0] != p.last[1]:
+                p.last = (fast, counts[0])  # the target sends: fine so far
+                continue
+            if fast - p.last[0] >= _BLACK_HOLE:
                 p.usable, p.why = False, self._no_napi(p)
                 self._write(d)
                 log.error(
                     "fast path %s: %d frames redirected to %s and none sent: %s; that "
                     "direction takes the AF_XDP path now ('xdpguard fast-path on' tries again)",
                     d.label,
-                    now[0] - p.last[0],
+                    fast - p.last[0],
                     p.dst.name,
                     p.why,
                 )
                 p.last = None
-                continue
-            p.last = now
 
     def status(self) -> dict[str, Any]:
         return {

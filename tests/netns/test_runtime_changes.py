@@ -108,3 +108,21 @@ def test_a_black_hole_at_runtime_is_noticed(lab2: Lab, tmp_path: Path) -> None:
             gen.close()
         assert "none sent" in app.output()
         assert lab2.ping(ORIGIN_V4)  # through the loop now
+
+
+def test_a_black_hole_of_arp_alone_is_noticed(lab2: Lab, tmp_path: Path) -> None:
+    """The first thing a host loses to a black hole is its neighbour's address:
+    one ARP request a second, and no frame after. That is enough to notice."""
+    with Appliance(lab2, tmp_path) as app:
+        assert app.call("status")["fast_path"]["directions"]["in"]["active"]
+        gro(lab2, lab2.origin_ns, False)
+        for ns in (lab2.client_ns, lab2.origin_ns):
+            lab2.ns_exec(ns, "ip", "neigh", "flush", "all")
+
+        def fell_back() -> bool:
+            lab2.ping(ORIGIN_V4, count=1)  # an ARP request or three, nothing else
+            return not app.call("status")["fast_path"]["directions"]["in"]["active"]
+
+        wait_for(fell_back, what="the black hole noticed")
+        assert "none sent" in app.output()
+        assert lab2.ping(ORIGIN_V4)  # through the loop now

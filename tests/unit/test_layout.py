@@ -3,7 +3,8 @@
 Sizes and member offsets come from the object's BTF (bpftool's JSON dump)
 on one side and from ffi.sizeof/ffi.offsetof, i.e. the host C compiler, on
 the other. Every struct of bpf/xdpguard.h's shared region must be in the
-BTF: a struct that does not cross into BPF belongs in xg_shim.h.
+BTF of one of the objects (the appliance's, or xdpguard trace's): a struct
+that does not cross into BPF belongs in xg_shim.h.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "bpf" / "xdpguard.h"
-OBJECT = ROOT / "bpf" / "xdpguard.bpf.o"
+OBJECTS = (ROOT / "bpf" / "xdpguard.bpf.o", ROOT / "bpf" / "xg_trace.bpf.o")
 
 
 def bpftool() -> str:
@@ -37,13 +38,16 @@ def shared_structs() -> list[str]:
 
 
 def btf_structs() -> dict[str, dict]:
-    out = subprocess.run(
-        [bpftool(), "-j", "btf", "dump", "file", str(OBJECT)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return {t["name"]: t for t in json.loads(out)["types"] if t["kind"] == "STRUCT"}
+    found = {}
+    for obj in OBJECTS:
+        out = subprocess.run(
+            [bpftool(), "-j", "btf", "dump", "file", str(obj)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        found |= {t["name"]: t for t in json.loads(out)["types"] if t["kind"] == "STRUCT"}
+    return found
 
 
 def test_header_has_shared_structs() -> None:
@@ -53,7 +57,7 @@ def test_header_has_shared_structs() -> None:
 @pytest.mark.parametrize("name", shared_structs())
 def test_struct_layout_matches_btf(name: str) -> None:
     btf = btf_structs()
-    assert name in btf, f"struct {name} is not in {OBJECT.name}'s BTF; does the program use it?"
+    assert name in btf, f"struct {name} is in no object's BTF; does a program use it?"
     size, offsets = B.struct_layout(f"struct {name}")
     assert btf[name]["size"] == size
     btf_offsets = {m["name"]: m["bits_offset"] // 8 for m in btf[name]["members"]}
