@@ -169,9 +169,9 @@ def run(ctx: click.Context, config: Path | None, no_policy: bool, **options: Any
     except MissingSetting as exc:
         raise click.UsageError(str(exc)) from None
 
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="xdpguard: %(levelname)s: %(message)s"
-    )
+    from xdpguard import logs
+
+    logs.setup(settings.pop("log_format"))
     summary_interval = settings.pop("summary_interval")
     control = str(settings.pop("control"))
     settings["fast_path"] = settings["fast_path"] == "on"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from xdpguard.control import ControlServer
 from xdpguard.engine import Engine, EngineConfig
 from xdpguard.errors import XdpguardError
 from xdpguard.sdnotify import sd_notify
-from xdpguard.stats import summary_line
+from xdpguard.stats import rates, summary_line
 
 log = logging.getLogger("xdpguard")
 
@@ -132,7 +131,8 @@ def run_daemon(cfg: EngineConfig, control: str, summary_interval: float) -> None
                 raise XdpguardError(f"{engine.fatal_reason}; shut down")
             if time.monotonic() >= next_line:
                 cur = engine.stats(account=False)
-                print(f"xdpguard: {summary_line(prev, cur)}", file=sys.stderr, flush=True)
+                rate = rates(prev, cur)["directions"]
+                log.info(summary_line(prev, cur), extra={"fields": {"rates": rate}})
                 prev, next_line = cur, next_line + summary_interval
     finally:
         life.set(STOPPING)

@@ -224,6 +224,13 @@ RUN: tuple[Setting, ...] = (
         "Serve Prometheus metrics over HTTP there (a port alone: on 127.0.0.1). Off by default.",
     ),
     Setting(
+        "log_format",
+        "text",
+        _choice("text", "json"),
+        "text|json",
+        "The log on stderr: one event per line, as text or as a JSON object.",
+    ),
+    Setting(
         "control",
         DEFAULT_CONTROL,
         _path,

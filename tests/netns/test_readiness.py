@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from lab import ORIGIN_V4, XDPGUARD, Appliance, Lab, lab, sh
+from lab import ORIGIN_V4, XDPGUARD, Appliance, Lab, lab, sh, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -121,3 +121,18 @@ def test_the_watchdog_is_pinged_only_while_the_workers_make_progress(
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 0, app.output()
+
+
+def test_a_json_log_is_one_object_per_line(lab2: Lab, tmp_path: Path) -> None:
+    """--log-format json: every line of stderr a JSON object, the rate summary
+    with its numbers as fields."""
+    app = Appliance(lab2, tmp_path, "--log-format", "json", "--summary-interval", "0.5")
+    with app:
+        assert lab2.ping(ORIGIN_V4)
+        wait_for(lambda: '"rates"' in app.output(), what="a rate summary")
+    lines = app.output().strip().splitlines()
+    events = [json.loads(line) for line in lines]  # each a whole JSON object
+    assert all({"time", "level", "message"} <= e.keys() for e in events)
+    assert any(e["message"].startswith("ready; control socket") for e in events)
+    rates = next(e["rates"] for e in events if "rates" in e)
+    assert set(rates) == {"in", "out"}
