@@ -15,17 +15,19 @@ export QUEUES=${QUEUES:-2}
 export OUTER=xgdemo-out INNER=xgdemo-in
 export INNER_NS=xgdemo-inner CLIENT_NS=xgdemo-client ORIGIN_NS=xgdemo-origin
 CONTROL=/run/xdpguard/demo.sock
+METRICS=127.0.0.1:${METRICS_PORT:-9437}
 LOG=$(mktemp /tmp/xdpguard-demo.XXXXXX)
 STATE=$(mktemp -d /tmp/xdpguard-demo-state.XXXXXX)
 
-xg_pid= srv_pid=
+xg_pid= srv_pid= trace_pid=
 cleanup() {
 	set +e
+	if [ -n "$trace_pid" ]; then kill -INT "$trace_pid" 2>/dev/null; wait "$trace_pid" 2>/dev/null; fi
 	if [ -n "$srv_pid" ]; then kill "$srv_pid" 2>/dev/null; wait "$srv_pid" 2>/dev/null; fi
 	if [ -n "$xg_pid" ]; then kill -TERM "$xg_pid" 2>/dev/null; wait "$xg_pid" 2>/dev/null; fi
 	"$here/netns-teardown.sh"
 	"$XG" flows forget --state-dir "$STATE" >/dev/null 2>&1
-	rm -rf "$LOG" "$STATE"
+	rm -rf "$LOG" "$LOG.trace" "$STATE"
 }
 trap cleanup EXIT
 
@@ -41,11 +43,14 @@ if client ping -c 2 -i 0.2 -W 1 169.254.0.2 >/dev/null; then
 	exit 1
 fi
 echo "ping 169.254.0.2: no answer (as it should be)"
+# That ping left a failed neighbour resolution behind; a ping queued on it
+# would fail with it, however well the appliance forwards.
+client ip neigh flush dev eth0
 
 step "xdpguard run --outer $OUTER --inner $INNER --inner-netns $INNER_NS"
 # --learn 0: a fresh lab has no open connections to adopt, so TCP is fast at once.
 "$XG" run --outer "$OUTER" --inner "$INNER" --inner-netns "$INNER_NS" --learn 0 \
-	--control "$CONTROL" --state-dir "$STATE" --summary-interval 2 2>"$LOG" &
+	--control "$CONTROL" --state-dir "$STATE" --summary-interval 2 --metrics "$METRICS" 2>"$LOG" &
 xg_pid=$!
 # Ready means forwarding: no sleep, no polling loop.
 "$XG" status --wait 30 --control "$CONTROL" || { cat "$LOG"; exit 1; }
@@ -82,6 +87,28 @@ client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 20
 
 step "the fast path: verified flows and non-TCP traffic never leave XDP"
 "$XG" fast-path status --control "$CONTROL"
+
+step "Prometheus metrics at http://$METRICS/metrics (its non-zero packet, flow and challenge lines)"
+"$PY" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+	"http://$METRICS/metrics" | grep -E '^xdpguard_(packets_total|flows|verified_sources|challenges_total)' | grep -v ' 0.0$' | head -12
+
+step "xdpguard trace: the origin's end loses its NAPI (gro off); the kernel's failed redirects show"
+TRACE_ERR=$LOG.trace
+"$XG" trace --count 2 --seconds 20 --control "$CONTROL" 2>"$TRACE_ERR" &
+trace_pid=$!
+for _ in $(seq 200); do  # until its programs are attached (bounded)
+	grep -q attached "$TRACE_ERR" && break
+	sleep 0.05
+done
+ip netns exec "$ORIGIN_NS" ethtool -K eth0 gro off
+client ping -c 3 -i 0.2 -W 1 169.254.0.2 >/dev/null || true
+wait "$trace_pid" || true
+trace_pid=
+rm -f "$TRACE_ERR"
+ip netns exec "$ORIGIN_NS" ethtool -K eth0 gro on
+"$XG" fast-path on --control "$CONTROL" >/dev/null
+echo "gro back on; 'xdpguard fast-path on' brings the fast path back"
+client ping -c 2 -i 0.2 -W 1 169.254.0.2 | tail -1
 
 step "xdpguard stats"
 "$XG" stats --control "$CONTROL"
