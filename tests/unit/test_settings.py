@@ -101,7 +101,7 @@ def test_one_place_for_the_defaults() -> None:
     """The engine's defaults are the table's, not copies of them."""
     fields = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for key, default in settings.DEFAULTS.items():
-        if key in ("summary_interval", "control") or settings.BY_KEY[key].required:
+        if key in ("summary_interval", "control", "log_format") or settings.BY_KEY[key].required:
             continue  # the daemon's, not the engine's; or no default at all
         if key == "fast_path":
             want = default == "on"
