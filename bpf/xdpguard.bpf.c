@@ -5,8 +5,9 @@
  *   outer: parse (bpf/xg_parse.h, the parser the C loop compiles too: a
  *          frame it cannot finish is dropped), apply the stateless policy
  *          to every IP frame (cheapest first: allowlist, blocklist, UDP
- *          source ports, fragments, impossible TCP flags), forward what
- *          needs no loop to inner itself (the fast path), answer SYN
+ *          source ports, fragments, impossible TCP flags, then the n-tuple
+ *          rules and per-source rate limits of bpf/xg_rules.h), forward
+ *          what needs no loop to inner itself (the fast path), answer SYN
  *          challenges and check their answers (bpf/xg_challenge.h), and
  *          hand the rest to the AF_XDP socket of the frame's RX queue with
  *          the parser's findings in front (struct xg_meta);
@@ -151,6 +152,8 @@ struct {
 	__type(value, __u32);
 } xg_peer SEC(".maps");
 
+#include "xg_rules.h"
+
 /* What the policy stages read: the parser's findings and the source as LPM keys. */
 struct pkt {
 	struct xg_hdrs h;
@@ -158,6 +161,7 @@ struct pkt {
 	struct xg_lpm_v4 key4;
 	struct xg_flow_key key;	/* the fast path's */
 	struct xg_seg seg;
+	__u32 stages;		/* xg_policy.stages, as outer_policy() read it */
 };
 
 /* @bits: the list's xg_list_bits for (v4, v6), checked against @policy. */
@@ -245,7 +249,23 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pk
 		return XG_REASON_UDP_SRC_PORT;
 	if ((pkt->h.frag & XG_FRAG_ANY) && policy->frag_policy == XG_FRAG_DROP)
 		return XG_REASON_FRAGMENT;
+	pkt->stages = policy->stages;
 	return xg_judge_l4(&pkt->h);
+}
+
+/*
+ * The rule stages (bpf/xg_rules.h) of a frame outer_policy() passed, if
+ * they hold anything: its verdict. Called where a drop leaves at once, so
+ * that the verifier's walk of what follows does not double.
+ */
+static __always_inline enum xg_reason outer_rules(struct xdp_md *ctx, struct pkt *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+
+	return xg_rules_stage(ctx, pkt->h.l3 - data, pkt->h.l4 ? pkt->h.l4 - data : 0,
+			      pkt->h.l3_end - pkt->h.l3,
+			      pkt->h.l4_proto | pkt->h.frag << 8 | pkt->h.v6 << 16 |
+				      (pkt->stages & 0xff) << 24);
 }
 
 /*
@@ -412,13 +432,21 @@ int xdpguard_prog(struct xdp_md *ctx)
 	enum xg_reason reason = XG_REASON_REDIRECTED, why = XG_REASON_REDIRECTED;
 	struct xg_counter *cnt;
 	struct pkt pkt; /* each stage writes what the next reads */
-	enum xg_reason parsed;
+	enum xg_reason parsed, ruled;
 	int action = XDP_DROP, fast, pass;
 	__u32 key, meta_flags;
 
 	parsed = xg_parse((void *)(long)ctx->data, (void *)(long)ctx->data_end, &pkt.h);
 	if (xg_cfg.role == XG_ROLE_OUTER) {
+		pkt.stages = 0;
 		reason = outer_policy(ctx, &pkt, parsed);
+		if (reason == XG_REASON_REDIRECTED && pkt.stages) {
+			ruled = outer_rules(ctx, &pkt);
+			if (ruled != XG_REASON_REDIRECTED) {
+				reason = ruled;
+				goto out; /* XDP_DROP */
+			}
+		}
 		pass = reason == XG_REASON_REDIRECTED || reason == XG_REASON_ALLOWLIST;
 		fast = pass && fast_path(ctx, &pkt, XG_SIDE_OUT);
 	} else {

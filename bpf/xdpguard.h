@@ -24,7 +24,7 @@ enum {
 	 * carries it (xg_abi), and so does the compiled shim; xdpguard refuses
 	 * to start when either differs from xdpguard.defs.ABI_VERSION.
 	 */
-	XG_ABI_VERSION = 5,
+	XG_ABI_VERSION = 6,
 	/* Capacity of the per-queue maps; a device may use fewer. */
 	XG_MAX_QUEUES = 64,
 	/*
@@ -136,6 +136,12 @@ enum xg_reason {
 	XG_REASON_CHALLENGE_RATE_LIMITED = 17,
 	/* A SYN from a verified source above its SYN rate: dropped. */
 	XG_REASON_VERIFIED_SYN_RATE_LIMITED = 18,
+	/* The first n-tuple rule the frame matched says drop (bpf/xg_rules.h). */
+	XG_REASON_RULE_DROP = 19,
+	/* The first rule the frame matched limits its rate, and it is above. */
+	XG_REASON_RULE_RATE_LIMITED = 20,
+	/* The source's rate limit (xdpguard ratelimit) is exceeded. */
+	XG_REASON_SOURCE_RATE_LIMITED = 21,
 };
 
 /*
@@ -155,7 +161,9 @@ enum xg_reason_stage {
 		       (1 << XG_REASON_FAST_PATH) | (1 << XG_REASON_SYN_CHALLENGED) |
 		       (1 << XG_REASON_CHALLENGE_PASSED) | (1 << XG_REASON_CHALLENGE_FAILED) |
 		       (1 << XG_REASON_CHALLENGE_RATE_LIMITED) |
-		       (1 << XG_REASON_VERIFIED_SYN_RATE_LIMITED),
+		       (1 << XG_REASON_VERIFIED_SYN_RATE_LIMITED) |
+		       (1 << XG_REASON_RULE_DROP) | (1 << XG_REASON_RULE_RATE_LIMITED) |
+		       (1 << XG_REASON_SOURCE_RATE_LIMITED),
 	/* The loop parses with the same parser and fails closed the same way. */
 	XG_STAGE_LOOP = (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
 			(1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
@@ -188,6 +196,7 @@ enum {
 enum xg_frag_bits {
 	XG_FRAG_ANY = 1,	/* a fragment: IPv4 MF or offset, or an IPv6 Fragment header */
 	XG_FRAG_LATER = 2,	/* offset is not 0: no L4 header in this frame */
+	XG_FRAG_MORE = 4,	/* more fragments follow (IPv4 MF, the IPv6 M flag) */
 };
 
 struct xg_meta {
@@ -400,10 +409,172 @@ struct xg_lpm_v6 {
 	__u8 addr[16];
 };
 
+/*
+ * Bits of xg_policy.stages: which of the rule stages hold anything, per
+ * family; an empty stage costs nothing. Set after the first entry goes in,
+ * cleared before the last goes out, as for the lists.
+ */
+enum xg_stage_bits {
+	XG_STAGES_RULES_V4 = 1,
+	XG_STAGES_RULES_V6 = 2,
+	XG_STAGES_RATELIMITS_V4 = 4,
+	XG_STAGES_RATELIMITS_V6 = 8,
+};
+
 /* Runtime switches of the outer program: xg_policy[0], rewritten whole. */
 struct xg_policy {
 	__u32 frag_policy; /* enum xg_frag_policy */
 	__u32 lists;	   /* enum xg_list_bits */
+	__u32 stages;	   /* enum xg_stage_bits */
+	__u32 pad;
+};
+
+/*
+ * N-tuple rules (bpf/xg_rules.h, xdpguard/rules.py): FlowSpec's match
+ * components (RFC 8955, RFC 8956) and a few actions, in RFC 8955 order.
+ *
+ * xg_rule_index, an LPM trie keyed by destination prefix, holds for each
+ * destination prefix of a rule the rules of exactly that prefix in their
+ * order. More specific prefixes come first in that order, so a frame walks
+ * its destination's chain of prefixes from the longest to the family's
+ * root (the rules without a destination) and the first rule that matches
+ * decides: at most XG_RULE_DEPTH lookups of at most XG_RULE_LIST_MAX rules
+ * of at most XG_RULE_TERMS terms each. Rules live in slots of xg_rules; a
+ * list entry names slot and tag, so a slot reused for another rule never
+ * matches an entry meant for the one before.
+ */
+enum {
+	XG_RULES_MAX = 16384,
+	XG_RULE_TERMS = 24,
+	XG_RULE_LIST_MAX = 64,
+	XG_RULE_DEPTH = 8,
+	XG_RATELIMITS_MAX = 4096,
+	XG_RATELIMIT_SOURCES = 65536, /* per-source buckets (an LRU) */
+	/*
+	 * Rates are kept as the interval between two units (byte or packet)
+	 * in ns << XG_RATE_SHIFT, per CPU (each CPU's bucket gets rate /
+	 * ncpus, so the sum never exceeds the rate), and a frame conforms
+	 * while its CPU's bucket is at most XG_RATE_TAU_NS ahead of now: the
+	 * burst is 100 ms at the rate.
+	 */
+	XG_RATE_SHIFT = 16,
+	XG_RATE_TAU_NS = 100000000,
+};
+
+/* The components the rules match, numbered as FlowSpec types. */
+enum xg_rule_comp {
+	XG_RC_PROTO = 3,	/* IP protocol, or IPv6's upper-layer protocol */
+	XG_RC_PORT = 4,		/* TCP or UDP, source or destination port */
+	XG_RC_DPORT = 5,
+	XG_RC_SPORT = 6,
+	XG_RC_ICMP_TYPE = 7,	/* ICMP for IPv4, ICMPv6 for IPv6 */
+	XG_RC_ICMP_CODE = 8,
+	XG_RC_TCP_FLAGS = 9,	/* byte 13 of the TCP header */
+	XG_RC_LENGTH = 10,	/* the IP packet's length, its header included */
+	XG_RC_DSCP = 11,
+	XG_RC_FRAGMENT = 12,	/* enum xg_rule_frag bits */
+};
+
+/*
+ * An operator term's op, as FlowSpec encodes it minus the end and length
+ * bits: numeric (lt, gt, eq: any of them true) or bitmask (match: all of
+ * value's bits set, else any; not: the negation), and AND with the term
+ * before (AND binds tighter than OR).
+ */
+enum xg_rule_op {
+	XG_OP_EQ = 1,
+	XG_OP_GT = 2,
+	XG_OP_LT = 4,
+	XG_OP_MATCH = 1,
+	XG_OP_NOT = 2,
+	XG_OP_AND = 0x40,
+};
+
+/* FlowSpec's fragment bits (RFC 8955 4.2.2.12; no DF in IPv6). */
+enum xg_rule_frag {
+	XG_RF_DF = 1,	/* don't fragment */
+	XG_RF_ISF = 2,	/* a fragment other than the first */
+	XG_RF_FF = 4,	/* the first fragment */
+	XG_RF_LF = 8,	/* the last fragment */
+};
+
+enum xg_rule_action {
+	XG_RULE_DROP = 1,
+	XG_RULE_ACCEPT = 2,	/* no further rule; the rest of xdpguard still applies */
+	XG_RULE_RATE_BYTES = 3,	/* conforming frames as accept, the rest dropped */
+	XG_RULE_RATE_PACKETS = 4,
+};
+
+struct xg_rule_term {
+	__u8 comp;	/* enum xg_rule_comp; terms are in component order */
+	__u8 op;	/* enum xg_rule_op */
+	__u16 value;
+};
+
+/* Keys of xg_rule_index and xg_rl_index: the family, then the address. */
+struct xg_rule_key {
+	__u32 prefixlen;	/* 8 (the family) + the prefix's length */
+	__u8 family;		/* 4 or 6 */
+	__u8 addr[16];		/* IPv4 in the first 4 bytes */
+	__u8 pad[3];
+};
+
+struct xg_rule_list {
+	__u32 prefixlen;	/* of this entry's key: the walk goes on below it */
+	__u32 n;
+	__u32 entry[64];	/* XG_RULE_LIST_MAX of slot | tag << 16, first first */
+};
+
+struct xg_rule {
+	__u16 tag;
+	__u8 action;		/* enum xg_rule_action */
+	__u8 nterms;
+	__u8 src_len;		/* the source prefix's length (src_mask says the same) */
+	__u8 pad[3];
+	__u8 src[16];		/* a source matches if (its address ^ src) & src_mask is 0 */
+	__u8 src_mask[16];	/* all zero: any source */
+	__u64 interval;		/* rate actions: see XG_RATE_SHIFT */
+	struct xg_rule_term terms[24]; /* XG_RULE_TERMS */
+};
+
+/* Per rule slot and per CPU (xg_rule_stats), and per rate limit (xg_rl_stats). */
+struct xg_rule_stats {
+	__u64 packets;		/* frames that matched */
+	__u64 bytes;
+	__u64 dropped_packets;	/* ... and were dropped by its action */
+	__u64 dropped_bytes;
+};
+
+/*
+ * Per-source rate limits: xg_rl_index (LPM, by source) gives the longest
+ * prefix's limit; its buckets are one per CPU for the whole prefix
+ * (xg_rl_state[id]) or, XG_RL_PER_SOURCE, one per CPU per source address
+ * (xg_rl_src, an LRU keyed by struct xg_rl_src_key).
+ */
+enum xg_ratelimit_flags {
+	XG_RL_PER_SOURCE = 1,
+};
+
+struct xg_ratelimit {
+	__u16 id;
+	__u16 tag;
+	__u32 flags;		/* enum xg_ratelimit_flags */
+	__u64 pps_interval;	/* 0: no packet rate */
+	__u64 bps_interval;	/* 0: no byte rate */
+};
+
+struct xg_rl_src_key {
+	__u16 id;
+	__u16 tag;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+/* A rate's bucket: when the next unit is due (ktime ns); per CPU. */
+struct xg_rate_state {
+	__u64 tat;
+	__u64 tat_bytes;	/* the byte rate's, for a limit with both */
 };
 
 /* UDP source ports to drop: port p is bit (p % 64) of bits[p / 64]. */

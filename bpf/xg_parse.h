@@ -226,6 +226,8 @@ XG_INLINE enum xg_reason xg_parse_ipv4(struct xg_cursor *c, struct xg_hdrs *h)
 	frag = xg_ntohs(iph->frag_off);
 	if (frag & (XG_IP_MF | XG_IP_OFFSET))
 		h->frag |= XG_FRAG_ANY;
+	if (frag & XG_IP_MF)
+		h->frag |= XG_FRAG_MORE;
 	if (frag & XG_IP_OFFSET) {
 		h->frag |= XG_FRAG_LATER;
 		/* RFC 1858: a fragment at offset 8 can rewrite TCP's flags. */
@@ -293,6 +295,8 @@ XG_INLINE enum xg_reason xg_parse_ipv6(struct xg_cursor *c, struct xg_hdrs *h)
 				return XG_REASON_MALFORMED;
 			frag = xg_ntohs(fh->frag_off);
 			h->frag |= XG_FRAG_ANY;
+			if (frag & XG_IP6_MF)
+				h->frag |= XG_FRAG_MORE;
 			if (frag & XG_IP6_OFFSET) {
 				/* The rest of the chain is in the first fragment. */
 				h->frag |= XG_FRAG_LATER;

@@ -275,7 +275,7 @@ int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id)
 
 int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
 		     void *data_out, uint32_t *size_out, uint32_t ingress_ifindex,
-		     uint32_t rx_queue, uint32_t *action)
+		     uint32_t rx_queue, uint32_t repeat, uint32_t *action)
 {
 	struct xdp_md ctx = {
 		.data_end = size,
@@ -289,7 +289,7 @@ int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
 		    .data_size_out = data_out ? *size_out : 0,
 		    .ctx_in = &ctx,
 		    .ctx_size_in = sizeof(ctx),
-		    .repeat = 1);
+		    .repeat = repeat ? repeat : 1);
 	int err;
 
 	err = bpf_prog_test_run_opts(prog_fd, &opts);

@@ -192,15 +192,16 @@ int xg_netns_link(int prog_fd, int netns_fd);
 int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id);
 
 /*
- * Run @prog_fd once over @data (BPF_PROG_TEST_RUN) as if received on
- * @rx_queue of @ingress_ifindex (0 = no device; a non-zero queue needs a
- * device). The frame as the program left it is copied to @data_out (up to
- * *@size_out bytes; *@size_out is updated). Needs CAP_BPF. Returns 0 and the
- * XDP action in *@action, or -errno.
+ * Run @prog_fd @repeat times (at least once) over @data (BPF_PROG_TEST_RUN),
+ * on the calling CPU, as if received on @rx_queue of @ingress_ifindex (0 =
+ * no device; a non-zero queue needs a device). The frame as the last run
+ * left it is copied to @data_out (up to *@size_out bytes; *@size_out is
+ * updated). Needs CAP_BPF. Returns 0 and the last run's XDP action in
+ * *@action, or -errno.
  */
 int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
 		     void *data_out, uint32_t *size_out, uint32_t ingress_ifindex,
-		     uint32_t rx_queue, uint32_t *action);
+		     uint32_t rx_queue, uint32_t repeat, uint32_t *action);
 
 /*
  * Run @prog_fd @repeat times in live-frame mode (BPF_F_TEST_XDP_LIVE_FRAMES):

@@ -62,10 +62,32 @@ ROLE_OUTER: int = lib.XG_ROLE_OUTER
 ROLE_INNER: int = lib.XG_ROLE_INNER
 DIR_IN: int = lib.XG_DIR_IN
 DIR_OUT: int = lib.XG_DIR_OUT
+FRAG_MORE: int = lib.XG_FRAG_MORE
+RULES_MAX: int = lib.XG_RULES_MAX
+RULE_TERMS: int = lib.XG_RULE_TERMS
+RULE_LIST_MAX: int = lib.XG_RULE_LIST_MAX
+RULE_DEPTH: int = lib.XG_RULE_DEPTH
+RATELIMITS_MAX: int = lib.XG_RATELIMITS_MAX
+RATELIMIT_SOURCES: int = lib.XG_RATELIMIT_SOURCES
+RATE_SHIFT: int = lib.XG_RATE_SHIFT
+RATE_TAU_NS: int = lib.XG_RATE_TAU_NS
+RL_PER_SOURCE: int = lib.XG_RL_PER_SOURCE
+STAGES = {
+    ("rules", 4): lib.XG_STAGES_RULES_V4,
+    ("rules", 6): lib.XG_STAGES_RULES_V6,
+    ("ratelimits", 4): lib.XG_STAGES_RATELIMITS_V4,
+    ("ratelimits", 6): lib.XG_STAGES_RATELIMITS_V6,
+}
+RULE_ACTIONS = {
+    "drop": lib.XG_RULE_DROP,
+    "accept": lib.XG_RULE_ACCEPT,
+    "rate-limit": lib.XG_RULE_RATE_BYTES,
+    "rate-limit-pps": lib.XG_RULE_RATE_PACKETS,
+}
 
 
 # What this Python code was written against (bpf/xdpguard.h XG_ABI_VERSION).
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 def abi_problem() -> str | None:
@@ -317,15 +339,16 @@ def xdp_link_id(ifindex: int, prog_id: int) -> int | None:
 
 
 def prog_test_run(
-    prog_fd: int, data: bytes, ingress_ifindex: int = 0, rx_queue: int = 0
+    prog_fd: int, data: bytes, ingress_ifindex: int = 0, rx_queue: int = 0, repeat: int = 1
 ) -> tuple[int, bytes]:
-    """Run a program once over ``data``; returns (XDP action, frame as left)."""
+    """Run a program ``repeat`` times over ``data`` on this CPU; returns (the
+    last XDP action, the frame as it left it)."""
     out = ffi.new("char[]", max(len(data) + 512, 4096))
     size = ffi.new("uint32_t *", len(out))
     action = ffi.new("uint32_t *")
     check(
         lib.xg_prog_test_run(
-            prog_fd, data, len(data), out, size, ingress_ifindex, rx_queue, action
+            prog_fd, data, len(data), out, size, ingress_ifindex, rx_queue, repeat, action
         ),
         "BPF_PROG_TEST_RUN",
     )
@@ -352,6 +375,7 @@ class TestRunner:
                 self._size,
                 ingress_ifindex,
                 rx_queue,
+                1,
                 self._action,
             ),
             "BPF_PROG_TEST_RUN",

@@ -44,6 +44,7 @@ ROLE_DIRECTION = {Role.OUTER: Direction.IN, Role.INNER: Direction.OUT}
 COUNTER_DTYPE = B.struct_dtype("struct xg_counter")  # one per CPU per reason
 LPM_DTYPE = {"v4": B.struct_dtype("struct xg_lpm_v4"), "v6": B.struct_dtype("struct xg_lpm_v6")}
 POLICY_DTYPE = B.struct_dtype("struct xg_policy")
+RULE_STATS_DTYPE = B.struct_dtype("struct xg_rule_stats")  # per rule slot, per CPU
 
 MAX_QUEUES = B.MAX_QUEUES
 REASON_CAP = B.REASON_CAP

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -12,7 +13,14 @@ from typing import ClassVar
 import numpy as np
 
 from xdpguard import _bindings as B
-from xdpguard.defs import COUNTER_DTYPE, LPM_DTYPE, POLICY_DTYPE, Reason, Role
+from xdpguard.defs import (
+    COUNTER_DTYPE,
+    LPM_DTYPE,
+    POLICY_DTYPE,
+    RULE_STATS_DTYPE,
+    Reason,
+    Role,
+)
 from xdpguard.errors import XdpguardError
 from xdpguard.netns import Device, Netns
 
@@ -200,6 +208,10 @@ class PolicyMaps:
     }
 
     def __init__(self, prog: XdpProgram) -> None:
+        # xg_policy is written whole from two owners (the lists here, the rule
+        # stages' bits from xdpguard.rules): one at a time.
+        self._policy_lock = threading.Lock()
+        self._stages = 0
         self._outer = {"v4": prog.map_fd("xg_lists_v4"), "v6": prog.map_fd("xg_lists_v6")}
         self._ports = prog.map_fd("xg_udp_ports")
         self._policy = prog.map_fd("xg_policy")
@@ -214,10 +226,17 @@ class PolicyMaps:
                 self._swap_in(lst, family, B.lpm_create(family == "v6"))
 
     def _write_policy(self) -> None:
-        value = np.zeros(1, dtype=POLICY_DTYPE)
-        value["frag_policy"] = self._frag
-        value["lists"] = sum(bit for key, bit in self._BITS.items() if self._count[key])
-        B.map_update(self._policy, struct.pack("=I", 0), value.tobytes())
+        with self._policy_lock:
+            value = np.zeros(1, dtype=POLICY_DTYPE)
+            value["frag_policy"] = self._frag
+            value["lists"] = sum(bit for key, bit in self._BITS.items() if self._count[key])
+            value["stages"] = self._stages
+            B.map_update(self._policy, struct.pack("=I", 0), value.tobytes())
+
+    def set_stages(self, bits: int) -> None:
+        """enum xg_stage_bits: which rule stages hold anything (xdpguard.rules)."""
+        self._stages = bits
+        self._write_policy()
 
     def _set_count(self, lst: str, family: str, n: int) -> None:
         was = self._count[(lst, family)]
@@ -291,3 +310,62 @@ class PolicyMaps:
         for fd in self._tries.values():
             os.close(fd)
         self._tries.clear()
+
+
+class RuleMaps:
+    """The rule stages' maps of the outer program (see xdpguard.rules.RuleTable)."""
+
+    def __init__(self, prog: XdpProgram, policy: PolicyMaps) -> None:
+        self._policy = policy
+        self._index = prog.map_fd("xg_rule_index")
+        self._rules = prog.map_fd("xg_rules")
+        self._stats = prog.map_fd("xg_rule_stats")
+        self._rate = prog.map_fd("xg_rule_rate")
+        self._rl_index = prog.map_fd("xg_rl_index")
+        self._rl_state = prog.map_fd("xg_rl_state")
+        self._rl_stats = prog.map_fd("xg_rl_stats")
+        ncpus = B.num_possible_cpus()
+        self._stats_size = RULE_STATS_DTYPE.itemsize * ncpus
+        self._rate_zero = bytes(B.struct_layout("struct xg_rate_state")[0] * ncpus)
+
+    def write_rule(self, slot: int, rule: bytes) -> None:
+        B.map_update(self._rules, struct.pack("=I", slot), rule)
+
+    def reset_rule(self, slot: int) -> None:
+        key = struct.pack("=I", slot)
+        B.map_update(self._stats, key, bytes(self._stats_size))
+        B.map_update(self._rate, key, self._rate_zero)
+
+    def set_list(self, key: bytes, value: bytes) -> None:
+        B.map_update(self._index, key, value)
+
+    def delete_list(self, key: bytes) -> None:
+        B.map_delete(self._index, key)
+
+    def _counts(self, fd: int, idx: int) -> np.ndarray:
+        raw = B.map_lookup(fd, struct.pack("=I", idx), self._stats_size)
+        if raw is None:
+            return np.zeros(4, dtype=np.uint64)
+        per_cpu = np.frombuffer(raw, dtype=RULE_STATS_DTYPE)
+        return np.array([per_cpu[f].sum() for f in RULE_STATS_DTYPE.names], dtype=np.uint64)
+
+    def rule_counts(self, slot: int) -> np.ndarray:
+        """(packets, bytes, dropped packets, dropped bytes) of a slot, all CPUs."""
+        return self._counts(self._stats, slot)
+
+    def set_limit(self, key: bytes, value: bytes) -> None:
+        B.map_update(self._rl_index, key, value)
+
+    def delete_limit(self, key: bytes) -> None:
+        B.map_delete(self._rl_index, key)
+
+    def reset_limit(self, lid: int) -> None:
+        key = struct.pack("=I", lid)
+        B.map_update(self._rl_stats, key, bytes(self._stats_size))
+        B.map_update(self._rl_state, key, self._rate_zero)
+
+    def limit_counts(self, lid: int) -> np.ndarray:
+        return self._counts(self._rl_stats, lid)
+
+    def set_stages(self, bits: int) -> None:
+        self._policy.set_stages(bits)

@@ -628,9 +628,15 @@ TCP_GATE_REASONS = {
 }
 
 
+# The reasons of the rule stages, whose cases are in test_rules.py.
+RULE_REASONS = {"rule_drop", "rule_rate_limited", "source_rate_limited"}
+
+
 def test_every_xdp_reason_has_a_case() -> None:
     # XDP_REASONS comes from the header's stage mask, next to the enum.
-    assert {c.reason for c in CASES} | TCP_GATE_REASONS == {r.name for r in XDP_REASONS}
+    assert {c.reason for c in CASES} | TCP_GATE_REASONS | RULE_REASONS == {
+        r.name for r in XDP_REASONS
+    }
 
 
 def test_incremental_add_delete_keep_lists_enforced(rig: Rig) -> None:

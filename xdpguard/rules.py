@@ -1,0 +1,768 @@
+"""The n-tuple rules and per-source rate limits of a running appliance.
+
+Rules come from sources: ``local`` (``xdpguard rule``, saved in the state
+directory, restored at start) and BGP peers (``bgp:ADDRESS``, from
+``xdpguard flowspec-feed``; never saved: the session is the authority). A
+rule is named by its source and its match (the FlowSpec encoding): the same
+match from the same source again replaces the action.
+
+Every change is one batch, checked whole before anything is written (the
+capacity of the rule slots, at most XG_RULE_LIST_MAX rules per destination
+prefix, at most XG_RULE_DEPTH nested destination prefixes): a batch that
+does not fit changes nothing. Then each rule new or changed goes into a
+slot no list names yet, and each destination prefix's list is rewritten
+whole (an LPM entry replaced in one update); if the kernel refuses one,
+the lists already written are put back. A slot freed is used again only
+with a new tag, so a packet still walking an old list never matches the
+rule that took the slot over.
+
+A BGP source lives on a lease (``session()``): while its session is up the
+feed renews it; when the session goes down, or the feed stops renewing,
+its rules go when the hold time runs out. A session that comes back in
+time marks its rules stale; the routes it announces again are kept, and the
+rest go at its End-of-RIB, or a hold time after it came back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from xdpguard import _bindings as B
+from xdpguard import flowspec as F
+from xdpguard.errors import XdpguardError
+from xdpguard.policy import fsync_dir, parse_comment
+
+log = logging.getLogger("xdpguard")
+
+LOCAL = "local"
+STATE_FILE = "rules.json"
+STATE_FORMAT = "xdpguard-rules"
+STATE_VERSION = 1
+MAX_HOLD = 3600.0
+# The slowest rate the per-CPU buckets can hold (their interval times the
+# largest frame must fit 64 bits), per CPU.
+_MAX_INTERVAL = (1 << 64) // 65536 - 1
+
+
+class RuleMaps(Protocol):
+    """What the rule table writes (xdpguard.xdp.RuleMaps; a fake in unit tests)."""
+
+    def write_rule(self, slot: int, rule: bytes) -> None: ...
+    def reset_rule(self, slot: int) -> None: ...
+    def set_list(self, key: bytes, value: bytes) -> None: ...
+    def delete_list(self, key: bytes) -> None: ...
+    def rule_counts(self, slot: int) -> np.ndarray: ...
+    def set_limit(self, key: bytes, value: bytes) -> None: ...
+    def delete_limit(self, key: bytes) -> None: ...
+    def reset_limit(self, lid: int) -> None: ...
+    def limit_counts(self, lid: int) -> np.ndarray: ...
+    def set_stages(self, bits: int) -> None: ...
+
+
+def interval(rate: float, ncpus: int) -> int:
+    """A rate per second as the buckets keep it (bpf/xdpguard.h, XG_RATE_SHIFT)."""
+    iv = round(1e9 * (1 << B.RATE_SHIFT) * ncpus / rate)
+    if iv > _MAX_INTERVAL:
+        raise F.RuleError(f"rate {rate:g}/s is too low for {ncpus} CPUs (at least {ncpus})")
+    return max(iv, 1)
+
+
+def lpm_key(family: int, pfx: F.Prefix | None) -> bytes:
+    """struct xg_rule_key of a prefix; None: the family's root."""
+    plen = pfx.plen if pfx else 0
+    addr = pfx.addr.ljust(16, b"\0") if pfx else bytes(16)
+    return (8 + plen).to_bytes(4, "little") + bytes((family,)) + addr + bytes(3)
+
+
+@dataclass
+class _Entry:
+    rule: F.Rule
+    source: str
+    slot: int
+    tag: int
+    base: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.uint64))
+    stale: bool = False
+
+    @property
+    def list_key(self) -> tuple[int, F.Prefix | None]:
+        return (self.rule.match.family, self.rule.match.dst)
+
+
+@dataclass
+class _Session:
+    hold: float
+    up: bool
+    expires: float  # the lease: the source's rules go at this time
+    stale_until: float = math.inf  # stale rules go at this time
+
+
+class _Slots:
+    """Slot numbers, used again oldest first, each with a tag that changes."""
+
+    def __init__(self, n: int) -> None:
+        self.free: deque[int] = deque(range(n))
+        self.tags = [1] * n
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        return [(s, self.tags[s]) for s in (self.free.popleft() for _ in range(n))]
+
+    def give_back(self, slots: Iterable[int], used: bool) -> None:
+        for s in slots:
+            if used:
+                self.tags[s] = self.tags[s] % 0xFFFF + 1
+            self.free.append(s)
+
+
+def _entry_order(e: _Entry) -> tuple[Any, int, str]:
+    return (F.precedence(e.rule.match), e.source != LOCAL, e.source)
+
+
+def _depth_ok(prefixes: Iterable[F.Prefix | None], family: int) -> int:
+    """The longest chain of nested destination prefixes (the root counts)."""
+    width = 32 if family == 4 else 128
+    items = sorted(
+        (int.from_bytes(p.addr, "big") if p else 0, p.plen if p else 0) for p in prefixes
+    )
+    stack: list[tuple[int, int]] = []  # (first, last) addresses of enclosing prefixes
+    deepest = 0
+    for start, plen in items:
+        end = start + (1 << (width - plen)) - 1
+        while stack and stack[-1][1] < start:
+            stack.pop()
+        stack.append((start, end))
+        deepest = max(deepest, len(stack))
+    return deepest
+
+
+class RuleTable:
+    """Rules and rate limits: their maps, the authoritative copy, the state file."""
+
+    def __init__(
+        self,
+        maps: RuleMaps,
+        state_dir: Path | None,
+        clock: Any = time.monotonic,
+        ncpus: int | None = None,
+    ) -> None:
+        self.maps = maps
+        self.state_path = state_dir / STATE_FILE if state_dir else None
+        self.clock = clock
+        self.ncpus = ncpus or os.cpu_count() or 1
+        self.entries: dict[tuple[str, str], _Entry] = {}
+        self.lists: dict[tuple[int, F.Prefix | None], list[_Entry]] = {}
+        self.slots = _Slots(B.RULES_MAX)
+        self.sessions: dict[str, _Session] = {}
+        self.limits: dict[tuple[int, F.Prefix], dict[str, Any]] = {}
+        self.limit_ids = _Slots(B.RATELIMITS_MAX)
+        self.stages = 0
+        self.unsaved: str | None = None
+        self._lock = threading.RLock()
+
+    # ---- rules ----
+
+    def _value(self, e: _Entry) -> bytes:
+        m, a = e.rule.match, e.rule.action
+        src = m.src.addr.ljust(16, b"\0") if m.src else bytes(16)
+        plen = m.src.plen if m.src else 0
+        mask = (((1 << plen) - 1) << (128 - plen)).to_bytes(16, "big") if plen else bytes(16)
+        fields: dict[str, Any] = {
+            "tag": e.tag,
+            "action": B.RULE_ACTIONS[a.kind],
+            "nterms": m.nterms(),
+            "src_len": plen,
+            "src": list(src),
+            "src_mask": list(mask),
+            "interval": interval(a.rate, self.ncpus) if a.kind.startswith("rate") else 0,
+            "terms": m.xdp_terms(),
+        }
+        return B.struct_bytes("struct xg_rule", **fields)
+
+    @staticmethod
+    def _list_value(key: tuple[int, F.Prefix | None], entries: Sequence[_Entry]) -> bytes:
+        plen = key[1].plen if key[1] else 0
+        out = (8 + plen).to_bytes(4, "little") + len(entries).to_bytes(4, "little")
+        out += b"".join((e.slot | e.tag << 16).to_bytes(4, "little") for e in entries)
+        return out + bytes(4 * (B.RULE_LIST_MAX - len(entries)))
+
+    def _stage_bits(self) -> int:
+        bits = 0
+        for family, _ in self.lists:
+            bits |= B.STAGES[("rules", family)]
+        for family, _ in self.limits:
+            bits |= B.STAGES[("ratelimits", family)]
+        return bits
+
+    def _apply(
+        self, source: str, add: Sequence[F.Rule], delete: Sequence[F.Match], unstale: bool = True
+    ) -> dict[str, Any]:
+        """One batch for ``source``: rules to add (or whose action changes) and
+        matches to delete. All of it, or nothing."""
+        added = updated = unchanged = 0
+        new: dict[tuple[str, str], _Entry | None] = {}
+        for rule in add:
+            k = (source, rule.match.key())
+            old = new.get(k, self.entries.get(k))
+            if old is not None and old.rule.action == rule.action:
+                if old.stale or old.rule.comment != rule.comment:
+                    # A route announced again: no longer stale; same slot.
+                    keep = _Entry(rule, source, old.slot, old.tag, old.base, False)
+                    new[k] = keep
+                unchanged += 1
+                continue
+            new[k] = _Entry(rule, source, -1, 0)
+            if old is None:
+                added += 1
+            else:
+                updated += 1
+        missing = []
+        for match in delete:
+            k = (source, match.key())
+            if k in self.entries or new.get(k) is not None:
+                new[k] = None
+            else:
+                missing.append(match.text())
+        deleted = sum(1 for k, v in new.items() if v is None and k in self.entries)
+        # What each touched list becomes.
+        touched: dict[tuple[int, F.Prefix | None], list[_Entry]] = {}
+        for k, e in new.items():
+            for entry in (self.entries.get(k), e):
+                if entry is not None:
+                    touched.setdefault(entry.list_key, list(self.lists.get(entry.list_key, [])))
+        for k, e in new.items():
+            old = self.entries.get(k)
+            if old is not None:
+                touched[old.list_key] = [x for x in touched[old.list_key] if x is not old]
+            if e is not None:
+                touched[e.list_key].append(e)
+        fresh = [e for e in new.values() if e is not None and e.slot < 0]
+        self._check_fits(touched, len(fresh))
+        for e, (slot, tag) in zip(fresh, self.slots.take(len(fresh)), strict=True):
+            e.slot, e.tag = slot, tag
+        for lst in touched.values():
+            lst.sort(key=_entry_order)
+        try:
+            values = [(e.slot, self._value(e)) for e in fresh]
+        except F.RuleError:
+            self.slots.give_back((e.slot for e in fresh), used=False)
+            raise
+        self._write(touched, values, fresh)
+        # The kernel has it: the copy here follows.
+        freed: list[int] = []
+        for k, e in new.items():
+            old = self.entries.pop(k, None)
+            if old is not None and (e is None or e.slot != old.slot):
+                freed.append(old.slot)
+                if e is not None:
+                    e.base = old.base + self.maps.rule_counts(old.slot)
+            if e is not None:
+                self.entries[k] = e
+        self.slots.give_back(freed, used=True)
+        for key, lst in touched.items():
+            if lst:
+                self.lists[key] = lst
+            else:
+                self.lists.pop(key, None)
+        return {
+            "added": added,
+            "updated": updated,
+            "unchanged": unchanged,
+            "deleted": deleted,
+            "missing": missing,
+        }
+
+    def _check_fits(self, touched: dict[tuple[int, F.Prefix | None], list[_Entry]], n: int) -> None:
+        if n > len(self.slots.free):
+            raise F.RuleError(
+                f"no room: {n} rule(s) to place, {len(self.slots.free)} of {B.RULES_MAX} slots free"
+            )
+        for (family, dst), lst in touched.items():
+            if len(lst) > B.RULE_LIST_MAX:
+                where = dst.text() if dst else f"IPv{family} without a destination"
+                raise F.RuleError(
+                    f"{len(lst)} rules for {where}: at most {B.RULE_LIST_MAX} per destination "
+                    "prefix"
+                )
+        for family in {f for f, _ in touched}:
+            keys = {d for (f, d) in self.lists if f == family}
+            for (f, d), lst in touched.items():
+                if f == family:
+                    (keys.add if lst else keys.discard)(d)
+            depth = _depth_ok(keys, family)
+            if depth > B.RULE_DEPTH:
+                raise F.RuleError(
+                    f"IPv{family} destination prefixes nest {depth} deep: at most "
+                    f"{B.RULE_DEPTH}, the rules without a destination counted"
+                )
+
+    def _write(
+        self,
+        touched: dict[tuple[int, F.Prefix | None], list[_Entry]],
+        values: Sequence[tuple[int, bytes]],
+        fresh: Sequence[_Entry],
+    ) -> None:
+        """Slots first (no list names them yet), then the lists, then the
+        stage bits; undone as far as it went if the kernel refuses."""
+        done: list[tuple[int, F.Prefix | None]] = []
+        bits = self._stage_bits_after(touched)
+        try:
+            for slot, value in values:
+                self.maps.reset_rule(slot)
+                self.maps.write_rule(slot, value)
+            if bits & ~self.stages:
+                pass  # turned on after the lists are in
+            else:
+                self._set_stages(bits)  # off before a list goes
+            for key, lst in touched.items():
+                done.append(key)
+                if lst:
+                    self.maps.set_list(lpm_key(*key), self._list_value(key, lst))
+                elif key in self.lists:
+                    self.maps.delete_list(lpm_key(*key))
+            self._set_stages(bits)
+        except OSError as exc:
+            for key in done:
+                old = self.lists.get(key)
+                with contextlib.suppress(OSError):
+                    if old:
+                        self.maps.set_list(lpm_key(*key), self._list_value(key, old))
+                    else:
+                        self.maps.delete_list(lpm_key(*key))
+            with contextlib.suppress(OSError):
+                self._set_stages(self._stage_bits())
+            self.slots.give_back((e.slot for e in fresh), used=True)
+            raise XdpguardError(f"rules not changed: the kernel refused ({exc})") from exc
+
+    def _stage_bits_after(self, touched: dict[tuple[int, F.Prefix | None], list[_Entry]]) -> int:
+        keys = {k for k in self.lists}
+        for k, lst in touched.items():
+            (keys.add if lst else keys.discard)(k)
+        bits = 0
+        for family, _ in keys:
+            bits |= B.STAGES[("rules", family)]
+        for family, _ in self.limits:
+            bits |= B.STAGES[("ratelimits", family)]
+        return bits
+
+    def _set_stages(self, bits: int) -> None:
+        if bits != self.stages:
+            self.maps.set_stages(bits)
+            self.stages = bits
+
+    # ---- the commands ----
+
+    @staticmethod
+    def _source(source: Any) -> str:
+        source = source or LOCAL
+        if not isinstance(source, str) or not (
+            source == LOCAL or (source.startswith("bgp:") and 4 < len(source) <= 64)
+        ):
+            raise F.RuleError(f"source {source!r}: 'local' or 'bgp:PEER'")
+        return source
+
+    def add(self, texts: Sequence[str], source: Any = None, comment: Any = None) -> dict[str, Any]:
+        source = self._source(source)
+        text = parse_comment(comment)
+        rules = [self._parse(t, text) for t in texts]
+        if not rules:
+            raise F.RuleError("no rules given")
+        with self._lock:
+            result = self._apply(source, rules, [])
+            return self._done(source, result)
+
+    def delete(self, texts: Sequence[str], source: Any = None) -> dict[str, Any]:
+        source = self._source(source)
+        matches = [self._parse_match(t) for t in texts]
+        with self._lock:
+            return self._done(source, self._apply(source, [], matches))
+
+    def update(
+        self, source: Any, announce: Sequence[str], withdraw: Sequence[str]
+    ) -> dict[str, Any]:
+        """A BGP UPDATE's worth of changes (the feed's)."""
+        source = self._source(source)
+        if source == LOCAL:
+            raise F.RuleError("updates come from a BGP source")
+        rules = [self._parse(t, None) for t in announce]
+        matches = [self._parse_match(t) for t in withdraw]
+        with self._lock:
+            self._lease(source)
+            return self._apply(source, rules, matches)
+
+    def load(self, text: str, replace: bool) -> dict[str, Any]:
+        """A rule file: one rule per line, '#' comments; all or nothing."""
+        rules = []
+        for n, line in enumerate(text.splitlines(), 1):
+            body, _, note = line.partition("#")
+            if not body.strip():
+                continue
+            try:
+                rules.append(F.parse(body, note.strip() or None))
+            except F.RuleError as exc:
+                raise F.RuleError(f"line {n}: {exc}") from None
+        with self._lock:
+            gone = []
+            if replace:
+                keep = {r.match.key() for r in rules}
+                gone = [
+                    e.rule.match
+                    for (src, key), e in self.entries.items()
+                    if src == LOCAL and key not in keep
+                ]
+            result = self._apply(LOCAL, rules, gone)
+            result["loaded"] = len(rules)
+            return self._done(LOCAL, result)
+
+    def clear(self, source: Any = None) -> dict[str, Any]:
+        source = self._source(source)
+        with self._lock:
+            gone = [e.rule.match for (src, _), e in self.entries.items() if src == source]
+            return self._done(source, self._apply(source, [], gone))
+
+    def entries_of(self, source: Any = None) -> dict[str, Any]:
+        with self._lock:
+            out = []
+            for key in sorted(self.lists, key=lambda k: (k[0], k[1] is None)):
+                for e in self.lists[key]:
+                    if source and e.source != source:
+                        continue
+                    counts = e.base + self.maps.rule_counts(e.slot)
+                    out.append(
+                        {
+                            "rule": e.rule.text(),
+                            "source": e.source,
+                            "comment": e.rule.comment,
+                            "stale": e.stale,
+                            "packets": int(counts[0]),
+                            "bytes": int(counts[1]),
+                            "dropped_packets": int(counts[2]),
+                            "dropped_bytes": int(counts[3]),
+                        }
+                    )
+            sessions = {
+                s: {
+                    "up": v.up,
+                    "hold": v.hold,
+                    "expires_in": round(max(0.0, v.expires - self.clock()), 1),
+                }
+                for s, v in self.sessions.items()
+            }
+            return {"count": len(out), "rules": out, "sessions": sessions}
+
+    @staticmethod
+    def _parse(text: str, comment: str | None) -> F.Rule:
+        if not isinstance(text, str):
+            raise F.RuleError("a rule is text")
+        return F.parse(text, comment)
+
+    @staticmethod
+    def _parse_match(text: str) -> F.Match:
+        """A rule's match, from its text with or without an action."""
+        if not isinstance(text, str):
+            raise F.RuleError("a rule is text")
+        words = text.split()
+        if not any(F._ACTION_ALIASES.get(w, w) in F.ACTIONS for w in words):
+            words.append("drop")
+        return F.parse(words).match
+
+    def _done(self, source: str, result: dict[str, Any]) -> dict[str, Any]:
+        if source == LOCAL:
+            self._save()
+            result["saved"] = self.unsaved is None
+            if self.unsaved is not None:
+                result["warning"] = f"applied, but not saved ({self.unsaved})"
+        return result
+
+    # ---- BGP sessions ----
+
+    def _lease(self, source: str) -> None:
+        s = self.sessions.get(source)
+        if s is not None and s.up:
+            s.expires = max(s.expires, self.clock() + s.hold)
+
+    def session(self, source: Any, state: str, hold: float) -> dict[str, Any]:
+        """A BGP source's session: ``up`` (also the feed's keepalive), ``down``
+        or ``eor`` (End-of-RIB: what stayed stale goes now)."""
+        source = self._source(source)
+        if source == LOCAL:
+            raise F.RuleError("sessions are BGP sources'")
+        if not 0 < hold <= MAX_HOLD:
+            raise F.RuleError(f"hold {hold}: 0 < hold <= {MAX_HOLD:g} seconds")
+        now = self.clock()
+        with self._lock:
+            s = self.sessions.get(source)
+            marked = removed = 0
+            if state == "up":
+                if s is None or not s.up:
+                    # Back, or first seen: what it had is stale until announced again.
+                    for (src, _), e in self.entries.items():
+                        if src == source:
+                            e.stale = True
+                            marked += 1
+                    s = _Session(hold, True, now + hold, now + hold if marked else math.inf)
+                    self.sessions[source] = s
+                else:
+                    s.hold, s.expires = hold, now + hold
+            elif state == "down":
+                if s is None:
+                    s = self.sessions[source] = _Session(hold, False, now + hold)
+                elif s.up:
+                    s.up, s.hold, s.expires = False, hold, now + hold
+            elif state == "eor":
+                removed = self._drop_stale(source)
+                if s is not None:
+                    s.stale_until = math.inf
+            else:
+                raise F.RuleError(f"session state {state!r}: up, down or eor")
+            return {"source": source, "state": state, "stale": marked, "removed": removed}
+
+    def _drop_stale(self, source: str) -> int:
+        gone = [e.rule.match for (src, _), e in self.entries.items() if src == source and e.stale]
+        if gone:
+            self._apply(source, [], gone)
+        return len(gone)
+
+    def expire(self) -> int:
+        """Housekeeping: sources whose lease ran out lose their rules, stale
+        rules past their time go. How many rules went."""
+        now = self.clock()
+        n = 0
+        with self._lock:
+            for source, s in list(self.sessions.items()):
+                if now >= s.expires:
+                    gone = [e.rule.match for (src, _), e in self.entries.items() if src == source]
+                    if gone:
+                        self._apply(source, [], gone)
+                        log.info(
+                            "rules: %s's hold time ran out (session %s): %d rule(s) removed",
+                            source,
+                            "up, feed silent" if s.up else "down",
+                            len(gone),
+                        )
+                    n += len(gone)
+                    del self.sessions[source]
+                elif now >= s.stale_until:
+                    k = self._drop_stale(source)
+                    if k:
+                        log.info("rules: %s: %d stale rule(s) removed", source, k)
+                    n += k
+                    s.stale_until = math.inf
+        return n
+
+    # ---- per-source rate limits ----
+
+    def limit_add(
+        self,
+        prefixes: Sequence[str],
+        pps: Any,
+        bps: Any,
+        per_source: bool,
+        comment: Any = None,
+    ) -> dict[str, Any]:
+        if not pps and not bps:
+            raise F.RuleError("give --pps or --bps (or both)")
+        text = parse_comment(comment)
+        pfxs = [F.parse_prefix(p) for p in prefixes]
+        if not pfxs:
+            raise F.RuleError("no prefixes given")
+        ivs = {
+            "pps": interval(pps, self.ncpus) if pps else 0,
+            "bps": interval(bps, self.ncpus) if bps else 0,
+        }
+        with self._lock:
+            new = [p for p in pfxs if (p.family, p) not in self.limits]
+            if len(set(new)) > len(self.limit_ids.free):
+                raise F.RuleError(
+                    f"no room: {len(set(new))} limit(s), {len(self.limit_ids.free)} free"
+                )
+            added = updated = 0
+            written: list[tuple[tuple[int, F.Prefix], dict[str, Any] | None]] = []
+            try:
+                for p in dict.fromkeys(pfxs):
+                    key = (p.family, p)
+                    old = self.limits.get(key)
+                    if old is None:
+                        ((lid, tag),) = self.limit_ids.take(1)
+                        self.maps.reset_limit(lid)
+                        base = np.zeros(4, dtype=np.uint64)
+                    else:
+                        lid, tag, base = old["id"], old["tag"], old["base"]
+                        if bool(old["per_source"]) != per_source:
+                            tag = tag % 0xFFFF + 1  # the per-source buckets start over
+                    lim = {
+                        "id": lid, "tag": tag, "pps": pps or 0, "bps": bps or 0,
+                        "per_source": per_source, "comment": text, "base": base,
+                    }  # fmt: skip
+                    value = B.struct_bytes(
+                        "struct xg_ratelimit",
+                        id=lid,
+                        tag=tag,
+                        flags=B.RL_PER_SOURCE if per_source else 0,
+                        pps_interval=ivs["pps"],
+                        bps_interval=ivs["bps"],
+                    )
+                    written.append((key, old))
+                    self.limits[key] = lim
+                    self.maps.set_limit(lpm_key(p.family, p), value)
+                    if old is None:
+                        added += 1
+                    else:
+                        updated += 1
+                self._set_stages(self._stage_bits())
+            except OSError as exc:
+                for key, old in reversed(written):
+                    with contextlib.suppress(OSError):
+                        if old is None:
+                            self.maps.delete_limit(lpm_key(*key))
+                            lim = self.limits.pop(key)
+                            self.limit_ids.give_back([lim["id"]], used=True)
+                        else:
+                            self.limits[key] = old
+                with contextlib.suppress(OSError):
+                    self._set_stages(self._stage_bits())
+                raise XdpguardError(f"rate limits not changed: the kernel refused ({exc})") from exc
+            return self._done(LOCAL, {"added": added, "updated": updated})
+
+    def limit_del(self, prefixes: Sequence[str]) -> dict[str, Any]:
+        pfxs = [F.parse_prefix(p) for p in prefixes]
+        with self._lock:
+            keys = [(p.family, p) for p in dict.fromkeys(pfxs)]
+            missing = [k[1].text() for k in keys if k not in self.limits]
+            keys = [k for k in keys if k in self.limits]
+            remaining = {k for k in self.limits if k not in keys}
+            bits = self._stage_bits() & ~(B.STAGES[("ratelimits", 4)] | B.STAGES[("ratelimits", 6)])
+            for family, _ in remaining:
+                bits |= B.STAGES[("ratelimits", family)]
+            self._set_stages(bits)  # off first, if this empties a family
+            try:
+                for k in keys:
+                    self.maps.delete_limit(lpm_key(*k))
+            except OSError as exc:
+                raise XdpguardError(f"rate limits: the kernel refused a delete ({exc})") from exc
+            for k in keys:
+                lim = self.limits.pop(k)
+                self.limit_ids.give_back([lim["id"]], used=True)
+            return self._done(LOCAL, {"deleted": len(keys), "missing": missing})
+
+    def limit_entries(self) -> dict[str, Any]:
+        with self._lock:
+            out = []
+            order = sorted(self.limits.items(), key=lambda kv: (kv[0][0], kv[0][1].addr))
+            for (_, p), lim in order:
+                counts = lim["base"] + self.maps.limit_counts(lim["id"])
+                out.append(
+                    {
+                        "prefix": p.text(),
+                        "pps": lim["pps"] or None,
+                        "bps": lim["bps"] or None,
+                        "per_source": lim["per_source"],
+                        "comment": lim["comment"],
+                        "packets": int(counts[0]),
+                        "bytes": int(counts[1]),
+                        "dropped_packets": int(counts[2]),
+                        "dropped_bytes": int(counts[3]),
+                    }
+                )
+            return {"count": len(out), "limits": out}
+
+    # ---- state ----
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            by_source: dict[str, int] = {}
+            for src, _ in self.entries:
+                by_source[src] = by_source.get(src, 0) + 1
+            return {
+                "rules": len(self.entries),
+                "by_source": by_source,
+                "ratelimits": len(self.limits),
+            }
+
+    def _save(self) -> None:
+        """The local rules and the rate limits (write, fsync, rename); never
+        raises: a failure is kept for the reply and a later retry."""
+        if self.state_path is None:
+            return
+        doc = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "rules": [
+                {"rule": e.rule.text(), "comment": e.rule.comment}
+                for (src, _), e in self.entries.items()
+                if src == LOCAL
+            ],
+            "ratelimits": [
+                {
+                    "prefix": p.text(),
+                    "pps": lim["pps"] or None,
+                    "bps": lim["bps"] or None,
+                    "per_source": lim["per_source"],
+                    "comment": lim["comment"],
+                }
+                for (_, p), lim in self.limits.items()
+            ],
+        }
+        tmp = self.state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+        try:
+            self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+            fsync_dir(self.state_path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            why = f"{self.state_path}: {exc.strerror or exc}"
+            if why != self.unsaved:
+                log.error("rules applied but not saved: %s", why)
+            self.unsaved = why
+            return
+        self.unsaved = None
+
+    def save_if_behind(self) -> bool:
+        if self.unsaved is None:
+            return False
+        with self._lock:
+            self._save()
+        return self.unsaved is None
+
+    def restore(self) -> dict[str, Any]:
+        """Load the state file (if any) into the maps; what it held."""
+        if self.state_path is None or not self.state_path.exists():
+            return {"rules": 0, "ratelimits": 0}
+        try:
+            doc = json.loads(self.state_path.read_text())
+            if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+                raise ValueError("not an xdpguard rules file")
+            if doc.get("version") != STATE_VERSION:
+                raise ValueError(f"version {doc.get('version')!r}, expected {STATE_VERSION}")
+            rules = [F.parse(r["rule"], r.get("comment")) for r in doc["rules"]]
+            limits = list(doc["ratelimits"])
+        except Exception as exc:  # the file is input: anything wrong with it is "corrupt"
+            raise XdpguardError(
+                f"state file {self.state_path} is corrupt ({exc}); fix or move it away "
+                "(xdpguard refuses to start without the rules it had)"
+            ) from None
+        with self._lock:
+            self._apply(LOCAL, rules, [])
+            for lim in limits:
+                self.limit_add(
+                    [lim["prefix"]], lim.get("pps"), lim.get("bps"), bool(lim.get("per_source")),
+                    lim.get("comment"),
+                )  # fmt: skip
+        return {"rules": len(rules), "ratelimits": len(limits)}
