@@ -525,6 +525,183 @@ def fast_path(mode: str | None, as_json: bool, control: str) -> None:
     _emit(r, as_json, _fast_text(r))
 
 
+def _rule_help() -> str:
+    from xdpguard.flowspec import RULE_SYNTAX
+
+    # Click rewraps paragraphs; \b keeps each of these as written.
+    return "\n\n".join("\b\n" + para for para in RULE_SYNTAX.split("\n\n"))
+
+
+@main.group(
+    cls=Group,
+    help=f"""N-tuple rules, FlowSpec's components, applied in XDP.
+
+\b
+{_rule_help()}
+
+Local rules (these commands) are saved in the state directory; rules
+from BGP FlowSpec (xdpguard flowspec-feed) are not: the session is the
+authority. 'list' shows both.""",
+)
+def rule() -> None:
+    pass
+
+
+def _rule_counts(r: dict[str, Any]) -> str:
+    dropped = f", dropped {r['dropped_packets']}" if r["dropped_packets"] else ""
+    return f"{r['packets']} pkts {r['bytes']} B{dropped}"
+
+
+@rule.command("add", context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, required=True)
+@click.option("--comment", help="A note kept with the rule (why, ticket, ...).")
+@json_option
+@control_option
+def rule_add(words: tuple[str, ...], comment: str | None, as_json: bool, control: str) -> None:
+    """Add a rule: its components, then its action (see 'xdpguard rule --help').
+
+    \b
+      xdpguard rule add dst 192.0.2.0/24 proto udp sport 53,123 drop
+    The same match again changes the action. Quote terms with < > ! for the shell.
+    """
+    r = _call(control, "rule.add", rules=[" ".join(words)], comment=comment)
+    _emit(r, as_json, f"rules: {r['added']} added, {r['updated']} updated")
+
+
+@rule.command("del", context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, required=True)
+@json_option
+@control_option
+def rule_del(words: tuple[str, ...], as_json: bool, control: str) -> None:
+    """Delete the local rule with this match (the action may be left out)."""
+    r = _call(control, "rule.del", rules=[" ".join(words)])
+    missing = f" (not there: {'; '.join(r['missing'])})" if r["missing"] else ""
+    _emit(r, as_json, f"rules: {r['deleted']} deleted{missing}")
+
+
+@rule.command("list")
+@click.option("--source", help="Only this source's rules: local, or bgp:PEER.")
+@json_option
+@control_option
+def rule_list(source: str | None, as_json: bool, control: str) -> None:
+    """The rules in the order they apply, with what each matched."""
+    r = _call(control, "rule.list", source=source)
+    if as_json:
+        _emit(r, True, "")
+        return
+    for e in r["rules"]:
+        stale = " (stale)" if e["stale"] else ""
+        comment = f"  # {e['comment']}" if e["comment"] else ""
+        click.echo(f"[{e['source']}] {e['rule']}{stale}  : {_rule_counts(e)}{comment}")
+    for src, s in r["sessions"].items():
+        state = "up" if s["up"] else "down"
+        click.echo(f"session {src}: {state}, rules kept {s['expires_in']:.0f}s without news")
+    click.echo(f"{r['count']} rules", err=True)
+
+
+@rule.command("load")
+@click.argument("file", type=click.File("rb"))
+@click.option("--replace", is_flag=True, help="The file's rules become all the local rules.")
+@json_option
+@control_option
+def rule_load(file: Any, replace: bool, as_json: bool, control: str) -> None:
+    """Load FILE (or - for stdin): one rule per line, '#' starts a comment
+    (kept with the rule). The whole file is checked first: one bad line
+    changes nothing."""
+    try:
+        r = _call(control, "rule.load", file.fileno(), replace=replace)
+    except XdpguardError as exc:
+        raise XdpguardError(f"{file.name}: {exc}") from None
+    _emit(
+        r,
+        as_json,
+        f"rules: loaded {r['loaded']} ({r['added']} added, {r['updated']} updated, "
+        f"{r['deleted']} deleted)",
+    )
+
+
+@rule.command("clear")
+@click.option("--source", default="local", show_default=True, help="local, or bgp:PEER.")
+@json_option
+@control_option
+def rule_clear(source: str, as_json: bool, control: str) -> None:
+    """Delete every rule of a source."""
+    r = _call(control, "rule.clear", source=source)
+    _emit(r, as_json, f"rules: {r['deleted']} deleted")
+
+
+@main.group(cls=Group)
+def ratelimit() -> None:
+    """Rate limits by source prefix, in XDP, after the rules.
+
+    Without --per-source the prefix's sources share the limit; with it,
+    each source address has the limit to itself. Frames above are dropped
+    and counted as source_rate_limited. Rates are split evenly over the
+    CPUs (each has its own bucket), so a skewed spread passes less, never
+    more; a burst of 100 ms at the rate is let through.
+    """
+
+
+@ratelimit.command("add")
+@click.argument("prefixes", nargs=-1, required=True, type=Cidr())
+@click.option("--pps", type=click.FloatRange(0, min_open=True), help="Packets per second.")
+@click.option("--bps", type=click.FloatRange(0, min_open=True), help="Bytes per second.")
+@click.option("--per-source", is_flag=True, help="A limit for each source address.")
+@click.option("--comment", help="A note kept with the limit.")
+@json_option
+@control_option
+def ratelimit_add(
+    prefixes: tuple[str, ...],
+    pps: float | None,
+    bps: float | None,
+    per_source: bool,
+    comment: str | None,
+    as_json: bool,
+    control: str,
+) -> None:
+    """Limit sources in PREFIXES; an existing limit gets the new rates."""
+    if pps is None and bps is None:
+        raise click.UsageError("give --pps, --bps or both")
+    r = _call(
+        control,
+        "ratelimit.add",
+        prefixes=list(prefixes),
+        pps=pps,
+        bps=bps,
+        per_source=per_source,
+        comment=comment,
+    )
+    _emit(r, as_json, f"rate limits: {r['added']} added, {r['updated']} updated")
+
+
+@ratelimit.command("del")
+@click.argument("prefixes", nargs=-1, required=True, type=Cidr())
+@json_option
+@control_option
+def ratelimit_del(prefixes: tuple[str, ...], as_json: bool, control: str) -> None:
+    """Remove the limits of these prefixes."""
+    r = _call(control, "ratelimit.del", prefixes=list(prefixes))
+    missing = f" (not there: {', '.join(r['missing'])})" if r["missing"] else ""
+    _emit(r, as_json, f"rate limits: {r['deleted']} deleted{missing}")
+
+
+@ratelimit.command("list")
+@json_option
+@control_option
+def ratelimit_list(as_json: bool, control: str) -> None:
+    """The limits, with what each saw and dropped."""
+    r = _call(control, "ratelimit.list")
+    if as_json:
+        _emit(r, True, "")
+        return
+    for e in r["limits"]:
+        rates = ", ".join(f"{e[k]:g} {k}" for k in ("pps", "bps") if e[k] is not None)
+        each = " per source" if e["per_source"] else ""
+        comment = f"  # {e['comment']}" if e["comment"] else ""
+        click.echo(f"{e['prefix']:<44} {rates}{each}  : {_rule_counts(e)}{comment}")
+    click.echo(f"{r['count']} limits", err=True)
+
+
 @main.group(cls=Group)
 def flows() -> None:
     """The pinned flow table (offline: no running appliance needed)."""

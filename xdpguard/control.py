@@ -168,6 +168,9 @@ class Command:
 
 
 _PREFIXES = Arg(ListOf(Str(64), MAX_PREFIXES), required=True)
+MAX_RULE = 2048
+MAX_RULES = 65536
+_RULES = Arg(ListOf(Str(MAX_RULE), MAX_RULES), required=True)
 _PORTS = ListOf(Int(0, 65535), 65536)
 _MODE = Str(16, MODES)
 
@@ -257,6 +260,62 @@ COMMANDS: dict[str, Command] = {
         Command("fastpath.get", "the fast path, per direction: active or why not"),
         Command("tcp.verified.list", "sources that answered a SYN challenge"),
         Command("tcp.verified.clear", "forget every verified source"),
+        Command(
+            "rule.add",
+            "add n-tuple rules (FlowSpec components, then an action): "
+            "{rules, source?: local|bgp:PEER, comment?}",
+            {"rules": _RULES, "source": Arg(Str(64)), "comment": Arg(Str(MAX_COMMENT))},
+        ),
+        Command(
+            "rule.del",
+            "delete rules by their match: {rules, source?}",
+            {"rules": _RULES, "source": Arg(Str(64))},
+        ),
+        Command(
+            "rule.list",
+            "the rules in the order they apply, with their counters: {source?}",
+            {"source": Arg(Str(64))},
+        ),
+        Command(
+            "rule.load",
+            "load a rule file (one rule per line) as the local rules: an open file (fd) "
+            "or {text}, {replace?}",
+            {"text": Arg(Str(MAX_LINE)), "replace": Arg(Bool())},
+            fd=True,
+        ),
+        Command("rule.clear", "delete every rule of a source: {source?}", {"source": Arg(Str(64))}),
+        Command(
+            "rule.update",
+            "a BGP source's announcements and withdrawals, at once: {source, announce?, withdraw?}",
+            {
+                "source": Arg(Str(64), True),
+                "announce": Arg(ListOf(Str(MAX_RULE), MAX_RULES)),
+                "withdraw": Arg(ListOf(Str(MAX_RULE), MAX_RULES)),
+            },
+        ),
+        Command(
+            "rule.session",
+            "a BGP source's session: {source, state: up|down|eor, hold: seconds}",
+            {
+                "source": Arg(Str(64), True),
+                "state": Arg(Str(8, ("up", "down", "eor")), True),
+                "hold": Arg(Num(0, 3600, lo_open=True), True),
+            },
+        ),
+        Command(
+            "ratelimit.add",
+            "per-source rate limits by source prefix: {prefixes, pps?, bps?, per_source?, "
+            "comment?}",
+            {
+                "prefixes": _PREFIXES,
+                "pps": Arg(Num(0, 1e12, lo_open=True)),
+                "bps": Arg(Num(0, 1e13, lo_open=True)),
+                "per_source": Arg(Bool()),
+                "comment": Arg(Str(MAX_COMMENT)),
+            },
+        ),
+        Command("ratelimit.del", "delete rate limits: {prefixes}", {"prefixes": _PREFIXES}),
+        Command("ratelimit.list", "the rate limits, with their counters"),
     )
 }
 

@@ -39,10 +39,11 @@ from xdpguard.fastpath import FastPath
 from xdpguard.flowtable import open_table, pin_dir_for
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
+from xdpguard.rules import RuleTable
 from xdpguard.sdnotify import sd_notify, watchdog_seconds
 from xdpguard.settings import DEFAULTS
 from xdpguard.tcp import TcpStage
-from xdpguard.xdp import XDP_MODES, PolicyMaps, XdpProgram, occupied
+from xdpguard.xdp import XDP_MODES, PolicyMaps, RuleMaps, XdpProgram, occupied
 
 log = logging.getLogger("xdpguard")
 
@@ -156,6 +157,7 @@ class Engine:
         self.fatal = threading.Event()
         self.fatal_reason = ""
         self.policy: Policy | None = None
+        self.rules: RuleTable | None = None
         self.tcp: TcpStage | None = None
         self.fast: FastPath | None = None
         self.flowtab: B.FlowTab | None = None
@@ -265,6 +267,10 @@ class Engine:
             restored["frags"],
             f", state {restored['state_file']}" if restored["state_file"] else "",
         )
+
+        self.rules = RuleTable(RuleMaps(self.progs[Role.OUTER], maps), cfg.state_dir)
+        had = self.rules.restore()
+        log.info("rules: %d local rule(s), %d rate limit(s)", had["rules"], had["ratelimits"])
 
         self.umem = B.Umem(nq * cfg.frames_per_queue, cfg.frame_size, cfg.ring_size)
         self._push_undo("free UMEM", self.umem.close)
@@ -415,6 +421,8 @@ class Engine:
             ("TTL expiry", self.cfg.expiry_interval, self._expire),
             ("TCP clock", self.cfg.expiry_interval, self.tcp.tick if self.tcp else lambda: None),
             ("saving the policy", 5.0, policy.save_if_behind),
+            ("rule leases", self.cfg.expiry_interval, self._expire_rules),
+            ("saving the rules", 5.0, self._save_rules),
             ("device watch", 1.0, self._watch_devices),
             ("fast path watch", 1.0, self._watch_fast_path),
         ]
@@ -468,6 +476,14 @@ class Engine:
             # The learning window closes by itself: TCP may go fast then.
             self.fast.set_tcp(self.tcp.fast_tcp_allowed())
             self.fast.watch()
+
+    def _expire_rules(self) -> None:
+        if self.rules is not None:
+            self.rules.expire()
+
+    def _save_rules(self) -> None:
+        if self.rules is not None:
+            self.rules.save_if_behind()
 
     def _expire(self) -> None:
         assert self.policy is not None
@@ -575,6 +591,11 @@ class Engine:
                 raise XdpguardError("xdpguard is starting")
             return self.policy
 
+        def rules() -> RuleTable:
+            if self.rules is None:
+                raise XdpguardError("xdpguard is starting")
+            return self.rules
+
         def tcp() -> TcpStage:
             if self.tcp is None:
                 raise XdpguardError("xdpguard is starting")
@@ -611,6 +632,20 @@ class Engine:
             "tcp.flows": lambda a: tcp().flows(10 if a["top"] is None else a["top"]),
             "tcp.verified.list": lambda a: tcp().verified(),
             "tcp.verified.clear": lambda a: tcp().verified_clear(),
+            "rule.add": lambda a: rules().add(a["rules"], a["source"], a["comment"]),
+            "rule.del": lambda a: rules().delete(a["rules"], a["source"]),
+            "rule.list": lambda a: rules().entries_of(a["source"]),
+            "rule.load": lambda a: rules().load(_rule_file(a), bool(a["replace"])),
+            "rule.clear": lambda a: rules().clear(a["source"]),
+            "rule.update": lambda a: rules().update(
+                a["source"], a["announce"] or [], a["withdraw"] or []
+            ),
+            "rule.session": lambda a: rules().session(a["source"], a["state"], a["hold"]),
+            "ratelimit.add": lambda a: rules().limit_add(
+                a["prefixes"], a["pps"], a["bps"], bool(a["per_source"]), a["comment"]
+            ),
+            "ratelimit.del": lambda a: rules().limit_del(a["prefixes"]),
+            "ratelimit.list": lambda a: rules().limit_entries(),
         }
         for lst in ("block", "allow"):
             h[f"{lst}.add"] = lambda a, lst=lst: policy().list_add(
@@ -668,6 +703,7 @@ class Engine:
             "pid": os.getpid(),
             "challenges_leave_by": self.challenge_tx,
             "policy": self.policy.summary() if self.policy else None,
+            "rules": self.rules.summary() if self.rules else None,
             "uptime": round(time.time() - self.started_at, 3),
             "devices": devices,
             "queues": len(self.paths),
@@ -785,6 +821,30 @@ class Engine:
             frames["consistent"] = all(a["consistent"] for a in accounts)
             out["frames"] = frames
         return out
+
+
+# A rule file: XG_RULES_MAX rules of a few hundred bytes each, with room.
+MAX_RULE_FILE = 16 << 20
+
+
+def _rule_file(args: dict[str, Any]) -> str:
+    """The text of a rule load: the client's open file, or its text."""
+    if args["file"] is not None:
+        if args["text"] is not None:
+            raise XdpguardError("give a file or its text, not both")
+        try:
+            data = args["file"].read(MAX_RULE_FILE + 1)
+        except OSError as exc:
+            raise XdpguardError(f"cannot read the file: {exc.strerror}") from None
+        if len(data) > MAX_RULE_FILE:
+            raise XdpguardError(f"more than {MAX_RULE_FILE >> 20} MiB: not a rule file")
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise XdpguardError("the file is not UTF-8 text") from None
+    if args["text"] is None:
+        raise XdpguardError("no file and no text given")
+    return str(args["text"])
 
 
 def _list_file(args: dict[str, Any]) -> Prefixes:
