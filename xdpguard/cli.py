@@ -630,6 +630,42 @@ def rule_clear(source: str, as_json: bool, control: str) -> None:
     _emit(r, as_json, f"rules: {r['deleted']} deleted")
 
 
+@main.command("flowspec-feed")
+@click.option(
+    "--hold",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds a peer's rules outlive its session (or this feed).",
+)
+@control_option
+def flowspec_feed(hold: float, control: str) -> None:
+    """BGP FlowSpec from ExaBGP into the rules: run by ExaBGP, not by hand.
+
+    \b
+    In exabgp.conf (contrib/exabgp/exabgp.conf has a whole one):
+      process xdpguard {
+          run /usr/bin/xdpguard flowspec-feed --hold 30;
+          encoder json;
+      }
+      neighbor ... { family { ipv4 flow; ipv6 flow; }
+          api { processes [ xdpguard ]; neighbor-changes;
+                receive { packets; update; } } }
+
+    Each peer's routes are rules of source bgp:PEER ('xdpguard rule list'),
+    never saved: a session down, or this feed gone, and they go after
+    --hold seconds; a session back in time keeps what it announces again.
+    Routes whose action xdpguard cannot carry out (redirect, marking,
+    sample) are rejected and logged. Logs to stderr.
+    """
+    from xdpguard.flowspec_feed import run
+
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="xdpguard flowspec-feed: %(message)s"
+    )
+    sys.exit(run(control, hold))
+
+
 @main.group(cls=Group)
 def ratelimit() -> None:
     """Rate limits by source prefix, in XDP, after the rules.

@@ -382,6 +382,9 @@ def _bitmask_atom(comp: Comp, atom: str, join: int) -> Term:
     )
     value = 0
     for name in atom.split("+"):
+        if name.isdigit() and len(name) <= 5:
+            value |= int(name)  # a bitmask as a number (0 and unnamed bits)
+            continue
         if name not in names:
             raise RuleError(f"{NAMES[comp][0]}: unknown flag {name!r} (known: {', '.join(names)})")
         value |= names[name]

@@ -169,6 +169,8 @@ class RuleTable:
         self.limit_ids = _Slots(B.RATELIMITS_MAX)
         self.stages = 0
         self.unsaved: str | None = None
+        # Which run of the daemon this is: a feed that sees it change replays.
+        self.instance = f"{os.getpid()}-{time.time_ns()}"
         self._lock = threading.RLock()
 
     # ---- rules ----
@@ -526,7 +528,13 @@ class RuleTable:
                     s.stale_until = math.inf
             else:
                 raise F.RuleError(f"session state {state!r}: up, down or eor")
-            return {"source": source, "state": state, "stale": marked, "removed": removed}
+            return {
+                "source": source,
+                "state": state,
+                "stale": marked,
+                "removed": removed,
+                "instance": self.instance,
+            }
 
     def _drop_stale(self, source: str) -> int:
         gone = [e.rule.match for (src, _), e in self.entries.items() if src == source and e.stale]
