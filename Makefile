@@ -20,11 +20,13 @@ STAMP := .stamp
 # BPF objects and the shim (bpftool also dumps the kernel's BTF for
 # xdpguard trace), Python for the venv (system site packages, so Debian's
 # prometheus-client is importable), and the tools the labs, tests and
-# benchmarks drive (prometheus for promtool and a real scraper).
+# benchmarks drive (prometheus for promtool and a real scraper; exabgp, the
+# BGP daemon xdpguard flowspec-feed runs under, and gobgpd, an independent
+# FlowSpec speaker playing the fleet's controller in the interop test).
 DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 	python3 python3-venv python3-dev python3-prometheus-client \
 	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables \
-	libclang-rt-14-dev iperf3 prometheus
+	libclang-rt-14-dev iperf3 prometheus exabgp gobgpd
 
 BPF_OBJS := bpf/xdpguard.bpf.o bpf/xg_trace.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o \
 	scripts/xg_anyport.bpf.o
