@@ -48,6 +48,7 @@ const volatile struct {
 	struct xg_cookie_secret secret;
 	struct xg_tcp_cfg tcp_cfg;
 	struct xg_addr addr;
+	struct xg_rule_filter rule_filter[0]; /* its layout, not its 32 KiB */
 } xg_btf_anchor;
 
 struct {
@@ -260,12 +261,37 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pk
  */
 static __always_inline enum xg_reason outer_rules(struct xdp_md *ctx, struct pkt *pkt)
 {
-	void *data = (void *)(long)ctx->data;
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	__u32 info = pkt->h.l4_proto | pkt->h.frag << 8 | pkt->h.v6 << 16, stages;
+	__u32 l3_off, l4_off, l3_len;
+	struct ipv6hdr *ip6h = pkt->h.l3;
+	struct iphdr *iph = pkt->h.l3;
+	__u64 hi = 0, lo = 0;
 
-	return xg_rules_stage(ctx, pkt->h.l3 - data, pkt->h.l4 ? pkt->h.l4 - data : 0,
-			      pkt->h.l3_end - pkt->h.l3,
-			      pkt->h.l4_proto | pkt->h.frag << 8 | pkt->h.v6 << 16 |
-				      (pkt->stages & 0xff) << 24);
+	/* The destination, for the filter: most frames need no rule at all. */
+	if (pkt->h.v6) {
+		if ((void *)(ip6h + 1) > end)
+			return XG_REASON_MALFORMED; /* cannot happen: parsed */
+		hi = bpf_be64_to_cpu(*(__u64 *)&ip6h->daddr);
+		lo = bpf_be64_to_cpu(*((__u64 *)&ip6h->daddr + 1));
+	} else {
+		if ((void *)(iph + 1) > end)
+			return XG_REASON_MALFORMED;
+		hi = (__u64)bpf_ntohl(iph->daddr) << 32;
+	}
+	/*
+	 * Offsets now, as numbers: a packet pointer must not live across the
+	 * call. The barrier keeps data a whole pointer (spilled 32 bits of it
+	 * would be refused).
+	 */
+	asm volatile("" : "+r"(data));
+	l3_off = pkt->h.l3 - data;
+	l4_off = pkt->h.l4 ? pkt->h.l4 - data : 0;
+	l3_len = pkt->h.l3_end - pkt->h.l3;
+	stages = xg_rules_wanted(info | (pkt->stages & 0xff) << 24, hi, lo);
+	if (!stages)
+		return XG_REASON_REDIRECTED;
+	return xg_rules_stage(ctx, l3_off, l4_off, l3_len, info | (stages & 0xff) << 24);
 }
 
 /*

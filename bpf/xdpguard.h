@@ -459,6 +459,12 @@ enum {
 	 */
 	XG_RATE_SHIFT = 16,
 	XG_RATE_TAU_NS = 100000000,
+	/*
+	 * The rules' filter (struct xg_rule_filter): a frame whose destination
+	 * is in no rule's prefix skips the walk at the cost of a few hashes.
+	 */
+	XG_RULE_LENS = 8,		/* prefix lengths checked per family; more: always walk */
+	XG_RULE_BLOOM_WORDS = 4096,	/* 262,144 bits, two per prefix */
 };
 
 /* The components the rules match, numbered as FlowSpec types. */
@@ -530,11 +536,30 @@ struct xg_rule {
 	__u8 action;		/* enum xg_rule_action */
 	__u8 nterms;
 	__u8 src_len;		/* the source prefix's length (src_mask says the same) */
-	__u8 pad[3];
+	__u8 proto;		/* a frame of another protocol cannot match; 0: any */
+	__u16 need;		/* bit c: component c is matched, so the frame needs its field */
 	__u8 src[16];		/* a source matches if (its address ^ src) & src_mask is 0 */
 	__u8 src_mask[16];	/* all zero: any source */
 	__u64 interval;		/* rate actions: see XG_RATE_SHIFT */
 	struct xg_rule_term terms[24]; /* XG_RULE_TERMS */
+};
+
+/*
+ * Which destinations may have rules (xg_rule_filters[0], swapped whole):
+ * for each family the prefix lengths of the rules' destinations, and a
+ * Bloom filter of the prefixes (two bits each, xg_rule_hash()). A frame
+ * walks the rules only if a length's prefix of its destination is in the
+ * filter, or the family has rules without a destination (root), or more
+ * lengths than XG_RULE_LENS (then lens[] holds nothing and root is set).
+ * A false positive costs a walk, never a verdict.
+ */
+struct xg_rule_filter {
+	__u8 lens[2][8];	/* XG_RULE_LENS per family (0: IPv4), longest first */
+	__u8 nlens[2];
+	__u8 root[2];
+	__u8 pad[4];
+	__u64 salt;
+	__u64 bits[4096];	/* XG_RULE_BLOOM_WORDS */
 };
 
 /* Per rule slot and per CPU (xg_rule_stats), and per rate limit (xg_rl_stats). */

@@ -13,8 +13,9 @@
  * room, drop above). The per-source limits apply after the rules, to
  * whatever they let through, accepted frames included.
  *
- * Both stages are global functions, verified once, and loop with
- * bpf_loop() so that their cost to the verifier does not grow with their
+ * Both stages, the walk of a list and a rule's terms are global
+ * functions, each verified once, and the terms are evaluated without
+ * branches, so that the verifier's work does not multiply with the
  * bounds.
  */
 #ifndef XG_RULES_H
@@ -39,6 +40,21 @@ struct {
 	__type(key, __u32);
 	__type(value, struct xg_rule);
 } xg_rules SEC(".maps");
+
+struct xg_rule_filter_map {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xg_rule_filter);
+};
+
+/* Python fills a fresh filter and swaps the slot: a frame sees one whole. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct xg_rule_filter_map);
+} xg_rule_filters SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -131,7 +147,8 @@ static __always_inline int rule_fields(struct xdp_md *ctx, __u32 l3_off, __u32 l
 	__u8 *l4 = p->l4;
 	int c;
 
-	__builtin_memset(p, 0, sizeof(*p));
+	/* The fields read below are all written; the rest is scratch. */
+	__builtin_memset(p, 0, offsetof(struct xg_rule_pkt, wire_len));
 	if (l3_off > XG_MAX_L3_OFF || l4_off > 0xffff)
 		return -1;
 	/* Copies, read with a helper: no packet pointer arithmetic to prove. */
@@ -314,44 +331,108 @@ static __always_inline int rate_take(__u64 *tat, __u64 interval, __u32 cost, __u
 	return 1;
 }
 
-struct rule_walk {
-	const struct xg_rule_pkt *p;
-	const struct xg_rule_list *list;
-	__u32 slot;
-	int found;
-};
-
-static long rule_step(__u64 index, void *ctx)
+/*
+ * A destination prefix's filter hash: the address's first @plen bits as
+ * two big-endian words @hi, @lo (IPv4 in the top of @hi), the length, the
+ * family. xdpguard/rules.py computes the same (filter_hash()).
+ */
+static __always_inline __u64 xg_rule_hash(__u64 hi, __u64 lo, __u32 plen, __u32 v6, __u64 salt)
 {
-	struct rule_walk *w = ctx;
-	const struct xg_rule_list *list = w->list;
-	const struct xg_rule *r;
-	__u32 entry, slot;
+	__u64 x;
 
-	if (!list || index >= XG_RULE_LIST_MAX)
-		return 1;
-	entry = list->entry[index];
-	slot = entry & 0xffff;
-	r = bpf_map_lookup_elem(&xg_rules, &slot);
-	if (!r || r->tag != entry >> 16)
-		return 0; /* a slot being reused: not this entry's rule */
-	if (!xg_rule_holds(r, w->p))
-		return 0;
-	w->slot = slot;
-	w->found = 1;
-	return 1;
+	if (plen < 64) {
+		hi &= plen ? ~0ULL << (64 - plen) : 0;
+		lo = 0;
+	} else if (plen < 128) {
+		lo &= plen > 64 ? ~0ULL << (128 - plen) : 0;
+	}
+	x = hi * 0x9e3779b97f4a7c15ULL ^ lo * 0xc2b2ae3d27d4eb4fULL ^
+	    ((__u64)(plen << 1 | v6) + salt) * 0x165667b19e3779f9ULL;
+	x ^= x >> 29;
+	x *= 0xbf58476d1ce4e5b9ULL;
+	return x ^ (x >> 32);
+}
+
+static __always_inline int bloom_has(const struct xg_rule_filter *f, __u64 h)
+{
+	__u32 a = h & (XG_RULE_BLOOM_WORDS * 64 - 1), b = (h >> 24) & (XG_RULE_BLOOM_WORDS * 64 - 1);
+
+	return (f->bits[a >> 6] >> (a & 63) & 1) && (f->bits[b >> 6] >> (b & 63) & 1);
+}
+
+/*
+ * Which of @info's stages (bits 24-31, enum xg_stage_bits) a frame to
+ * destination @hi:@lo needs: the rules only if the filter says its
+ * destination may have some. @info as for xg_rules_stage(). Scalars only:
+ * verified once.
+ */
+__attribute__((noinline)) __u32 xg_rules_wanted(__u32 info, __u64 hi, __u64 lo)
+{
+	__u32 stages = info >> 24, v6 = (info >> 16) & 1, zero = 0, i, n;
+	__u32 rules = v6 ? XG_STAGES_RULES_V6 : XG_STAGES_RULES_V4;
+	__u32 out = stages & (v6 ? XG_STAGES_RATELIMITS_V6 : XG_STAGES_RATELIMITS_V4);
+	const struct xg_rule_filter *f;
+	void *inner;
+
+	if (!(stages & rules))
+		return out;
+	inner = bpf_map_lookup_elem(&xg_rule_filters, &zero);
+	f = inner ? bpf_map_lookup_elem(inner, &zero) : (void *)0;
+	if (!f || f->root[v6 & 1])
+		return out | rules; /* no filter (being set up): walk */
+	n = f->nlens[v6 & 1];
+	for (i = 0; i < XG_RULE_LENS; i++) {
+		if (i >= n)
+			break;
+		if (bloom_has(f, xg_rule_hash(hi, lo, f->lens[v6 & 1][i], v6, f->salt)))
+			return out | rules;
+	}
+	return out;
+}
+
+/*
+ * The first rule of @list that holds for @p: its slot, or -1. A plain
+ * loop, not bpf_loop(): a callback per rule costs an indirect call each
+ * (25 ns a rule here, with the retpolines), the loop a few. A global
+ * function: the verifier walks its 64 turns once.
+ */
+__attribute__((noinline)) int xg_rule_walk(const struct xg_rule_list *list,
+					   const struct xg_rule_pkt *p)
+{
+	__u32 i, n, entry, slot;
+	const struct xg_rule *r;
+
+	if (!list || !p)
+		return -1;
+	n = list->n;
+	XG_NO_UNROLL
+	for (i = 0; i < XG_RULE_LIST_MAX; i++) {
+		if (i >= n)
+			break;
+		entry = list->entry[i];
+		slot = entry & 0xffff;
+		r = bpf_map_lookup_elem(&xg_rules, &slot);
+		if (!r || r->tag != entry >> 16)
+			continue; /* a slot being reused: not this entry's rule */
+		/* The cheap rejections first: the protocol, the fields the rule needs. */
+		if ((r->proto && r->proto != p->val[XG_RC_PROTO]) || (r->need & ~p->have))
+			continue;
+		if (xg_rule_holds(r, p))
+			return slot;
+	}
+	return -1;
 }
 
 /* The rule stage: XG_REASON_REDIRECTED (no rule, accept, in rate) or its drop reason. */
 static __always_inline int rules_judge(struct xg_rule_pkt *p)
 {
-	struct rule_walk w = { .p = p };
 	struct xg_rule_key *key = &p->key;
 	struct xg_rule_stats *st;
 	struct xg_rate_state *rs;
 	struct xg_rule_list *list;
 	struct xg_rule *r;
-	__u32 d, n, cost;
+	__u32 d, cost;
+	int slot = -1;
 
 	key->family = p->family;
 	key->prefixlen = 8 + (p->family == 6 ? 128 : 32);
@@ -360,19 +441,18 @@ static __always_inline int rules_judge(struct xg_rule_pkt *p)
 		list = bpf_map_lookup_elem(&xg_rule_index, key);
 		if (!list)
 			return XG_REASON_REDIRECTED;
-		n = list->n;
-		w.list = list;
-		bpf_loop(n < XG_RULE_LIST_MAX ? n : XG_RULE_LIST_MAX, rule_step, &w, 0);
-		if (w.found)
+		slot = xg_rule_walk(list, p);
+		if (slot >= 0)
 			break;
 		if (list->prefixlen <= 8)
 			return XG_REASON_REDIRECTED;
 		key->prefixlen = list->prefixlen - 1;
 	}
-	if (!w.found)
+	if (slot < 0)
 		return XG_REASON_REDIRECTED;
-	r = bpf_map_lookup_elem(&xg_rules, &w.slot);
-	st = bpf_map_lookup_elem(&xg_rule_stats, &w.slot);
+	key->prefixlen = slot; /* a u32 in map memory, for the lookups' keys */
+	r = bpf_map_lookup_elem(&xg_rules, &key->prefixlen);
+	st = bpf_map_lookup_elem(&xg_rule_stats, &key->prefixlen);
 	if (!r || !st)
 		return XG_REASON_REDIRECTED; /* cannot happen: array slots */
 	st->packets++;
@@ -382,7 +462,7 @@ static __always_inline int rules_judge(struct xg_rule_pkt *p)
 		return XG_REASON_REDIRECTED;
 	case XG_RULE_RATE_BYTES:
 	case XG_RULE_RATE_PACKETS:
-		rs = bpf_map_lookup_elem(&xg_rule_rate, &w.slot);
+		rs = bpf_map_lookup_elem(&xg_rule_rate, &key->prefixlen);
 		cost = r->action == XG_RULE_RATE_BYTES ? p->wire_len : 1;
 		if (rs && rate_take(&rs->tat, r->interval, cost, bpf_ktime_get_ns()))
 			return XG_REASON_REDIRECTED;

@@ -4,6 +4,7 @@
  * updates that use the kernel's batch operations where it has them; the
  * shape of a map, and its whole content, for the maps Python keeps.
  */
+#include <unistd.h>
 #include <errno.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
@@ -18,6 +19,24 @@ int xg_lpm_create(int v6)
 	return bpf_map_create(BPF_MAP_TYPE_LPM_TRIE, v6 ? "xg_lpm_v6" : "xg_lpm_v4",
 			      v6 ? sizeof(struct xg_lpm_v6) : sizeof(struct xg_lpm_v4),
 			      sizeof(__u32), v6 ? XG_LPM_V6_MAX : XG_LPM_V4_MAX, &opts);
+}
+
+int xg_rule_filter_create(const struct xg_rule_filter *filter)
+{
+	__u32 zero = 0;
+	int fd, err;
+
+	/* Must match xg_rule_filter_map in bpf/xg_rules.h. */
+	fd = bpf_map_create(BPF_MAP_TYPE_ARRAY, "xg_rule_filter", sizeof(__u32),
+			    sizeof(*filter), 1, NULL);
+	if (fd < 0)
+		return fd;
+	err = bpf_map_update_elem(fd, &zero, filter, 0);
+	if (err) {
+		close(fd);
+		return err;
+	}
+	return fd;
 }
 
 static int batch_refused(int err)

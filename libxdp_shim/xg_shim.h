@@ -236,6 +236,14 @@ void xg_classify(const uint8_t *frame, uint32_t len, struct xg_meta *out);
 int xg_lpm_create(int v6);
 
 /*
+ * Create the rules' filter map shaped like the inner map of xg_rule_filters
+ * (one struct xg_rule_filter), holding @filter, ready to be put into the
+ * slot. The caller owns the returned fd. Needs CAP_BPF. Returns the fd or
+ * -errno (nothing to close then).
+ */
+int xg_rule_filter_create(const struct xg_rule_filter *filter);
+
+/*
  * Write @count entries (@keys and @values: arrays of the map's key and
  * value size) into the map @fd: with BPF_MAP_UPDATE_BATCH, or one by one
  * where the kernel refuses batches for this map type. *@done is the number

@@ -71,6 +71,8 @@ RATELIMITS_MAX: int = lib.XG_RATELIMITS_MAX
 RATELIMIT_SOURCES: int = lib.XG_RATELIMIT_SOURCES
 RATE_SHIFT: int = lib.XG_RATE_SHIFT
 RATE_TAU_NS: int = lib.XG_RATE_TAU_NS
+RULE_LENS: int = lib.XG_RULE_LENS
+RULE_BLOOM_WORDS: int = lib.XG_RULE_BLOOM_WORDS
 RL_PER_SOURCE: int = lib.XG_RL_PER_SOURCE
 STAGES = {
     ("rules", 4): lib.XG_STAGES_RULES_V4,
@@ -470,6 +472,13 @@ def obj_get(path: str) -> int:
 def lpm_create(v6: bool) -> int:
     """An empty LPM trie shaped like the list slots' inner maps; caller closes the fd."""
     return check(lib.xg_lpm_create(int(v6)), "creating LPM trie")
+
+
+def rule_filter_create(filter_bytes: bytes) -> int:
+    """A rules' filter map holding ``filter_bytes`` (struct xg_rule_filter); caller closes."""
+    buf = ffi.new("struct xg_rule_filter *")
+    ffi.memmove(buf, filter_bytes, ffi.sizeof("struct xg_rule_filter"))
+    return check(lib.xg_rule_filter_create(buf), "creating the rules' filter")
 
 
 def map_update_many(fd: int, keys: np.ndarray, values: np.ndarray) -> None:

@@ -268,7 +268,9 @@ class Engine:
             f", state {restored['state_file']}" if restored["state_file"] else "",
         )
 
-        self.rules = RuleTable(RuleMaps(self.progs[Role.OUTER], maps), cfg.state_dir)
+        rule_maps = RuleMaps(self.progs[Role.OUTER], maps)
+        self._push_undo("close rule maps", rule_maps.close)
+        self.rules = RuleTable(rule_maps, cfg.state_dir)
         had = self.rules.restore()
         log.info("rules: %d local rule(s), %d rate limit(s)", had["rules"], had["ratelimits"])
 

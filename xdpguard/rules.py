@@ -70,6 +70,7 @@ class RuleMaps(Protocol):
     def reset_limit(self, lid: int) -> None: ...
     def limit_counts(self, lid: int) -> np.ndarray: ...
     def set_stages(self, bits: int) -> None: ...
+    def set_filter(self, value: bytes) -> None: ...
 
 
 def interval(rate: float, ncpus: int) -> int:
@@ -78,6 +79,65 @@ def interval(rate: float, ncpus: int) -> int:
     if iv > _MAX_INTERVAL:
         raise F.RuleError(f"rate {rate:g}/s is too low for {ncpus} CPUs (at least {ncpus})")
     return max(iv, 1)
+
+
+_M64 = (1 << 64) - 1
+
+
+def filter_hash(hi: int, lo: int, plen: int, v6: int, salt: int) -> int:
+    """xg_rule_hash() of bpf/xg_rules.h: a destination prefix in the filter."""
+    if plen < 64:
+        hi &= (_M64 << (64 - plen)) & _M64 if plen else 0
+        lo = 0
+    elif plen < 128:
+        lo &= (_M64 << (128 - plen)) & _M64 if plen > 64 else 0
+    x = (
+        (hi * 0x9E3779B97F4A7C15 & _M64)
+        ^ (lo * 0xC2B2AE3D27D4EB4F & _M64)
+        ^ ((((plen << 1 | v6) + salt) & _M64) * 0x165667B19E3779F9 & _M64)
+    )
+    x ^= x >> 29
+    x = x * 0xBF58476D1CE4E5B9 & _M64
+    return x ^ (x >> 32)
+
+
+def filter_value(keys: Iterable[tuple[int, F.Prefix | None]], salt: int) -> bytes:
+    """struct xg_rule_filter for the destination prefixes that have rules."""
+    nbits = B.RULE_BLOOM_WORDS * 64
+    bits = np.zeros(B.RULE_BLOOM_WORDS, dtype=np.uint64)
+    lens: dict[int, set[int]] = {4: set(), 6: set()}
+    root = {4: 0, 6: 0}
+    for family, pfx in keys:
+        if pfx is None:
+            root[family] = 1
+            continue
+        lens[family].add(pfx.plen)
+        addr = pfx.addr.ljust(16, b"\0")
+        h = filter_hash(
+            int.from_bytes(addr[:8], "big"),
+            int.from_bytes(addr[8:], "big"),
+            pfx.plen,
+            int(family == 6),
+            salt,
+        )
+        for bit in (h & (nbits - 1), (h >> 24) & (nbits - 1)):
+            bits[bit >> 6] |= np.uint64(1) << np.uint64(bit & 63)
+    out_lens, nlens = [[0] * B.RULE_LENS, [0] * B.RULE_LENS], [0, 0]
+    for i, family in enumerate((4, 6)):
+        if len(lens[family]) > B.RULE_LENS:
+            root[family] = 1  # too many lengths to check: every frame walks
+            continue
+        ordered = sorted(lens[family], reverse=True)
+        out_lens[i][: len(ordered)] = ordered
+        nlens[i] = len(ordered)
+    return B.struct_bytes(
+        "struct xg_rule_filter",
+        lens=out_lens,
+        nlens=nlens,
+        root=[root[4], root[6]],
+        salt=salt,
+        bits=bits.tolist(),
+    )
 
 
 def lpm_key(family: int, pfx: F.Prefix | None) -> bytes:
@@ -171,6 +231,9 @@ class RuleTable:
         self.unsaved: str | None = None
         # Which run of the daemon this is: a feed that sees it change replays.
         self.instance = f"{os.getpid()}-{time.time_ns()}"
+        # The filter's hash salt: nobody outside picks prefixes that collide.
+        self.salt = int.from_bytes(os.urandom(8), "little")
+        self.filter_keys: set[tuple[int, F.Prefix | None]] = set()
         self._lock = threading.RLock()
 
     # ---- rules ----
@@ -180,8 +243,14 @@ class RuleTable:
         src = m.src.addr.ljust(16, b"\0") if m.src else bytes(16)
         plen = m.src.plen if m.src else 0
         mask = (((1 << plen) - 1) << (128 - plen)).to_bytes(16, "big") if plen else bytes(16)
+        proto = 0  # a single "= N" protocol term: frames of another are rejected cheaply
+        for comp, terms in m.comps:
+            if comp == F.Comp.PROTO and len(terms) == 1 and terms[0].op == F.OP_EQ:
+                proto = terms[0].value
         fields: dict[str, Any] = {
             "tag": e.tag,
+            "proto": proto,
+            "need": sum(1 << comp for comp, _ in m.comps),
             "action": B.RULE_ACTIONS[a.kind],
             "nterms": m.nterms(),
             "src_len": plen,
@@ -333,6 +402,11 @@ class RuleTable:
                     self.maps.set_list(lpm_key(*key), self._list_value(key, lst))
                 elif key in self.lists:
                     self.maps.delete_list(lpm_key(*key))
+            keys = set(self.lists) | {k for k, lst in touched.items() if lst}
+            keys -= {k for k, lst in touched.items() if not lst}
+            if keys != self.filter_keys:
+                self.maps.set_filter(filter_value(keys, self.salt))
+                self.filter_keys = keys
             self._set_stages(bits)
         except OSError as exc:
             for key in done:
@@ -770,7 +844,10 @@ class RuleTable:
             self._apply(LOCAL, rules, [])
             for lim in limits:
                 self.limit_add(
-                    [lim["prefix"]], lim.get("pps"), lim.get("bps"), bool(lim.get("per_source")),
+                    [lim["prefix"]],
+                    lim.get("pps"),
+                    lim.get("bps"),
+                    bool(lim.get("per_source")),
                     lim.get("comment"),
-                )  # fmt: skip
+                )
         return {"rules": len(rules), "ratelimits": len(limits)}

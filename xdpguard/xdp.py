@@ -324,6 +324,8 @@ class RuleMaps:
         self._rl_index = prog.map_fd("xg_rl_index")
         self._rl_state = prog.map_fd("xg_rl_state")
         self._rl_stats = prog.map_fd("xg_rl_stats")
+        self._filters = prog.map_fd("xg_rule_filters")
+        self._filter_fd: int | None = None
         ncpus = B.num_possible_cpus()
         self._stats_size = RULE_STATS_DTYPE.itemsize * ncpus
         self._rate_zero = bytes(B.struct_layout("struct xg_rate_state")[0] * ncpus)
@@ -369,3 +371,21 @@ class RuleMaps:
 
     def set_stages(self, bits: int) -> None:
         self._policy.set_stages(bits)
+
+    def set_filter(self, value: bytes) -> None:
+        """Swap in a new struct xg_rule_filter: built off to the side, then one
+        update of the slot, so a frame sees the old filter or the new."""
+        fd = B.rule_filter_create(value)
+        try:
+            B.map_update(self._filters, struct.pack("=I", 0), struct.pack("=i", fd))
+        except OSError:
+            os.close(fd)
+            raise
+        old, self._filter_fd = self._filter_fd, fd
+        if old is not None:
+            os.close(old)  # the slot no longer holds it; frames still in it keep it alive
+
+    def close(self) -> None:
+        if self._filter_fd is not None:
+            os.close(self._filter_fd)
+            self._filter_fd = None

@@ -354,3 +354,36 @@ def test_a_full_list_and_deep_nesting_are_refused_whole(rig: Rig) -> None:
         rig.table.add(nested)
     assert rig.table.entries_of()["count"] == 0
     assert rig.run(UDP_NTP) == B.XDP_REDIRECT
+
+
+@pytest.mark.parametrize("plen", [0, 1, 7, 8, 9, 16, 23, 24, 31, 32])
+def test_the_destination_filter_finds_every_prefix_length_v4(rig: Rig, plen: int) -> None:
+    """The filter in front of the walk (a Bloom filter of the rules'
+    destination prefixes, hashed alike in Python and BPF) never hides a
+    rule: each length, alone and among nine others (more lengths than it
+    checks: every frame walks then)."""
+    import ipaddress
+
+    net = ipaddress.ip_network(f"{DST4}/{plen}", strict=False)
+    rig.table.clear()
+    rig.table.add([f"dst {net} drop"])
+    assert rig.run(UDP_NTP) == B.XDP_DROP
+    others = [f"dst 10.{n}.0.0/{n} drop" for n in range(16, 25)]  # disjoint, 9 lengths
+    rig.table.add(others)
+    assert rig.run(UDP_NTP) == B.XDP_DROP
+    rig.table.delete([f"dst {net} drop"])
+    assert rig.run(UDP_NTP) == B.XDP_REDIRECT
+
+
+@pytest.mark.parametrize("plen", [0, 1, 48, 63, 64, 65, 127, 128])
+def test_the_destination_filter_finds_every_prefix_length_v6(rig: Rig, plen: int) -> None:
+    import ipaddress
+
+    net = ipaddress.ip_network(f"{DST6}/{plen}", strict=False)
+    rig.table.clear()
+    rig.table.add([f"dst {net} drop"])
+    assert rig.run(UDP6) == B.XDP_DROP
+    rig.table.add(["dst 2001:db8:ffff::/48 drop"])  # another length in the filter
+    assert rig.run(UDP6) == B.XDP_DROP
+    rig.table.clear()
+    assert rig.run(UDP6) == B.XDP_REDIRECT

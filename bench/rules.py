@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""N-tuple rules at scale, and BGP FlowSpec's announcement to effect.
+
+Every configuration in the same run:
+
+  DRDoS drop (drdos.py's flood: 1:1 UDP from source port 53 and the
+  smallest later IPv4 fragments, one core generating and dropping):
+    xdp-minimal        a hand-written XDP program doing only the two checks
+    xdpguard           xdpguard, `ports add 53`, `frags drop` (drdos.py's)
+    xdpguard+10k       the same, with 10,000 rules loaded: 9,990 on other
+                       destinations, 10 on the flooded one (TCP ports, and
+                       UDP from ports 19 and 123)
+    xdpguard-by-rules  no lists: 10,000 rules, of which the flood meets 8
+                       that do not match (TCP ports) before the one that
+                       drops it (proto udp sport 53, or fragment
+                       is-fragment)
+  Forwarding (forwarding.py's sweep, 64-byte UDP client -> origin, the
+  fast path on, XDP forwarding on the generator's core):
+    no-rules           xdpguard as it starts
+    10k-elsewhere      10,000 rules, none for the origin: the filter in
+                       front of the walk is all the legitimate frames meet
+    10k-on-origin      the same with 10 of them for the origin, none
+                       matching the legitimate UDP: it walks them all
+  Announcement to effect (--announcements N, default 100): GoBGP
+  announces a discard of UDP to one port of the origin while the client
+  sends to it (a datagram a millisecond), and the time to the first drop
+  XDP counts; then the withdrawal, and the time until the rule is gone.
+
+Usage: bench/rules.py [--seconds S] [--announcements N] [--json PATH]
+(as root; builds and removes its own labs).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "scripts"))
+
+import drdos  # noqa: E402
+import forwarding  # noqa: E402
+import xgbench  # noqa: E402
+from bgplab import CONTROLLER, BgpLab  # noqa: E402
+from xgbench import EDGE_NS, NAMES, lab, sh  # noqa: E402
+
+from xdpguard.netns import Netns, resolve_device  # noqa: E402
+
+N_RULES = 10_000
+
+
+def rule_set(victim: str | None, flood_rules: bool) -> list[str]:
+    """10,000 rules: 9,990 (10,000 without ``victim``) over other /32s, and
+    10 on ``victim``: 8 on TCP ports, and 2 that drop the DRDoS flood if
+    ``flood_rules`` (UDP from port 53, later fragments), else UDP from
+    ports 19 and 123."""
+    rules = []
+    for i in range(N_RULES - (10 if victim else 0)):
+        a, b = divmod(i, 250)
+        rules.append(f"dst 198.18.{a}.{b + 1}/32 proto udp sport {19 + i % 7} drop")
+    if victim:
+        rules += [f"dst {victim}/32 proto tcp dport {8000 + port} drop" for port in range(8)]
+        if flood_rules:
+            rules.append(f"dst {victim}/32 proto udp sport 53 drop")
+            rules.append(f"dst {victim}/32 fragment is-fragment drop")
+        else:
+            rules.append(f"dst {victim}/32 proto udp sport 19 drop")
+            rules.append(f"dst {victim}/32 proto udp sport 123 drop")
+    return rules
+
+
+def load_rules(proc: subprocess.Popen, rules: list[str]) -> float:
+    t = time.perf_counter()
+    xgbench.control(proc, "rule.load", text="\n".join(rules))
+    return time.perf_counter() - t
+
+
+@contextmanager
+def xdpguard_with(lists: bool, rules: list[str], load: list[float]) -> Iterator:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        xgbench.xdpguard(state_dir=Path(tmp), edge=True) as p,
+    ):
+        if lists:
+            xgbench.control(p, "ports.add", ports=[53])
+            xgbench.control(p, "frags.set", policy="drop")
+        if rules:
+            load.append(load_rules(p, rules))
+
+        def dropped() -> int:
+            r = xgbench.control(p, "stats")["reasons"]  # type: ignore[index]
+            return sum(r[k]["packets"] for k in ("udp_src_port", "fragment", "rule_drop"))
+
+        yield dropped
+
+
+def drdos_part(seconds: float) -> tuple[dict, float]:
+    results = {}
+    load: list[float] = []
+    with lab(edge=True):
+        sh("ip", "-n", EDGE_NS, "addr", "add", f"{drdos.OUTER_ADDR}/24", "dev", drdos.OUTER)
+        client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
+        outer = resolve_device(Netns(EDGE_NS), drdos.OUTER)
+        frame = xgbench.udp4_frame(
+            client.mac, outer.mac, drdos.FLOOD_SRC, drdos.OUTER_ADDR, 53, 33000, 60
+        )
+        victim = drdos.OUTER_ADDR
+        for name, make in (
+            ("xdp-minimal", drdos.xdp_minimal),
+            ("xdpguard", lambda: xdpguard_with(True, [], load)),
+            ("xdpguard+10k", lambda: xdpguard_with(True, rule_set(victim, False), load)),
+            ("xdpguard-by-rules", lambda: xdpguard_with(False, rule_set(victim, True), load)),
+        ):
+            with make() as dropped:
+                results[name] = drdos.measure(frame, seconds, dropped)
+            r = results[name]
+            print(f"  {name:<18} {r['pps'] / 1e6:7.3f} Mpps  dropped {r['dropped']}/{r['sent']}")
+    return results, max(load)
+
+
+def forwarding_part(seconds: float) -> dict:
+    results = {}
+    for name, rules in (
+        ("no-rules", []),
+        ("10k-elsewhere", rule_set(None, False)),
+        ("10k-on-origin", rule_set("169.254.0.2", False)),
+    ):
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            lab(edge=False),
+            xgbench.xdpguard(state_dir=Path(tmp)) as p,
+        ):
+            if rules:
+                load_rules(p, rules)
+            points = forwarding.sweep(seconds)
+            reasons = xgbench.control(p, "stats")["reasons"]  # type: ignore[index]
+            results[name] = {
+                "saturated_pps": max(pt["forwarded_pps"] for pt in points),
+                "rule_drops": reasons["rule_drop"]["packets"],  # 0: nothing matches
+                "points": points,
+            }
+        print(f"  {name:<14} {results[name]['saturated_pps'] / 1e6:7.3f} Mpps")
+    return results
+
+
+SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    s.sendto(b"x" * 32, (sys.argv[1], int(sys.argv[2])))
+    time.sleep(0.001)
+"""
+
+
+def announce_part(n: int) -> dict:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from lab import ORIGIN_V4, Appliance
+    from lab import lab as test_lab
+
+    on, off = [], []
+    source = f"bgp:{CONTROLLER}"
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        test_lab(queues=1) as the_lab,
+        Appliance(the_lab, Path(tmp)) as app,
+        BgpLab(Path(tmp), app.control, hold=30) as bgp,
+    ):
+        bgp.wait_up(lambda: app.call("rule.list"))
+
+        def dropped(rule: str) -> int:
+            for r in app.call("rule.list", source=source)["rules"]:
+                if r["rule"] == rule:
+                    return r["dropped_packets"]
+            return -1
+
+        for i in range(n):
+            port = 20000 + i
+            rule = f"dst {ORIGIN_V4}/32 proto udp dport {port} drop"
+            match = [
+                "destination",
+                f"{ORIGIN_V4}/32",
+                "protocol",
+                "udp",
+                "destination-port",
+                f"=={port}",
+            ]
+            sender = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    the_lab.client_ns,
+                    sys.executable,
+                    "-c",
+                    SENDER,
+                    ORIGIN_V4,
+                    str(port),
+                    "30",
+                ]
+            )
+            try:
+                time.sleep(0.05)  # the traffic flows before the route exists
+                t0 = time.perf_counter()
+                bgp.announce("ipv4", *match, "then", "discard")
+                while dropped(rule) <= 0:
+                    time.sleep(0.001)
+                on.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                bgp.withdraw("ipv4", *match)
+                while dropped(rule) >= 0:
+                    time.sleep(0.001)
+                off.append(time.perf_counter() - t0)
+            finally:
+                sender.terminate()
+                sender.wait()
+
+    def summary(xs: list[float]) -> dict:
+        xs = sorted(xs)
+        return {
+            "n": len(xs),
+            "median_ms": statistics.median(xs) * 1e3,
+            "p95_ms": xs[max(0, int(len(xs) * 0.95) - 1)] * 1e3,
+            "max_ms": xs[-1] * 1e3,
+        }
+
+    return {"announce": summary(on), "withdraw": summary(off)}
+
+
+def main() -> int:
+    ap = xgbench.arguments(__doc__, "rules")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--announcements", type=int, default=100)
+    args = xgbench.parse_as_root(ap)
+
+    print("DRDoS drop, one core:")
+    drop, load_s = drdos_part(args.seconds)
+    print("Forwarding, fast path:")
+    fwd = forwarding_part(args.seconds / 2)
+    print(f"Announcement to effect, {args.announcements} announcements:")
+    bgp = announce_part(args.announcements)
+
+    report = xgbench.report("n-tuple rules at scale, FlowSpec announcement to effect") | {
+        "rules": N_RULES,
+        "load_seconds": load_s,
+        "drdos": drop,
+        "forwarding": fwd,
+        "bgp": bgp,
+        "loaded_over_xdp_minimal": drop["xdpguard+10k"]["pps"] / drop["xdp-minimal"]["pps"],
+        "by_rules_over_xdp_minimal": drop["xdpguard-by-rules"]["pps"] / drop["xdp-minimal"]["pps"],
+        "forwarding_elsewhere_over_none": fwd["10k-elsewhere"]["saturated_pps"]
+        / fwd["no-rules"]["saturated_pps"],
+        "forwarding_on_origin_over_none": fwd["10k-on-origin"]["saturated_pps"]
+        / fwd["no-rules"]["saturated_pps"],
+    }
+    xgbench.write_report(report, args.json)
+    print(f"\n10,000 rules loaded in {load_s:.2f} s (rule load, one control request)")
+    print(f"{'DRDoS dropper':<18}{'drop rate':>12}")
+    for name, r in drop.items():
+        print(f"{name:<18}{r['pps'] / 1e6:>8.3f} Mpps")
+    print(
+        f"xdpguard with 10,000 rules loaded / xdp-minimal: "
+        f"{report['loaded_over_xdp_minimal']:.2f} (goal >= 0.9); the rules dropping it: "
+        f"{report['by_rules_over_xdp_minimal']:.2f}"
+    )
+    print(f"{'forwarding':<18}{'saturated':>12}")
+    for name, r in fwd.items():
+        print(f"{name:<18}{r['saturated_pps'] / 1e6:>8.3f} Mpps")
+    print(
+        f"10,000 rules elsewhere / none: {report['forwarding_elsewhere_over_none']:.2f} "
+        f"(goal >= 0.9); 10 of them on the origin: "
+        f"{report['forwarding_on_origin_over_none']:.2f}"
+    )
+    for what, s in bgp.items():
+        print(
+            f"{what:<9} to effect: median {s['median_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, "
+            f"max {s['max_ms']:.1f} ms over {s['n']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
