@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from xdpguard import flowspec as F
-from xdpguard.control import ControlClient
+from xdpguard.control import ControlClient, ControlError
 from xdpguard.errors import XdpguardError
 
 log = logging.getLogger("xdpguard.flowspec-feed")
@@ -191,6 +191,8 @@ class Feed:
             self._client = self._client_factory(self.control)
         try:
             return self._client.call(cmd, **args)
+        except ControlError:
+            raise  # xdpguard answered: the connection is fine
         except (OSError, XdpguardError):
             # A connection that failed is not used again; the caller decides.
             client, self._client = self._client, None
@@ -213,7 +215,7 @@ class Feed:
             self._session(source, "up")
             rib = self.ribs.get(source, {})
             if rib:
-                self._call("rule.update", source=source, announce=list(rib.values()))
+                self._apply(source, list(rib.values()), [])
             self._call("rule.session", source=source, state="eor", hold=self.hold)
         self.resync = False
 
@@ -284,17 +286,32 @@ class Feed:
         for line in update.rejected:
             log.error("%s: rejected %s", source, line)
         if announce or withdraw:
-            self._guarded(
-                f"{source} update",
-                lambda: self._call(
-                    "rule.update", source=source, announce=announce, withdraw=withdraw
-                ),
-            )
+            self._guarded(f"{source} update", lambda: self._apply(source, announce, withdraw))
         if update.eor:
             self._guarded(
                 f"{source} end-of-rib",
                 lambda: self._call("rule.session", source=source, state="eor", hold=self.hold),
             )
+
+    def _apply(self, source: str, announce: list[str], withdraw: list[str]) -> None:
+        """One UPDATE's changes at once; if xdpguard refuses them (a rule it
+        cannot hold: no room, too many on one destination), one by one, so
+        that only the routes refused are left out, each logged."""
+        try:
+            self._call("rule.update", source=source, announce=announce, withdraw=withdraw)
+            return
+        except ControlError:
+            pass  # refused as a whole: find which
+        rib = self.ribs.get(source, {})
+        for text in withdraw:
+            self._call("rule.update", source=source, withdraw=[text])
+        for text in announce:
+            try:
+                self._call("rule.update", source=source, announce=[text])
+            except ControlError as exc:
+                log.error("%s: xdpguard refused %s: %s", source, text, exc)
+                rule = F.parse(text)
+                rib.pop(rule.match.key(), None)
 
     def keepalive(self) -> None:
         """Renew every up peer's lease (and replay, if due)."""

@@ -14,6 +14,7 @@ series is fixed by the reasons, directions, queues and states.
     xdpguard_queue_packets_total{queue,direction,kind}   the loop: rx, tx, dropped, tx_ring_full
     xdpguard_xsk_drops_total{queue,device,kind}   the kernel's drops at the AF_XDP sockets
     xdpguard_flows{state}, xdpguard_flows_fast_path, xdpguard_flows_capacity,
+    xdpguard_rules{source}, xdpguard_ratelimits,
     xdpguard_flow_evictions_total, xdpguard_verified_sources
     xdpguard_policy_prefixes{list,family}, xdpguard_policy_udp_ports
     xdpguard_frames{place}                        the frame account: where every UMEM frame is
@@ -200,6 +201,20 @@ class ApplianceCollector(Collector):
             ports = GaugeMetricFamily("xdpguard_policy_udp_ports", "UDP source ports dropped.")
             ports.add_metric([], len(policy["ports"]))
             yield ports
+        rules = engine.rules.summary() if getattr(engine, "rules", None) is not None else None
+        if rules is not None:
+            # One series per source: local and each BGP peer (a handful).
+            by = GaugeMetricFamily(
+                "xdpguard_rules", "N-tuple rules, by source (local, bgp:PEER).", labels=["source"]
+            )
+            by.add_metric(["local"], rules["by_source"].get("local", 0))
+            for source, n in sorted(rules["by_source"].items()):
+                if source != "local":
+                    by.add_metric([source], n)
+            yield by
+            lim = GaugeMetricFamily("xdpguard_ratelimits", "Per-source rate limits.")
+            lim.add_metric([], rules["ratelimits"])
+            yield lim
 
 
 class _Quiet(WSGIRequestHandler):

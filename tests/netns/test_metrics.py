@@ -44,6 +44,7 @@ def test_metrics_during_traffic(tmp_path: Path) -> None:
     with lab(queues=2) as the_lab, the_lab.server():
         with Appliance(the_lab, tmp_path, "--metrics", str(port)) as app:
             app.cli("block", "add", "192.0.2.0/24")
+            app.cli("rule", "add", "dst", "192.0.2.0/24", "proto", "udp", "drop")
             mover = subprocess.Popen(
                 ["ip", "netns", "exec", the_lab.client_ns, "ping", "-c", "50", "-i", "0.02",
                  ORIGIN_V4], stdout=subprocess.DEVNULL,
@@ -61,6 +62,7 @@ def test_metrics_during_traffic(tmp_path: Path) -> None:
                     for r in reasons:
                         assert f'xdpguard_packets_total{{direction="{d}",reason="{r}"}}' in before
                 assert 'xdpguard_policy_prefixes{family="v4",list="block"} 1.0' in first
+                assert 'xdpguard_rules{source="local"} 1.0' in first
                 assert "xdpguard_build_info{" in first
                 wait_for(lambda: mover.poll() is not None, what="the pings")
                 after = counters(scrape(port))

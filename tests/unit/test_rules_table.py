@@ -1,0 +1,264 @@
+"""The rule table (xdpguard.rules) and the FlowSpec feed (xdpguard.flowspec_feed)
+against maps kept in memory: batches all or nothing, the kernel refusing
+halfway, leases and stale routes, the feed's replay and refusals."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from xdpguard import _bindings as B
+from xdpguard import flowspec as F
+from xdpguard.control import ControlError
+from xdpguard.errors import XdpguardError
+from xdpguard.flowspec_feed import Feed
+from xdpguard.rules import RuleTable
+
+pytestmark = pytest.mark.unit
+
+
+class FakeMaps:
+    """The maps as dicts; after ``fail_after`` list writes, one fails (ENOMEM)."""
+
+    def __init__(self) -> None:
+        self.rules: dict[int, bytes] = {}
+        self.lists: dict[bytes, bytes] = {}
+        self.limits: dict[bytes, bytes] = {}
+        self.stages = 0
+        self.filter: bytes | None = None
+        self.fail_after: int | None = None
+
+    def _maybe_fail(self) -> None:
+        if self.fail_after is not None:
+            if self.fail_after == 0:
+                self.fail_after = None
+                raise OSError(12, "Cannot allocate memory")
+            self.fail_after -= 1
+
+    def write_rule(self, slot: int, rule: bytes) -> None:
+        self.rules[slot] = rule
+
+    def reset_rule(self, slot: int) -> None:
+        pass
+
+    def set_list(self, key: bytes, value: bytes) -> None:
+        self._maybe_fail()
+        self.lists[key] = value
+
+    def delete_list(self, key: bytes) -> None:
+        self._maybe_fail()
+        self.lists.pop(key, None)  # as B.map_delete: absent is no error
+
+    def rule_counts(self, slot: int) -> np.ndarray:
+        return np.zeros(4, dtype=np.uint64)
+
+    def set_limit(self, key: bytes, value: bytes) -> None:
+        self.limits[key] = value
+
+    def delete_limit(self, key: bytes) -> None:
+        del self.limits[key]
+
+    def reset_limit(self, lid: int) -> None:
+        pass
+
+    def limit_counts(self, lid: int) -> np.ndarray:
+        return np.zeros(4, dtype=np.uint64)
+
+    def set_stages(self, bits: int) -> None:
+        self.stages = bits
+
+    def set_filter(self, value: bytes) -> None:
+        self.filter = value
+
+    def listed(self) -> set[tuple[int, int]]:
+        """(slot, tag) of every list entry in the 'kernel'."""
+        out = set()
+        for value in self.lists.values():
+            n = struct.unpack_from("=I", value, 4)[0]
+            for i in range(n):
+                e = struct.unpack_from("=I", value, 8 + 4 * i)[0]
+                out.add((e & 0xFFFF, e >> 16))
+        return out
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> RuleTable:
+    return RuleTable(FakeMaps(), tmp_path, clock=Clock(), ncpus=2)
+
+
+def texts(t: RuleTable, source: str | None = None) -> list[str]:
+    return [r["rule"] for r in t.entries_of(source)["rules"]]
+
+
+def test_a_batch_is_all_or_nothing(table: RuleTable) -> None:
+    table.add(["dst 192.0.2.0/24 drop"])
+    bad = ["dst 192.0.2.1/32 proto udp drop", "dst 192.0.2.2/32 sport 70000 drop"]
+    with pytest.raises(F.RuleError, match="more than the field holds"):
+        table.add(bad)
+    assert texts(table) == ["dst 192.0.2.0/24 drop"]
+
+
+def test_the_kernel_refusing_halfway_puts_the_lists_back(table: RuleTable) -> None:
+    maps: FakeMaps = table.maps  # type: ignore[assignment]
+    table.add(["dst 192.0.2.0/24 drop"])
+    lists, listed = dict(maps.lists), maps.listed()
+    maps.fail_after = 1  # the second list write fails
+    with pytest.raises(XdpguardError, match="not changed: the kernel refused"):
+        table.add(["dst 198.51.100.0/24 drop", "dst 203.0.113.0/24 drop"])
+    maps.fail_after = None
+    assert maps.lists == lists and maps.listed() == listed
+    assert texts(table) == ["dst 192.0.2.0/24 drop"]
+    table.add(["dst 203.0.113.0/24 drop"])  # and the slots taken were given back
+    assert len(texts(table)) == 2
+
+
+def test_a_slot_used_again_gets_another_tag(table: RuleTable) -> None:
+    maps: FakeMaps = table.maps  # type: ignore[assignment]
+    table.add(["dst 192.0.2.0/24 drop"])
+    (first,) = maps.listed()
+    table.delete(["dst 192.0.2.0/24"])
+    # Every slot is used once before one comes back; then its tag differs.
+    seen = {first}
+    for i in range(0, B.RULES_MAX, 1000):
+        batch = [f"dst 10.{(j >> 8) & 255}.{j & 255}.0/24 drop" for j in range(i, i + 1000)]
+        table.add(batch[: B.RULES_MAX - i])
+        seen |= maps.listed()
+        table.clear()
+    slots = {}
+    for slot, tag in seen:
+        slots.setdefault(slot, set()).add(tag)
+    assert len(slots[first[0]]) >= 2
+
+
+def test_local_rules_are_saved_and_bgp_ones_are_not(table: RuleTable, tmp_path: Path) -> None:
+    table.add(["dst 192.0.2.0/24 proto udp drop"], comment="why")
+    table.session("bgp:192.0.2.1", "up", 30)
+    table.update("bgp:192.0.2.1", ["dst 198.51.100.0/24 drop"], [])
+    table.limit_add(["198.18.0.0/15"], 1000, None, True)
+    doc = json.loads((tmp_path / "rules.json").read_text())
+    assert [r["rule"] for r in doc["rules"]] == ["dst 192.0.2.0/24 proto udp drop"]
+    again = RuleTable(FakeMaps(), tmp_path, clock=Clock(), ncpus=2)
+    assert again.restore() == {"rules": 1, "ratelimits": 1}
+    assert texts(again) == ["dst 192.0.2.0/24 proto udp drop"]
+    assert again.entries_of()["rules"][0]["comment"] == "why"
+
+
+def test_a_corrupt_state_file_refuses_to_start(tmp_path: Path) -> None:
+    (tmp_path / "rules.json").write_text('{"format": "xdpguard-rules", "version": 1, "rules": [')
+    with pytest.raises(XdpguardError, match="corrupt"):
+        RuleTable(FakeMaps(), tmp_path).restore()
+
+
+def test_leases_and_stale_routes(table: RuleTable) -> None:
+    clock: Clock = table.clock  # type: ignore[assignment]
+    src = "bgp:192.0.2.1"
+    table.session(src, "up", 10)
+    table.update(src, ["dst 192.0.2.0/24 drop", "dst 192.0.2.1/32 drop"], [])
+    table.add(["dst 203.0.113.0/24 drop"])  # local: never touched by any of it
+    table.session(src, "down", 10)
+    clock.t += 9
+    assert table.expire() == 0 and len(texts(table, src)) == 2
+    table.session(src, "up", 10)  # back in time: both stale now
+    assert all(r["stale"] for r in table.entries_of(src)["rules"])
+    table.update(src, ["dst 192.0.2.0/24 drop"], [])  # announced again
+    table.session(src, "eor", 10)
+    assert texts(table, src) == ["dst 192.0.2.0/24 drop"]
+    # The feed goes silent: the lease runs out a hold time after the last renewal.
+    clock.t += 9
+    table.session(src, "up", 10)
+    clock.t += 9.9
+    assert table.expire() == 0
+    clock.t += 0.2
+    assert table.expire() == 1 and texts(table, src) == []
+    assert texts(table, "local") == ["dst 203.0.113.0/24 drop"]
+
+
+class TableClient:
+    """The control socket, short-circuited to a RuleTable; can refuse or break."""
+
+    def __init__(self, table: RuleTable) -> None:
+        self.table = table
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.broken = False
+
+    def __call__(self, control: str) -> TableClient:
+        return self
+
+    def call(self, cmd: str, **a: Any) -> Any:
+        if self.broken:
+            raise XdpguardError("xdpguard is not running")
+        self.calls.append((cmd, a))
+        try:
+            if cmd == "rule.update":
+                return self.table.update(
+                    a["source"], a.get("announce") or [], a.get("withdraw") or []
+                )
+            if cmd == "rule.session":
+                return self.table.session(a["source"], a["state"], a["hold"])
+        except F.RuleError as exc:
+            raise ControlError(str(exc)) from None
+        raise AssertionError(cmd)
+
+    def close(self) -> None:
+        pass
+
+
+def state(peer: str, what: str) -> dict[str, Any]:
+    return {"type": "state", "neighbor": {"address": {"peer": peer}, "state": what}}
+
+
+def update(peer: str, body: str) -> dict[str, Any]:
+    return {"type": "update", "neighbor": {"address": {"peer": peer}, "message": {"body": body}}}
+
+
+def test_the_feed_leaves_out_only_what_xdpguard_refuses(table: RuleTable) -> None:
+    client = TableClient(table)
+    feed = Feed("ctl", 30, client=client)
+    feed.handle(state("192.0.2.9", "up"))
+    # 65 rules on one destination: one more than a list holds.
+    rules = [f"dst 192.0.2.0/24 proto udp sport {p} drop" for p in range(65)]
+    table.update("bgp:192.0.2.9", rules[:64], [])
+    feed.ribs["bgp:192.0.2.9"] = {F.parse(r).match.key(): r for r in rules[:64]}
+    feed._apply("bgp:192.0.2.9", [rules[64], "dst 198.51.100.0/24 drop"], [])
+    got = texts(table, "bgp:192.0.2.9")
+    assert "dst 198.51.100.0/24 drop" in got and rules[64] not in got
+    assert not feed.resync
+
+
+def test_the_feed_replays_after_xdpguard_restarted(table: RuleTable, tmp_path: Path) -> None:
+    client = TableClient(table)
+    feed = Feed("ctl", 30, client=client)
+    peer = "192.0.2.9"
+    feed.handle(state(peer, "up"))
+    body = (
+        "0000002C4001010240020602010000FDE9800E1100018500000B0118C0000203811106817BC01008800600"
+        "0000000000"
+    )
+    feed.handle(update(peer, body))
+    assert texts(table) == ["dst 192.0.2.0/24 proto udp sport 123 drop"]
+    # xdpguard restarts: a new table, a new instance; the keepalive notices.
+    fresh = RuleTable(FakeMaps(), tmp_path, clock=Clock())
+    client.table = fresh
+    feed.keepalive()  # sees the new instance
+    feed.keepalive()  # replays
+    assert texts(fresh) == ["dst 192.0.2.0/24 proto udp sport 123 drop"]
+    # xdpguard unreachable: the feed says so and replays when it is back.
+    client.broken = True
+    feed.handle(update(peer, "00000012800F0F0001850B0118C0000203811106817B"))  # the withdrawal
+    assert feed.resync
+    client.broken = False
+    feed.keepalive()
+    assert texts(fresh) == []
