@@ -538,6 +538,16 @@ struct xg_rule {
 	__u8 src_len;		/* the source prefix's length (src_mask says the same) */
 	__u8 proto;		/* a frame of another protocol cannot match; 0: any */
 	__u16 need;		/* bit c: component c is matched, so the frame needs its field */
+	/*
+	 * A component that is one range of values (dport 53, sport 1024-2048),
+	 * checked here instead of by terms; 0: none. The common rule (a
+	 * destination, a protocol, a port) then needs no terms at all.
+	 */
+	__u8 q_comp;
+	__u8 pad;
+	__u16 q_lo;
+	__u16 q_hi;
+	__u16 pad2;
 	__u8 src[16];		/* a source matches if (its address ^ src) & src_mask is 0 */
 	__u8 src_mask[16];	/* all zero: any source */
 	__u64 interval;		/* rate actions: see XG_RATE_SHIFT */

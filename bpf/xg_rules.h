@@ -417,6 +417,14 @@ __attribute__((noinline)) int xg_rule_walk(const struct xg_rule_list *list,
 		/* The cheap rejections first: the protocol, the fields the rule needs. */
 		if ((r->proto && r->proto != p->val[XG_RC_PROTO]) || (r->need & ~p->have))
 			continue;
+		if (r->q_comp) {
+			__u16 v = p->val[r->q_comp & 15], v2 = p->val2[r->q_comp & 15];
+
+			if ((v < r->q_lo || v > r->q_hi) && (v2 < r->q_lo || v2 > r->q_hi))
+				continue;
+		}
+		if (!r->nterms && !r->src_len)
+			return slot;
 		if (xg_rule_holds(r, p))
 			return slot;
 	}

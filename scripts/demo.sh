@@ -85,6 +85,13 @@ client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 20
 "$XG" tcp flows --top 3 --control "$CONTROL"
 "$XG" tcp verified list --control "$CONTROL"
 
+step "n-tuple rules (FlowSpec's components): drop UDP to the origin's port 9, TCP untouched"
+"$XG" rule add dst 169.254.0.2/32 proto udp dport 9 drop --comment "demo" --control "$CONTROL"
+client "${TRAFFIC[@]}" udp --text --to 169.254.0.2 --count 50 --port 9 --min-ratio 0 || true
+client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 20
+"$XG" rule list --control "$CONTROL"
+"$XG" rule del dst 169.254.0.2/32 proto udp dport 9 --control "$CONTROL"
+
 step "the fast path: verified flows and non-TCP traffic never leave XDP"
 "$XG" fast-path status --control "$CONTROL"
 

@@ -391,6 +391,30 @@ def _bitmask_atom(comp: Comp, atom: str, join: int) -> Term:
     return Term(op, value)
 
 
+def single_range(comp: Comp, terms: Sequence[Term]) -> tuple[int, int] | None:
+    """(low, high) if a numeric component's terms hold for exactly one range
+    of its field's values, else None. Evaluated over every value the field
+    can take (at most 65,536), as the XDP program would."""
+    import numpy as np
+
+    v = np.arange(FIELD_MAX[comp] + 1)
+    held = np.zeros(len(v), dtype=bool)
+    group = np.ones(len(v), dtype=bool)
+    for i, t in enumerate(terms):
+        if i and not t.op & OP_AND:
+            held |= group
+            group = np.ones(len(v), dtype=bool)
+        term = ((t.op & OP_LT) != 0) & (v < t.value)
+        term |= ((t.op & OP_GT) != 0) & (v > t.value)
+        term |= ((t.op & OP_EQ) != 0) & (v == t.value)
+        group &= term
+    held |= group
+    where = np.flatnonzero(held)
+    if not len(where) or where[-1] - where[0] + 1 != len(where):
+        return None
+    return int(where[0]), int(where[-1])
+
+
 # ---- rules from text ----
 
 

@@ -243,21 +243,39 @@ class RuleTable:
         src = m.src.addr.ljust(16, b"\0") if m.src else bytes(16)
         plen = m.src.plen if m.src else 0
         mask = (((1 << plen) - 1) << (128 - plen)).to_bytes(16, "big") if plen else bytes(16)
-        proto = 0  # a single "= N" protocol term: frames of another are rejected cheaply
-        for comp, terms in m.comps:
-            if comp == F.Comp.PROTO and len(terms) == 1 and terms[0].op == F.OP_EQ:
-                proto = terms[0].value
+        # A single "= N" protocol term is checked on its own before the terms
+        # (frames of another protocol are rejected cheaply), and so is a
+        # numeric component that is one range; both are left out of the terms.
+        proto = 0
+        quick: tuple[int, int, int] = (0, 0, 0)
+        terms = m.xdp_terms()
+        rest = []
+        for comp, ts in m.comps:
+            if comp == F.Comp.PROTO and len(ts) == 1 and ts[0].op == F.OP_EQ and ts[0].value:
+                proto = ts[0].value
+            else:
+                rest.append((comp, ts))
+        if len(rest) == 1 and rest[0][0] not in F.BITMASK:
+            span = F.single_range(*rest[0])
+            if span is not None:
+                quick = (int(rest[0][0]), *span)
+                rest = []
+        keep = {int(c) for c, _ in rest}
+        terms = [t for t in terms if t["comp"] in keep]
         fields: dict[str, Any] = {
             "tag": e.tag,
             "proto": proto,
             "need": sum(1 << comp for comp, _ in m.comps),
+            "q_comp": quick[0],
+            "q_lo": quick[1],
+            "q_hi": quick[2],
             "action": B.RULE_ACTIONS[a.kind],
-            "nterms": m.nterms(),
+            "nterms": len(terms),
             "src_len": plen,
             "src": list(src),
             "src_mask": list(mask),
             "interval": interval(a.rate, self.ncpus) if a.kind.startswith("rate") else 0,
-            "terms": m.xdp_terms(),
+            "terms": terms,
         }
         return B.struct_bytes("struct xg_rule", **fields)
 

@@ -146,6 +146,13 @@ def format_status(st: dict[str, Any]) -> str:
             f"{'pinned in ' + ft['pinned'] if ft['pinned'] else 'not pinned'}"
             f"{', restored' if ft['restored'] else ''}"
         )
+    rules = st.get("rules")
+    if rules:
+        by = ", ".join(f"{n} {src}" for src, n in sorted(rules["by_source"].items()))
+        lines.append(
+            f"rules  {rules['rules']}{' (' + by + ')' if by else ''}, "
+            f"{rules['ratelimits']} rate limits"
+        )
     u = st["umem"]
     lines.append(
         f"umem   {u['frames']} frames x {u['frame_size']} B ({u['bytes'] >> 20} MiB), "

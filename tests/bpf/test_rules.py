@@ -86,6 +86,8 @@ CASES = [
     Case("src-short-prefix", ("src 198.16.0.0/13 drop",), UDP_NTP, "rule_drop", 0),
     Case("proto", (f"{D} proto udp drop",), UDP_NTP, "rule_drop", 0),
     Case("proto-other", (f"{D} proto tcp drop",), UDP_NTP, "redirected"),
+    Case("proto-zero-is-not-any", (f"{D} proto 0 drop",), UDP_NTP, "redirected"),
+    Case("proto-range", (f"{D} proto 10-20 drop",), UDP_NTP, "rule_drop", 0),
     Case("port-as-source", (f"{D} port 123 drop",), UDP_NTP, "rule_drop", 0),
     Case("port-as-destination", (f"{D} port 53 drop",), UDP_DNS, "rule_drop", 0),
     Case("port-neither", (f"{D} port 80 drop",), UDP_NTP, "redirected"),
