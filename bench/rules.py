@@ -26,7 +26,9 @@ Every configuration in the same run:
   sends to it (a datagram a millisecond), and the time to the first drop
   XDP counts; then the withdrawal, and the time until the rule is gone.
 
-Usage: bench/rules.py [--seconds S] [--announcements N] [--json PATH]
+The DRDoS droppers run --repeat times in turns; each figure is the median.
+
+Usage: bench/rules.py [--seconds S] [--repeat N] [--announcements N] [--json PATH]
 (as root; builds and removes its own labs).
 """
 
@@ -101,8 +103,10 @@ def xdpguard_with(lists: bool, rules: list[str], load: list[float]) -> Iterator:
         yield dropped
 
 
-def drdos_part(seconds: float) -> tuple[dict, float]:
-    results = {}
+def drdos_part(seconds: float, repeat: int) -> tuple[dict, float]:
+    """Each dropper ``repeat`` times, in turns (this VM's rate drifts by a
+    few per cent between runs): the median of each."""
+    runs: dict[str, list[dict]] = {}
     load: list[float] = []
     with lab(edge=True):
         sh("ip", "-n", EDGE_NS, "addr", "add", f"{drdos.OUTER_ADDR}/24", "dev", drdos.OUTER)
@@ -112,16 +116,25 @@ def drdos_part(seconds: float) -> tuple[dict, float]:
             client.mac, outer.mac, drdos.FLOOD_SRC, drdos.OUTER_ADDR, 53, 33000, 60
         )
         victim = drdos.OUTER_ADDR
-        for name, make in (
+        droppers = (
             ("xdp-minimal", drdos.xdp_minimal),
             ("xdpguard", lambda: xdpguard_with(True, [], load)),
             ("xdpguard+10k", lambda: xdpguard_with(True, rule_set(victim, False), load)),
             ("xdpguard-by-rules", lambda: xdpguard_with(False, rule_set(victim, True), load)),
-        ):
-            with make() as dropped:
-                results[name] = drdos.measure(frame, seconds, dropped)
-            r = results[name]
-            print(f"  {name:<18} {r['pps'] / 1e6:7.3f} Mpps  dropped {r['dropped']}/{r['sent']}")
+        )
+        for turn in range(repeat):
+            for name, make in droppers:
+                with make() as dropped:
+                    r = drdos.measure(frame, seconds, dropped)
+                runs.setdefault(name, []).append(r)
+                print(
+                    f"  [{turn + 1}/{repeat}] {name:<18} {r['pps'] / 1e6:7.3f} Mpps  "
+                    f"dropped {r['dropped']}/{r['sent']}"
+                )
+    results = {}
+    for name, rs in runs.items():
+        mid = sorted(rs, key=lambda r: r["pps"])[len(rs) // 2]
+        results[name] = mid | {"runs_pps": [r["pps"] for r in rs]}
     return results, max(load)
 
 
@@ -238,10 +251,11 @@ def main() -> int:
     ap = xgbench.arguments(__doc__, "rules")
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--announcements", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3, help="turns of the DRDoS droppers")
     args = xgbench.parse_as_root(ap)
 
     print("DRDoS drop, one core:")
-    drop, load_s = drdos_part(args.seconds)
+    drop, load_s = drdos_part(args.seconds, args.repeat)
     print("Forwarding, fast path:")
     fwd = forwarding_part(args.seconds / 2)
     print(f"Announcement to effect, {args.announcements} announcements:")

@@ -391,28 +391,47 @@ def _bitmask_atom(comp: Comp, atom: str, join: int) -> Term:
     return Term(op, value)
 
 
+def _intervals(op: int, value: int, top: int) -> list[tuple[int, int]]:
+    """The values of [0, top] a numeric term holds for, as intervals."""
+    out = []
+    if op & OP_LT and value > 0:
+        out.append((0, min(value - 1, top)))
+    if op & OP_EQ and value <= top:
+        out.append((value, value))
+    if op & OP_GT and value < top:
+        out.append((value + 1, top))
+    return _merge(out)
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return _merge(
+        [(max(x, u), min(y, v)) for x, y in a for u, v in b if max(x, u) <= min(y, v)]
+    )
+
+
 def single_range(comp: Comp, terms: Sequence[Term]) -> tuple[int, int] | None:
     """(low, high) if a numeric component's terms hold for exactly one range
-    of its field's values, else None. Evaluated over every value the field
-    can take (at most 65,536), as the XDP program would."""
-    import numpy as np
-
-    v = np.arange(FIELD_MAX[comp] + 1)
-    held = np.zeros(len(v), dtype=bool)
-    group = np.ones(len(v), dtype=bool)
+    of its field's values, else None: interval arithmetic, AND before OR."""
+    top = FIELD_MAX[comp]
+    held: list[tuple[int, int]] = []
+    group: list[tuple[int, int]] = [(0, top)]
     for i, t in enumerate(terms):
         if i and not t.op & OP_AND:
-            held |= group
-            group = np.ones(len(v), dtype=bool)
-        term = ((t.op & OP_LT) != 0) & (v < t.value)
-        term |= ((t.op & OP_GT) != 0) & (v > t.value)
-        term |= ((t.op & OP_EQ) != 0) & (v == t.value)
-        group &= term
-    held |= group
-    where = np.flatnonzero(held)
-    if not len(where) or where[-1] - where[0] + 1 != len(where):
-        return None
-    return int(where[0]), int(where[-1])
+            held = _merge(held + group)
+            group = [(0, top)]
+        group = _intersect(group, _intervals(t.op & 7, t.value, top))
+    held = _merge(held + group)
+    return held[0] if len(held) == 1 else None
 
 
 # ---- rules from text ----

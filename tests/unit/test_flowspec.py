@@ -190,3 +190,31 @@ def test_actions_from_extended_communities(
     a, why = action_of(communities)
     assert (a.text() if a else None) == action
     assert (why is not None) == rejected
+
+
+def test_single_range_agrees_with_brute_force() -> None:
+    """The rule header's range (interval arithmetic) against every value."""
+    rng = random.Random(7)
+    for n in range(1000):
+        comp = F.Comp.DPORT if n % 100 == 0 else rng.choice([F.Comp.PROTO, F.Comp.DSCP])
+        top = F.FIELD_MAX[comp]
+        terms = []
+        for i in range(rng.randint(1, 4)):
+            join = F.OP_AND if i and rng.random() < 0.5 else 0
+            terms.append(F.Term(join | rng.randint(0, 7), rng.randint(0, top)))
+        held = []
+        for v in range(top + 1):
+            any_, group = False, True
+            for i, t in enumerate(terms):
+                if i and not t.op & F.OP_AND:
+                    any_, group = any_ or group, True
+                ok = (
+                    (t.op & 4 and v < t.value)
+                    or (t.op & 2 and v > t.value)
+                    or (t.op & 1 and v == t.value)
+                )
+                group = group and bool(ok)
+            if any_ or group:
+                held.append(v)
+        one = held and held[-1] - held[0] + 1 == len(held)
+        assert F.single_range(comp, terms) == ((held[0], held[-1]) if one else None), terms
