@@ -26,7 +26,8 @@ Every configuration in the same run:
   sends to it (a datagram a millisecond), and the time to the first drop
   XDP counts; then the withdrawal, and the time until the rule is gone.
 
-The DRDoS droppers run --repeat times in turns; each figure is the median.
+The DRDoS droppers and the forwarding configurations run --repeat times in
+turns (this VM's rates drift by several per cent); each figure is the median.
 
 Usage: bench/rules.py [--seconds S] [--repeat N] [--announcements N] [--json PATH]
 (as root; builds and removes its own labs).
@@ -138,28 +139,36 @@ def drdos_part(seconds: float, repeat: int) -> tuple[dict, float]:
     return results, max(load)
 
 
-def forwarding_part(seconds: float) -> dict:
-    results = {}
-    for name, rules in (
+def forwarding_part(seconds: float, repeat: int) -> dict:
+    """Each configuration ``repeat`` times, in turns: the median of each."""
+    runs: dict[str, list[dict]] = {}
+    configs = (
         ("no-rules", []),
         ("10k-elsewhere", rule_set(None, False)),
         ("10k-on-origin", rule_set("169.254.0.2", False)),
-    ):
-        with (
-            tempfile.TemporaryDirectory() as tmp,
-            lab(edge=False),
-            xgbench.xdpguard(state_dir=Path(tmp)) as p,
-        ):
-            if rules:
-                load_rules(p, rules)
-            points = forwarding.sweep(seconds)
-            reasons = xgbench.control(p, "stats")["reasons"]  # type: ignore[index]
-            results[name] = {
-                "saturated_pps": max(pt["forwarded_pps"] for pt in points),
-                "rule_drops": reasons["rule_drop"]["packets"],  # 0: nothing matches
-                "points": points,
-            }
-        print(f"  {name:<14} {results[name]['saturated_pps'] / 1e6:7.3f} Mpps")
+    )
+    for turn in range(repeat):
+        for name, rules in configs:
+            with (
+                tempfile.TemporaryDirectory() as tmp,
+                lab(edge=False),
+                xgbench.xdpguard(state_dir=Path(tmp)) as p,
+            ):
+                if rules:
+                    load_rules(p, rules)
+                points = forwarding.sweep(seconds)
+                reasons = xgbench.control(p, "stats")["reasons"]  # type: ignore[index]
+                r = {
+                    "saturated_pps": max(pt["forwarded_pps"] for pt in points),
+                    "rule_drops": reasons["rule_drop"]["packets"],  # 0: nothing matches
+                    "points": points,
+                }
+            runs.setdefault(name, []).append(r)
+            print(f"  [{turn + 1}/{repeat}] {name:<14} {r['saturated_pps'] / 1e6:7.3f} Mpps")
+    results = {}
+    for name, rs in runs.items():
+        mid = sorted(rs, key=lambda r: r["saturated_pps"])[len(rs) // 2]
+        results[name] = mid | {"runs_pps": [r["saturated_pps"] for r in rs]}
     return results
 
 
@@ -257,7 +266,7 @@ def main() -> int:
     print("DRDoS drop, one core:")
     drop, load_s = drdos_part(args.seconds, args.repeat)
     print("Forwarding, fast path:")
-    fwd = forwarding_part(args.seconds / 2)
+    fwd = forwarding_part(args.seconds / 2, args.repeat)
     print(f"Announcement to effect, {args.announcements} announcements:")
     bgp = announce_part(args.announcements)
 
