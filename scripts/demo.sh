@@ -85,12 +85,14 @@ client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 20
 "$XG" tcp flows --top 3 --control "$CONTROL"
 "$XG" tcp verified list --control "$CONTROL"
 
-step "n-tuple rules (FlowSpec's components): drop UDP to the origin's port 9, TCP untouched"
-"$XG" rule add dst 169.254.0.2/32 proto udp dport 9 drop --comment "demo" --control "$CONTROL"
-client "${TRAFFIC[@]}" udp --text --to 169.254.0.2 --count 50 --port 9 --min-ratio 0 || true
+step "n-tuple rules (FlowSpec's components): drop ICMP echo requests to the origin, TCP untouched"
+"$XG" rule add dst 169.254.0.2/32 proto icmp icmp-type 8 drop --comment "demo" --control "$CONTROL"
+client ping -c 3 -i 0.2 -W 1 169.254.0.2 >/dev/null && { echo "the rule did not bite" >&2; exit 1; }
+echo "ping 169.254.0.2: no answer while the rule holds"
 client "${TRAFFIC[@]}" many --text --to 169.254.0.2 --conns 20
 "$XG" rule list --control "$CONTROL"
-"$XG" rule del dst 169.254.0.2/32 proto udp dport 9 --control "$CONTROL"
+"$XG" rule del dst 169.254.0.2/32 proto icmp icmp-type 8 --control "$CONTROL"
+client ping -c 2 -i 0.2 -W 1 169.254.0.2 | tail -1
 
 step "the fast path: verified flows and non-TCP traffic never leave XDP"
 "$XG" fast-path status --control "$CONTROL"

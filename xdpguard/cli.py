@@ -596,7 +596,7 @@ def rule_list(source: str | None, as_json: bool, control: str) -> None:
     for src, s in r["sessions"].items():
         state = "up" if s["up"] else "down"
         click.echo(f"session {src}: {state}, rules kept {s['expires_in']:.0f}s without news")
-    click.echo(f"{r['count']} rules", err=True)
+    click.echo(f"{r['count']} rule{'s' * (r['count'] != 1)}", err=True)
 
 
 @rule.command("load")
@@ -735,7 +735,7 @@ def ratelimit_list(as_json: bool, control: str) -> None:
         each = " per source" if e["per_source"] else ""
         comment = f"  # {e['comment']}" if e["comment"] else ""
         click.echo(f"{e['prefix']:<44} {rates}{each}  : {_rule_counts(e)}{comment}")
-    click.echo(f"{r['count']} limits", err=True)
+    click.echo(f"{r['count']} rate limit{'s' * (r['count'] != 1)}", err=True)
 
 
 @main.group(cls=Group)
