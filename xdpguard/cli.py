@@ -210,18 +210,29 @@ def trace(
     (rx_dropped, rx_ring_full, tx_invalid_descs) are events too.
     One line per event; --json: one JSON object per line. Needs root.
     """
+    import signal
+    import threading
+
     from xdpguard.trace import follow, text
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="xdpguard trace: %(message)s")
     n, until = 0, None if seconds is None else time.monotonic() + seconds
+    # Ctrl-C (or a SIGTERM) only asks the loop to stop: raised as
+    # KeyboardInterrupt between writing an event and counting it, it made the
+    # closing count one short of the lines written.
+    stopping = threading.Event()
+    previous = {
+        s: signal.signal(s, lambda *_: stopping.set()) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        for event in follow(control, interval, until):
+        for event in follow(control, interval, until, stopping.is_set):
             click.echo(json.dumps(event) if as_json else text(event))
             n += 1
-            if count is not None and n >= count:
+            if stopping.is_set() or (count is not None and n >= count):
                 break
-    except KeyboardInterrupt:
-        pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     click.echo(f"xdpguard trace: {n} event(s)", err=True)
 
 

@@ -414,9 +414,7 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    return _merge(
-        [(max(x, u), min(y, v)) for x, y in a for u, v in b if max(x, u) <= min(y, v)]
-    )
+    return _merge([(max(x, u), min(y, v)) for x, y in a for u, v in b if max(x, u) <= min(y, v)])
 
 
 def single_range(comp: Comp, terms: Sequence[Term]) -> tuple[int, int] | None:

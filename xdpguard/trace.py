@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +137,14 @@ def xsk_deltas(prev: dict | None, stats: dict[str, Any]) -> tuple[dict, list[dic
 
 
 def follow(
-    control: str | None, interval: float, until: float | None = None
+    control: str | None,
+    interval: float,
+    until: float | None = None,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> Iterator[dict[str, Any]]:
-    """Events as they come, until the caller stops iterating or the monotonic
-    clock passes ``until``."""
+    """Events as they come, until the caller stops iterating, the monotonic
+    clock passes ``until`` or ``stopped()`` is true (checked at least every
+    ``interval``: a signal cuts the wait for events short)."""
     from xdpguard.control import ControlClient
 
     try:
@@ -157,7 +161,7 @@ def follow(
     prev: dict | None = None
     next_xsk = time.monotonic()
     try:
-        while until is None or time.monotonic() < until:
+        while not stopped() and (until is None or time.monotonic() < until):
             wait = interval if until is None else max(0.0, min(interval, until - time.monotonic()))
             for ev in tracer.poll(int(wait * 1000)):
                 yield describe(ev, names)

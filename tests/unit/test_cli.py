@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -63,3 +67,35 @@ def test_control_from_environment(tmp_path: Path) -> None:
     sock = tmp_path / "env.sock"
     res = CliRunner(env={"XDPGUARD_CONTROL": str(sock)}).invoke(main, ["stats"])
     assert str(sock) in res.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_trace_counts_every_event_it_wrote(monkeypatch: pytest.MonkeyPatch, signum: int) -> None:
+    """A signal that lands right after an event is written (the window CI once
+    hit: 7416 lines, 'xdpguard trace: 7415 event(s)') stops the trace with
+    that event counted."""
+    import xdpguard.trace
+
+    def endless(*_: object, **__: object) -> Iterator[dict[str, object]]:
+        while True:
+            yield {"event": "redirect_err"}
+
+    written = 0
+    echo = click.echo
+
+    def echo_then_signal(message: str, err: bool = False, **kw: object) -> None:
+        nonlocal written
+        echo(message, err=err, **kw)  # type: ignore[arg-type]
+        if not err:
+            written += 1
+            if written == 3:
+                os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(xdpguard.trace, "follow", endless)
+    monkeypatch.setattr(click, "echo", echo_then_signal)
+    before = signal.getsignal(signum)
+    result = CliRunner().invoke(main, ["trace", "--json"])
+    assert result.exit_code == 0, result.output
+    assert written == 3
+    assert result.stderr.strip() == "xdpguard trace: 3 event(s)"
+    assert signal.getsignal(signum) is before
