@@ -172,19 +172,9 @@ def forwarding_part(seconds: float, repeat: int) -> dict:
     return results
 
 
-SENDER = """
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-end = time.monotonic() + float(sys.argv[3])
-while time.monotonic() < end:
-    s.sendto(b"x" * 32, (sys.argv[1], int(sys.argv[2])))
-    time.sleep(0.001)
-"""
-
-
 def announce_part(n: int) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from lab import ORIGIN_V4, Appliance
+    from lab import CLIENT_V4, ORIGIN_V4, Appliance
     from lab import lab as test_lab
 
     on, off = [], []
@@ -214,22 +204,9 @@ def announce_part(n: int) -> dict:
                 "destination-port",
                 f"=={port}",
             ]
-            sender = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    the_lab.client_ns,
-                    sys.executable,
-                    "-c",
-                    SENDER,
-                    ORIGIN_V4,
-                    str(port),
-                    "30",
-                ]
-            )
-            try:
-                time.sleep(0.05)  # the traffic flows before the route exists
+            # UDP to the port, a datagram a millisecond, flowing before the route exists
+            with the_lab.probe(CLIENT_V4, ORIGIN_V4, "udp", 30, 0.001, 0.001, "--port", str(port)):
+                time.sleep(0.05)
                 t0 = time.perf_counter()
                 bgp.announce("ipv4", *match, "then", "discard")
                 while dropped(rule) <= 0:
@@ -240,9 +217,6 @@ def announce_part(n: int) -> dict:
                 while dropped(rule) >= 0:
                     time.sleep(0.001)
                 off.append(time.perf_counter() - t0)
-            finally:
-                sender.terminate()
-                sender.wait()
 
     def summary(xs: list[float]) -> dict:
         xs = sorted(xs)

@@ -531,6 +531,19 @@ class Probe:
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
 
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Ended, its verdict unread (a background stream of traffic)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
     def stop(self) -> list[Attempt]:
         self.proc.send_signal(signal.SIGTERM)
         return self.result()

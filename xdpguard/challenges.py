@@ -28,6 +28,7 @@ import numpy as np
 
 from xdpguard import _bindings as B
 from xdpguard.errors import XdpguardError
+from xdpguard.statefile import write_atomically
 from xdpguard.xdp import reason_counters
 
 log = logging.getLogger("xdpguard")
@@ -220,14 +221,8 @@ def save_verified(challenges: Challenges, path: Path) -> int:
         for addr, expires in challenges.verified(now)
     ]
     entries.sort(key=lambda e: e["source"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"saved_at": time.time(), "entries": entries}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    doc = {"saved_at": time.time(), "entries": entries}
+    write_atomically(path, lambda f: f.write(json.dumps(doc).encode()))
     return len(entries)
 
 

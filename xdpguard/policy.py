@@ -14,11 +14,9 @@ million prefixes cost a few megabytes rather than a million Python objects.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import socket
 import threading
 import time
@@ -31,6 +29,7 @@ import numpy as np
 
 from xdpguard import tcp as tcpmod
 from xdpguard.errors import XdpguardError
+from xdpguard.statefile import remove_stale_temp_files, write_atomically
 
 FAMILIES = ("v4", "v6")
 LISTS = ("allow", "block")
@@ -55,28 +54,6 @@ STATE_FORMAT = "xdpguard-policy"
 STATE_VERSION = 1
 
 log = logging.getLogger("xdpguard")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    dfd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def remove_stale_temp_files(state_dir: Path) -> list[Path]:
-    """Delete what an interrupted save left behind (``.NAME.PID.tmp``); which."""
-    gone = []
-    with contextlib.suppress(OSError):
-        for path in state_dir.glob(".*.tmp"):
-            parts = path.name.split(".")
-            if len(parts) >= 4 and parts[-2].isdigit() and path.is_file():
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                    gone.append(path)
-    return gone
 
 
 class PolicyInputError(XdpguardError):
@@ -693,19 +670,9 @@ class Policy:
                 arrays[f"{lst}_{f}_keys"] = s.keys.view(np.uint8)
                 arrays[f"{lst}_{f}_deadline"] = s.deadline
                 arrays[f"{lst}_{f}_comment"] = s.comment
-        tmp = self.state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
         try:
-            self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-            fsync_dir(self.state_path.parent)
+            write_atomically(self.state_path, lambda f: np.savez(f, **arrays))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             why = f"{self.state_path}: {exc.strerror or exc}"
             if why != self.unsaved:
                 log.error("policy applied but not saved: %s", why)

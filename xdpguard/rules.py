@@ -43,7 +43,8 @@ import numpy as np
 from xdpguard import _bindings as B
 from xdpguard import flowspec as F
 from xdpguard.errors import XdpguardError
-from xdpguard.policy import fsync_dir, parse_comment
+from xdpguard.policy import parse_comment
+from xdpguard.statefile import write_atomically
 
 log = logging.getLogger("xdpguard")
 
@@ -814,19 +815,9 @@ class RuleTable:
                 for (_, p), lim in self.limits.items()
             ],
         }
-        tmp = self.state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
         try:
-            self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-            fsync_dir(self.state_path.parent)
+            write_atomically(self.state_path, lambda f: f.write(json.dumps(doc).encode()))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             why = f"{self.state_path}: {exc.strerror or exc}"
             if why != self.unsaved:
                 log.error("rules applied but not saved: %s", why)

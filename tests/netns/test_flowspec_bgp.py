@@ -4,15 +4,12 @@ drops. Live UDP traffic from the client, counted at the origin's device."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from lab import CLIENT_V4, CLIENT_V6, ORIGIN_V4, ORIGIN_V6, SCRIPTS, Appliance, Lab, lab
+from lab import CLIENT_V4, CLIENT_V6, ORIGIN_V4, ORIGIN_V6, SCRIPTS, Appliance, lab
 
 sys.path.insert(0, str(SCRIPTS))
 from bgplab import CONTROLLER, BgpLab
@@ -22,41 +19,9 @@ pytestmark = pytest.mark.netns
 SOURCE = f"bgp:{CONTROLLER}"
 EFFECT_WITHIN = 1.0  # the issue's bound, announcement or withdrawal to effect
 
-# UDP to a port, one datagram a millisecond, for a bounded time.
-SENDER = """
-import socket, sys, time
-fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM)
-s.bind((sys.argv[3], 0))
-end = time.monotonic() + float(sys.argv[4])
-while time.monotonic() < end:
-    s.sendto(b"x" * 32, (sys.argv[1], int(sys.argv[2])))
-    time.sleep(0.001)
-"""
 
-
-@contextmanager
-def udp_traffic(the_lab: Lab, dst: str, port: int, src: str, seconds: float) -> Iterator[None]:
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            the_lab.client_ns,
-            sys.executable,
-            "-c",
-            SENDER,
-            dst,
-            str(port),
-            src,
-            str(seconds),
-        ],
-    )
-    try:
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def session_up(app: Appliance) -> bool:
+    return app.call("rule.list")["sessions"][SOURCE]["up"]
 
 
 def bgp_rules(app: Appliance) -> dict[str, dict]:
@@ -87,7 +52,8 @@ def test_gobgp_announcements_take_effect_on_live_traffic_and_go(
         Appliance(the_lab, tmp_path) as app,
         BgpLab(tmp_path, app.control, hold=30) as bgp,
         the_lab.origin_counters(hit=f"{ip} daddr {dst} udp dport 9") as origin,
-        udp_traffic(the_lab, dst, 9, src, 60),
+        # UDP to the discard port, a datagram a millisecond (nothing echoes)
+        the_lab.probe(src, dst, "udp", 60, 0.001, 0.001, "--port", "9"),
     ):
         bgp.wait_up(lambda: app.call("rule.list"))
         wait_until(lambda: origin()["hit"] > 0, what="traffic at the origin")
@@ -167,9 +133,7 @@ def test_a_session_reset_flushes_after_the_hold_time_and_replays(tmp_path: Path)
         wait_until(lambda: len(bgp_rules(app)) == 2, what="both routes")
 
         bgp.peer("disable")
-        t_down = wait_until(
-            lambda: not app.call("rule.list")["sessions"][SOURCE]["up"], what="the session down"
-        )
+        t_down = wait_until(lambda: not session_up(app), what="the session down")
         assert len(bgp_rules(app)) == 2  # kept while the hold time runs
         t_gone = wait_until(lambda: not bgp_rules(app), what="the flush")
         assert t_gone - t_down >= hold * 0.9
@@ -179,7 +143,7 @@ def test_a_session_reset_flushes_after_the_hold_time_and_replays(tmp_path: Path)
 
         # Down and back within the hold time, b withdrawn while down.
         bgp.peer("disable")
-        wait_until(lambda: not app.call("rule.list")["sessions"][SOURCE]["up"], what="down")
+        wait_until(lambda: not session_up(app), what="the session down")
         bgp.withdraw("ipv4", *b)
         bgp.peer("enable")
         wait_until(

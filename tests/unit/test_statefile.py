@@ -1,0 +1,47 @@
+"""State files are replaced whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from xdpguard.statefile import remove_stale_temp_files, write_atomically
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_write_replaces_the_file_private(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "rules.json"
+    write_atomically(path, lambda f: f.write(b"one"))
+    write_atomically(path, lambda f: f.write(b"two"))
+    assert path.read_bytes() == b"two"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert os.listdir(path.parent) == ["rules.json"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "policy.npz"
+    write_atomically(path, lambda f: f.write(b"old"))
+
+    def half_then_fail(f: IO[bytes]) -> None:
+        f.write(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(path, half_then_fail)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["policy.npz"]
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    keep = [tmp_path / "policy.npz", tmp_path / ".hidden.tmp", tmp_path / ".a.notpid.tmp"]
+    stale = [tmp_path / ".policy.npz.4242.tmp", tmp_path / ".rules.json.7.tmp"]
+    for p in keep + stale:
+        p.write_bytes(b"x")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
