@@ -136,6 +136,18 @@ def xsk_deltas(prev: dict | None, stats: dict[str, Any]) -> tuple[dict, list[dic
     return cur, events
 
 
+def read_xsk(control: str, prev: dict | None) -> tuple[dict | None, list[dict[str, Any]]]:
+    """xsk_deltas() against the running appliance; (None, []) if there is none
+    (yet, or any more)."""
+    from xdpguard.control import ControlClient
+
+    try:
+        with ControlClient(control) as c:
+            return xsk_deltas(prev, c.call("stats"))
+    except XdpguardError:
+        return None, []
+
+
 def follow(
     control: str | None,
     interval: float,
@@ -145,8 +157,6 @@ def follow(
     """Events as they come, until the caller stops iterating, the monotonic
     clock passes ``until`` or ``stopped()`` is true (checked at least every
     ``interval``: a signal cuts the wait for events short)."""
-    from xdpguard.control import ControlClient
-
     try:
         tracer = B.Trace(str(object_path()))
     except OSError as exc:
@@ -154,25 +164,23 @@ def follow(
             raise XdpguardError("xdpguard trace needs root (CAP_BPF and CAP_PERFMON)") from None
         raise XdpguardError(f"cannot attach to the XDP tracepoints: {exc.strerror}") from None
     names = Names()
-    log.info(
-        "attached to xdp_exception, xdp_redirect_err and xdp_devmap_xmit%s",
-        f"; reading {control} every {interval:g} s" if control else "",
-    )
-    prev: dict | None = None
-    next_xsk = time.monotonic()
+
     try:
+        # The sockets' baseline is read before trace says it is attached: a
+        # drop from then on is an event, even one before the first interval.
+        prev = read_xsk(control, None)[0] if control is not None else None
+        next_xsk = time.monotonic() + interval
+        log.info(
+            "attached to xdp_exception, xdp_redirect_err and xdp_devmap_xmit%s",
+            f"; reading {control} every {interval:g} s" if control else "",
+        )
         while not stopped() and (until is None or time.monotonic() < until):
             wait = interval if until is None else max(0.0, min(interval, until - time.monotonic()))
             for ev in tracer.poll(int(wait * 1000)):
                 yield describe(ev, names)
             if control is not None and time.monotonic() >= next_xsk:
                 next_xsk = time.monotonic() + interval
-                try:
-                    with ControlClient(control) as c:
-                        prev, events = xsk_deltas(prev, c.call("stats"))
-                except XdpguardError:
-                    prev = None  # no appliance (yet, or any more)
-                    continue
+                prev, events = read_xsk(control, prev)
                 yield from events
     finally:
         tracer.close()

@@ -132,11 +132,12 @@ def test_a_session_reset_flushes_after_the_hold_time_and_replays(tmp_path: Path)
         bgp.announce("ipv4", *b, "then", "discard")
         wait_until(lambda: len(bgp_rules(app)) == 2, what="both routes")
 
+        t_disable = time.monotonic()  # the session goes down after this, never before
         bgp.peer("disable")
-        t_down = wait_until(lambda: not session_up(app), what="the session down")
+        wait_until(lambda: not session_up(app), what="the session down")
         assert len(bgp_rules(app)) == 2  # kept while the hold time runs
         t_gone = wait_until(lambda: not bgp_rules(app), what="the flush")
-        assert t_gone - t_down >= hold * 0.9
+        assert t_gone - t_disable >= hold
 
         bgp.peer("enable")
         wait_until(lambda: len(bgp_rules(app)) == 2, what="the replay", timeout=60)
@@ -155,7 +156,10 @@ def test_a_session_reset_flushes_after_the_hold_time_and_replays(tmp_path: Path)
 
 
 def test_the_feed_gone_its_rules_go_after_the_hold_time(tmp_path: Path) -> None:
-    hold = 2.0
+    """The feed renews its lease every hold/3, so at the kill at least 2/3 of
+    the hold time is left; asserted: half (a renewal may come late on a busy
+    machine)."""
+    hold = 4.0
     with (
         lab(queues=1) as the_lab,
         Appliance(the_lab, tmp_path) as app,
