@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +54,7 @@ import xgbench  # noqa: E402
 from bgplab import CONTROLLER, BgpLab  # noqa: E402
 from xgbench import EDGE_NS, NAMES, lab, sh  # noqa: E402
 
+from xdpguard.flowtable import forget  # noqa: E402
 from xdpguard.netns import Netns, resolve_device  # noqa: E402
 
 N_RULES = 10_000
@@ -179,12 +180,13 @@ def announce_part(n: int) -> dict:
 
     on, off = [], []
     source = f"bgp:{CONTROLLER}"
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        test_lab(queues=1) as the_lab,
-        Appliance(the_lab, Path(tmp)) as app,
-        BgpLab(Path(tmp), app.control, hold=30) as bgp,
-    ):
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        the_lab = stack.enter_context(test_lab(queues=1))
+        app = Appliance(the_lab, tmp)
+        stack.callback(forget, app.state_dir)  # its pinned flow table, after it stopped
+        stack.enter_context(app)
+        bgp = stack.enter_context(BgpLab(tmp, app.control, hold=30))
         bgp.wait_up(lambda: app.call("rule.list"))
 
         def dropped(rule: str) -> int:
