@@ -103,6 +103,19 @@ def bare_rate(seconds: float) -> list[dict]:
         prog.close()
 
 
+def setup_line(name: str, r: dict) -> str:
+    def times(s: dict) -> str:
+        return f"{s['median_ms']:.3g} / {s['p95_ms']:.3g} / {s['max_ms']:.3g} ms"
+
+    head = f"{r['flood_pps'] / 1e6:.2f} Mpps spoofed SYNs" if r["flood_pps"] else "no flood"
+    line = f"  {head + ':':<24}challenged {times(r['challenged'])}, verified {times(r['verified'])}"
+    if r["flood_pps"]:
+        moved = r["reasons"]
+        line += (f";\n  {'':<24}{moved['syn_challenged']:,} challenged, "
+                 f"{moved['challenge_rate_limited']:,} over the per-/24 caps")  # fmt: skip
+    return line
+
+
 def setup(seconds: float) -> dict:
     """Connect times with xdpguard's defaults, without and under the largest flood."""
     out: dict = {}
@@ -146,7 +159,7 @@ def setup(seconds: float) -> dict:
                 }
                 out[name] = {"flood_pps": pps, "challenged": summary(challenged),
                              "verified": summary(verified), "reasons": moved}  # fmt: skip
-                print(f"  {name}: {out[name]}", flush=True)
+                print(setup_line(name, out[name]), flush=True)
     finally:
         stop.set()
         srv.join(3)
