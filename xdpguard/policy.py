@@ -27,9 +27,9 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
+from xdpguard import statefile
 from xdpguard import tcp as tcpmod
 from xdpguard.errors import XdpguardError
-from xdpguard.statefile import remove_stale_temp_files, write_atomically
 
 FAMILIES = ("v4", "v6")
 LISTS = ("allow", "block")
@@ -670,17 +670,9 @@ class Policy:
                 arrays[f"{lst}_{f}_keys"] = s.keys.view(np.uint8)
                 arrays[f"{lst}_{f}_deadline"] = s.deadline
                 arrays[f"{lst}_{f}_comment"] = s.comment
-        try:
-            write_atomically(self.state_path, lambda f: np.savez(f, **arrays))
-        except OSError as exc:
-            why = f"{self.state_path}: {exc.strerror or exc}"
-            if why != self.unsaved:
-                log.error("policy applied but not saved: %s", why)
-            self.unsaved = why
-            return
-        if self.unsaved is not None:
-            log.info("policy saved again to %s", self.state_path)
-        self.unsaved = None
+        self.unsaved = statefile.save(
+            self.state_path, lambda f: np.savez(f, **arrays), "policy", self.unsaved
+        )
 
     def _push_all(self) -> None:
         """Put the whole authoritative copy into the kernel and the TCP stage."""
@@ -694,7 +686,7 @@ class Policy:
     def restore(self) -> dict[str, Any]:
         """Load the state file (if any) and push it all into the maps; what was restored."""
         if self.state_path is not None:
-            for path in remove_stale_temp_files(self.state_path.parent):
+            for path in statefile.remove_stale_temp_files(self.state_path.parent):
                 log.info("removed %s, left by an interrupted save", path)
         if self.state_path is None or not self.state_path.exists():
             self._push_all()

@@ -42,9 +42,9 @@ import numpy as np
 
 from xdpguard import _bindings as B
 from xdpguard import flowspec as F
+from xdpguard import statefile
 from xdpguard.errors import XdpguardError
 from xdpguard.policy import parse_comment
-from xdpguard.statefile import write_atomically
 
 log = logging.getLogger("xdpguard")
 
@@ -815,15 +815,9 @@ class RuleTable:
                 for (_, p), lim in self.limits.items()
             ],
         }
-        try:
-            write_atomically(self.state_path, lambda f: f.write(json.dumps(doc).encode()))
-        except OSError as exc:
-            why = f"{self.state_path}: {exc.strerror or exc}"
-            if why != self.unsaved:
-                log.error("rules applied but not saved: %s", why)
-            self.unsaved = why
-            return
-        self.unsaved = None
+        self.unsaved = statefile.save(
+            self.state_path, lambda f: f.write(json.dumps(doc).encode()), "rules", self.unsaved
+        )
 
     def save_if_behind(self) -> bool:
         if self.unsaved is None:

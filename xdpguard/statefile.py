@@ -8,10 +8,13 @@ removes (remove_stale_temp_files)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+log = logging.getLogger("xdpguard")
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,6 +44,24 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+def save(
+    path: Path, write: Callable[[IO[bytes]], None], what: str, unsaved: str | None
+) -> str | None:
+    """write_atomically() for a store that has already changed in memory and
+    in the kernel: never raises. None once saved, else why not, logged once
+    per reason (``unsaved``: why the last save failed, None if it did not)."""
+    try:
+        write_atomically(path, write)
+    except OSError as exc:
+        why = f"{path}: {exc.strerror or exc}"
+        if why != unsaved:
+            log.error("%s applied but not saved: %s", what, why)
+        return why
+    if unsaved is not None:
+        log.info("%s saved again to %s", what, path)
+    return None
 
 
 def remove_stale_temp_files(state_dir: Path) -> list[Path]:

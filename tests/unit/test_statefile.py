@@ -9,7 +9,7 @@ from typing import IO
 
 import pytest
 
-from xdpguard.statefile import remove_stale_temp_files, write_atomically
+from xdpguard.statefile import remove_stale_temp_files, save, write_atomically
 
 pytestmark = pytest.mark.unit
 
@@ -45,3 +45,20 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path: Path) -> None:
         p.write_bytes(b"x")
     assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(keep)
+
+
+def test_save_says_once_why_it_could_not_and_when_it_could_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    path = blocker / "rules.json"
+    caplog.set_level("INFO", logger="xdpguard")
+    why = save(path, lambda f: f.write(b"{}"), "rules", None)
+    assert why is not None and str(path) in why
+    assert save(path, lambda f: f.write(b"{}"), "rules", why) == why
+    assert [r.getMessage() for r in caplog.records] == [f"rules applied but not saved: {why}"]
+    blocker.unlink()
+    assert save(path, lambda f: f.write(b"{}"), "rules", why) is None
+    assert path.read_bytes() == b"{}"
+    assert caplog.records[-1].getMessage() == f"rules saved again to {path}"
