@@ -573,6 +573,8 @@ def rule_add(words: tuple[str, ...], comment: str | None, as_json: bool, control
 
     \b
       xdpguard rule add dst 192.0.2.0/24 proto udp sport 53,123 drop
+      xdpguard rule add dst 2001:db8::/32 proto udp length '>1200' rate-limit 10M
+
     The same match again changes the action. Quote terms with < > ! for the shell.
     """
     r = _call(control, "rule.add", rules=[" ".join(words)], comment=comment)

@@ -99,3 +99,20 @@ def test_trace_counts_every_event_it_wrote(monkeypatch: pytest.MonkeyPatch, sign
     assert written == 3
     assert result.stderr.strip() == "xdpguard trace: 3 event(s)"
     assert signal.getsignal(signum) is before
+
+
+def test_the_rule_examples_in_help_are_valid_rules() -> None:
+    """Every rule 'xdpguard rule --help' and 'rule add --help' show parses."""
+    import shlex
+
+    from xdpguard import flowspec
+
+    examples = []
+    for cmd in (["rule", "--help"], ["rule", "add", "--help"]):
+        for line in invoke(*cmd).output.splitlines():
+            line = line.strip().removeprefix("xdpguard rule add ")
+            if line.startswith(("dst ", "src ", "ipv4 ", "ipv6 ")) and "  " not in line:
+                examples.append(" ".join(shlex.split(line)))
+    assert len(examples) >= 5, examples
+    for text in examples:
+        flowspec.parse(text)
