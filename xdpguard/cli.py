@@ -708,7 +708,12 @@ def ratelimit_add(
     as_json: bool,
     control: str,
 ) -> None:
-    """Limit sources in PREFIXES; an existing limit gets the new rates."""
+    """Limit sources in PREFIXES; an existing limit gets the new rates.
+
+    \b
+      xdpguard ratelimit add 198.18.0.0/15 --pps 1000 --per-source
+      xdpguard ratelimit add 2001:db8::/32 --pps 50000 --bps 10000000
+    """
     if pps is None and bps is None:
         raise click.UsageError("give --pps, --bps or both")
     r = _call(
