@@ -78,7 +78,10 @@ def interval(rate: float, ncpus: int) -> int:
     """A rate per second as the buckets keep it (bpf/xdpguard.h, XG_RATE_SHIFT)."""
     iv = round(1e9 * (1 << B.RATE_SHIFT) * ncpus / rate)
     if iv > _MAX_INTERVAL:
-        raise F.RuleError(f"rate {rate:g}/s is too low for {ncpus} CPUs (at least {ncpus})")
+        exact = 1e9 * (1 << B.RATE_SHIFT) * ncpus / _MAX_INTERVAL
+        scale = 10.0 ** (2 - math.floor(math.log10(exact)))  # three digits, rounded up
+        lowest = math.ceil(exact * scale) / scale
+        raise F.RuleError(f"rate {rate:g}/s is too low for {ncpus} CPU(s): at least {lowest:g}")
     return max(iv, 1)
 
 

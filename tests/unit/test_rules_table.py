@@ -262,3 +262,18 @@ def test_the_feed_replays_after_xdpguard_restarted(table: RuleTable, tmp_path: P
     client.broken = False
     feed.keepalive()
     assert texts(fresh) == []
+
+
+@pytest.mark.parametrize("ncpus", [1, 2, 64])
+def test_the_lowest_rate_said_is_the_lowest_taken(ncpus: int) -> None:
+    """A rate too low for the buckets names the lowest that fits, and that one fits."""
+    import re
+
+    from xdpguard.rules import interval
+
+    with pytest.raises(F.RuleError, match="too low") as refused:
+        interval(0.001, ncpus)
+    lowest = float(re.search(r"at least ([0-9.e+]+)$", str(refused.value)).group(1))  # type: ignore[union-attr]
+    assert interval(lowest, ncpus) >= 1
+    with pytest.raises(F.RuleError):
+        interval(lowest * 0.99, ncpus)
