@@ -262,9 +262,8 @@ COMMANDS: dict[str, Command] = {
         Command("tcp.verified.clear", "forget every verified source"),
         Command(
             "rule.add",
-            "add n-tuple rules (FlowSpec components, then an action): "
-            "{rules, source?: local|bgp:PEER, comment?}",
-            {"rules": _RULES, "source": Arg(Str(64)), "comment": Arg(Str(MAX_COMMENT))},
+            "add local n-tuple rules (FlowSpec components, then an action): {rules, comment?}",
+            {"rules": _RULES, "comment": Arg(Str(MAX_COMMENT))},
         ),
         Command(
             "rule.del",
@@ -286,11 +285,14 @@ COMMANDS: dict[str, Command] = {
         Command("rule.clear", "delete every rule of a source: {source?}", {"source": Arg(Str(64))}),
         Command(
             "rule.update",
-            "a BGP source's announcements and withdrawals, at once: {source, announce?, withdraw?}",
+            "a BGP source's announcements and withdrawals, at once, under its session's "
+            "lease (one up for hold seconds if it has none): {source, announce?, withdraw?, "
+            "hold: seconds}",
             {
                 "source": Arg(Str(64), True),
                 "announce": Arg(ListOf(Str(MAX_RULE), MAX_RULES)),
                 "withdraw": Arg(ListOf(Str(MAX_RULE), MAX_RULES)),
+                "hold": Arg(Num(0, 3600, lo_open=True), True),
             },
         ),
         Command(

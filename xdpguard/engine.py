@@ -634,13 +634,13 @@ class Engine:
             "tcp.flows": lambda a: tcp().flows(10 if a["top"] is None else a["top"]),
             "tcp.verified.list": lambda a: tcp().verified(),
             "tcp.verified.clear": lambda a: tcp().verified_clear(),
-            "rule.add": lambda a: rules().add(a["rules"], a["source"], a["comment"]),
+            "rule.add": lambda a: rules().add(a["rules"], a["comment"]),
             "rule.del": lambda a: rules().delete(a["rules"], a["source"]),
             "rule.list": lambda a: rules().entries_of(a["source"]),
             "rule.load": lambda a: rules().load(_rule_file(a), bool(a["replace"])),
             "rule.clear": lambda a: rules().clear(a["source"]),
             "rule.update": lambda a: rules().update(
-                a["source"], a["announce"] or [], a["withdraw"] or []
+                a["source"], a["announce"] or [], a["withdraw"] or [], a["hold"]
             ),
             "rule.session": lambda a: rules().session(a["source"], a["state"], a["hold"]),
             "ratelimit.add": lambda a: rules().limit_add(

@@ -241,6 +241,11 @@ class Feed:
             if kind == "state":
                 self._state(source, str(msg["neighbor"].get("state")))
             elif kind == "update":
+                if source not in self.up:
+                    # No 'state up' first: ExaBGP's api lacks neighbor-changes.
+                    # An UPDATE means the session is up; keep its lease alive.
+                    log.warning("%s: an UPDATE before its session was said up", source)
+                    self._state(source, "up")
                 self._update(source, msg)
 
     def _state(self, source: str, state: str) -> None:
@@ -298,16 +303,18 @@ class Feed:
         cannot hold: no room, too many on one destination), one by one, so
         that only the routes refused are left out, each logged."""
         try:
-            self._call("rule.update", source=source, announce=announce, withdraw=withdraw)
+            self._call(
+                "rule.update", source=source, announce=announce, withdraw=withdraw, hold=self.hold
+            )
             return
         except ControlError:
             pass  # refused as a whole: find which
         rib = self.ribs.get(source, {})
         for text in withdraw:
-            self._call("rule.update", source=source, withdraw=[text])
+            self._call("rule.update", source=source, withdraw=[text], hold=self.hold)
         for text in announce:
             try:
-                self._call("rule.update", source=source, announce=[text])
+                self._call("rule.update", source=source, announce=[text], hold=self.hold)
             except ControlError as exc:
                 log.error("%s: xdpguard refused %s: %s", source, text, exc)
                 rule = F.parse(text)

@@ -470,15 +470,16 @@ class RuleTable:
             raise F.RuleError(f"source {source!r}: 'local' or 'bgp:PEER'")
         return source
 
-    def add(self, texts: Sequence[str], source: Any = None, comment: Any = None) -> dict[str, Any]:
-        source = self._source(source)
+    def add(self, texts: Sequence[str], comment: Any = None) -> dict[str, Any]:
+        """Local rules. A BGP source's come by update() only, under its
+        session's lease: added here, nothing would ever expire them."""
         text = parse_comment(comment)
         rules = [self._parse(t, text) for t in texts]
         if not rules:
             raise F.RuleError("no rules given")
         with self._lock:
-            result = self._apply(source, rules, [])
-            return self._done(source, result)
+            result = self._apply(LOCAL, rules, [])
+            return self._done(LOCAL, result)
 
     def delete(self, texts: Sequence[str], source: Any = None) -> dict[str, Any]:
         source = self._source(source)
@@ -487,15 +488,20 @@ class RuleTable:
             return self._done(source, self._apply(source, [], matches))
 
     def update(
-        self, source: Any, announce: Sequence[str], withdraw: Sequence[str]
+        self, source: Any, announce: Sequence[str], withdraw: Sequence[str], hold: float
     ) -> dict[str, Any]:
-        """A BGP UPDATE's worth of changes (the feed's)."""
+        """A BGP UPDATE's worth of changes (the feed's). A source without a
+        session (xdpguard restarted since the feed said 'up') gets one, up
+        for ``hold`` seconds: its rules are never without a lease."""
         source = self._source(source)
         if source == LOCAL:
             raise F.RuleError("updates come from a BGP source")
+        self._check_hold(hold)
         rules = [self._parse(t, None) for t in announce]
         matches = [self._parse_match(t) for t in withdraw]
         with self._lock:
+            if source not in self.sessions:
+                self.sessions[source] = _Session(hold, True, self.clock() + hold)
             self._lease(source)
             return self._apply(source, rules, matches)
 
@@ -590,14 +596,18 @@ class RuleTable:
         if s is not None and s.up:
             s.expires = max(s.expires, self.clock() + s.hold)
 
+    @staticmethod
+    def _check_hold(hold: float) -> None:
+        if not 0 < hold <= MAX_HOLD:
+            raise F.RuleError(f"hold {hold}: 0 < hold <= {MAX_HOLD:g} seconds")
+
     def session(self, source: Any, state: str, hold: float) -> dict[str, Any]:
         """A BGP source's session: ``up`` (also the feed's keepalive), ``down``
         or ``eor`` (End-of-RIB: what stayed stale goes now)."""
         source = self._source(source)
         if source == LOCAL:
             raise F.RuleError("sessions are BGP sources'")
-        if not 0 < hold <= MAX_HOLD:
-            raise F.RuleError(f"hold {hold}: 0 < hold <= {MAX_HOLD:g} seconds")
+        self._check_hold(hold)
         now = self.clock()
         with self._lock:
             s = self.sessions.get(source)

@@ -146,7 +146,7 @@ def test_a_slot_used_again_gets_another_tag(table: RuleTable) -> None:
 def test_local_rules_are_saved_and_bgp_ones_are_not(table: RuleTable, tmp_path: Path) -> None:
     table.add(["dst 192.0.2.0/24 proto udp drop"], comment="why")
     table.session("bgp:192.0.2.1", "up", 30)
-    table.update("bgp:192.0.2.1", ["dst 198.51.100.0/24 drop"], [])
+    table.update("bgp:192.0.2.1", ["dst 198.51.100.0/24 drop"], [], 30)
     table.limit_add(["198.18.0.0/15"], 1000, None, True)
     doc = json.loads((tmp_path / "rules.json").read_text())
     assert [r["rule"] for r in doc["rules"]] == ["dst 192.0.2.0/24 proto udp drop"]
@@ -166,14 +166,14 @@ def test_leases_and_stale_routes(table: RuleTable) -> None:
     clock: Clock = table.clock  # type: ignore[assignment]
     src = "bgp:192.0.2.1"
     table.session(src, "up", 10)
-    table.update(src, ["dst 192.0.2.0/24 drop", "dst 192.0.2.1/32 drop"], [])
+    table.update(src, ["dst 192.0.2.0/24 drop", "dst 192.0.2.1/32 drop"], [], 10)
     table.add(["dst 203.0.113.0/24 drop"])  # local: never touched by any of it
     table.session(src, "down", 10)
     clock.t += 9
     assert table.expire() == 0 and len(texts(table, src)) == 2
     table.session(src, "up", 10)  # back in time: both stale now
     assert all(r["stale"] for r in table.entries_of(src)["rules"])
-    table.update(src, ["dst 192.0.2.0/24 drop"], [])  # announced again
+    table.update(src, ["dst 192.0.2.0/24 drop"], [], 10)  # announced again
     table.session(src, "eor", 10)
     assert texts(table, src) == ["dst 192.0.2.0/24 drop"]
     # The feed goes silent: the lease runs out a hold time after the last renewal.
@@ -184,6 +184,29 @@ def test_leases_and_stale_routes(table: RuleTable) -> None:
     clock.t += 0.2
     assert table.expire() == 1 and texts(table, src) == []
     assert texts(table, "local") == ["dst 203.0.113.0/24 drop"]
+
+
+def test_an_update_without_a_session_is_leased_all_the_same(table: RuleTable) -> None:
+    """xdpguard restarted (its sessions gone) and the feed's next UPDATE came
+    before its keepalive: the rules must still go if the feed never speaks
+    again, not stay forever."""
+    clock: Clock = table.clock  # type: ignore[assignment]
+    src = "bgp:192.0.2.1"
+    table.update(src, ["dst 192.0.2.0/24 drop"], [], 10)
+    assert table.entries_of(src)["sessions"][src]["up"]
+    clock.t += 9.9
+    assert table.expire() == 0
+    clock.t += 0.2
+    assert table.expire() == 1 and texts(table, src) == []
+
+
+def test_rules_of_a_bgp_source_come_only_by_its_updates(table: RuleTable) -> None:
+    """'rule.add' is for local rules: a BGP-sourced rule added there would
+    have no lease, and nothing would ever expire it."""
+    with pytest.raises(TypeError):
+        table.add(["dst 192.0.2.0/24 drop"], source="bgp:192.0.2.1")  # type: ignore[call-arg]
+    table.add(["dst 192.0.2.0/24 drop"], "a note")
+    assert texts(table, "local") == ["dst 192.0.2.0/24 drop"]
 
 
 class TableClient:
@@ -204,7 +227,7 @@ class TableClient:
         try:
             if cmd == "rule.update":
                 return self.table.update(
-                    a["source"], a.get("announce") or [], a.get("withdraw") or []
+                    a["source"], a.get("announce") or [], a.get("withdraw") or [], a["hold"]
                 )
             if cmd == "rule.session":
                 return self.table.session(a["source"], a["state"], a["hold"])
@@ -220,6 +243,13 @@ def state(peer: str, what: str) -> dict[str, Any]:
     return {"type": "state", "neighbor": {"address": {"peer": peer}, "state": what}}
 
 
+# GoBGP's UPDATE: dst 192.0.2.0/24 proto udp sport 123, then discard.
+NTP_DISCARD = (
+    "0000002C4001010240020602010000FDE9800E1100018500000B0118C0000203811106817BC01008800600"
+    "0000000000"
+)
+
+
 def update(peer: str, body: str) -> dict[str, Any]:
     return {"type": "update", "neighbor": {"address": {"peer": peer}, "message": {"body": body}}}
 
@@ -230,7 +260,7 @@ def test_the_feed_leaves_out_only_what_xdpguard_refuses(table: RuleTable) -> Non
     feed.handle(state("192.0.2.9", "up"))
     # 65 rules on one destination: one more than a list holds.
     rules = [f"dst 192.0.2.0/24 proto udp sport {p} drop" for p in range(65)]
-    table.update("bgp:192.0.2.9", rules[:64], [])
+    table.update("bgp:192.0.2.9", rules[:64], [], 30)
     feed.ribs["bgp:192.0.2.9"] = {F.parse(r).match.key(): r for r in rules[:64]}
     feed._apply("bgp:192.0.2.9", [rules[64], "dst 198.51.100.0/24 drop"], [])
     got = texts(table, "bgp:192.0.2.9")
@@ -243,11 +273,7 @@ def test_the_feed_replays_after_xdpguard_restarted(table: RuleTable, tmp_path: P
     feed = Feed("ctl", 30, client=client)
     peer = "192.0.2.9"
     feed.handle(state(peer, "up"))
-    body = (
-        "0000002C4001010240020602010000FDE9800E1100018500000B0118C0000203811106817BC01008800600"
-        "0000000000"
-    )
-    feed.handle(update(peer, body))
+    feed.handle(update(peer, NTP_DISCARD))
     assert texts(table) == ["dst 192.0.2.0/24 proto udp sport 123 drop"]
     # xdpguard restarts: a new table, a new instance; the keepalive notices.
     fresh = RuleTable(FakeMaps(), tmp_path, clock=Clock())
@@ -277,3 +303,17 @@ def test_the_lowest_rate_said_is_the_lowest_taken(ncpus: int) -> None:
     assert interval(lowest, ncpus) >= 1
     with pytest.raises(F.RuleError):
         interval(lowest * 0.99, ncpus)
+
+
+def test_an_update_before_the_session_is_said_up_opens_it(table: RuleTable) -> None:
+    """ExaBGP without 'neighbor-changes' sends UPDATEs and no 'state up':
+    the peer's first UPDATE opens its session, and the keepalives renew it."""
+    client = TableClient(table)
+    feed = Feed("ctl", 30, client=client)
+    feed.handle(update("192.0.2.9", NTP_DISCARD))
+    assert texts(table, "bgp:192.0.2.9")
+    assert "bgp:192.0.2.9" in feed.up
+    assert client.calls[0] == (
+        "rule.session",
+        {"source": "bgp:192.0.2.9", "state": "up", "hold": 30},
+    )
