@@ -364,6 +364,14 @@ class Sink:
 
 def wait_quiet(read: Callable[[], object], settle: float = 0.3, timeout: float = 20.0) -> object:
     """Poll ``read()`` until it stops changing for ``settle`` seconds; its last value."""
+    return settled(read, settle, timeout)[0]
+
+
+def settled(
+    read: Callable[[], object], settle: float = 0.3, timeout: float = 20.0
+) -> tuple[object, float]:
+    """As wait_quiet(); also the monotonic time of the first reading that
+    showed the last value: the change happened before it, never after."""
     deadline = time.monotonic() + timeout
     last = read()
     stable_since = time.monotonic()
@@ -373,8 +381,8 @@ def wait_quiet(read: Callable[[], object], settle: float = 0.3, timeout: float =
         if cur != last:
             last, stable_since = cur, time.monotonic()
         elif time.monotonic() - stable_since >= settle:
-            return cur
-    return last
+            break
+    return last, stable_since
 
 
 class CpuMeter:
