@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from lab import CLIENT_V4, CLIENT_V6, ORIGIN_V4, ORIGIN_V6, SCRIPTS, Appliance, lab
+from lab import CLIENT_V4, CLIENT_V6, ORIGIN_V4, ORIGIN_V6, SCRIPTS, Appliance, Lab, lab
 
 sys.path.insert(0, str(SCRIPTS))
 from bgplab import CONTROLLER, BgpLab
@@ -18,6 +20,19 @@ pytestmark = pytest.mark.netns
 
 SOURCE = f"bgp:{CONTROLLER}"
 EFFECT_WITHIN = 1.0  # the issue's bound, announcement or withdrawal to effect
+
+
+@contextmanager
+def fleet(tmp_path: Path, hold: float, queues: int = 1) -> Iterator[tuple[Lab, Appliance, BgpLab]]:
+    """A lab and xdpguard, with GoBGP (the controller) peered with ExaBGP beside
+    it, the session up."""
+    with (
+        lab(queues=queues) as the_lab,
+        Appliance(the_lab, tmp_path) as app,
+        BgpLab(tmp_path, app.control, hold=hold) as bgp,
+    ):
+        bgp.wait_up(lambda: app.call("rule.list"))
+        yield the_lab, app, bgp
 
 
 def session_up(app: Appliance) -> bool:
@@ -48,14 +63,11 @@ def test_gobgp_announcements_take_effect_on_live_traffic_and_go(
     plen = 128 if v6 else 32
     ip = "ip6" if v6 else "ip"
     with (
-        lab(queues=2) as the_lab,
-        Appliance(the_lab, tmp_path) as app,
-        BgpLab(tmp_path, app.control, hold=30) as bgp,
+        fleet(tmp_path, hold=30, queues=2) as (the_lab, app, bgp),
         the_lab.origin_counters(hit=f"{ip} daddr {dst} udp dport 9") as origin,
         # UDP to the discard port, a datagram a millisecond (nothing echoes)
         the_lab.probe(src, dst, "udp", 60, 0.001, 0.001, "--port", "9"),
     ):
-        bgp.wait_up(lambda: app.call("rule.list"))
         wait_until(lambda: origin()["hit"] > 0, what="traffic at the origin")
         local = "ipv4 proto udp sport 19 drop"
         app.cli("rule", "add", *local.split())
@@ -100,12 +112,7 @@ def test_gobgp_announcements_take_effect_on_live_traffic_and_go(
 
 
 def test_a_route_the_engine_cannot_do_is_rejected_whole(tmp_path: Path) -> None:
-    with (
-        lab(queues=1) as the_lab,
-        Appliance(the_lab, tmp_path) as app,
-        BgpLab(tmp_path, app.control, hold=30) as bgp,
-    ):
-        bgp.wait_up(lambda: app.call("rule.list"))
+    with fleet(tmp_path, hold=30) as (_, app, bgp):
         good = ["destination", f"{ORIGIN_V4}/32", "protocol", "udp", "source-port", "==123"]
         bgp.announce("ipv4", *good, "then", "discard")
         wait_until(lambda: len(bgp_rules(app)) == 1, what="the good route")
@@ -120,12 +127,7 @@ def test_a_session_reset_flushes_after_the_hold_time_and_replays(tmp_path: Path)
     replays, the rules return. Down and back within the hold time: the
     routes announced again stay, one withdrawn meanwhile goes."""
     hold = 3.0
-    with (
-        lab(queues=1) as the_lab,
-        Appliance(the_lab, tmp_path) as app,
-        BgpLab(tmp_path, app.control, hold=hold) as bgp,
-    ):
-        bgp.wait_up(lambda: app.call("rule.list"))
+    with fleet(tmp_path, hold=hold) as (_, app, bgp):
         a = ["destination", f"{ORIGIN_V4}/32", "protocol", "udp", "source-port", "==123"]
         b = ["destination", f"{ORIGIN_V4}/32", "protocol", "udp", "source-port", "==53"]
         bgp.announce("ipv4", *a, "then", "discard")
@@ -160,12 +162,7 @@ def test_the_feed_gone_its_rules_go_after_the_hold_time(tmp_path: Path) -> None:
     the hold time is left; asserted: half (a renewal may come late on a busy
     machine)."""
     hold = 4.0
-    with (
-        lab(queues=1) as the_lab,
-        Appliance(the_lab, tmp_path) as app,
-        BgpLab(tmp_path, app.control, hold=hold) as bgp,
-    ):
-        bgp.wait_up(lambda: app.call("rule.list"))
+    with fleet(tmp_path, hold=hold) as (_, app, bgp):
         bgp.announce("ipv4", "destination", f"{ORIGIN_V4}/32", "then", "discard")
         wait_until(lambda: len(bgp_rules(app)) == 1, what="the route")
         t_kill = time.monotonic()
