@@ -638,7 +638,10 @@ def rule_load(file: Any, replace: bool, as_json: bool, control: str) -> None:
 @json_option
 @control_option
 def rule_clear(source: str, as_json: bool, control: str) -> None:
-    """Delete every rule of a source."""
+    """Delete every rule of a source.
+
+    A BGP source's rules come back when its peer announces them again, or
+    when the feed replays them (after xdpguard or the session restarts)."""
     r = _call(control, "rule.clear", source=source)
     _emit(r, as_json, f"rules: {r['deleted']} deleted")
 
