@@ -563,12 +563,20 @@ def _rule_counts(r: dict[str, Any]) -> str:
     return f"{r['packets']} pkts {r['bytes']} B{dropped}"
 
 
+rule_force_option = click.option(
+    "--force", is_flag=True, help="Allow a rule that matches every frame of a family."
+)
+
+
 @rule.command("add", context_settings={"ignore_unknown_options": True})
 @click.argument("words", nargs=-1, required=True)
 @click.option("--comment", help="A note kept with the rule (why, ticket, ...).")
+@rule_force_option
 @json_option
 @control_option
-def rule_add(words: tuple[str, ...], comment: str | None, as_json: bool, control: str) -> None:
+def rule_add(
+    words: tuple[str, ...], comment: str | None, force: bool, as_json: bool, control: str
+) -> None:
     """Add a rule: its components, then its action (see 'xdpguard rule --help').
 
     \b
@@ -576,8 +584,10 @@ def rule_add(words: tuple[str, ...], comment: str | None, as_json: bool, control
       xdpguard rule add dst 2001:db8::/32 proto udp length '>1200' rate-limit 10M
 
     The same match again changes the action. Quote terms with < > ! for the shell.
+    A rule that matches every frame of a family ('ipv6 drop', 'dst 0.0.0.0/0
+    accept') needs --force.
     """
-    r = _call(control, "rule.add", rules=[" ".join(words)], comment=comment)
+    r = _call(control, "rule.add", rules=[" ".join(words)], comment=comment, force=force)
     _emit(r, as_json, f"rules: {r['added']} added, {r['updated']} updated")
 
 
@@ -615,14 +625,19 @@ def rule_list(source: str | None, as_json: bool, control: str) -> None:
 @rule.command("load")
 @click.argument("file", type=click.File("rb"))
 @click.option("--replace", is_flag=True, help="The file's rules become all the local rules.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Allow a rule that matches every frame of a family, or emptying the rules by --replace.",
+)
 @json_option
 @control_option
-def rule_load(file: Any, replace: bool, as_json: bool, control: str) -> None:
+def rule_load(file: Any, replace: bool, force: bool, as_json: bool, control: str) -> None:
     """Load FILE (or - for stdin): one rule per line, '#' starts a comment
     (kept with the rule). The whole file is checked first: one bad line
     changes nothing."""
     try:
-        r = _call(control, "rule.load", file.fileno(), replace=replace)
+        r = _call(control, "rule.load", file.fileno(), replace=replace, force=force)
     except XdpguardError as exc:
         raise XdpguardError(f"{file.name}: {exc}") from None
     _emit(
@@ -700,6 +715,9 @@ def ratelimit() -> None:
 @click.option("--bps", type=click.FloatRange(0, min_open=True), help="Bytes per second.")
 @click.option("--per-source", is_flag=True, help="A limit for each source address.")
 @click.option("--comment", help="A note kept with the limit.")
+@click.option(
+    "--force", is_flag=True, help="Allow a /0 without --per-source (every source together)."
+)
 @json_option
 @control_option
 def ratelimit_add(
@@ -708,6 +726,7 @@ def ratelimit_add(
     bps: float | None,
     per_source: bool,
     comment: str | None,
+    force: bool,
     as_json: bool,
     control: str,
 ) -> None:
@@ -716,6 +735,9 @@ def ratelimit_add(
     \b
       xdpguard ratelimit add 198.18.0.0/15 --pps 1000 --per-source
       xdpguard ratelimit add 2001:db8::/32 --pps 50000 --bps 10000000
+
+    A /0 without --per-source (a family's sources sharing one limit) needs
+    --force.
     """
     if pps is None and bps is None:
         raise click.UsageError("give --pps, --bps or both")
@@ -727,6 +749,7 @@ def ratelimit_add(
         bps=bps,
         per_source=per_source,
         comment=comment,
+        force=force,
     )
     _emit(r, as_json, f"rate limits: {r['added']} added, {r['updated']} updated")
 

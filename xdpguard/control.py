@@ -262,8 +262,9 @@ COMMANDS: dict[str, Command] = {
         Command("tcp.verified.clear", "forget every verified source"),
         Command(
             "rule.add",
-            "add local n-tuple rules (FlowSpec components, then an action): {rules, comment?}",
-            {"rules": _RULES, "comment": Arg(Str(MAX_COMMENT))},
+            "add local n-tuple rules (FlowSpec components, then an action): {rules, comment?, "
+            "force?}",
+            {"rules": _RULES, "comment": Arg(Str(MAX_COMMENT)), "force": Arg(Bool())},
         ),
         Command(
             "rule.del",
@@ -278,8 +279,8 @@ COMMANDS: dict[str, Command] = {
         Command(
             "rule.load",
             "load a rule file (one rule per line) as the local rules: an open file (fd) "
-            "or {text}, {replace?}",
-            {"text": Arg(Str(MAX_LINE)), "replace": Arg(Bool())},
+            "or {text}, {replace?, force?}",
+            {"text": Arg(Str(MAX_LINE)), "replace": Arg(Bool()), "force": Arg(Bool())},
             fd=True,
         ),
         Command("rule.clear", "delete every rule of a source: {source?}", {"source": Arg(Str(64))}),
@@ -307,13 +308,14 @@ COMMANDS: dict[str, Command] = {
         Command(
             "ratelimit.add",
             "per-source rate limits by source prefix: {prefixes, pps?, bps?, per_source?, "
-            "comment?}",
+            "comment?, force?}",
             {
                 "prefixes": _PREFIXES,
                 "pps": Arg(Num(0, 1e12, lo_open=True)),
                 "bps": Arg(Num(0, 1e13, lo_open=True)),
                 "per_source": Arg(Bool()),
                 "comment": Arg(Str(MAX_COMMENT)),
+                "force": Arg(Bool()),
             },
         ),
         Command("ratelimit.del", "delete rate limits: {prefixes}", {"prefixes": _PREFIXES}),

@@ -634,17 +634,24 @@ class Engine:
             "tcp.flows": lambda a: tcp().flows(10 if a["top"] is None else a["top"]),
             "tcp.verified.list": lambda a: tcp().verified(),
             "tcp.verified.clear": lambda a: tcp().verified_clear(),
-            "rule.add": lambda a: rules().add(a["rules"], a["comment"]),
+            "rule.add": lambda a: rules().add(a["rules"], a["comment"], bool(a["force"])),
             "rule.del": lambda a: rules().delete(a["rules"], a["source"]),
             "rule.list": lambda a: rules().entries_of(a["source"]),
-            "rule.load": lambda a: rules().load(_rule_file(a), bool(a["replace"])),
+            "rule.load": lambda a: rules().load(
+                _rule_file(a), bool(a["replace"]), bool(a["force"])
+            ),
             "rule.clear": lambda a: rules().clear(a["source"]),
             "rule.update": lambda a: rules().update(
                 a["source"], a["announce"] or [], a["withdraw"] or [], a["hold"]
             ),
             "rule.session": lambda a: rules().session(a["source"], a["state"], a["hold"]),
             "ratelimit.add": lambda a: rules().limit_add(
-                a["prefixes"], a["pps"], a["bps"], bool(a["per_source"]), a["comment"]
+                a["prefixes"],
+                a["pps"],
+                a["bps"],
+                bool(a["per_source"]),
+                a["comment"],
+                bool(a["force"]),
             ),
             "ratelimit.del": lambda a: rules().limit_del(a["prefixes"]),
             "ratelimit.list": lambda a: rules().limit_entries(),

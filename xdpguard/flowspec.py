@@ -210,6 +210,10 @@ class Match:
     def nterms(self) -> int:
         return sum(len(t) for _, t in self.comps)
 
+    def everything(self) -> bool:
+        """Whether this matches every frame of its family: nothing narrows it."""
+        return not self.comps and all(p is None or p.plen == 0 for p in (self.dst, self.src))
+
     def text(self) -> str:
         words: list[str] = []
         if self.dst is None and self.src is None:

@@ -470,13 +470,27 @@ class RuleTable:
             raise F.RuleError(f"source {source!r}: 'local' or 'bgp:PEER'")
         return source
 
-    def add(self, texts: Sequence[str], comment: Any = None) -> dict[str, Any]:
+    @staticmethod
+    def _check_force(rule: F.Rule, force: bool) -> None:
+        """A local rule that matches every frame of a family (a typo away from
+        'dst ::/0 drop') is taken only if the operator insists, as a /0 in
+        the blocklist is. A BGP source's are not held back: its session is
+        the authority, as a router's would be."""
+        if rule.match.everything() and not force:
+            raise F.RuleError(
+                f"'{rule.text()}' matches every IPv{rule.match.family} frame; "
+                "add --force if you mean it"
+            )
+
+    def add(self, texts: Sequence[str], comment: Any = None, force: bool = False) -> dict[str, Any]:
         """Local rules. A BGP source's come by update() only, under its
         session's lease: added here, nothing would ever expire them."""
         text = parse_comment(comment)
         rules = [self._parse(t, text) for t in texts]
         if not rules:
             raise F.RuleError("no rules given")
+        for r in rules:
+            self._check_force(r, force)
         with self._lock:
             result = self._apply(LOCAL, rules, [])
             return self._done(LOCAL, result)
@@ -505,7 +519,7 @@ class RuleTable:
             self._lease(source)
             return self._apply(source, rules, matches)
 
-    def load(self, text: str, replace: bool) -> dict[str, Any]:
+    def load(self, text: str, replace: bool, force: bool = False) -> dict[str, Any]:
         """A rule file: one rule per line, '#' comments; all or nothing."""
         rules = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -514,8 +528,13 @@ class RuleTable:
                 continue
             try:
                 rules.append(F.parse(body, note.strip() or None))
+                self._check_force(rules[-1], force)
             except F.RuleError as exc:
                 raise F.RuleError(f"line {n}: {exc}") from None
+        if replace and not rules and not force:
+            raise F.RuleError(
+                "no rules: --replace would delete every local rule; add --force, or use clear"
+            )
         with self._lock:
             gone = []
             if replace:
@@ -684,6 +703,7 @@ class RuleTable:
         bps: Any,
         per_source: bool,
         comment: Any = None,
+        force: bool = False,
     ) -> dict[str, Any]:
         if not pps and not bps:
             raise F.RuleError("give --pps or --bps (or both)")
@@ -691,6 +711,12 @@ class RuleTable:
         pfxs = [F.parse_prefix(p) for p in prefixes]
         if not pfxs:
             raise F.RuleError("no prefixes given")
+        for p in pfxs:
+            if p.plen == 0 and not per_source and not force:
+                raise F.RuleError(
+                    f"{p.text()} without --per-source limits every IPv{p.family} source "
+                    "together; add --force if you mean it"
+                )
         ivs = {
             "pps": interval(pps, self.ncpus) if pps else 0,
             "bps": interval(bps, self.ncpus) if bps else 0,

@@ -106,6 +106,7 @@ def test_a_bad_rule_changes_nothing_and_says_why_in_one_line(tmp_path: Path) -> 
             (("proto", "udp", "drop"), "needs its family"),
             (("dst", "192.0.2.0/24", "flow-label", "5", "drop"), "flow labels"),
             (("dst", "192.0.2.0/24", "proto", "udp"), "no action"),
+            (("dst", "::/0", "drop"), "matches every IPv6 frame; add --force"),
         ):
             res = app.cli("rule", "add", *words, check=False)
             assert res.returncode != 0
@@ -115,7 +116,14 @@ def test_a_bad_rule_changes_nothing_and_says_why_in_one_line(tmp_path: Path) -> 
         bad.write_text("dst 192.0.2.0/24 proto udp drop\ndst 192.0.2.0/24 proto bogus drop\n")
         res = app.cli("rule", "load", str(bad), check=False)
         assert res.returncode != 0 and "line 2" in res.stderr
+        empty = tmp_path / "empty.txt"
+        empty.write_text("# nothing\n")
+        res = app.cli("rule", "load", str(empty), "--replace", check=False)
+        assert res.returncode != 0 and "add --force, or use clear" in res.stderr
+        res = app.cli("ratelimit", "add", "0.0.0.0/0", "--pps", "10", check=False)
+        assert res.returncode != 0 and "every IPv4 source together" in res.stderr
         assert [r["rule"] for r in rules(app)] == ["ipv4 proto udp sport 19 drop"]
+        assert app.call("ratelimit.list")["limits"] == []
 
 
 def test_rate_limits_hold_their_rate_under_a_flood(tmp_path: Path) -> None:

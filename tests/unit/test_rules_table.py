@@ -317,3 +317,40 @@ def test_an_update_before_the_session_is_said_up_opens_it(table: RuleTable) -> N
         "rule.session",
         {"source": "bgp:192.0.2.9", "state": "up", "hold": 30},
     )
+
+
+@pytest.mark.parametrize(
+    "text", ["dst ::/0 drop", "ipv4 accept", "dst 0.0.0.0/0 src 0.0.0.0/0 rate-limit-pps 10"]
+)
+def test_a_local_rule_that_matches_everything_needs_force(table: RuleTable, text: str) -> None:
+    """As a /0 in the blocklist: a typo away from dropping a whole family."""
+    with pytest.raises(F.RuleError, match=r"matches every IPv[46] frame; add --force"):
+        table.add([text])
+    with pytest.raises(F.RuleError, match=r"line 2: .*add --force"):
+        table.load(f"dst 192.0.2.0/24 drop\n{text}\n", replace=False)
+    assert texts(table) == [] and table.maps.lists == {}  # type: ignore[attr-defined]
+    table.add([text], force=True)
+    assert len(texts(table)) == 1
+
+
+def test_narrower_rules_and_bgp_sources_need_no_force(table: RuleTable) -> None:
+    table.add(["dst 0.0.0.0/0 proto udp sport 53 drop", "ipv6 proto tcp drop"])
+    table.update("bgp:192.0.2.9", ["dst ::/0 drop"], [], hold=30)  # the session is the authority
+    assert len(texts(table)) == 3
+
+
+def test_a_load_that_would_empty_the_local_rules_needs_force(table: RuleTable) -> None:
+    table.add(["dst 192.0.2.0/24 drop"])
+    with pytest.raises(F.RuleError, match="--replace would delete every local rule"):
+        table.load("# nothing left\n", replace=True)
+    assert texts(table) == ["dst 192.0.2.0/24 drop"]
+    assert table.load("", replace=True, force=True)["deleted"] == 1
+
+
+def test_a_shared_limit_on_a_whole_family_needs_force(table: RuleTable) -> None:
+    with pytest.raises(F.RuleError, match="without --per-source limits every IPv4 source"):
+        table.limit_add(["0.0.0.0/0"], 100, None, False)
+    assert table.limit_entries()["limits"] == []
+    table.limit_add(["0.0.0.0/0"], 100, None, True)  # each source its own limit
+    table.limit_add(["::/0"], 100, None, False, force=True)
+    assert table.limit_entries()["count"] == 2
