@@ -247,6 +247,8 @@ def read_file(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
+    except UnicodeDecodeError as exc:
+        raise SettingError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except FileNotFoundError:
         raise SettingError(f"{path}: no such file") from None
     except OSError as exc:
@@ -278,6 +280,9 @@ def check_file(path: Path, data: dict[str, Any]) -> tuple[dict[str, Any], dict[s
             run[key] = setting.check(value)
         except ValueError as exc:
             raise SettingError(f"{path}: {key}: {exc}") from None
+        if isinstance(run[key], Path) and not run[key].is_absolute():
+            # Relative to what? The daemon's directory is not the file's.
+            raise SettingError(f"{path}: {key}: {str(value)!r} is not an absolute path")
     return run, tcp
 
 

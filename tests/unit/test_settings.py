@@ -58,6 +58,8 @@ def test_a_good_file(tmp_path: Path) -> None:
         ('[tcp]\nsyn_mod = "on"', "tcp.syn_mod: unknown TCP setting"),
         ("[tcp]\nverify_ttl = -1", "tcp.verify_ttl: verify_ttl -1: must be a whole number"),
         ("outer = ", "not valid TOML"),
+        ('state_dir = "var/xdpguard"', "state_dir: 'var/xdpguard' is not an absolute path"),
+        ('control = "c.sock"', "control: 'c.sock' is not an absolute path"),
     ],
 )
 def test_a_bad_file_says_which_key_and_which_file(tmp_path: Path, text: str, needle: str) -> None:
@@ -113,3 +115,10 @@ def test_one_place_for_the_defaults() -> None:
     res = CliRunner().invoke(main, ["run", "--help"])
     for s in settings.RUN:
         assert s.flag in res.output
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "xdpguard.toml"
+    path.write_bytes(b'outer = "eth0"\n\xff\xfe\n')
+    res = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert res.exit_code == 1 and res.output == f"Error: {path}: not UTF-8 text (byte 15)\n"
