@@ -16,6 +16,7 @@
 #include <bpf/bpf.h>
 
 #include "xg_shim.h"
+#include "xg_flow.h"
 
 struct xg_flowtab {
 	int fd[2];		/* enum: 0 = xg_flows, 1 = xg_flowinfo */
@@ -146,6 +147,84 @@ int xg_flowtab_open(const char *dir, uint32_t nbuckets, struct xg_flowtab **out)
 	return 0;
 fail:
 	xg_flowtab_close(t);
+	return err;
+}
+
+/* Put a copy of @f in a free slot of its bucket of @to; 0 if the bucket is full. */
+static int place(struct xg_flowtab *to, const struct xg_flow *f, uint32_t now)
+{
+	struct xg_flow_bucket *b = (struct xg_flow_bucket *)to->mem +
+				   (xg_flow_hash(&f->key, to->info.key) & (to->info.nbuckets - 1));
+	int i;
+
+	for (i = 0; i < XG_FLOW_WAYS; i++) {
+		if (!xg_flow_live(&b->slot[i], now)) {
+			b->slot[i] = *f;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+int xg_flowtab_migrate(const char *dir, struct xg_flowtab *to, uint64_t *moved,
+		       uint64_t *left)
+{
+	struct xg_flowtab *old;
+	struct xg_flow_bucket *b;
+	struct bpf_map_info a, i;
+	uint32_t nb, k, now = xg_tcp_now();
+	char path[4096];
+	int n, s, pass, err;
+
+	*moved = *left = 0;
+	old = flowtab_new();
+	if (!old)
+		return -ENOMEM;
+	for (n = 0; n < 2; n++) {
+		snprintf(path, sizeof(path), "%s/%s", dir, names[n]);
+		old->fd[n] = bpf_obj_get(path);
+		if (old->fd[n] < 0) {
+			err = -errno;
+			goto out;
+		}
+	}
+	err = map_info(old->fd[0], &a);
+	if (!err)
+		err = map_info(old->fd[1], &i);
+	if (err)
+		goto out;
+	k = 0;
+	err = -ESTALE;
+	if (a.type != BPF_MAP_TYPE_ARRAY || a.value_size != sizeof(struct xg_flow_bucket) ||
+	    !(a.map_flags & BPF_F_MMAPABLE) || i.type != BPF_MAP_TYPE_ARRAY ||
+	    i.value_size != sizeof(struct xg_flow_table) ||
+	    bpf_map_lookup_elem(old->fd[1], &k, &old->info) ||
+	    old->info.magic != XG_FLOW_TABLE_MAGIC || old->info.nbuckets != a.max_entries ||
+	    !a.max_entries || a.max_entries & (a.max_entries - 1))
+		goto out;
+	err = map_memory(old, a.max_entries);
+	if (err)
+		goto out;
+	/* Established flows first: in a smaller table they are the ones to keep. */
+	for (pass = 0; pass < 2; pass++) {
+		for (nb = 0; nb < old->info.nbuckets; nb++) {
+			b = (struct xg_flow_bucket *)old->mem + nb;
+			for (s = 0; s < XG_FLOW_WAYS; s++) {
+				const struct xg_flow *f = &b->slot[s];
+
+				if (!xg_flow_live(f, now) ||
+				    (f->state == XG_TCP_ESTABLISHED) != (pass == 0))
+					continue;
+				if (place(to, f, now))
+					(*moved)++;
+				else
+					(*left)++;
+			}
+		}
+	}
+	err = 0;
+out:
+	xg_flowtab_close(old);
 	return err;
 }
 

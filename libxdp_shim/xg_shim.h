@@ -308,6 +308,20 @@ int xg_flowtab_create(uint32_t nbuckets, struct xg_flowtab **out);
 int xg_flowtab_open(const char *dir, uint32_t nbuckets, struct xg_flowtab **out);
 
 /*
+ * Copy into @to the live flows of the table pinned in @dir, which has this
+ * build's layout but another size (xg_flowtab_open() said -ESTALE): a
+ * resized table (--max-flows) keeps its flows. Established flows first;
+ * a flow whose new bucket is full is left behind. *@moved and *@left get
+ * the counts. Call it before any program or loop uses @to: it takes no
+ * bucket lock (a killed process may have died holding one of the old
+ * table's). The pinned table is only read. Returns 0; -ENOENT (nothing
+ * pinned); -ESTALE (another layout: nothing to copy); -errno. Allocates
+ * nothing but the mapping; never blocks on the data path.
+ */
+int xg_flowtab_migrate(const char *dir, struct xg_flowtab *to, uint64_t *moved,
+		       uint64_t *left);
+
+/*
  * Pin both maps in @dir (an existing directory of a bpffs), replacing what
  * was pinned there. The pins outlive the process. Returns 0 or -errno.
  */

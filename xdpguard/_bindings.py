@@ -595,6 +595,17 @@ class FlowTab(_Handle):
     def pin(self, directory: str) -> None:
         check(lib.xg_flowtab_pin(self._get(), directory.encode()), f"pinning in {directory}")
 
+    def migrate_from(self, pinned: str) -> tuple[int, int]:
+        """Copy in the live flows of the table of another size pinned in
+        ``pinned``: (moved, left behind for want of room). OSError ESTALE:
+        it has another layout."""
+        moved, left = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(
+            lib.xg_flowtab_migrate(pinned.encode(), self._get(), moved, left),
+            f"reading the flows pinned in {pinned}",
+        )
+        return int(moved[0]), int(left[0])
+
     def close(self) -> None:
         with self._lock:
             if self._ptr is not None:

@@ -73,22 +73,20 @@ def open_table(max_flows: int, state_dir: Path | None) -> tuple[B.FlowTab, bool]
         return B.FlowTab(nbuckets), False
     ensure_bpffs()
     pin = pin_dir_for(state_dir)
+    restored = resized = False
     try:
         table = B.FlowTab(nbuckets, str(pin))
     except OSError as exc:
         if exc.errno == errno.ESTALE:
-            log.warning(
-                "the pinned flow table in %s has another size or layout; starting with an "
-                "empty one (its flows are not restored)",
-                pin,
-            )
+            table = B.FlowTab(nbuckets)
+            restored, resized = _resize(table, pin)
         elif exc.errno != errno.ENOENT:
             raise XdpguardError(f"cannot open the pinned flow table in {pin}: {exc}") from None
         else:
             log.info("no flow table pinned in %s: a cold start (%s)", pin, exc.strerror)
+            table = B.FlowTab(nbuckets)
     else:
         return table, True
-    table = B.FlowTab(nbuckets)
     try:
         pin.mkdir(mode=0o700, parents=True, exist_ok=True)
         table.pin(str(pin))
@@ -96,5 +94,36 @@ def open_table(max_flows: int, state_dir: Path | None) -> tuple[B.FlowTab, bool]
         table.close()
         raise XdpguardError(f"cannot pin the flow table in {pin}: {exc}") from None
     os.chmod(pin, 0o700)
-    log.info("flow table: a new one, pinned in %s", pin)
-    return table, False
+    log.info("flow table: %s, pinned in %s", "the resized one" if resized else "a new one", pin)
+    return table, restored
+
+
+def _resize(table: B.FlowTab, pin: Path) -> tuple[bool, bool]:
+    """Move the flows of the table of another size pinned in ``pin`` into
+    ``table`` (--max-flows changed): whether every one of them fit, and
+    whether the old table could be read at all. If some do not fit, the
+    learning window stays, to adopt those that carry data."""
+    try:
+        moved, left = table.migrate_from(str(pin))
+    except OSError as exc:
+        why = "another layout" if exc.errno == errno.ESTALE else exc.strerror
+        log.warning(
+            "the pinned flow table in %s cannot be read (%s); starting with an empty one "
+            "(its flows are not restored)",
+            pin,
+            why,
+        )
+        return False, False
+    if left:
+        log.warning(
+            "flow table resized to %d slots: %d flow(s) moved, %d left behind (their buckets "
+            "are full); the learning window adopts those that carry data",
+            table.nbuckets * B.FLOW_WAYS,
+            moved,
+            left,
+        )
+        return False, True
+    log.info(
+        "flow table resized to %d slots: %d flow(s) moved", table.nbuckets * B.FLOW_WAYS, moved
+    )
+    return True, True
