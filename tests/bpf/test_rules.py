@@ -368,7 +368,7 @@ def test_the_destination_filter_finds_every_prefix_length_v4(rig: Rig, plen: int
 
     net = ipaddress.ip_network(f"{DST4}/{plen}", strict=False)
     rig.table.clear()
-    rig.table.add([f"dst {net} drop"])
+    rig.table.add([f"dst {net} drop"], force=plen == 0)  # a /0 is everything
     assert rig.run(UDP_NTP) == B.XDP_DROP
     others = [f"dst 10.{n}.0.0/{n} drop" for n in range(16, 25)]  # disjoint, 9 lengths
     rig.table.add(others)
@@ -383,7 +383,7 @@ def test_the_destination_filter_finds_every_prefix_length_v6(rig: Rig, plen: int
 
     net = ipaddress.ip_network(f"{DST6}/{plen}", strict=False)
     rig.table.clear()
-    rig.table.add([f"dst {net} drop"])
+    rig.table.add([f"dst {net} drop"], force=plen == 0)  # a /0 is everything
     assert rig.run(UDP6) == B.XDP_DROP
     rig.table.add(["dst 2001:db8:ffff::/48 drop"])  # another length in the filter
     assert rig.run(UDP6) == B.XDP_DROP
