@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,34 +77,65 @@ def max_entries(max_verified: int) -> dict[str, int]:
     return {"xg_verified": max_verified, "xg_verified_bloom": max_verified}
 
 
-def open_pinned(pin: Path | None, max_verified: int) -> dict[str, int]:
-    """fds of the challenge maps pinned in ``pin``, if all are there in this
-    build's shape; else {} (and nothing pinned there is used)."""
+@dataclass
+class Pinned:
+    """What a start takes from the challenge maps pinned by the last one."""
+
+    fds: dict[str, int] = field(default_factory=dict)  # maps reused as they are (caller closes)
+    # Verified sources (key, value) of an xg_verified of another size
+    # (--max-flows changed), to be put into the new one.
+    carried: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def whole(self) -> bool:
+        return set(self.fds) == set(PINNED)
+
+
+def open_pinned(pin: Path | None, max_verified: int) -> Pinned:
+    """The challenge maps pinned in ``pin``: all of them, if they have this
+    build's shape; the secret and the verified sources' contents, if only
+    the capacity of the verified sources changed; else nothing (and
+    nothing pinned there is used)."""
     if pin is None:
-        return {}
+        return Pinned()
     fds: dict[str, int] = {}
     try:
-        for name, want in _shapes(max_verified).items():
+        for name in PINNED:
             try:
-                fd = B.obj_get(str(pin / name))
+                fds[name] = B.obj_get(str(pin / name))
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise XdpguardError(f"cannot open {pin / name}: {exc.strerror}") from None
-                return {}
-            fds[name] = fd
-            shape = {k: v for k, v in B.map_shape(fd).items() if k in want}
-            if shape != want:
-                log.warning(
-                    "the pinned %s in %s has another shape; starting with an empty one "
-                    "(its contents are not restored)",
-                    name,
-                    pin,
-                )
-                for p in PINNED:
-                    (pin / p).unlink(missing_ok=True)
-                return {}
-        restored, fds = fds, {}
-        return restored
+                return Pinned()
+        shapes = {name: B.map_shape(fd) for name, fd in fds.items()}
+        wants = _shapes(max_verified)
+        differ = [n for n in PINNED if {k: shapes[n][k] for k in wants[n]} != wants[n]]
+        if not differ:
+            out, fds = Pinned(fds), {}
+            return out
+        sized = ("xg_verified", "xg_verified_bloom")  # both sized with --max-flows
+
+        def resized(n: str) -> bool:
+            return all(shapes[n][k] == v for k, v in wants[n].items() if k != "max_entries")
+
+        if set(differ) <= set(sized) and all(resized(n) for n in sized):
+            old = shapes["xg_verified"]["max_entries"]
+            carried = B.map_dump(fds["xg_verified"], old)
+            log.info(
+                "verified sources: %d carried from a table of %d into one of %d",
+                len(carried),
+                old,
+                max_verified,
+            )
+            return Pinned({"xg_secret": fds.pop("xg_secret")}, carried)
+        log.warning(
+            "the pinned %s in %s has another shape; starting with an empty one "
+            "(its contents are not restored)",
+            differ[0],
+            pin,
+        )
+        for p in PINNED:
+            (pin / p).unlink(missing_ok=True)
+        return Pinned()
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -198,6 +230,20 @@ class Challenges:
         value["tokens"] = 1 << 62  # clamped to the rate at the first SYN
         B.map_update(self._verified, addr16, value.tobytes())
         B.map_push(self._bloom, addr16)
+
+    def verified_carry(self, entries: list[tuple[bytes, bytes]]) -> int:
+        """Put back verified sources read from a table of another size (key,
+        value), as they were: expiry and SYN bucket; how many were live."""
+        now = B.tcp_now()
+        n = 0
+        for key, raw in entries[: self.capacity]:
+            expires = struct.unpack_from("=I", raw)[0]
+            if (expires - now) & 0xFFFFFFFF >= 0x80000000:
+                continue  # expired meanwhile
+            B.map_update(self._verified, key, raw)
+            B.map_push(self._bloom, key)
+            n += 1
+        return n
 
     def verified_clear(self) -> int:
         """Forget every verified source; how many there were. (Their bits stay

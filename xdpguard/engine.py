@@ -211,16 +211,16 @@ class Engine:
             outer = XdpProgram(
                 Role.OUTER,
                 cfg.bpf_object,
-                shared=self.flowtab.fds() | pinned,
+                shared=self.flowtab.fds() | pinned.fds,
                 max_entries=verified_max_entries(max_verified),
             )
         finally:
-            for fd in pinned.values():
+            for fd in pinned.fds.values():
                 os.close(fd)
         self.progs[Role.OUTER] = outer
         self._push_undo("unload outer program", outer.close)
         challenge_maps = {name: outer.map_fd(name) for name in PINNED}
-        if pin is not None and not pinned:
+        if pin is not None and not pinned.whole():
             pin_maps(pin, challenge_maps)
         # The inner program answers no challenge: its own tables of them stay small.
         inner = XdpProgram(
@@ -234,18 +234,21 @@ class Engine:
 
         # A restored table holds the flows already: nothing to adopt.
         learn = 0.0 if self.flows_restored else cfg.learn
-        self.tcp = TcpStage(cfg.max_flows, learn, Challenges(outer, bool(pinned)), self.flowtab)
+        challenges = Challenges(outer, "xg_secret" in pinned.fds)
+        self.tcp = TcpStage(cfg.max_flows, learn, challenges, self.flowtab)
         self._push_undo("free the TCP stage", self.tcp.close)
         if self.flows_restored:
             n = self.tcp.flows(0)["tracked"]
             log.info("flow table restored: %d flow(s), no learning window", n)
-        if pinned:
+        if pinned.carried:
+            challenges.verified_carry(pinned.carried)
+        if pinned.fds:
             n = self.tcp.verified()["count"]
             log.info("challenges: secret and %d verified source(s) restored from %s", n, pin)
         if cfg.state_dir is not None:
             # Sources that answered a challenge before a reboot need not again.
             verified_file = cfg.state_dir / "verified.json"
-            if not pinned:
+            if not pinned.fds:
                 n = self.tcp.load_verified(verified_file)
                 if n:
                     log.info("tcp: %d verified source(s) restored from %s", n, verified_file)
