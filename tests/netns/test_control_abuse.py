@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lab import XDPGUARD, Appliance, Lab, lab, sh
+from lab import XDPGUARD, Appliance, Lab, lab, sh, wait_for
 
-from xdpguard.control import MAX_CLIENTS, PROTOCOL_VERSION
+from xdpguard.control import MAX_CLIENTS, PROTOCOL_VERSION, ControlError
 
 pytestmark = pytest.mark.netns
 
@@ -64,6 +64,34 @@ def first_replies(clients: list[socket.socket], seconds: float = 60) -> list[dic
     return out
 
 
+def answers(app: Appliance) -> bool:
+    """Whether ``status`` is answered; False while every slot is taken. The
+    server frees a closed client's slot when its handler reads the EOF: a
+    moment after the close, not at it."""
+    try:
+        return app.call("status")["state"] == "ready"
+    except ControlError as exc:
+        if str(exc).startswith("busy"):
+            return False
+        raise
+
+
+def cap_holds(app: Appliance) -> bool:
+    """MAX_CLIENTS + 5 idle clients: never more than MAX_CLIENTS served, the rest
+    told busy (asserted); True once all MAX_CLIENTS are served (the slots of
+    clients closed before are free by then)."""
+    clients = idle_clients(app.control, MAX_CLIENTS + 5)
+    try:
+        replies = first_replies(clients)
+        ok = sum(1 for r in replies if r.get("ok"))
+        busy = [r for r in replies if not r.get("ok")]
+        assert ok <= MAX_CLIENTS and all(r["error"].startswith("busy") for r in busy), replies
+        return ok == MAX_CLIENTS
+    finally:
+        for s in clients:
+            s.close()
+
+
 @pytest.fixture
 def lab1() -> Iterator[Lab]:
     with lab(queues=1) as the_lab:
@@ -90,14 +118,14 @@ def test_out_of_threads_and_out_of_slots(lab1: Lab, tmp_path: Path) -> None:
                 for s in clients:
                     s.close()
         # Threads to spare again: the same socket answers.
+        wait_for(lambda: answers(app), what="a free slot")
         res = sh(str(XDPGUARD), "status", "--control", str(app.control))
         assert "ready" in res.stdout
         # And with threads to spare, the slot cap is what holds.
-        clients = idle_clients(app.control, MAX_CLIENTS + 5)
-        try:
-            replies = first_replies(clients)
-            assert sum(1 for r in replies if r.get("ok")) == MAX_CLIENTS
-        finally:
-            for s in clients:
-                s.close()
-        assert app.call("status")["state"] == "ready"
+        # Each try's own clients hold slots for a moment after it: back off.
+        pause, deadline = 0.02, time.monotonic() + 60
+        while not cap_holds(app):
+            assert time.monotonic() < deadline, "waited 60 s for every slot to be served"
+            time.sleep(pause)
+            pause = min(2 * pause, 2.0)
+        wait_for(lambda: answers(app), what="a free slot")
