@@ -139,15 +139,9 @@ def tcp_flow() -> dict:
                     s.sendall(b"ECHO\nx\n")
                     s.recv(16)
                     cport = s.getsockname()[1]
-                    flow = next(
-                        f
-                        for f in xgbench.control(proc, "tcp.flows", top=10)["busiest"]  # type: ignore[index]
-                        if f["outside"] == f"169.254.0.1:{cport}"
+                    segment = xgbench.flow_segment(
+                        proc, client.mac, origin.mac, cport, ORIGIN, PORT
                     )
-                    segment = xgbench.tcp4_frame(
-                        client.mac, origin.mac, "169.254.0.1", ORIGIN, cport, PORT, "A",
-                        flow["sides"]["outside"]["next_seq"], flow["sides"]["inside"]["next_seq"],
-                    )  # fmt: skip
                     sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
                     try:
                         out[f"{name}_10_flows_pps"] = forward_rate(segment, sink)

@@ -127,24 +127,7 @@ def main() -> int:
                 cport = s.getsockname()[1]
                 s.send(b"x")
                 time.sleep(0.2)
-                flow = next(
-                    f
-                    for f in xgbench.control(proc, "tcp.flows", top=10)["busiest"]  # type: ignore[index]
-                    if f["outside"] == f"169.254.0.1:{cport}"
-                )
-                # The client's next segment as the flow table sees it: an
-                # in-window duplicate ACK, forever.
-                segment = xgbench.tcp4_frame(
-                    client.mac,
-                    origin.mac,
-                    "169.254.0.1",
-                    ORIGIN,
-                    cport,
-                    PORT,
-                    "A",
-                    flow["sides"]["outside"]["next_seq"],
-                    flow["sides"]["inside"]["next_seq"],
-                )
+                segment = xgbench.flow_segment(proc, client.mac, origin.mac, cport, ORIGIN, PORT)
                 sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
                 try:
                     few = forward_rate(segment, sink, 2.0)

@@ -273,6 +273,22 @@ def tcp4_frame(
     return frame + bytes(max(0, 60 - len(frame)))
 
 
+def flow_segment(
+    proc: subprocess.Popen, client_mac: str, origin_mac: str, cport: int, dst: str, dport: int
+) -> bytes:
+    """The next segment of the client's connection from 169.254.0.1:``cport`` as
+    xdpguard's flow table sees it: an in-window duplicate ACK, which a
+    generator can replay forever."""
+    flow = next(
+        f
+        for f in control(proc, "tcp.flows", top=10)["busiest"]  # type: ignore[index]
+        if f["outside"] == f"169.254.0.1:{cport}"
+    )
+    sides = flow["sides"]
+    return tcp4_frame(client_mac, origin_mac, "169.254.0.1", dst, cport, dport, "A",
+                      sides["outside"]["next_seq"], sides["inside"]["next_seq"])  # fmt: skip
+
+
 class LiveGenerator:
     """Sends a template frame out of ``ifname`` (in ``netns``) with XDP_TX live frames.
 

@@ -14,19 +14,16 @@ from scapy.layers.l2 import Ether
 
 from xdpguard import _bindings as B
 from xdpguard.flowtable import forget, open_table
+from xdpguard.tcp import DEFAULTS
 
 pytestmark = pytest.mark.bpf
 
 CLIENT, ORIGIN = "198.18.0.1", "169.254.0.2"
 ESTABLISHED, SYN_SENT = 3, 1  # enum xg_tcp_state
-CFG = {
+# The defaults, with state enforced, no challenges (the loop's alone) and no learning.
+CFG = {k: v for k, v in DEFAULTS.items() if not k.endswith("_mode")} | {
     "syn_mode": B.TCP_MODES["off"],
     "state_mode": B.TCP_MODES["on"],
-    "syn_rate": 1000,
-    "syn_burst": 2000,
-    "state_rate": 1000,
-    "state_burst": 2000,
-    "verify_ttl": 600,
     "learn_until": 0,
 }
 
