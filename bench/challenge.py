@@ -175,6 +175,17 @@ def setup(seconds: float) -> dict:
     return out
 
 
+def fast_line(r: dict) -> str:
+    head = "with the flood" if r["flood_pps"] else "alone"
+    line = (f"  {head:<15}flow offered {r['offered_pps'] / 1e6:.3f} Mpps, "
+            f"forwarded {r['forwarded_pps'] / 1e6:.3f} Mpps")  # fmt: skip
+    if r["flood_pps"]:
+        line += (f";\n  {'':<15}flood offered {r['flood_pps'] / 1e6:.2f} Mpps: XDP challenged "
+                 f"{r['challenged_per_s'] / 1e6:.2f} M/s, dropped "
+                 f"{r['over_caps_per_s'] / 1e6:.2f} M/s over the caps")  # fmt: skip
+    return line
+
+
 def fast_under_flood(seconds: float) -> dict:
     """An established flow's segments through the fast path, without and with the flood."""
     client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
@@ -200,13 +211,7 @@ def fast_under_flood(seconds: float) -> dict:
                 try:
                     for name, flood in (("alone", False), ("with_flood", True)):
                         out[name] = replay(proc, segment, sink, flood, seconds)
-                        r = out[name]
-                        print(f"  {'with the flood' if flood else 'alone':<15}"
-                              f"flow offered {r['offered_pps'] / 1e6:.3f} Mpps, forwarded "
-                              f"{r['forwarded_pps'] / 1e6:.3f} Mpps ({r['delivered']:.1%}); "
-                              f"flood {r['flood_pps'] / 1e6:.2f} Mpps, "
-                              f"{r['challenged_per_s'] / 1e6:.2f} M challenges/s",
-                              flush=True)  # fmt: skip
+                        print(fast_line(out[name]), flush=True)
                 finally:
                     sink.close()
             finally:
@@ -220,8 +225,10 @@ def fast_under_flood(seconds: float) -> dict:
 def replay(proc, segment: bytes, sink: xgbench.Sink, flood: bool, seconds: float) -> dict:  # type: ignore[no-untyped-def]
     """Replay ``segment`` for ``seconds``, with the flood beside it or not: the rates."""
 
-    def challenged() -> int:
-        return xgbench.control(proc, "stats")["reasons"]["syn_challenged"]["packets"]  # type: ignore[index]
+    def flood_seen() -> tuple[int, int]:
+        """SYNs XDP challenged, and SYNs it dropped over the caps, so far."""
+        reasons = xgbench.control(proc, "stats")["reasons"]  # type: ignore[index]
+        return tuple(reasons[r]["packets"] for r in ("syn_challenged", "challenge_rate_limited"))  # type: ignore[return-value]
 
     gens = [xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", segment)]
     if flood:
@@ -232,7 +239,8 @@ def replay(proc, segment: bytes, sink: xgbench.Sink, flood: bool, seconds: float
 
     def run(g: xgbench.LiveGenerator) -> None:
         while not halt.is_set():
-            g.run(200_000, cpu=GEN_CPU)  # bounded: one call at a time
+            # Long calls: each costs an RCU grace period (~24 ms) before it sends.
+            g.run(1_500_000, cpu=GEN_CPU)
 
     threads = [threading.Thread(target=run, args=(g,)) for g in gens]
     try:
@@ -240,7 +248,7 @@ def replay(proc, segment: bytes, sink: xgbench.Sink, flood: bool, seconds: float
             t.start()
         time.sleep(0.3)
         sent0 = [g.sent() for g in gens]
-        k0, c0, t0 = sink.count(), challenged(), time.perf_counter()
+        k0, c0, t0 = sink.count(), flood_seen(), time.perf_counter()
         time.sleep(seconds)
     finally:
         halt.set()
@@ -252,12 +260,14 @@ def replay(proc, segment: bytes, sink: xgbench.Sink, flood: bool, seconds: float
         g.close()
     # Frames already past XDP reach the sink a moment later.
     forwarded = int(xgbench.wait_quiet(sink.count)) - k0  # type: ignore[call-overload]
+    c1 = flood_seen()
     return {
         "offered_pps": sent[0] / dt,
         "forwarded_pps": forwarded / dt,
         "delivered": forwarded / sent[0] if sent[0] else 0.0,
         "flood_pps": sent[1] / dt if flood else 0.0,
-        "challenged_per_s": (challenged() - c0) / dt,
+        "challenged_per_s": (c1[0] - c0[0]) / dt,
+        "over_caps_per_s": (c1[1] - c0[1]) / dt,
     }
 
 
