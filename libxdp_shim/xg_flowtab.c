@@ -121,24 +121,32 @@ fail:
 	return err;
 }
 
+/* Open the maps pinned in @dir into @t's fds. */
+static int open_pins(struct xg_flowtab *t, const char *dir)
+{
+	char path[4096];
+	int i;
+
+	for (i = 0; i < 2; i++) {
+		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+		t->fd[i] = bpf_obj_get(path);
+		if (t->fd[i] < 0)
+			return -errno;
+	}
+	return 0;
+}
+
 int xg_flowtab_open(const char *dir, uint32_t nbuckets, struct xg_flowtab **out)
 {
 	struct xg_flowtab *t;
-	char path[4096];
-	int i, err;
+	int err;
 
 	t = flowtab_new();
 	if (!t)
 		return -ENOMEM;
-	for (i = 0; i < 2; i++) {
-		snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
-		t->fd[i] = bpf_obj_get(path);
-		if (t->fd[i] < 0) {
-			err = -errno;
-			goto fail;
-		}
-	}
-	err = check_shape(t, nbuckets);
+	err = open_pins(t, dir);
+	if (!err)
+		err = check_shape(t, nbuckets);
 	if (!err)
 		err = map_memory(t, nbuckets);
 	if (err)
@@ -173,22 +181,15 @@ int xg_flowtab_migrate(const char *dir, struct xg_flowtab *to, uint64_t *moved,
 	struct xg_flow_bucket *b;
 	struct bpf_map_info a, i;
 	uint32_t nb, k, now = xg_tcp_now();
-	char path[4096];
-	int n, s, pass, err;
+	int s, pass, err;
 
 	*moved = *left = 0;
 	old = flowtab_new();
 	if (!old)
 		return -ENOMEM;
-	for (n = 0; n < 2; n++) {
-		snprintf(path, sizeof(path), "%s/%s", dir, names[n]);
-		old->fd[n] = bpf_obj_get(path);
-		if (old->fd[n] < 0) {
-			err = -errno;
-			goto out;
-		}
-	}
-	err = map_info(old->fd[0], &a);
+	err = open_pins(old, dir);
+	if (!err)
+		err = map_info(old->fd[0], &a);
 	if (!err)
 		err = map_info(old->fd[1], &i);
 	if (err)
