@@ -33,19 +33,32 @@ def open_idle(ns: str, n: int) -> list[socket.socket]:
     return Netns(ns).run(dial)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_idle_connections_survive_a_restart(tmp_path: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("sig", "resize"),
+    [(signal.SIGTERM, ()), (signal.SIGKILL, ()), (signal.SIGKILL, ("--max-flows", "300000"))],
+    ids=["sigterm", "sigkill", "sigkill-resized"],
+)
+def test_idle_connections_survive_a_restart(
+    tmp_path: Path, sig: signal.Signals, resize: tuple[str, ...]
+) -> None:
+    """The resized case restarts with another --max-flows: the flows move to
+    the new table, and the verified sources (their capacity changes too)
+    come along."""
     with lab(queues=2) as the_lab, the_lab.server(PORT):
         app = Appliance(the_lab, tmp_path, "--learn", "0").start()
         try:
             app.cli("tcp", "mode", "on")
             conns = open_idle(the_lab.client_ns, CONNS)
             wait_for(lambda: app.call("tcp.flows", top=0)["fast_path"] >= CONNS, what="fast")
+            verified = app.call("tcp.verified.list")["entries"]
+            assert len(verified) == 1, verified  # the client answered one challenge
             app.stop(sig)
-            app = Appliance(the_lab, tmp_path, "--learn", "0").start()
+            app = Appliance(the_lab, tmp_path, "--learn", "0", *resize).start()
             st = app.call("status")
             assert st["flow_table"]["restored"], st["flow_table"]
             assert app.call("tcp.config")["learning_left"] == 0  # nothing to adopt
+            after = app.call("tcp.verified.list")["entries"]
+            assert [e["source"] for e in after] == [e["source"] for e in verified]
             # Every idle connection still carries data both ways.
             for i, s in enumerate(conns):
                 s.sendall(f"again {i}\n".encode())
