@@ -799,7 +799,7 @@ def flows_forget(state_dir: Path) -> None:
     """Drop the flow table pinned for STATE_DIR, and the challenges' secret and
     verified sources pinned with it: the next start is a cold one (with its
     learning window; verified.json, if any, brings the verified sources
-    back). Do it while that appliance is stopped."""
+    back). Refused while an appliance runs with STATE_DIR."""
     from xdpguard.flowtable import forget, pin_dir_for
 
     if forget(state_dir):

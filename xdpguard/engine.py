@@ -36,7 +36,8 @@ from xdpguard.challenges import max_entries as verified_max_entries
 from xdpguard.defs import LOOP_REASONS, ROLE_DIRECTION, XDP_REASONS, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.fastpath import FastPath
-from xdpguard.flowtable import open_table, pin_dir_for
+from xdpguard.flowtable import lock as lock_state
+from xdpguard.flowtable import open_table, pin_dir_for, unlock
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
 from xdpguard.rules import RuleTable
@@ -188,6 +189,12 @@ class Engine:
             raise XdpguardError(problem)
         if cfg.xdp_mode not in XDP_MODES:
             raise XdpguardError(f"unknown XDP mode {cfg.xdp_mode!r} (native or skb)")
+
+        # One appliance per state directory, checked first: a second would
+        # share the pinned flow table, the secret and the policy file.
+        if cfg.state_dir is not None:
+            hold, state_dir = lock_state(cfg.state_dir), cfg.state_dir
+            self._push_undo("let go of the state directory", lambda: unlock(state_dir, hold))
 
         self.outer_dev = resolve_device(self.outer_ns, cfg.outer)
         self.inner_dev = resolve_device(self.inner_ns, cfg.inner)

@@ -12,7 +12,9 @@ connection is cut. A table of another size (--max-flows changed) or layout
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -52,15 +54,68 @@ def ensure_bpffs() -> None:
         raise XdpguardError(f"cannot mount the BPF filesystem at {BPFFS}: {res.stderr.strip()}")
 
 
+def _holder(pin: Path) -> str:
+    """' (pid N)' of the process holding ``pin``'s lock, from /proc/locks; or ''."""
+    try:
+        st = pin.stat()
+        want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and want in fields:
+                    return f" (pid {fields[fields.index(want) - 1]})"
+    except (OSError, IndexError, ValueError):
+        pass
+    return ""
+
+
+def lock(state_dir: Path) -> int:
+    """The appliance's hold on ``state_dir``: an flock on its pin directory,
+    kept as long as the returned fd is open (the kernel lets go at any
+    exit, SIGKILL included). Two appliances with one state directory would
+    share one flow table, one challenge secret and one policy file, and the
+    second would free bucket locks the first holds."""
+    ensure_bpffs()
+    pin = pin_dir_for(state_dir)
+    try:
+        pin.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(pin, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise XdpguardError(f"cannot use {pin}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise XdpguardError(
+            f"another xdpguard{_holder(pin)} uses the state directory {state_dir}; "
+            "give each appliance its own --state-dir"
+        ) from None
+    return fd
+
+
+def unlock(state_dir: Path, fd: int) -> None:
+    """Let go of what lock() took; its pin directory goes too if nothing was
+    pinned there (a start that failed early leaves nothing behind)."""
+    with contextlib.suppress(OSError):
+        pin_dir_for(state_dir).rmdir()  # only if empty; still holding the lock
+    os.close(fd)
+
+
 def forget(state_dir: Path) -> bool:
-    """Remove the pinned table of ``state_dir``; whether there was one."""
+    """Remove the pinned table of ``state_dir``; whether there was one. Refused
+    while an appliance uses the directory."""
     pin = pin_dir_for(state_dir)
     if not pin.is_dir():
         return False
-    for entry in pin.iterdir():
-        entry.unlink()
-    pin.rmdir()
-    return True
+    fd = lock(state_dir)
+    try:
+        entries = list(pin.iterdir())
+        for entry in entries:
+            entry.unlink()
+        pin.rmdir()
+    finally:
+        os.close(fd)
+    return bool(entries)
 
 
 def open_table(max_flows: int, state_dir: Path | None) -> tuple[B.FlowTab, bool]:

@@ -115,6 +115,23 @@ def test_program_held_by_a_link_names_its_holder(lab2: Lab, tmp_path: Path) -> N
         assert app.call("status")["state"] == "ready"
 
 
+def test_second_instance_on_same_state_directory(lab2: Lab, tmp_path: Path) -> None:
+    """One state directory, one appliance: a second would share its flow table,
+    secret and policy file. Nor is its pinned table forgotten under it."""
+    with Appliance(lab2, tmp_path) as app:
+        assert app.proc is not None
+        state = ["--state-dir", str(app.state_dir)]
+        res = sh(*run_args(lab2, tmp_path / "second.sock"), *state, check=False)
+        assert_user_error(
+            res, f"another xdpguard (pid {app.proc.pid}) uses the state directory", "--state-dir"
+        )
+        res = sh(str(XDPGUARD), "flows", "forget", *state, check=False)
+        assert_user_error(res, f"another xdpguard (pid {app.proc.pid})")
+        assert app.call("status")["flow_table"]["pinned"]
+        assert app.call("status")["state"] == "ready"
+    assert "removed" in sh(str(XDPGUARD), "flows", "forget", *state).stdout
+
+
 def test_second_instance_on_same_control_socket(lab2: Lab, tmp_path: Path) -> None:
     with Appliance(lab2, tmp_path) as app:
         res = sh(*run_args(lab2, app.control), check=False)
