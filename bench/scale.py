@@ -6,9 +6,12 @@
             bridge (the setup rate an operator would otherwise get)
   memory    the daemon's resident memory and the kernel memory of the maps it
             pinned (the flow table, the challenges' verified sources)
-  restarts  survivors after a SIGTERM restart and after a SIGKILL restart,
-            the connections idle all the while (no learning window: the
-            pinned table comes back)
+  flows     what `tcp flows` costs with them tracked (the control request,
+            median of 5: it reads every slot of the table)
+  restarts  survivors after a SIGTERM restart, after a SIGKILL restart, and
+            after a SIGKILL and a restart with twice the --max-flows (the
+            flows move to the new table), the connections idle all the
+            while (no learning window: the pinned table comes back)
   rate      one established flow's forwarding rate (its in-window segment
             replayed into the origin's XDP sink) with the table holding them
 
@@ -33,7 +36,7 @@ from connscale import ConnScale  # noqa: E402
 from forwarding import bridge  # noqa: E402
 from xgbench import GEN_CPU, NAMES, lab  # noqa: E402
 
-from xdpguard.flowtable import pin_dir_for  # noqa: E402
+from xdpguard.flowtable import forget, pin_dir_for  # noqa: E402
 from xdpguard.netns import Netns, resolve_device  # noqa: E402
 
 SOURCES = ("169.254.0.11", "169.254.0.12", "169.254.0.13", "169.254.0.14")
@@ -71,8 +74,13 @@ def pinned_maps_mb(state: Path) -> dict[str, float]:
     return out
 
 
-def start(state: Path) -> subprocess.Popen:
-    cm = xgbench.xdpguard("--max-flows", "1000000", state_dir=state)
+def start(state: Path, max_flows: int = 1_000_000) -> subprocess.Popen:
+    """xdpguard without a learning window: a connection that survives a restart
+    does so because the pinned table came back, not because it was adopted.
+    Its pins stay when it stops (through_xdpguard() forgets them at the end)."""
+    cm = xgbench.xdpguard(
+        "--max-flows", str(max_flows), "--learn", "0", state_dir=state, forget_pins=False
+    )
     proc = cm.__enter__()
     proc.cm = cm  # type: ignore[attr-defined]
     return proc
@@ -89,15 +97,26 @@ def through_xdpguard(conns: int, workers: int) -> dict:
             with ConnScale(NAMES["CLIENT_NS"], conns, SOURCES, addrs=200, ports=500) as cs:
                 out["open"] = cs.opened()
                 out["tracked"] = xgbench.control(proc, "tcp.flows", top=0)["tracked"]  # type: ignore[index]
+                took = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    xgbench.control(proc, "tcp.flows", top=10)
+                    took.append(1000 * (time.perf_counter() - t0))
+                out["tcp_flows_ms"] = sorted(took)[2]
                 out["daemon_rss_mb"] = rss_mb(proc.pid)
                 out["pinned_maps_mb"] = pinned_maps_mb(state)
                 out["before_restart"] = cs.check()
                 print(json.dumps(out), flush=True)
-                for name, sig in (("sigterm", signal.SIGTERM), ("sigkill", signal.SIGKILL)):
+                for name, sig, max_flows in (
+                    ("sigterm", signal.SIGTERM, 1_000_000),
+                    ("sigkill", signal.SIGKILL, 1_000_000),
+                    ("sigkill_resized", signal.SIGKILL, 2_000_000),
+                ):
                     proc.send_signal(sig)
                     proc.wait(timeout=30)
+                    proc.cm.__exit__(None, None, None)  # type: ignore[attr-defined]
                     t0 = time.monotonic()
-                    proc = start(state)
+                    proc = start(state, max_flows)
                     out[f"{name}_restart_s"] = time.monotonic() - t0
                     out[f"{name}_survivors"] = cs.check()
                     print(name, json.dumps(out[f"{name}_survivors"]), flush=True)
@@ -105,6 +124,7 @@ def through_xdpguard(conns: int, workers: int) -> dict:
                 out["rate_pps"] = replay_rate(flow)
         finally:
             proc.cm.__exit__(None, None, None)  # type: ignore[attr-defined]
+            forget(state)
             stop(srv)
     return out
 

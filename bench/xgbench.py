@@ -101,10 +101,11 @@ def lab(edge: bool, queues: int = 1, anyport: bool = False) -> Iterator[None]:
 
 @contextmanager
 def xdpguard(
-    *extra: str, state_dir: Path, edge: bool = False, pin: bool = True
+    *extra: str, state_dir: Path, edge: bool = False, pin: bool = True, forget_pins: bool = True
 ) -> Iterator[subprocess.Popen]:
     """``xdpguard run`` on the bench lab, pinned to FWD_CPU unless not ``pin``,
-    until the block ends."""
+    until the block ends; then its pinned tables go too, unless not
+    ``forget_pins`` (a restart to come needs them: the caller forgets)."""
     control = state_dir / "control.sock"
     args = [
         *(["taskset", "-c", str(FWD_CPU)] if pin else []),
@@ -140,7 +141,8 @@ def xdpguard(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
-        forget(state_dir)  # the pinned flow table of this run goes with it
+        if forget_pins:
+            forget(state_dir)  # the pinned flow table of this run goes with it
 
 
 def control(proc: subprocess.Popen, cmd: str, **args: object) -> object:
