@@ -263,7 +263,8 @@ class Feed:
             self._guarded(f"{source} down", lambda: self._session(source, "down"))
 
     def _update(self, source: str, msg: dict[str, Any]) -> None:
-        body_hex = msg.get("neighbor", {}).get("message", {}).get("body")
+        message = msg["neighbor"].get("message")
+        body_hex = message.get("body") if isinstance(message, dict) else None
         if not isinstance(body_hex, str):
             log.error(
                 "%s: an UPDATE without its raw body: ExaBGP needs 'receive { packets; }'", source
@@ -343,11 +344,21 @@ def run(control: str, hold: float, stdin: TextIO = sys.stdin) -> int:
                 continue
             try:
                 msg = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 log.error("not JSON from ExaBGP (is 'encoder json' set?): %.80s", line)
                 continue
-            if isinstance(msg, dict):
+            if not isinstance(msg, dict):
+                log.error("not a message from ExaBGP: %.80s", line)
+                continue
+            try:
                 feed.handle(msg)
+            except Exception as exc:  # one odd message must not end the feed
+                log.error(
+                    "a message from ExaBGP the feed cannot read (%s: %s), skipped: %.80s",
+                    type(exc).__name__,
+                    exc,
+                    line,
+                )
     finally:
         stop.set()
     # ExaBGP went away: the leases run out by themselves.

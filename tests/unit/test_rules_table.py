@@ -354,3 +354,32 @@ def test_a_shared_limit_on_a_whole_family_needs_force(table: RuleTable) -> None:
     table.limit_add(["0.0.0.0/0"], 100, None, True)  # each source its own limit
     table.limit_add(["::/0"], 100, None, False, force=True)
     assert table.limit_entries()["count"] == 2
+
+
+def test_an_odd_message_from_exabgp_does_not_end_the_feed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each line is its own: one the feed cannot read is logged and skipped,
+    and the next is handled (here the last says a session is up)."""
+    import io
+    import logging
+
+    from xdpguard.flowspec_feed import run
+
+    peer = {"address": {"peer": "192.0.2.9"}}
+    odd = [
+        json.dumps({"type": "update", "neighbor": peer | {"message": [1]}}),
+        json.dumps({"type": "update", "neighbor": peer | {"message": {"body": 5}}}),
+        json.dumps({"type": "update", "neighbor": peer | {"message": {"body": "zz"}}}),
+        json.dumps({"type": "state", "neighbor": peer | {"state": ["up"]}}),
+        json.dumps({"type": "update", "neighbor": [peer]}),
+        "[" * 100_000 + "]" * 100_000,
+        "[1, 2]",
+        "not json",
+    ]
+    lines = [*odd, json.dumps(state("192.0.2.7", "up"))]
+    with caplog.at_level(logging.INFO, logger="xdpguard"):
+        assert run("/nonexistent/control.sock", 30, io.StringIO("\n".join(lines) + "\n")) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any("bgp:192.0.2.7: session up" in m for m in said), said
+    assert not any("Traceback" in m for m in said)
