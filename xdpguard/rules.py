@@ -891,5 +891,6 @@ class RuleTable:
                     lim.get("bps"),
                     bool(lim.get("per_source")),
                     lim.get("comment"),
+                    force=True,  # it was insisted on when it was added
                 )
         return {"rules": len(rules), "ratelimits": len(limits)}

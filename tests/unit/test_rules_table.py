@@ -347,13 +347,17 @@ def test_a_load_that_would_empty_the_local_rules_needs_force(table: RuleTable) -
     assert table.load("", replace=True, force=True)["deleted"] == 1
 
 
-def test_a_shared_limit_on_a_whole_family_needs_force(table: RuleTable) -> None:
+def test_a_shared_limit_on_a_whole_family_needs_force(table: RuleTable, tmp_path: Path) -> None:
     with pytest.raises(F.RuleError, match="without --per-source limits every IPv4 source"):
         table.limit_add(["0.0.0.0/0"], 100, None, False)
     assert table.limit_entries()["limits"] == []
     table.limit_add(["0.0.0.0/0"], 100, None, True)  # each source its own limit
     table.limit_add(["::/0"], 100, None, False, force=True)
     assert table.limit_entries()["count"] == 2
+    table.add(["ipv6 drop"], force=True)
+    # What was insisted on once comes back without asking again.
+    again = RuleTable(FakeMaps(), tmp_path, clock=Clock(), ncpus=2)
+    assert again.restore() == {"rules": 1, "ratelimits": 2}
 
 
 def test_an_odd_message_from_exabgp_does_not_end_the_feed(
