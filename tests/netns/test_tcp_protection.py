@@ -330,6 +330,32 @@ def test_full_flow_table_keeps_established_flows(lab2: Lab, tmp_path: Path) -> N
         assert echo(s, b"x") == b"x"
 
 
+def test_an_ack_flood_while_learning_leaves_room_for_real_connections(
+    lab2: Lab, tmp_path: Path
+) -> None:
+    """A cold start adopts mid-stream flows while it learns, spoofed ones too.
+    They stay 'learning' (20 s, never established), so they fill a table
+    without taking it: once the window closes, a real connection still
+    finds a slot, and the junk is what gives way."""
+    with Appliance(lab2, tmp_path, "--max-flows", "1024", "--learn", "10") as app:
+        app.cli("tcp", "mode", "on")
+        assert app.call("tcp.config")["learning_left"] > 0  # a cold start
+        sent = flood(lab2, "A", 20_000)
+        flows = json.loads(app.cli("tcp", "flows", "--json").stdout)
+        assert app.call("tcp.config")["learning_left"] > 0, "the flood outlasted the window"
+        # Far more adopted than slots: the table filled, and new junk
+        # took the slots of older junk.
+        assert sent > 4 * flows["capacity"] and flows["evictions"] > 0, flows
+        wait_for(lambda: app.call("tcp.config")["learning_left"] == 0, what="the window")
+        before = json.loads(app.cli("tcp", "flows", "--json").stdout)
+        s, _ = connect(lab2)
+        assert echo(s, b"x") == b"x"
+        after = json.loads(app.cli("tcp", "flows", "--json").stdout)
+        if before["free"] == 0:  # still full of junk (it lives 20 s): one gave way
+            assert after["evictions"] > before["evictions"], (before, after)
+        s.close()
+
+
 def test_allowlisted_source_skips_the_challenge(lab2: Lab, tmp_path: Path) -> None:
     with Appliance(lab2, tmp_path) as app:
         app.cli("tcp", "mode", "on")
