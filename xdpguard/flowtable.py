@@ -5,9 +5,11 @@ A table is pinned under /sys/fs/bpf/xdpguard/, in a directory named after
 the state directory it belongs with, so two appliances on one machine keep
 two tables. A restart (SIGTERM or SIGKILL alike) opens the pinned table and
 finds every flow where it was: no learning window is needed, and no idle
-connection is cut. A table of another size (--max-flows changed) or layout
-(another ABI) cannot be used: it is replaced by an empty one, said once.
-``xdpguard flows forget`` removes a pinned table.
+connection is cut. A table of another size (--max-flows changed) gives its
+flows to a new one (xg_flowtab_migrate()); one of another layout (another
+ABI) cannot be read: it is replaced by an empty one, said once. The pin
+directory is also the appliance's lock (lock()): one appliance per state
+directory. ``xdpguard flows forget`` removes a pinned table.
 """
 
 from __future__ import annotations
