@@ -28,7 +28,7 @@ DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables \
 	libclang-rt-14-dev iperf3 prometheus exabgp gobgpd
 
-BPF_OBJS := bpf/xdpguard.bpf.o bpf/xg_trace.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o \
+BPF_OBJS := bpf/xdpguard.bpf.o bpf/xg_probe.bpf.o bpf/xg_trace.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o \
 	scripts/xg_anyport.bpf.o
 # The project's BPF headers; vmlinux.h (the running kernel's types, for the
 # CO-RE trace programs) is made here, not kept.

@@ -1,17 +1,19 @@
 """Building blocks of the benchmarks (and of the tests that need real load).
 
-LiveGenerator sends frames from a device with BPF_PROG_RUN in live-frame
-mode (XDP_TX out of the device, several Mpps from one core, where trafgen
-tops out near 1 Mpps). Sink counts what reaches a device and drops it in
-XDP, so a measurement does not include the receiver's network stack.
+Generator sends frames from a device through a TX-only AF_XDP socket in copy
+mode (what works on every kernel: live-frame BPF_PROG_RUN, faster, is
+refused by locked-down kernels). Sink counts what reaches a device and drops
+it in XDP, so a measurement does not include the receiver's network stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import struct
@@ -291,12 +293,13 @@ def flow_segment(
                       sides["outside"]["next_seq"], sides["inside"]["next_seq"])  # fmt: skip
 
 
-class LiveGenerator:
-    """Sends a template frame out of ``ifname`` (in ``netns``) with XDP_TX live frames.
-
-    ``ratio`` thins the output inside the program (see xg_bench.bpf.c): one
-    long BPF_PROG_RUN gives a smooth load of about ratio x the full rate.
-    """
+class Generator:
+    """Sends a template frame out of ``ifname`` (in ``netns``) from a TX-only
+    AF_XDP socket in copy mode (libxdp_shim/xg_gen.c): the kernel builds and
+    sends one skb per frame, on the calling core. ``random_saddr`` and
+    ``random_sport`` vary the frame (checksums kept right), ``mix_fragments``
+    makes every other frame the smallest later IPv4 fragment; ``seed`` (a
+    fresh one, printed, if None) makes a run repeatable."""
 
     def __init__(
         self,
@@ -305,66 +308,58 @@ class LiveGenerator:
         frame: bytes,
         random_saddr: bool = False,
         random_sport: bool = False,
-        ratio: float = 1.0,
         mix_fragments: bool = False,
+        queue: int = 0,
+        seed: int | None = None,
     ) -> None:
         self.ns = Netns(netns)
         self.dev = resolve_device(self.ns, ifname)
         self.frame = frame
-        threshold = 0xFFFFFFFF if ratio >= 1.0 else int(ratio * 0xFFFFFFFF)
-        rodata = {
-            "gen_random_saddr": struct.pack("=I", int(random_saddr)),
-            "gen_random_sport": struct.pack("=I", int(random_sport)),
-            "gen_tx_ratio": struct.pack("=I", threshold),
-            # Whole 8-byte words of the frame's start, rewritten every run.
-            "gen_template": frame[:128].ljust(128, b"\0"),
-            "gen_template_len": struct.pack("=I", min(len(frame), 128) & ~7),
-        }
-        if mix_fragments:
-            # Variant a: the template; variant b: the smallest later fragment.
-            ip = frame[14:34]
-            for name, (tot_len, frag) in (
-                ("a", struct.unpack("!H", ip[2:4]) + struct.unpack("!H", ip[6:8])),
-                ("b", (28, 1480 // 8)),
-            ):
-                hdr = ip[:2] + struct.pack("!H", tot_len) + ip[4:6] + struct.pack("!H", frag)
-                hdr += ip[8:10] + b"\0\0" + ip[12:20]
-                rodata[f"gen_{name}_tot_len"] = struct.pack("!H", tot_len)
-                rodata[f"gen_{name}_frag_off"] = struct.pack("!H", frag)
-                rodata[f"gen_{name}_check"] = struct.pack("!H", _csum(hdr))
-            rodata["gen_mix"] = struct.pack("=I", 1)
-        self.prog = B.Prog(str(BENCH_OBJ), "xg_gen", rodata)
-        self._sent = self.prog.map_fd("gen_sent")
-        self._ncpus = B.num_possible_cpus()
+        if seed is None and (random_saddr or random_sport):
+            seed = random.getrandbits(63) | 1
+            print(f"generator seed {seed}")
+        args = (ifname, frame, queue, random_saddr, random_sport, mix_fragments, seed or 0)
+        # The kernel lets go of a closed socket's hold on the queue a moment
+        # later (deferred work): a generator made right after another waits.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._gen = self.ns.run(B.Generator, *args)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def sent(self) -> int:
-        """Frames transmitted so far (runs that were not thinned out)."""
-        raw = B.map_lookup(self._sent, struct.pack("=I", 0), 8 * self._ncpus)
-        assert raw is not None
-        return sum(struct.unpack(f"={self._ncpus}Q", raw))
+        """Frames the kernel has sent so far."""
+        return self._gen.sent()
 
-    def run(self, runs: int, cpu: int | None = None, batch: int = 64) -> float:
-        """Execute the program ``runs`` times (pinned to ``cpu``); the seconds it took."""
+    def run(
+        self, count: int, cpu: int | None = None, pps: int = 0, max_seconds: float = 60
+    ) -> float:
+        """Send ``count`` frames (at ``pps``, 0: as fast as it can; from ``cpu``),
+        for ``max_seconds`` at most; the seconds it took."""
 
         def body() -> float:
             if cpu is not None:
                 os.sched_setaffinity(0, {cpu})
             start = time.perf_counter()
-            left = runs
-            while left:
-                n = min(left, 1 << 30)
-                B.prog_run_live(self.prog.fd, self.frame, self.dev.ifindex, n, batch)
-                left -= n
+            self._gen.send(count, pps, int(max_seconds * 1000))
             return time.perf_counter() - start
 
         return self.ns.run(body)
 
     def send(self, count: int) -> float:
-        """Send ``count`` frames (ratio 1) as fast as possible; the seconds it took."""
+        """Send ``count`` frames as fast as possible; the seconds it took."""
         return self.run(count)
 
+    def stop(self) -> None:
+        """Make a run in another thread return soon (for good)."""
+        self._gen.stop()
+
     def close(self) -> None:
-        self.prog.close()
+        self._gen.close()
 
 
 class Sink:

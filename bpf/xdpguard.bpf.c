@@ -10,7 +10,7 @@
  *          what needs no loop to inner itself (the fast path), answer SYN
  *          challenges and check their answers (bpf/xg_challenge.h), and
  *          hand the rest to the AF_XDP socket of the frame's RX queue with
- *          the parser's findings in front (struct xg_meta);
+ *          a word for the loop in front (struct xg_meta);
  *   inner: forward verified flows and non-TCP traffic to outer itself,
  *          hand the rest to the socket (the origin's replies carry no
  *          policy).
@@ -29,6 +29,18 @@
 /* Written by the loader before the object is loaded. */
 const volatile struct xg_load_cfg xg_cfg = { .role = XG_ROLE_OUTER };
 
+/*
+ * The clock of flow and challenge times: the coarse one (a tick old, and
+ * cheap), or where the kernel lacks it (before 5.11) the precise one. The
+ * verifier sees only the branch the loader chose.
+ */
+static __always_inline __u64 xg_clock_ns(void)
+{
+	if (xg_cfg.flags & XG_CFG_NO_COARSE)
+		return bpf_ktime_get_ns();
+	return bpf_ktime_get_coarse_ns();
+}
+
 /* What this object was built against; xdpguard checks it before loading. */
 const volatile __u32 xg_abi = XG_ABI_VERSION;
 
@@ -43,6 +55,7 @@ const volatile struct {
 	struct xg_lpm_v4 lpm_v4;
 	struct xg_lpm_v6 lpm_v6;
 	struct xg_meta meta;
+	struct xg_summary summary;
 	struct xg_flow flow;
 	struct xg_verified_src verified;
 	struct xg_cookie_secret secret;
@@ -371,7 +384,7 @@ __attribute__((noinline)) int xg_fast_tcp(struct xg_flow_key *k, struct xg_seg *
 	b = flow_bucket(k);
 	if (!b || !bucket_lock(b))
 		return 0;
-	now = bpf_ktime_get_coarse_ns() / 1000000000;
+	now = xg_clock_ns() / 1000000000;
 	f = xg_flow_find(b, k, now);
 	ok = f && f->state == XG_TCP_ESTABLISHED &&
 	     (f->flags & (XG_FLOW_FAST | XG_FLOW_REOPEN)) == XG_FLOW_FAST &&
@@ -400,7 +413,7 @@ __attribute__((noinline)) int xg_flow_exists(struct xg_flow_key *k)
 		return 0; /* no table: nothing is tracked */
 	if (!bucket_lock(b))
 		return 1;
-	found = !!xg_flow_find(b, k, bpf_ktime_get_coarse_ns() / 1000000000);
+	found = !!xg_flow_find(b, k, xg_clock_ns() / 1000000000);
 	__sync_lock_test_and_set(&b->lock, 0);
 	return found;
 }
@@ -432,23 +445,38 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct pkt *pkt, int x)
 }
 
 /*
- * Put the parser's findings (and whether the source is allowlisted) in
- * front of the frame for the loop. Without room for the metadata (a driver
- * without support) the loop finds no magic and parses on its own.
+ * Put the word for the loop (struct xg_meta) in front of the frame, and,
+ * loaded with XG_CFG_SUMMARY, the parser's findings in front of that. -1
+ * if there is no room: the frame must then not reach the loop, which would
+ * take its first bytes for the word.
  */
-static __always_inline void write_meta(struct xdp_md *ctx, struct pkt *pkt, __u8 reason,
-				       __u32 flags)
+static __always_inline int push_word(struct xdp_md *ctx, struct pkt *pkt, __u8 reason,
+				     __u32 flags)
 {
-	struct xg_meta m = {}, *meta;
+	struct xg_summary sum = {};
+	struct xg_meta *word;
+	void *data;
 
-	xg_summarise(&pkt->h, (void *)(long)ctx->data, reason, &m);
-	m.flags = flags;
-	m.magic = XG_META_MAGIC;
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(m)))
-		return;
-	meta = (void *)(long)ctx->data_meta;
-	if ((void *)(meta + 1) <= (void *)(long)ctx->data)
-		*meta = m;
+	if (xg_cfg.flags & XG_CFG_SUMMARY)
+		xg_summarise(&pkt->h, (void *)(long)ctx->data, reason, &sum);
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(*word)))
+		return -1;
+	word = (void *)(long)ctx->data;
+	if ((void *)(word + 1) > (void *)(long)ctx->data_end)
+		return -1;
+	word->flags = flags;
+	word->magic = XG_META_MAGIC;
+	if (!(xg_cfg.flags & XG_CFG_SUMMARY))
+		return 0;
+	sum.flags = flags;
+	sum.magic = XG_META_MAGIC;
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct xg_meta)))
+		return -1;
+	data = (void *)(long)ctx->data;
+	if (data + sizeof(sum) > (void *)(long)ctx->data_end)
+		return -1;
+	__builtin_memcpy(data, &sum, sizeof(sum));
+	return 0;
 }
 
 SEC("xdp")
@@ -505,8 +533,15 @@ int xdpguard_prog(struct xdp_md *ctx)
 			break;
 		}
 	}
-	if (xg_cfg.role == XG_ROLE_OUTER && (pass || (xg_cfg.flags & XG_CFG_META_ALWAYS)))
-		write_meta(ctx, &pkt, reason, meta_flags);
+	/*
+	 * The word goes in front only now: the policy, the fast path and the
+	 * challenge read the frame where it starts.
+	 */
+	if (xg_cfg.role == XG_ROLE_OUTER && (pass || (xg_cfg.flags & XG_CFG_SUMMARY)) &&
+	    push_word(ctx, &pkt, reason, meta_flags) && pass) {
+		reason = XG_REASON_NO_HEADROOM;
+		pass = 0;
+	}
 	if (!pass) {
 		action = XDP_DROP;
 		goto out;

@@ -24,7 +24,7 @@ enum {
 	 * carries it (xg_abi), and so does the compiled shim; xdpguard refuses
 	 * to start when either differs from xdpguard.defs.ABI_VERSION.
 	 */
-	XG_ABI_VERSION = 6,
+	XG_ABI_VERSION = 7,
 	/* Capacity of the per-queue maps; a device may use fewer. */
 	XG_MAX_QUEUES = 64,
 	/*
@@ -142,6 +142,12 @@ enum xg_reason {
 	XG_REASON_RULE_RATE_LIMITED = 20,
 	/* The source's rate limit (xdpguard ratelimit) is exceeded. */
 	XG_REASON_SOURCE_RATE_LIMITED = 21,
+	/*
+	 * No room in front of the frame for the word the loop needs
+	 * (struct xg_meta): the loop could not judge it, so it is dropped.
+	 * Drivers with XDP leave 256 bytes; this counts one that does not.
+	 */
+	XG_REASON_NO_HEADROOM = 22,
 };
 
 /*
@@ -163,7 +169,7 @@ enum xg_reason_stage {
 		       (1 << XG_REASON_CHALLENGE_RATE_LIMITED) |
 		       (1 << XG_REASON_VERIFIED_SYN_RATE_LIMITED) |
 		       (1 << XG_REASON_RULE_DROP) | (1 << XG_REASON_RULE_RATE_LIMITED) |
-		       (1 << XG_REASON_SOURCE_RATE_LIMITED),
+		       (1 << XG_REASON_SOURCE_RATE_LIMITED) | (1 << XG_REASON_NO_HEADROOM),
 	/* The loop parses with the same parser and fails closed the same way. */
 	XG_STAGE_LOOP = (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
 			(1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
@@ -172,12 +178,14 @@ enum xg_reason_stage {
 };
 
 /*
- * Metadata the XDP program writes in front of every frame it hands to a
- * socket (bpf_xdp_adjust_meta); the loop reads it at desc.addr - sizeof.
- * The parser's findings ride along (bpf/xg_parse.h, xg_summarise()).
+ * The word the XDP program puts in front of every frame it hands to a
+ * socket: it moves the frame's start back by sizeof(struct xg_meta)
+ * (bpf_xdp_adjust_head, which every kernel with XDP allows, unlike
+ * bpf_xdp_adjust_meta) and the loop takes it off again. Only the XDP
+ * program puts frames into the sockets, so every frame there has it.
  */
 enum {
-	XG_META_MAGIC = 0x78676d32, /* "xgm2": the fields below are valid */
+	XG_META_MAGIC = 0x78676d33, /* "xgm3": the word is there */
 	XG_META_ALLOWLISTED = 1,    /* the source matched the allowlist */
 	/*
 	 * State mode auto: the destination is above its rate of frames sent
@@ -200,14 +208,26 @@ enum xg_frag_bits {
 };
 
 struct xg_meta {
+	__u32 flags;		/* XG_META_* */
+	__u32 magic;		/* XG_META_MAGIC */
+};
+
+/*
+ * What the parser found in a frame and the verdict it got: what
+ * xg_classify() says, and what the program puts in front of every frame,
+ * ahead of the word, when loaded with XG_CFG_SUMMARY (for the tests that
+ * hold XDP and the C parser to the same answers).
+ */
+struct xg_summary {
 	__u16 l3_off;		/* offset of the IP header in the frame; 0: not IP */
 	__u16 l4_off;		/* offset of the L4 header; 0: none (later fragment, not IP) */
 	__u8 l4_proto;		/* IPPROTO_* after the header chain */
 	__u8 tcp_flags;		/* byte 13 of the TCP header */
 	__u8 frag;		/* enum xg_frag_bits */
 	__u8 reason;		/* the XDP verdict, enum xg_reason */
-	__u32 flags;		/* XG_META_ALLOWLISTED */
-	__u32 magic;		/* XG_META_MAGIC, right in front of the frame */
+	/* The word that follows, as struct xg_meta (zero from xg_classify()). */
+	__u32 flags;
+	__u32 magic;
 };
 
 /* Value of the per-CPU per-reason counter array. */
@@ -619,11 +639,13 @@ struct xg_port_set {
 
 enum xg_load_flags {
 	/*
-	 * Write struct xg_meta in front of every frame, dropped ones included
-	 * (for tests and the parser's parity check; the verifier removes the
-	 * code when the flag is clear).
+	 * Put struct xg_summary in front of every frame, dropped ones
+	 * included (for tests and the parser's parity check; the verifier
+	 * removes the code when the flag is clear).
 	 */
-	XG_CFG_META_ALWAYS = 1,
+	XG_CFG_SUMMARY = 1,
+	/* The kernel has no bpf_ktime_get_coarse_ns (before 5.11): the precise clock. */
+	XG_CFG_NO_COARSE = 2,
 };
 
 /* Load-time settings of one program instance (a const volatile global). */

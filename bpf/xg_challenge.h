@@ -448,7 +448,7 @@ struct xg_gate_out {
  * A SYN (no ACK, no RST) from outside, @len bytes, of key @k: to the loop,
  * challenged (the cookie and sequence number in @out), or dropped.
  */
-__attribute__((noinline)) int xg_syn_judge(struct xg_flow_key *k, __u32 allowlisted, __u32 len,
+__attribute__((noinline)) int xg_syn_judge(struct xg_flow_key *k, __u32 len,
 					    struct xg_gate_out *out)
 {
 	struct xg_cookie_secret *sec;
@@ -464,9 +464,9 @@ __attribute__((noinline)) int xg_syn_judge(struct xg_flow_key *k, __u32 allowlis
 	if (!cfg)
 		return 0;
 	mode = cfg->syn_mode;
-	if (mode == XG_MODE_OFF || allowlisted)
+	if (mode == XG_MODE_OFF)
 		return 0;
-	now = bpf_ktime_get_coarse_ns();
+	now = xg_clock_ns();
 	now_s = now / XG_NANO;
 	if (mode == XG_MODE_AUTO && !xg_dest_over(cfg, k->in_addr, 0, now))
 		return 0;
@@ -523,7 +523,7 @@ __attribute__((noinline)) int xg_rst_judge(struct xg_flow_key *k, __u32 seq, __u
 	cfg = bpf_map_lookup_elem(&xg_tcpcfg, &zero);
 	if (!cfg || cfg->syn_mode == XG_MODE_OFF || xg_flow_exists(k))
 		return 0;
-	now = bpf_ktime_get_coarse_ns();
+	now = xg_clock_ns();
 	now_s = now / XG_NANO;
 	sec = bpf_map_lookup_elem(&xg_secret, &zero);
 	if (sec && xg_cookie_check(sec, k, now_s, seq)) {
@@ -558,7 +558,7 @@ __attribute__((noinline)) int xg_state_over(struct xg_flow_key *k)
 	cfg = bpf_map_lookup_elem(&xg_tcpcfg, &zero);
 	if (!cfg || cfg->state_mode != XG_MODE_AUTO)
 		return 0;
-	return xg_dest_over(cfg, k->in_addr, 1, bpf_ktime_get_coarse_ns());
+	return xg_dest_over(cfg, k->in_addr, 1, xg_clock_ns());
 }
 
 /*
@@ -573,13 +573,14 @@ XG_INLINE enum xg_gate xg_tcp_gate(struct xdp_md *ctx, struct pkt *pkt, __u32 le
 	struct xg_gate_out out = {};
 	__u8 fl = pkt->h.tcp_flags;
 
-	if (!pkt->h.l3 || pkt->h.l4_proto != IPPROTO_TCP || !pkt->h.l4 ||
+	/* An allowlisted source skips every check: the loop only tracks it. */
+	if (allowlisted || !pkt->h.l3 || pkt->h.l4_proto != IPPROTO_TCP || !pkt->h.l4 ||
 	    (pkt->h.frag & XG_FRAG_ANY))
 		return XG_GATE_LOOP;
 	if (xg_flow_key_of(&pkt->h, (void *)(long)ctx->data_end, XG_SIDE_OUT, &pkt->key, &pkt->seg))
 		return XG_GATE_LOOP;
 	if ((fl & (XG_TCP_SYN | XG_TCP_ACK | XG_TCP_RST)) == XG_TCP_SYN) {
-		xg_syn_judge(&pkt->key, allowlisted, len, &out);
+		xg_syn_judge(&pkt->key, len, &out);
 		if (out.gate == XG_GATE_TX && xg_build_challenge(ctx, pkt, out.cookie, out.isn)) {
 			out.gate = XG_GATE_DROP;
 			out.why = XG_REASON_MALFORMED; /* not what the parser said: fail closed */

@@ -382,9 +382,9 @@ XG_INLINE enum xg_reason xg_judge_l4(const struct xg_hdrs *h)
 	return XG_REASON_REDIRECTED;
 }
 
-/* What the parser found, as the XDP program hands it to the loop. */
+/* What the parser found, as xg_classify() and XG_CFG_SUMMARY say it. */
 XG_INLINE void xg_summarise(const struct xg_hdrs *h, void *data, __u8 reason,
-			    struct xg_meta *m)
+			    struct xg_summary *m)
 {
 	m->l4_off = h->l4 ? (__u16)(h->l4 - data) : 0;
 	m->l4_proto = h->l3 ? h->l4_proto : 0;

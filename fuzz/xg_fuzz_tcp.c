@@ -45,7 +45,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		.verify_ttl = 600,
 	};
 	struct xg_worker_stats st;
-	struct xg_meta m;
+	struct xg_summary m;
 	uint32_t len, before;
 	uint8_t ctl, *frame;
 	int verdict;

@@ -17,6 +17,12 @@ struct xg_umem {
 	uint32_t frame_size;
 	uint32_t ring_size;
 	/*
+	 * Bound with XDP_USE_NEED_WAKEUP (the first socket's choice, which
+	 * every later one inherits): else the kernel never says when to kick,
+	 * and the loop kicks whenever a TX ring holds frames.
+	 */
+	int need_wakeup;
+	/*
 	 * libxdp maps the first fill/completion pair at UMEM registration and
 	 * copies it into the first socket's rings; later sockets map their own.
 	 */

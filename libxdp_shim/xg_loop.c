@@ -149,31 +149,41 @@ static uint32_t transmit(struct xg_worker *w, int side, const struct xdp_desc *d
 }
 
 /*
- * Judge one frame of direction @dir. Only TCP frames from outside can be
- * dropped; frames from inside feed the flow table and pass.
+ * Judge one frame of direction @dir (at *@addr, *@len bytes). Only TCP
+ * frames from outside can be dropped; frames from inside feed the flow
+ * table and pass. A frame from outside carries the XDP program's word in
+ * front (struct xg_meta); it is taken off here, in *@addr and *@len.
  */
-static enum xg_tcp_verdict judge(struct xg_worker *w, int dir, uint64_t addr, uint32_t *len)
+static enum xg_tcp_verdict judge(struct xg_worker *w, int dir, uint64_t *addr, uint32_t *len)
 {
-	uint8_t *frame = (uint8_t *)w->umem->area + addr;
-	struct xg_meta *meta;
-	uint32_t flags;
+	uint8_t *frame = (uint8_t *)w->umem->area + *addr;
+	struct xg_meta word;
 
-	if (!w->tcp || (w->flags & XG_WORKER_NO_POLICY))
-		return XG_V_FORWARD;
 	if (dir == XG_DIR_OUT) {
-		xg_tcp_inside(w->tcp, frame, *len, &w->now);
+		if (w->tcp && !(w->flags & XG_WORKER_NO_POLICY))
+			xg_tcp_inside(w->tcp, frame, *len, &w->now);
 		return XG_V_FORWARD;
 	}
 	/*
-	 * The XDP program's word on the frame, in its headroom. Cleared once
-	 * read, so that a recycled frame never shows a stale one. Without it
-	 * (a driver with no room for metadata) an auto state mode counts the
-	 * destination as attacked: the checks apply, the safe side.
+	 * Only the XDP program puts frames into the sockets, and it puts the
+	 * word in front of each; a frame without it came from elsewhere and
+	 * cannot be judged.
 	 */
-	meta = (struct xg_meta *)(frame - sizeof(*meta));
-	flags = meta->magic == XG_META_MAGIC ? meta->flags : XG_META_STATE_OVER;
-	meta->magic = 0;
-	return xg_tcp_outside(w->tcp, frame, len, flags, &w->now, &w->stats);
+	if (*len < sizeof(word))
+		goto bad;
+	memcpy(&word, frame, sizeof(word));
+	if (word.magic != XG_META_MAGIC)
+		goto bad;
+	*addr += sizeof(word);
+	*len -= sizeof(word);
+	if (!w->tcp || (w->flags & XG_WORKER_NO_POLICY))
+		return XG_V_FORWARD;
+	return xg_tcp_outside(w->tcp, frame + sizeof(word), len, word.flags, &w->now,
+			      &w->stats);
+bad:
+	w->stats.reasons[XG_REASON_MALFORMED].packets++;
+	w->stats.reasons[XG_REASON_MALFORMED].bytes += *len;
+	return XG_V_DROP;
 }
 
 /*
@@ -189,6 +199,7 @@ static uint32_t forward(struct xg_worker *w, int from, int to, int dir)
 	struct xdp_desc pass[XG_BATCH];
 	uint32_t i, n, npass = 0, sent, idx_rx;
 	const struct xdp_desc *d;
+	uint64_t addr;
 	uint32_t len;
 
 	n = xsk_ring_cons__peek(&src->rx, XG_BATCH, &idx_rx);
@@ -199,15 +210,16 @@ static uint32_t forward(struct xg_worker *w, int from, int to, int dir)
 
 	for (i = 0; i < n; i++) {
 		d = xsk_ring_cons__rx_desc(&src->rx, idx_rx + i);
+		addr = d->addr;
 		len = d->len;
 		st->rx_bytes += len;
-		switch (judge(w, dir, d->addr, &len)) {
+		switch (judge(w, dir, &addr, &len)) {
 		case XG_V_FORWARD:
-			pass[npass].addr = d->addr;
+			pass[npass].addr = addr;
 			pass[npass++].len = len;
 			break;
 		default:
-			free_push(w, d->addr);
+			free_push(w, addr);
 			st->dropped++;
 		}
 	}
@@ -244,7 +256,7 @@ static int kick_tx(struct xg_worker *w, int side)
 	for (kicks = 0; kicks < XG_MAX_KICKS; kicks++) {
 		if (!ring_used(s->tx.producer, s->tx.consumer))
 			return 0;
-		if (!xsk_ring_prod__needs_wakeup(&s->tx))
+		if (s->umem->need_wakeup && !xsk_ring_prod__needs_wakeup(&s->tx))
 			return 1;
 		w->stats.dir[dir].tx_wakeups++;
 		if (sendto(s->fd, NULL, 0, MSG_DONTWAIT, NULL, 0) >= 0)

@@ -21,6 +21,21 @@ int xg_lpm_create(int v6)
 			      sizeof(__u32), v6 ? XG_LPM_V6_MAX : XG_LPM_V4_MAX, &opts);
 }
 
+int xg_map_probe(uint32_t type, uint32_t key_size, uint32_t value_size, uint32_t max_entries,
+		 uint32_t flags, uint64_t map_extra, int inner_fd)
+{
+	LIBBPF_OPTS(bpf_map_create_opts, opts, .map_flags = flags, .map_extra = map_extra);
+	int fd;
+
+	if (inner_fd >= 0)
+		opts.inner_map_fd = inner_fd;
+	fd = bpf_map_create(type, "xg_probe", key_size, value_size, max_entries, &opts);
+	if (fd < 0)
+		return fd;
+	close(fd);
+	return 0;
+}
+
 int xg_rule_filter_create(const struct xg_rule_filter *filter)
 {
 	__u32 zero = 0;

@@ -8,7 +8,7 @@
 #include "xg_parse.h"
 #include "xg_shim.h"
 
-void xg_classify(const uint8_t *frame, uint32_t len, struct xg_meta *out)
+void xg_classify(const uint8_t *frame, uint32_t len, struct xg_summary *out)
 {
 	void *data = (void *)frame;
 	struct xg_hdrs h;

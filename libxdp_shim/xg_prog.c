@@ -9,6 +9,9 @@
  * being replaced.
  */
 #include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -28,6 +31,7 @@ struct xg_prog {
 
 int xg_prog_open(const char *path, const char *prog_name, struct xg_prog **out)
 {
+	struct bpf_program *other;
 	struct xg_prog *p;
 	int err;
 
@@ -49,8 +53,66 @@ int xg_prog_open(const char *path, const char *prog_name, struct xg_prog **out)
 		free(p);
 		return -ENOENT;
 	}
+	bpf_object__for_each_program(other, p->obj)
+		bpf_program__set_autoload(other, other == p->prog);
 	*out = p;
 	return 0;
+}
+
+/*
+ * libbpf's messages, kept for xg_libbpf_log(): the end of what was said,
+ * in a ring of bytes. The verifier's log of a failed load is long; its
+ * end says why.
+ */
+static struct {
+	pthread_mutex_t lock;
+	char buf[65536];
+	size_t len;	/* bytes held, at most sizeof(buf) */
+	size_t head;	/* where the next byte goes */
+	int on;
+} xg_log = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+static int keep_libbpf_log(enum libbpf_print_level level, const char *fmt, va_list ap)
+{
+	char line[4096];
+	int n, i;
+
+	if (level == LIBBPF_DEBUG)
+		return 0;
+	n = vsnprintf(line, sizeof(line), fmt, ap);
+	if (n < 0)
+		return n;
+	if (n >= (int)sizeof(line))
+		n = sizeof(line) - 1;
+	pthread_mutex_lock(&xg_log.lock);
+	for (i = 0; i < n; i++) {
+		xg_log.buf[xg_log.head] = line[i];
+		xg_log.head = (xg_log.head + 1) % sizeof(xg_log.buf);
+	}
+	xg_log.len += n;
+	if (xg_log.len > sizeof(xg_log.buf))
+		xg_log.len = sizeof(xg_log.buf);
+	pthread_mutex_unlock(&xg_log.lock);
+	return n;
+}
+
+size_t xg_libbpf_log(char *buf, size_t size)
+{
+	size_t n, start, i;
+
+	pthread_mutex_lock(&xg_log.lock);
+	if (!xg_log.on) {
+		libbpf_set_print(keep_libbpf_log);
+		xg_log.on = 1;
+	}
+	n = xg_log.len < size - 1 ? xg_log.len : size - 1;
+	start = (xg_log.head + sizeof(xg_log.buf) - n) % sizeof(xg_log.buf);
+	for (i = 0; i < n; i++)
+		buf[i] = xg_log.buf[(start + i) % sizeof(xg_log.buf)];
+	buf[n] = 0;
+	xg_log.len = 0;
+	pthread_mutex_unlock(&xg_log.lock);
+	return n;
 }
 
 /*
@@ -273,11 +335,12 @@ int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id)
 	return -ENOENT;
 }
 
-int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
+int xg_prog_test_run(int prog_fd, const void *data, uint32_t size, uint32_t meta_len,
 		     void *data_out, uint32_t *size_out, uint32_t ingress_ifindex,
 		     uint32_t rx_queue, uint32_t repeat, uint32_t *action)
 {
 	struct xdp_md ctx = {
+		.data = meta_len,
 		.data_end = size,
 		.ingress_ifindex = ingress_ifindex,
 		.rx_queue_index = rx_queue,
@@ -299,26 +362,4 @@ int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
 		*size_out = opts.data_size_out;
 	*action = opts.retval;
 	return 0;
-}
-
-int xg_prog_run_live(int prog_fd, const void *data, uint32_t size,
-		     uint32_t ingress_ifindex, uint32_t repeat,
-		     uint32_t batch_size)
-{
-	struct xdp_md ctx = {
-		.data_end = size,
-		.ingress_ifindex = ingress_ifindex,
-	};
-	LIBBPF_OPTS(bpf_test_run_opts, opts,
-		    .data_in = data,
-		    .data_size_in = size,
-		    .ctx_in = &ctx,
-		    .ctx_size_in = sizeof(ctx),
-		    .repeat = repeat,
-		    .flags = BPF_F_TEST_XDP_LIVE_FRAMES,
-		    .batch_size = batch_size);
-	int err;
-
-	err = bpf_prog_test_run_opts(prog_fd, &opts);
-	return err < 0 ? err : (err ? -err : 0);
 }

@@ -71,6 +71,16 @@ int xg_netns_enter(int nsfd);
 int xg_netns_cookie(uint64_t *cookie);
 
 /*
+ * Move the calling thread (only it) into a new, empty network namespace of
+ * its own, and return an fd of it (O_CLOEXEC, the caller's to close). The
+ * namespace and every device in it go away once no thread is in it and the
+ * fd and every socket of it are closed: a probe's scratch space that
+ * nothing outlives, not even a SIGKILL. Needs CAP_SYS_ADMIN. Returns the
+ * fd or -errno.
+ */
+int xg_netns_new(void);
+
+/*
  * Queues of the device @ifname that an AF_XDP socket can use: the device's
  * real RX and TX queue counts (ETHTOOL_GCHANNELS: dedicated plus combined
  * channels). Returns 0, -EOPNOTSUPP if the driver does not report channels
@@ -91,12 +101,21 @@ int xg_dev_xdp_xmit(const char *ifname, uint64_t *sent, uint64_t *errors);
 struct xg_prog;
 
 /*
- * Open the BPF object at @path and pick its program @prog_name; nothing is
- * in the kernel yet. Set load-time constants with xg_prog_set_rodata(), then
+ * Open the BPF object at @path and pick its program @prog_name (the only
+ * one of the object's programs that will load); nothing is in the kernel
+ * yet. Set load-time constants with xg_prog_set_rodata(), then
  * xg_prog_load(). *@out owns the object; free it with xg_prog_close().
  * Returns 0, -ENOENT (no such file or program) or libbpf's -errno.
  */
 int xg_prog_open(const char *path, const char *prog_name, struct xg_prog **out);
+
+/*
+ * What libbpf said (warnings and the verifier's log) since the last call,
+ * up to @size - 1 bytes of its end, NUL-terminated, in @buf; the buffer
+ * is emptied. From the first call on, libbpf's messages are kept here and
+ * no longer printed to stderr. Returns the length copied. Any thread.
+ */
+size_t xg_libbpf_log(char *buf, size_t size);
 
 /*
  * Before xg_prog_load(): set the const volatile global @var (in .rodata) to
@@ -194,36 +213,73 @@ int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id);
 /*
  * Run @prog_fd @repeat times (at least once) over @data (BPF_PROG_TEST_RUN),
  * on the calling CPU, as if received on @rx_queue of @ingress_ifindex (0 =
- * no device; a non-zero queue needs a device). The frame as the last run
- * left it is copied to @data_out (up to *@size_out bytes; *@size_out is
- * updated). Needs CAP_BPF. Returns 0 and the last run's XDP action in
- * *@action, or -errno.
+ * no device; a non-zero queue needs a device). The first @meta_len bytes
+ * of @data are metadata in front of the frame, taken from its headroom (up
+ * to 216: what a driver with little headroom leaves is the rest). The
+ * frame as the last run left it, metadata included, is copied to
+ * @data_out (up to *@size_out bytes; *@size_out is updated). Needs
+ * CAP_BPF. Returns 0 and the last run's XDP action in *@action, or -errno.
  */
-int xg_prog_test_run(int prog_fd, const void *data, uint32_t size,
+int xg_prog_test_run(int prog_fd, const void *data, uint32_t size, uint32_t meta_len,
 		     void *data_out, uint32_t *size_out, uint32_t ingress_ifindex,
 		     uint32_t rx_queue, uint32_t repeat, uint32_t *action);
 
+/* ---- the tests' and benchmarks' traffic generator ---- */
+
+struct xg_gen;
+
+/* What a generator sends: one template frame, varied per frame. */
+struct xg_gen_cfg {
+	uint8_t frame[2048];	/* the template, @len bytes of it */
+	uint32_t len;		/* at least 14, at most 2048 */
+	uint32_t random_saddr;	/* IPv4: a random host of 198.18.0.0/15 per frame */
+	uint32_t random_sport;	/* TCP/UDP: a random source port (1024-61023) per frame */
+	uint32_t mix_fragments;	/* IPv4: every other frame the smallest later fragment */
+	uint64_t seed;		/* of the variations; 0: a fixed one */
+};
+
 /*
- * Run @prog_fd @repeat times in live-frame mode (BPF_F_TEST_XDP_LIVE_FRAMES):
- * frames start as a copy of @data and whatever the program returns happens
- * for real (XDP_TX leaves through @ingress_ifindex). This is the benchmarks'
- * packet generator. Blocks until done. netns (for @ingress_ifindex).
- * Returns 0 or -errno.
+ * A TX-only AF_XDP socket in copy mode on queue @queue of @ifname, with a
+ * UMEM of its own (8 MiB), sending @cfg's frame. Copy mode works on every
+ * device; nothing is attached to the device. Checksums (IPv4 header, and
+ * the TCP or UDP one) stay right through every variation. *@out is the
+ * caller's: free with xg_gen_close(). Needs CAP_NET_RAW. Returns 0,
+ * -EINVAL (a variation the template cannot take: not IPv4), or libxdp's
+ * -errno. netns.
  */
-int xg_prog_run_live(int prog_fd, const void *data, uint32_t size,
-		     uint32_t ingress_ifindex, uint32_t repeat,
-		     uint32_t batch_size);
+int xg_gen_create(const char *ifname, uint32_t queue, const struct xg_gen_cfg *cfg,
+		  struct xg_gen **out);
+
+/*
+ * Send @count frames, at @pps frames per second (0: as fast as the kernel
+ * takes them), for at most @max_ms milliseconds (0: no bound), then wait
+ * until the kernel sent what was queued. Blocks until then, or until
+ * xg_gen_stop(). Only one thread may send on a generator. Returns 0,
+ * -ETIMEDOUT (the kernel stopped taking frames for a second), or the
+ * -errno of sendto() (-ENETDOWN, -ENXIO).
+ */
+int xg_gen_send(struct xg_gen *g, uint64_t count, uint64_t pps, uint32_t max_ms);
+
+/* Frames the kernel has sent so far (completed). Any thread, lock-free. */
+uint64_t xg_gen_sent(const struct xg_gen *g);
+
+/* Make xg_gen_send() return soon, now and for good. Any thread. */
+void xg_gen_stop(struct xg_gen *g);
+
+/* Close the socket and free everything. NULL is a no-op. */
+void xg_gen_close(struct xg_gen *g);
 
 /* ---- the parser ---- */
 
 /*
  * Classify @frame as the outer XDP program does with an empty policy, with
- * the same parser (bpf/xg_parse.h): *@out gets what the program writes in
- * front of a frame (flags and magic zero), out->reason its verdict
- * (XG_REASON_REDIRECTED, MALFORMED or EXT_HEADER_LIMIT). Reads @len bytes
- * and no more. Never fails, does not block.
+ * the same parser (bpf/xg_parse.h): *@out gets what the program loaded
+ * with XG_CFG_SUMMARY writes in front of a frame (out->meta zero),
+ * out->reason its verdict (XG_REASON_REDIRECTED, MALFORMED or
+ * EXT_HEADER_LIMIT). Reads @len bytes and no more. Never fails, does not
+ * block.
  */
-void xg_classify(const uint8_t *frame, uint32_t len, struct xg_meta *out);
+void xg_classify(const uint8_t *frame, uint32_t len, struct xg_summary *out);
 
 /* ---- policy maps ---- */
 
@@ -234,6 +290,14 @@ void xg_classify(const uint8_t *frame, uint32_t len, struct xg_meta *out);
  * alive). Needs CAP_BPF. Returns the fd or -errno.
  */
 int xg_lpm_create(int v6);
+
+/*
+ * Whether the kernel makes a map of this shape (enum bpf_map_type @type,
+ * BPF_F_* @flags, @map_extra, @inner_fd for a map of maps or -1): it is
+ * made and closed at once. Needs CAP_BPF. Returns 0 or -errno.
+ */
+int xg_map_probe(uint32_t type, uint32_t key_size, uint32_t value_size, uint32_t max_entries,
+		 uint32_t flags, uint64_t map_extra, int inner_fd);
 
 /*
  * Create the rules' filter map shaped like the inner map of xg_rule_filters

@@ -215,13 +215,16 @@ static void count(struct xg_counter *c, uint32_t len)
  * count @reason), or let it pass and count what would have happened. A
  * frame of no tracked flow is not dropped while @learning: it may belong to
  * a flow opened before the start. In auto mode XDP said whether the
- * destination is above its rate (@meta: XG_META_STATE_OVER).
+ * destination is above its rate (@meta: XG_META_STATE_OVER). An
+ * allowlisted source (XG_META_ALLOWLISTED) skips the check altogether.
  */
 static enum xg_tcp_verdict out_of_state(struct xg_tcp *t, uint32_t meta, enum xg_reason reason,
 					uint32_t len, int learning, struct xg_worker_stats *st)
 {
 	uint32_t mode = cfg_get(&t->cfg.state_mode);
 
+	if (meta & XG_META_ALLOWLISTED)
+		return XG_V_FORWARD;
 	if (mode != XG_MODE_OFF && learning)
 		mode = XG_MODE_MONITOR;
 	if (mode == XG_MODE_ON || (mode == XG_MODE_AUTO && (meta & XG_META_STATE_OVER))) {
@@ -239,7 +242,7 @@ static enum xg_tcp_verdict out_of_state(struct xg_tcp *t, uint32_t meta, enum xg
  * @k's bucket, unlocked: hashed once per frame.
  */
 static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct xg_flow_bucket *b, uint32_t len,
-				   const struct pkt *p, const struct xg_flow_key *k,
+				   uint32_t meta, const struct pkt *p, const struct xg_flow_key *k,
 				   const struct xg_clock *now, struct xg_worker_stats *st)
 {
 	struct xg_flow *f;
@@ -264,6 +267,8 @@ static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct xg_flow_bucket *b, u
 		f = flow_slot(t, b, now->s);
 	if (!f) {
 		unlock(&b->lock);
+		if (meta & XG_META_ALLOWLISTED)
+			return XG_V_FORWARD; /* untracked, but never dropped */
 		count(&st->reasons[XG_REASON_FLOW_TABLE_FULL], len);
 		return XG_V_DROP;
 	}
@@ -324,7 +329,7 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 		 * answers such a SYN with a challenge ACK (RFC 5961 4).
 		 */
 		unlock(&b->lock);
-		return new_syn(t, b, *len, &p, &k, now, st);
+		return new_syn(t, b, *len, meta, &p, &k, now, st);
 	}
 
 	if (!f) {

@@ -14,6 +14,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,16 @@
 int xg_netns_enter(int nsfd)
 {
 	return setns(nsfd, CLONE_NEWNET) ? -errno : 0;
+}
+
+int xg_netns_new(void)
+{
+	int fd;
+
+	if (unshare(CLONE_NEWNET))
+		return -errno;
+	fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+	return fd < 0 ? -errno : fd;
 }
 
 static int sock_netns_cookie(int fd, uint64_t *cookie)
@@ -311,6 +322,8 @@ int xg_sock_create(struct xg_umem *umem, const char *ifname, uint32_t queue,
 	err = umem_register_locked(umem);
 	if (err)
 		goto fail;
+	if (!umem->socks)
+		umem->need_wakeup = !!(bind_flags & XDP_USE_NEED_WAKEUP);
 	err = xsk_socket__create_shared(&s->xsk, ifname, queue, umem->xsk_umem,
 					&s->rx, &s->tx, &s->fill, &s->comp,
 					&cfg);
@@ -353,8 +366,7 @@ void xg_sock_info(const struct xg_sock *sock, struct xg_sock_info *info)
 	info->queue = sock->queue;
 	info->role = sock->role;
 	info->zerocopy = sock->zerocopy;
-	info->need_wakeup = !!(*sock->fill.flags & XDP_RING_NEED_WAKEUP) ||
-			    !!(*sock->tx.flags & XDP_RING_NEED_WAKEUP);
+	info->need_wakeup = sock->umem->need_wakeup;
 	info->fd = sock->fd;
 	memcpy(info->ifname, sock->ifname, sizeof(info->ifname));
 }

@@ -24,10 +24,17 @@ cleanup() {
 	set +e
 	if [ -n "$trace_pid" ]; then kill -INT "$trace_pid" 2>/dev/null; wait "$trace_pid" 2>/dev/null; fi
 	if [ -n "$srv_pid" ]; then kill "$srv_pid" 2>/dev/null; wait "$srv_pid" 2>/dev/null; fi
-	if [ -n "$xg_pid" ]; then kill -TERM "$xg_pid" 2>/dev/null; wait "$xg_pid" 2>/dev/null; fi
+	if [ -n "$xg_pid" ]; then
+		# SIGTERM, and SIGKILL if it has not gone within 10 s: the demo
+		# always returns, and leaves nothing running.
+		kill -TERM "$xg_pid" 2>/dev/null
+		for _ in $(seq 100); do kill -0 "$xg_pid" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$xg_pid" 2>/dev/null
+		wait "$xg_pid" 2>/dev/null
+	fi
 	"$here/netns-teardown.sh"
 	"$XG" flows forget --state-dir "$STATE" >/dev/null 2>&1
-	rm -rf "$LOG" "$LOG.trace" "$STATE"
+	rm -rf "$LOG" "$LOG.trace" "$STATE" "$CONTROL"
 }
 trap cleanup EXIT
 

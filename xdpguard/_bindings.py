@@ -40,7 +40,8 @@ META_MAGIC: int = lib.XG_META_MAGIC
 META_ALLOWLISTED: int = lib.XG_META_ALLOWLISTED
 META_STATE_OVER: int = lib.XG_META_STATE_OVER
 META_FORWARD: int = lib.XG_META_FORWARD
-CFG_META_ALWAYS: int = lib.XG_CFG_META_ALWAYS
+CFG_SUMMARY: int = lib.XG_CFG_SUMMARY
+CFG_NO_COARSE: int = lib.XG_CFG_NO_COARSE
 FAST_ON: int = lib.XG_FAST_ON
 FAST_TCP: int = lib.XG_FAST_TCP
 FLOW_WAYS: int = lib.XG_FLOW_WAYS
@@ -89,7 +90,7 @@ RULE_ACTIONS = {
 
 
 # What this Python code was written against (bpf/xdpguard.h XG_ABI_VERSION).
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 
 def abi_problem() -> str | None:
@@ -208,6 +209,36 @@ def _to_dict(cdata: Any) -> dict[str, Any]:
 def netns_enter(fd: int) -> None:
     """Move the calling thread into the network namespace open at ``fd``."""
     check(lib.xg_netns_enter(fd), "setns")
+
+
+def netns_new() -> int:
+    """Move this thread into a new network namespace of its own; an fd of it
+    (the caller's to close)."""
+    return check(lib.xg_netns_new(), "unshare(CLONE_NEWNET)")
+
+
+def libbpf_log() -> str:
+    """What libbpf said since the last call (the verifier's log of a failed
+    load among it); from the first call on, libbpf no longer prints."""
+    buf = ffi.new("char[]", 65536)
+    n = lib.xg_libbpf_log(buf, len(buf))
+    return ffi.string(buf, n).decode(errors="replace")
+
+
+def map_probe(
+    map_type: int,
+    key_size: int,
+    value_size: int,
+    max_entries: int,
+    flags: int = 0,
+    map_extra: int = 0,
+    inner_fd: int = -1,
+) -> None:
+    """Make a map of this shape and close it; OSError if the kernel refuses."""
+    check(
+        lib.xg_map_probe(map_type, key_size, value_size, max_entries, flags, map_extra, inner_fd),
+        "BPF_MAP_CREATE",
+    )
 
 
 def netns_cookie() -> int:
@@ -341,19 +372,38 @@ def xdp_link_id(ifindex: int, prog_id: int) -> int | None:
 
 
 def prog_test_run(
-    prog_fd: int, data: bytes, ingress_ifindex: int = 0, rx_queue: int = 0, repeat: int = 1
+    prog_fd: int,
+    data: bytes,
+    ingress_ifindex: int = 0,
+    rx_queue: int = 0,
+    repeat: int = 1,
+    headroom_taken: int = 0,
 ) -> tuple[int, bytes]:
     """Run a program ``repeat`` times over ``data`` on this CPU; returns (the
-    last XDP action, the frame as it left it)."""
+    last XDP action, the frame as it left it). ``headroom_taken`` bytes of
+    the frame's headroom are taken by metadata (a driver that leaves less
+    room), and are not in what comes back."""
     out = ffi.new("char[]", max(len(data) + 512, 4096))
     size = ffi.new("uint32_t *", len(out))
     action = ffi.new("uint32_t *")
+    meta = bytes(headroom_taken)
     check(
         lib.xg_prog_test_run(
-            prog_fd, data, len(data), out, size, ingress_ifindex, rx_queue, repeat, action
+            prog_fd,
+            meta + data,
+            len(meta) + len(data),
+            len(meta),
+            out,
+            size,
+            ingress_ifindex,
+            rx_queue,
+            repeat,
+            action,
         ),
         "BPF_PROG_TEST_RUN",
     )
+    if headroom_taken:
+        return int(action[0]), bytes(ffi.buffer(out, size[0]))[headroom_taken:]
     return int(action[0]), bytes(ffi.buffer(out, size[0]))
 
 
@@ -373,6 +423,7 @@ class TestRunner:
                 self.fd,
                 data,
                 len(data),
+                0,
                 self._out,
                 self._size,
                 ingress_ifindex,
@@ -385,19 +436,61 @@ class TestRunner:
         return int(self._action[0]), bytes(ffi.buffer(self._out, self._size[0]))
 
 
-def prog_run_live(
-    prog_fd: int, data: bytes, ingress_ifindex: int, repeat: int, batch_size: int = 64
-) -> None:
-    """Run ``repeat`` times with live frames (the benchmarks' generator)."""
-    check(
-        lib.xg_prog_run_live(prog_fd, data, len(data), ingress_ifindex, repeat, batch_size),
-        "BPF_PROG_RUN (live frames)",
-    )
+class Generator(_Handle):
+    """The tests' and benchmarks' traffic generator (xg_gen_*): a TX-only
+    AF_XDP socket in copy mode on (``ifname``, ``queue``) of the calling
+    thread's namespace, sending ``frame`` varied per frame."""
+
+    _what = "generator"
+
+    def __init__(
+        self,
+        ifname: str,
+        frame: bytes,
+        queue: int = 0,
+        random_saddr: bool = False,
+        random_sport: bool = False,
+        mix_fragments: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        cfg = ffi.new("struct xg_gen_cfg *")
+        if not 14 <= len(frame) <= len(cfg.frame):
+            raise OSError(errno.EINVAL, f"a frame of {len(frame)} bytes", "generator")
+        ffi.memmove(cfg.frame, frame, len(frame))
+        cfg.len = len(frame)
+        cfg.random_saddr = int(random_saddr)
+        cfg.random_sport = int(random_sport)
+        cfg.mix_fragments = int(mix_fragments)
+        cfg.seed = seed
+        out = ffi.new("struct xg_gen **")
+        check(lib.xg_gen_create(ifname.encode(), queue, cfg, out), f"AF_XDP generator on {ifname}")
+        self._ptr = out[0]
+
+    def send(self, count: int, pps: int = 0, max_ms: int = 0) -> None:
+        """Send ``count`` frames at ``pps`` (0: as fast as it can) for at most
+        ``max_ms``; blocks (without the GIL) until the kernel sent them."""
+        check(lib.xg_gen_send(self._get(), count, pps, max_ms), "generator send")
+
+    def sent(self) -> int:
+        with self._lock:
+            return int(lib.xg_gen_sent(self._get())) if self._ptr is not None else 0
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_gen_stop(self._ptr)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_gen_close(self._ptr)
+                self._ptr = None
 
 
 def classify(frame: bytes) -> dict[str, int]:
-    """The parser's findings and verdict for ``frame`` (struct xg_meta), as XDP has them."""
-    out = ffi.new("struct xg_meta *")
+    """The parser's findings and verdict for ``frame`` (struct xg_summary), as XDP has them."""
+    out = ffi.new("struct xg_summary *")
     lib.xg_classify(frame, len(frame), out)
     return _to_dict(out[0])
 
@@ -789,3 +882,8 @@ class Worker(_Handle):
             if self._ptr is not None:
                 lib.xg_worker_destroy(self._ptr)
                 self._ptr = None
+
+
+# libbpf's messages are kept for whoever asks (a failed load's one-line
+# reason, -v), never printed over the log.
+libbpf_log()

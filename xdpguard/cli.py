@@ -111,11 +111,12 @@ def run_options(fn: Any) -> Any:
     from xdpguard.settings import RUN
 
     for s in reversed(RUN):
-        default = "" if s.default is None else f" [default: {s.default}]"
+        default = "" if s.default in (None, ()) else f" [default: {s.default}]"
         fn = click.option(
             s.flag,
             s.key,
             type=SettingType(s),
+            multiple=s.multiple,
             metavar=s.metavar,
             envvar="XDPGUARD_CONTROL" if s.key == "control" else None,
             show_envvar=s.key == "control",
@@ -139,8 +140,17 @@ def run_options(fn: Any) -> Any:
     hidden=True,
     help="Forward without per-frame logic (the benchmarks' bare forwarder).",
 )
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log debug events too, and after a failed start the whole text behind its one-line "
+    "reason (a verifier's log).",
+)
 @click.pass_context
-def run(ctx: click.Context, config: Path | None, no_policy: bool, **options: Any) -> None:
+def run(
+    ctx: click.Context, config: Path | None, no_policy: bool, verbose: bool, **options: Any
+) -> None:
     """Run the appliance in the foreground until SIGINT or SIGTERM.
 
     Frames arriving on --outer that pass the policy leave unchanged on
@@ -161,6 +171,8 @@ def run(ctx: click.Context, config: Path | None, no_policy: bool, **options: Any
         for k, v in options.items()
         if v is not None and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT
     }
+    if "without" in given:  # repeated: one tuple per use
+        given["without"] = tuple(name for names in given["without"] for name in names)
     path = config_path(config)
     try:
         check_required(given, path)
@@ -171,15 +183,58 @@ def run(ctx: click.Context, config: Path | None, no_policy: bool, **options: Any
 
     from xdpguard import logs
 
-    logs.setup(settings.pop("log_format"))
+    log_format = settings.pop("log_format")
+    logs.setup(log_format, verbose=verbose)
     summary_interval = settings.pop("summary_interval")
     control = str(settings.pop("control"))
     settings["fast_path"] = settings["fast_path"] == "on"
-    run_daemon(
-        EngineConfig(**settings, no_policy=no_policy, tcp_initial=tcp_initial),
-        control,
-        summary_interval,
-    )
+    try:
+        run_daemon(
+            EngineConfig(**settings, no_policy=no_policy, tcp_initial=tcp_initial),
+            control,
+            summary_interval,
+        )
+    except XdpguardError as exc:
+        # The one line first; the long text behind it only on request (-v)
+        # or as one field of the JSON log.
+        if exc.detail and log_format == "json":
+            log.error(str(exc), extra={"fields": {"detail": exc.detail}})
+            sys.exit(1)
+        if exc.detail and verbose:
+            click.echo(f"Error: {exc}", err=True)
+            click.echo(exc.detail.rstrip(), err=True)
+            sys.exit(1)
+        raise
+
+
+@main.command()
+@json_option
+def features(as_json: bool) -> None:
+    """The kernel features xdpguard uses, whether this kernel has them, and what
+    xdpguard does without each.
+
+    Every feature is probed by trying it: loading a small program, making a
+    map, or binding sockets and sending real frames in a network namespace
+    of the probe's own, which goes with it. A required feature the kernel
+    lacks stops 'xdpguard run' with one line naming it; an optional one
+    takes its fallback ('run --without FEATURE' takes it on any kernel).
+    Needs root.
+    """
+    from xdpguard.engine import require_capabilities
+    from xdpguard.features import detect
+
+    require_capabilities()
+    found = detect()
+    if as_json:
+        click.echo(json.dumps({"features": [f.as_dict() for f in found.values()]}, indent=2))
+        return
+    width = max(len(n) for n in found)
+    for f in found.values():
+        have = "yes" if f.available else "NO "
+        click.echo(f"{f.name:<{width}}  {have}  without: {f.without:<13}  {f.how}")
+    missing = [f.name for f in found.values() if not f.available and f.without == "required"]
+    if missing:
+        raise XdpguardError(f"xdpguard cannot run on this kernel: it lacks {', '.join(missing)}")
 
 
 @main.command()

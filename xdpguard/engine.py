@@ -9,6 +9,7 @@ built, in reverse.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from xdpguard import __version__
+from xdpguard import __version__, features
 from xdpguard import _bindings as B
 from xdpguard.challenges import (
     INNER_MAX_ENTRIES,
@@ -36,8 +37,8 @@ from xdpguard.challenges import max_entries as verified_max_entries
 from xdpguard.defs import LOOP_REASONS, ROLE_DIRECTION, XDP_REASONS, Direction, Reason, Role
 from xdpguard.errors import XdpguardError
 from xdpguard.fastpath import FastPath
+from xdpguard.flowtable import forget, open_table, pin_dir_for, unlock
 from xdpguard.flowtable import lock as lock_state
-from xdpguard.flowtable import open_table, pin_dir_for, unlock
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
 from xdpguard.rules import RuleTable
@@ -52,6 +53,7 @@ log = logging.getLogger("xdpguard")
 # XDP_PACKET_HEADROOM (256) bytes into the frame.
 _XDP_PACKET_HEADROOM = 256
 _MAX_L2_OVERHEAD = 14 + 2 * 4  # Ethernet and two VLAN tags
+_WORD = B.struct_layout("struct xg_meta")[0]  # XDP's word for the loop, in front
 
 # Capabilities xdpguard run needs (linux/capability.h bit numbers): XDP
 # and BPF maps, AF_XDP sockets, entering namespaces and the BPF filesystem,
@@ -98,6 +100,8 @@ class EngineConfig:
     tcp_initial: dict[str, Any] = field(default_factory=dict)
     # How often TTL expiry runs: entries leave within this of their deadline.
     expiry_interval: float = 0.2
+    # Kernel features to do without even if there (xdpguard.features.OPTIONAL).
+    without: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.frames_per_queue:
@@ -164,9 +168,11 @@ class Engine:
         self.flowtab: B.FlowTab | None = None
         self.flows_restored = False
         self.challenge_tx = "XDP_TX"  # how challenges leave outer
+        self.features: dict[str, features.Found] = {}
         self._loops_seen: list[int] | None = None  # the workers' loops at the last check
         self._stalled = False
         self._stopping = threading.Event()
+        self._pins_are_new = False  # this start pins the first table of its state directory
 
     # ---- lifecycle ----
 
@@ -175,6 +181,10 @@ class Engine:
             self._start()
         except BaseException:
             self.stop()
+            if self._pins_are_new and self.cfg.state_dir is not None:
+                # A first start that failed leaves no pins: they hold nothing.
+                with contextlib.suppress(OSError, XdpguardError):
+                    forget(self.cfg.state_dir)
             raise
         self.started_at = time.time()
 
@@ -189,12 +199,19 @@ class Engine:
             raise XdpguardError(problem)
         if cfg.xdp_mode not in XDP_MODES:
             raise XdpguardError(f"unknown XDP mode {cfg.xdp_mode!r} (native or skb)")
+        # What the kernel can do, found by trying: a missing required
+        # feature refuses the start in one line; a missing optional one
+        # takes its fallback, said once.
+        self.features = features.detect(features.check_without(cfg.without))
+        features.require(self.features)
+        load_flags = 0 if self.features["ktime_coarse"].used else B.CFG_NO_COARSE
 
         # One appliance per state directory, checked first: a second would
         # share the pinned flow table, the secret and the policy file.
         if cfg.state_dir is not None:
             hold, state_dir = lock_state(cfg.state_dir), cfg.state_dir
             self._push_undo("let go of the state directory", lambda: unlock(state_dir, hold))
+            self._pins_are_new = not any(pin_dir_for(state_dir).iterdir())
 
         self.outer_dev = resolve_device(self.outer_ns, cfg.outer)
         self.inner_dev = resolve_device(self.inner_ns, cfg.inner)
@@ -218,6 +235,7 @@ class Engine:
             outer = XdpProgram(
                 Role.OUTER,
                 cfg.bpf_object,
+                flags=load_flags,
                 shared=self.flowtab.fds() | pinned.fds,
                 max_entries=verified_max_entries(max_verified),
             )
@@ -233,6 +251,7 @@ class Engine:
         inner = XdpProgram(
             Role.INNER,
             cfg.bpf_object,
+            flags=load_flags,
             shared=self.flowtab.fds() | challenge_maps,
             max_entries=INNER_MAX_ENTRIES,
         )
@@ -317,12 +336,20 @@ class Engine:
                 struct.pack("=I", self.outer_dev.ifindex),
             )
             self.challenge_tx = "redirect to itself"
+        redirect = self.features["devmap_redirect"]
         self.fast = FastPath(
             self.progs,
             {
                 Role.OUTER: (self.outer_dev, self.outer_ns),
                 Role.INNER: (self.inner_dev, self.inner_ns),
             },
+            None
+            if redirect.used
+            else (
+                "turned off (--without devmap_redirect)"
+                if redirect.forced_off
+                else f"the kernel cannot redirect between devices in XDP ({redirect.how})"
+            ),
         )
         self.fast.start(cfg.fast_path and not cfg.no_policy, self.tcp.fast_tcp_allowed())
         chores = threading.Thread(target=self._chores, name="xg-chores", daemon=True)
@@ -367,7 +394,7 @@ class Engine:
     def _check_device(self, dev: Device, ns: Netns) -> None:
         if dev.xdp_prog_id:
             raise XdpguardError(occupied(ns, dev, dev.xdp_prog_id, dev.xdp_mode))
-        room = self.cfg.frame_size - _XDP_PACKET_HEADROOM - _MAX_L2_OVERHEAD
+        room = self.cfg.frame_size - _XDP_PACKET_HEADROOM - _MAX_L2_OVERHEAD - _WORD
         if dev.mtu > room:
             raise XdpguardError(
                 f"{dev.name} has MTU {dev.mtu}, more than an AF_XDP frame carries ({room})"
@@ -382,8 +409,10 @@ class Engine:
         self.paths.append(path)
         path.first_frame = q * cfg.frames_per_queue
         path.nframes = cfg.frames_per_queue
-        # need_wakeup is a property of the UMEM's first socket; later ones inherit it.
-        flags = B.XDP_USE_NEED_WAKEUP if q == 0 else 0
+        # need_wakeup is a property of the UMEM's first socket; later ones
+        # inherit it. Without it, the loop kicks whenever a TX ring holds frames.
+        wakeup = self.features["af_xdp_need_wakeup"].used
+        flags = B.XDP_USE_NEED_WAKEUP if q == 0 and wakeup else 0
         for role, ns, dev in (
             (Role.OUTER, self.outer_ns, self.outer_dev),
             (Role.INNER, self.inner_ns, self.inner_dev),
@@ -696,7 +725,7 @@ class Engine:
                 "kind": dev.kind,
                 "mac": dev.mac,
                 "mtu": dev.mtu,
-                "mtu_max": self.cfg.frame_size - _XDP_PACKET_HEADROOM - _MAX_L2_OVERHEAD,
+                "mtu_max": self.cfg.frame_size - _XDP_PACKET_HEADROOM - _MAX_L2_OVERHEAD - _WORD,
                 "queues": dev.queues,
                 "xdp": {"prog_id": prog_id, "mode": mode, "requested": self.cfg.xdp_mode},
             }
@@ -734,6 +763,8 @@ class Engine:
             },
             "sockets": sockets,
             "fast_path": self.fast.status() if self.fast else None,
+            # The kernel features done without, and the fallback each takes.
+            "fallbacks": {f.name: f.without for f in self.features.values() if not f.used},
             "flow_table": {
                 "buckets": self.flowtab.nbuckets if self.flowtab else 0,
                 "pinned": str(pin_dir_for(self.cfg.state_dir)) if self.cfg.state_dir else None,

@@ -11,10 +11,16 @@ writes it, so each peer is written from a thread inside the peer's own
 namespace; that is what makes two devices of one ifindex (INDEX=4242)
 work. Redirecting into a veth works only if its peer has NAPI (GRO on, or
 an XDP program); otherwise every frame would vanish. So each direction is
-probed at start (a frame through the real program, counted by the target
-veth's own counters) and watched while running (redirected frames that the
+probed at start and watched while running (redirected frames that the
 target never sent): a direction that cannot take redirected frames falls
 back to the AF_XDP path, and status and stats say why.
+
+The probe sends real frames (a broadcast of the IEEE local experimental
+ethertype, which nobody listens to) through a veth pair in a namespace of
+its own (xdpguard.features.ProbeLab), whose XDP program redirects them to
+the target through a DEVMAP written from the target's namespace, and counts
+them with the target's own counters. It needs neither the devices' other
+ends nor BPF_PROG_RUN's live frames, which locked-down kernels refuse.
 """
 
 from __future__ import annotations
@@ -26,15 +32,12 @@ from typing import Any
 
 from xdpguard import _bindings as B
 from xdpguard.defs import Direction, Reason, Role
+from xdpguard.features import probe_lab, redirect_reaches
 from xdpguard.netns import Device, Netns
 from xdpguard.xdp import XdpProgram
 
 log = logging.getLogger("xdpguard")
 
-# A frame nobody listens to (IEEE local experimental ethertype), broadcast.
-_PROBE = (
-    b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + b"xdpguard fast path probe".ljust(46)
-)
 _PROBE_FRAMES = 4
 # The watch: this many frames redirected since the target last sent one is
 # a black hole. Counted across seconds: the first thing lost is often ARP,
@@ -58,7 +61,14 @@ class _Path:
 
 
 class FastPath:
-    def __init__(self, progs: dict[Role, XdpProgram], devs: dict[Role, tuple[Device, Netns]]):
+    def __init__(
+        self,
+        progs: dict[Role, XdpProgram],
+        devs: dict[Role, tuple[Device, Netns]],
+        unavailable: str | None = None,
+    ):
+        """``unavailable``: why the kernel's XDP redirect is not to be used at
+        all (xdpguard.features: devmap_redirect), or None."""
         (outer, outer_ns), (inner, inner_ns) = devs[Role.OUTER], devs[Role.INNER]
         self.paths = {
             Direction.IN: _Path(progs[Role.OUTER], outer, outer_ns, inner, inner_ns),
@@ -66,6 +76,7 @@ class FastPath:
         }
         self.wanted = False
         self.tcp = False
+        self.unavailable = unavailable
 
     # -- what each program may do --
 
@@ -111,20 +122,22 @@ class FastPath:
 
     def _probe(self, d: Direction) -> None:
         p = self.paths[d]
-        before = self._target_counts(p)
-        self._write(d, B.FAST_ON)
-        try:
-            p.src_ns.run(B.prog_run_live, p.prog.fd, _PROBE, p.src.ifindex, _PROBE_FRAMES, 1)
-        except OSError as exc:
-            p.usable, p.why = False, f"the probe could not run ({exc.strerror})"
+        if self.unavailable is not None:
+            p.usable, p.why = False, self.unavailable
         else:
-            after = self._target_counts(p)
-            if before is None or after is None:
-                p.usable, p.why = True, f"unverified: {p.dst.name} does not count XDP transmits"
-            elif after[0] > before[0]:
-                p.usable, p.why = True, "on"
+            try:
+                with probe_lab() as lab:
+                    got = redirect_reaches(lab, p.dst_ns, p.dst.name, p.dst.ifindex, _PROBE_FRAMES)
+            except OSError as exc:
+                p.usable, p.why = False, f"the probe could not run ({exc.strerror})"
             else:
-                p.usable, p.why = False, self._no_napi(p)
+                if got is None:
+                    p.usable = True
+                    p.why = f"unverified: {p.dst.name} does not count XDP transmits"
+                elif got[0]:
+                    p.usable, p.why = True, "on"
+                else:
+                    p.usable, p.why = False, self._no_napi(p)
         self._write(d)
         p.last = None
         log.log(

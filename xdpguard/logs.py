@@ -36,8 +36,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup(fmt: str, prefix: str = "xdpguard") -> None:
-    """Log INFO and above to stderr in ``fmt`` (text or json)."""
+def setup(fmt: str, prefix: str = "xdpguard", verbose: bool = False) -> None:
+    """Log INFO and above (DEBUG too if ``verbose``) to stderr in ``fmt`` (text or json)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -46,3 +46,5 @@ def setup(fmt: str, prefix: str = "xdpguard") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    # Our own debug events only: the libraries' (pyroute2's netlink) are noise.
+    logging.getLogger("xdpguard").setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -249,6 +249,9 @@ class MetricsServer:
         log.info("metrics on http://%s/metrics", self.address)
 
     def close(self) -> None:
-        self._server.shutdown()
+        # shutdown() waits for serve_forever() to notice: never call it on a
+        # server that was not started (a failed start), it would wait forever.
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(2)
         self._server.server_close()
-        self._thread.join(2)

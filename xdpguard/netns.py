@@ -41,6 +41,7 @@ class Netns:
     def __init__(self, name: str | None) -> None:
         self.name = name
         self._fd: int | None = None
+        self._label = name
         if name is not None:
             if "/" in name or name in ("", ".", ".."):
                 raise XdpguardError(f"invalid network namespace name {name!r}")
@@ -58,13 +59,42 @@ class Netns:
     def path(self) -> str:
         return os.path.join(NETNS_DIR, self.name) if self.name else "/proc/self/ns/net"
 
+    @classmethod
+    def private(cls, label: str) -> Netns:
+        """A new, empty namespace of this process' own, with no name: it and
+        every device in it go when close() (or the process' exit, however it
+        ends) lets go of the last reference. For probes."""
+        fds: list[int] = []
+        error: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                fds.append(B.netns_new())
+            except BaseException as exc:  # re-raised in the caller
+                error.append(exc)
+
+        thread = threading.Thread(target=body, name="netns:new")
+        thread.start()
+        thread.join()
+        if error:
+            raise error[0]
+        ns = cls(None)
+        ns._fd, ns._label = fds[0], label
+        return ns
+
+    def close(self) -> None:
+        """Let go of a private namespace (named ones close when collected)."""
+        if self.name is None and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     @property
     def label(self) -> str:
-        return self.name if self.name is not None else "(own)"
+        return self._label if self._label is not None else "(own)"
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Call ``fn(*args)`` from a thread inside this namespace and return its result."""
-        if self.name is None:
+        if self._fd is None:
             return fn(*args)
         result: list[T] = []
         error: list[BaseException] = []
@@ -77,7 +107,7 @@ class Netns:
             except BaseException as exc:  # re-raised in the caller
                 error.append(exc)
 
-        thread = threading.Thread(target=body, name=f"netns:{self.name}")
+        thread = threading.Thread(target=body, name=f"netns:{self.label}")
         thread.start()
         thread.join()
         if error:

@@ -114,6 +114,19 @@ def _number(kind: type, lo: float | None, hi: float | None) -> Callable[[Any], A
     return check
 
 
+def _features(v: Any) -> tuple[str, ...]:
+    """Kernel features to do without: a name, or a list of them."""
+    from xdpguard.features import check_without
+
+    names = (v,) if isinstance(v, str) else v
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{v!r} is not a feature name or a list of them")
+    try:
+        return check_without(names)
+    except XdpguardError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _choice(*choices: Any) -> Callable[[Any], Any]:
     def check(v: Any) -> Any:
         for c in choices:
@@ -133,6 +146,7 @@ class Setting:
     help: str
     required: bool = False
     parse: Callable[[str], Any] = str  # the command line's text as the file would type it
+    multiple: bool = False  # the option may be given again; the file's value is a list
 
     @property
     def flag(self) -> str:
@@ -215,6 +229,17 @@ RUN: tuple[Setting, ...] = (
         "on|off",
         "Forward in XDP itself what needs no loop: traffic that is not TCP and passed the "
         "policy, and segments of verified TCP flows. 'xdpguard fast-path' changes it at runtime.",
+    ),
+    Setting(
+        "without",
+        (),
+        _features,
+        "FEATURE",
+        "Do without this kernel feature even if the kernel has it, and take its fallback: "
+        "ktime_coarse (the precise clock), af_xdp_need_wakeup (kick on every send), "
+        "devmap_redirect (no fast path: everything through the AF_XDP loop). Repeatable; "
+        "'xdpguard features' lists what the kernel has.",
+        multiple=True,
     ),
     Setting(
         "metrics",

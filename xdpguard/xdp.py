@@ -109,7 +109,8 @@ class XdpProgram:
         shared: dict[str, int] | None = None,
         max_entries: dict[str, int] | None = None,
     ) -> None:
-        """``flags``: enum xg_load_flags (B.CFG_META_ALWAYS for tests); ``shared``:
+        """``flags``: enum xg_load_flags (B.CFG_SUMMARY for tests, B.CFG_NO_COARSE
+        without the coarse clock); ``shared``:
         maps by name that this instance uses instead of its own (the flow table,
         the challenges' secret and verified sources); ``max_entries``: sizes of
         its own maps other than the object's."""
@@ -136,11 +137,18 @@ class XdpProgram:
             for name, n in (max_entries or {}).items():
                 if name not in (shared or {}):
                     self._prog.set_max_entries(name, n)
+            B.libbpf_log()  # what libbpf says from here on is this load's
             self._prog.load()
         except OSError as exc:
+            detail = B.libbpf_log()
             self._prog.close()
+            from xdpguard.features import why_refused_text
+
             raise XdpguardError(
-                f"cannot load {self.path} ({exc.strerror}); verifier output, if any, is above"
+                f"cannot load {self.path}: {why_refused_text(detail, exc)} "
+                "(the verifier's log: run -v, or the JSON log's detail; "
+                "what the kernel has: xdpguard features)",
+                detail,
             ) from exc
         self._xsks = self._prog.map_fd("xg_xsks")
         self._stats = self._prog.map_fd("xg_stats")

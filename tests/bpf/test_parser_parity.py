@@ -1,7 +1,7 @@
 """One parser, two builds: the XDP program and the C loop classify alike.
 
 A corpus of generated and mutated frames (tests/framegen.py) goes through
-the real XDP program with BPF_PROG_TEST_RUN (XG_CFG_META_ALWAYS: its
+the real XDP program with BPF_PROG_TEST_RUN (XG_CFG_SUMMARY: its
 findings and verdict come back in front of the frame, dropped or not) and
 through xg_classify(), the C build of the same parser. They must agree on
 the IP and L4 offsets, the L4 protocol, the TCP flags, the fragment state
@@ -28,7 +28,7 @@ from xdpguard.xdp import XdpProgram
 pytestmark = pytest.mark.bpf
 
 FRAMES = int(os.environ.get("XDPGUARD_FUZZ_FRAMES", "100000"))
-META = B.struct_dtype("struct xg_meta")
+META = B.struct_dtype("struct xg_summary")
 FIELDS = ("l3_off", "l4_off", "l4_proto", "tcp_flags", "frag", "reason")
 # BPF_PROG_TEST_RUN takes an Ethernet header at the least, and a frame that
 # fits a page with the kernel's head- and tailroom.
@@ -36,7 +36,7 @@ MIN_LEN, MAX_LEN = 14, 3000
 
 
 def test_xdp_and_c_parse_alike() -> None:
-    prog = XdpProgram(Role.OUTER, flags=B.CFG_META_ALWAYS)
+    prog = XdpProgram(Role.OUTER, flags=B.CFG_SUMMARY)
     try:
         runner = B.TestRunner(prog.fd)
         rng = random.Random(random.getrandbits(64))  # the test's seed, see conftest

@@ -40,7 +40,7 @@ def v6_hosts(n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("replace", [False, True])
 def test_a_full_v6_trie_leaves_v4_untouched(tmp_path: Path, replace: bool) -> None:
-    prog = XdpProgram(Role.OUTER, flags=B.CFG_META_ALWAYS)
+    prog = XdpProgram(Role.OUTER, flags=B.CFG_SUMMARY)
     maps = PolicyMaps(prog)
     try:
         policy = Policy(maps, tmp_path)
@@ -51,7 +51,7 @@ def test_a_full_v6_trie_leaves_v4_untouched(tmp_path: Path, replace: bool) -> No
         with pytest.raises(XdpguardError, match="blocklist not changed: the kernel refused"):
             policy.list_load("block", change, replace=replace)
         runner = B.TestRunner(prog.fd)
-        meta = np.frombuffer(runner.run(FRAME)[1][:16], dtype=B.struct_dtype("struct xg_meta"))
+        meta = np.frombuffer(runner.run(FRAME)[1][:16], dtype=B.struct_dtype("struct xg_summary"))
         assert int(meta["reason"][0]) != B.lib.XG_REASON_BLOCKLIST  # 192.0.2.7 is not blocked
         assert [e["prefix"] for e in policy.list_entries("block")["entries"]] == [
             "2001:db8:ffff::/48"
@@ -59,7 +59,7 @@ def test_a_full_v6_trie_leaves_v4_untouched(tmp_path: Path, replace: bool) -> No
         assert (tmp_path / "policy.npz").read_bytes() == before
         # ... and the lists still work: the same v4 prefix alone goes in.
         policy.list_add("block", ["192.0.2.0/24"])
-        meta = np.frombuffer(runner.run(FRAME)[1][:16], dtype=B.struct_dtype("struct xg_meta"))
+        meta = np.frombuffer(runner.run(FRAME)[1][:16], dtype=B.struct_dtype("struct xg_summary"))
         assert int(meta["reason"][0]) == B.lib.XG_REASON_BLOCKLIST
     finally:
         maps.close()

@@ -207,9 +207,16 @@ class Rig:
     policy: PolicyMaps
 
     def run(self, frame: bytes, repeat: int = 1) -> int:
+        """The last action of ``repeat`` runs, each on a fresh copy of ``frame``
+        (one run with repeat would see the frame as the last one left it: a
+        frame for the loop has the loop's word in front)."""
+
         def pinned() -> int:
             os.sched_setaffinity(0, {0})  # one CPU: one bucket
-            return B.prog_test_run(self.prog.fd, frame, self.ifindex, 0, repeat)[0]
+            runner = B.TestRunner(self.prog.fd)
+            for _ in range(repeat):
+                action = runner.run(frame, self.ifindex, 0)[0]
+            return action
 
         return self.ns.run(pinned)
 

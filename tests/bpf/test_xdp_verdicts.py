@@ -67,12 +67,16 @@ class Case:
     ports: tuple[int, ...] = ()
     frags: str = "pass"
     fast: bool = False  # the fast path on (a peer in xg_peer; no flow table here)
+    headroom_taken: int = 0  # a driver that leaves less room in front of the frame
 
 
 GOOD_V4 = raw(ETH / V4 / UDP(sport=1234, dport=53) / (b"x" * 18))
 
 CASES = [
     Case("ipv4-udp", GOOD_V4, B.XDP_REDIRECT, "redirected"),
+    # No room for the loop's word: the loop cannot judge it, so not there.
+    Case("no-room-for-the-word", GOOD_V4, B.XDP_DROP, "no_headroom", headroom_taken=216),
+    Case("room-for-the-word", GOOD_V4, B.XDP_REDIRECT, "redirected", headroom_taken=200),
     Case("ipv4-tcp", raw(ETH / V4 / TCP(flags="S")), B.XDP_REDIRECT, "redirected"),
     Case(
         "ipv4-options",
@@ -579,7 +583,7 @@ def rig() -> Iterator[Rig]:
                 umem.close()
 
 
-META = B.struct_dtype("struct xg_meta")
+WORD = B.struct_dtype("struct xg_meta")
 
 
 def expected_l4(frame: bytes) -> tuple[int, int] | None:
@@ -596,20 +600,25 @@ def test_verdict(rig: Rig, case: Case) -> None:
     rig.set_policy(case)
     prog = rig.progs[case.role]
     before = prog.reason_counters()
-    action, out = rig.ns.run(B.prog_test_run, prog.fd, case.frame, rig.ifindex, case.queue)
+    action, out = rig.ns.run(
+        B.prog_test_run, prog.fd, case.frame, rig.ifindex, case.queue, 1, case.headroom_taken
+    )
     after = prog.reason_counters()
 
     assert action == case.action
-    # The program never rewrites a frame; on the outer side it puts its
-    # metadata (struct xg_meta) in front of each frame that passed the policy.
+    # The program never rewrites a frame; on the outer side it puts its word
+    # for the loop (struct xg_meta) in front of each frame that passed the policy.
     if case.role == Role.OUTER and case.reason in ("redirected", "allowlist", "no_socket"):
-        meta = np.frombuffer(out[: META.itemsize], dtype=META)[0]
-        assert meta["magic"] == B.META_MAGIC
-        assert meta["flags"] == (B.META_ALLOWLISTED if case.reason == "allowlist" else 0)
-        out = out[META.itemsize :]
+        word = np.frombuffer(out[: WORD.itemsize], dtype=WORD)[0]
+        assert word["magic"] == B.META_MAGIC
+        assert word["flags"] == (B.META_ALLOWLISTED if case.reason == "allowlist" else 0)
+        out = out[WORD.itemsize :]
+        # The parser (one build for XDP and C: test_parser_parity) finds
+        # the L4 header where scapy does.
         expect = expected_l4(case.frame)
         if expect is not None:
-            assert (meta["l4_proto"], meta["l4_off"]) == expect, case.name
+            found = B.classify(case.frame)
+            assert (found["l4_proto"], found["l4_off"]) == expect, case.name
     assert out == case.frame
     delta = after - before
     expected = Reason[case.reason]

@@ -53,13 +53,12 @@ def test_the_reflection_caps_hold_at_the_victims(lab1: Lab, tmp_path: Path) -> N
             frame = xgbench.tcp4_frame(
                 client.mac, origin.mac, "198.18.0.1", ORIGIN_V4, 40000, PORT, "S"
             )
-            gen = xgbench.LiveGenerator(
-                lab1.client_ns, "eth0", frame, random_saddr=True, random_sport=True, ratio=0.05
+            gen = xgbench.Generator(
+                lab1.client_ns, "eth0", frame, random_saddr=True, random_sport=True
             )
             t0 = time.monotonic()
             try:
-                while gen.sent() < 200_000:
-                    gen.run(400_000)
+                gen.run(200_000, pps=200_000)
             finally:
                 gen.close()
             # The window the buckets refilled in ends when XDP stopped judging

@@ -23,7 +23,7 @@ def test_fast_path_forwards_a_million_packets_outside_the_umem(tmp_path: Path) -
         client = resolve_device(Netns(the_lab.client_ns), "eth0")
         origin = resolve_device(Netns(the_lab.origin_ns), "eth0")
         frame = xgbench.udp4_frame(client.mac, origin.mac, CLIENT_V4, ORIGIN_V4, 40000, 9)
-        gen = xgbench.LiveGenerator(the_lab.client_ns, "eth0", frame, random_sport=True)
+        gen = xgbench.Generator(the_lab.client_ns, "eth0", frame, random_sport=True)
         sink = xgbench.Sink(the_lab.origin_ns, "eth0")
         try:
             with Ledger(the_lab, app) as ledger:
@@ -55,7 +55,7 @@ def test_frame_account_after_a_million_packets(tmp_path: Path) -> None:
         client = resolve_device(Netns(the_lab.client_ns), "eth0")
         origin = resolve_device(Netns(the_lab.origin_ns), "eth0")
         frame = xgbench.udp4_frame(client.mac, origin.mac, CLIENT_V4, ORIGIN_V4, 40000, 9)
-        gen = xgbench.LiveGenerator(the_lab.client_ns, "eth0", frame, random_sport=True)
+        gen = xgbench.Generator(the_lab.client_ns, "eth0", frame, random_sport=True)
         with Ledger(the_lab, app) as ledger:
             try:
                 gen.send(PACKETS)
@@ -103,7 +103,7 @@ def test_frame_account_after_a_million_packets(tmp_path: Path) -> None:
         # buffer it took from the fill ring for the next frame on that queue
         # (in_flight_rx). A few frames on every queue take them all back.
         assert f["free"] + f["fill"] + f["in_flight_rx"] == f["total"], f
-        settle = xgbench.LiveGenerator(the_lab.client_ns, "eth0", frame)
+        settle = xgbench.Generator(the_lab.client_ns, "eth0", frame)
         try:
             for _ in range(3):
                 for cpu in range(os.cpu_count() or 1):  # the sender's CPU picks the queue

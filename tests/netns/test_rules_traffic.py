@@ -171,7 +171,7 @@ def test_rate_limits_hold_their_rate_under_a_flood(tmp_path: Path) -> None:
                     r = app.call("stats")["reasons"]
                     return r[reason]["packets"] + r["fast_path"]["packets"]
 
-                gen = xgbench.LiveGenerator(the_lab.client_ns, "eth0", frame)
+                gen = xgbench.Generator(the_lab.client_ns, "eth0", frame)
                 try:
                     t0 = time.monotonic()
                     gen.run(300_000)

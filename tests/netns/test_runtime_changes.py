@@ -96,10 +96,10 @@ def test_a_black_hole_at_runtime_is_noticed(lab2: Lab, tmp_path: Path) -> None:
         client = resolve_device(Netns(lab2.client_ns), "eth0")
         origin = resolve_device(Netns(lab2.origin_ns), "eth0")
         frame = xgbench.udp4_frame(client.mac, origin.mac, "169.254.0.1", ORIGIN_V4, 4000, 9)
-        gen = xgbench.LiveGenerator(lab2.client_ns, "eth0", frame, ratio=0.001)
+        gen = xgbench.Generator(lab2.client_ns, "eth0", frame)
 
         def fell_back() -> bool:
-            gen.run(200_000)  # a trickle of UDP, bounded, until the watch sees it
+            gen.run(1000, pps=5000)  # a trickle of UDP, bounded, until the watch sees it
             return not app.call("status")["fast_path"]["directions"]["in"]["active"]
 
         try:

@@ -75,7 +75,7 @@ def test_a_full_socket_ring_is_traced(tmp_path: Path) -> None:
         origin = resolve_device(Netns(the_lab.origin_ns), "eth0")
         frame = xgbench.udp4_frame(client.mac, origin.mac, "169.254.0.1", ORIGIN_V4, 4000, 9)
         with tracing(app) as events:
-            gen = xgbench.LiveGenerator(the_lab.client_ns, "eth0", frame)
+            gen = xgbench.Generator(the_lab.client_ns, "eth0", frame)
             try:
 
                 def dropped() -> bool:
