@@ -40,6 +40,7 @@ int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_pin(int fd, const char *pathname);
 int bpf_obj_get(const char *pathname);
 int libbpf_num_possible_cpus(void);
+int bpf_prog_get_fd_by_id(uint32_t id);
 """
 
 

@@ -337,7 +337,8 @@ int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id)
 
 int xg_prog_test_run(int prog_fd, const void *data, uint32_t size, uint32_t meta_len,
 		     void *data_out, uint32_t *size_out, uint32_t ingress_ifindex,
-		     uint32_t rx_queue, uint32_t repeat, uint32_t *action)
+		     uint32_t rx_queue, uint32_t repeat, uint32_t *action,
+		     uint32_t *duration_ns)
 {
 	struct xdp_md ctx = {
 		.data = meta_len,
@@ -361,5 +362,7 @@ int xg_prog_test_run(int prog_fd, const void *data, uint32_t size, uint32_t meta
 	if (data_out)
 		*size_out = opts.data_size_out;
 	*action = opts.retval;
+	if (duration_ns)
+		*duration_ns = opts.duration;
 	return 0;
 }

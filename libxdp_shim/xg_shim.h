@@ -218,11 +218,15 @@ int xg_xdp_link_id(int ifindex, uint32_t prog_id, uint32_t *link_id);
  * to 216: what a driver with little headroom leaves is the rest). The
  * frame as the last run left it, metadata included, is copied to
  * @data_out (up to *@size_out bytes; *@size_out is updated). Needs
- * CAP_BPF. Returns 0 and the last run's XDP action in *@action, or -errno.
+ * CAP_BPF. Returns 0, the last run's XDP action in *@action and the
+ * kernel's mean time of a run in *@duration_ns (if not NULL), or -errno.
+ * The runs share one frame: a program that changes it (a challenge, the
+ * loop's word) sees its own change on the next run.
  */
 int xg_prog_test_run(int prog_fd, const void *data, uint32_t size, uint32_t meta_len,
 		     void *data_out, uint32_t *size_out, uint32_t ingress_ifindex,
-		     uint32_t rx_queue, uint32_t repeat, uint32_t *action);
+		     uint32_t rx_queue, uint32_t repeat, uint32_t *action,
+		     uint32_t *duration_ns);
 
 /* ---- the tests' and benchmarks' traffic generator ---- */
 

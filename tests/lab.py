@@ -45,6 +45,19 @@ def sh(
     return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True, **kw)
 
 
+# Every kernel feature xdpguard can do without (xdpguard.features.OPTIONAL):
+# the tests of the TCP protection, the fast path and the policy run again
+# with each forced off (run --without), so that no fallback is tested only
+# on the kernels that need it.
+FALLBACKS = ("ktime_coarse", "af_xdp_need_wakeup", "devmap_redirect")
+WITHOUT = tuple(f"without-{name}" for name in FALLBACKS)
+
+
+def without_args(param: str) -> tuple[str, ...]:
+    """run's options for a lab fixture's param "without-NAME" (else none)."""
+    return ("--without", param.removeprefix("without-")) if param.startswith("without-") else ()
+
+
 @dataclass
 class Lab:
     queues: int = 2

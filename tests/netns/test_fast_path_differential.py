@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from lab import ORIGIN_V4, Appliance, Lab, Ledger, lab, wait_for
+from lab import ORIGIN_V4, WITHOUT, Appliance, Lab, Ledger, lab, wait_for, without_args
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
@@ -93,19 +93,30 @@ def conversation(the_lab: Lab, app: Appliance) -> tuple[set[int], dict]:
     return {int(k[2:]) for k, n in seen.items() if n}, {**acct.xdp, **acct.loop}
 
 
-@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("mode", ["on", "off", *WITHOUT])
 def test_same_frames_reach_the_origin(tmp_path: Path, mode: str) -> None:
+    """The same frames reach the origin with the fast path, without it, and
+    with each kernel feature's fallback forced (devmap_redirect's: no fast
+    path, said so in status)."""
+    fast = "off" if mode == "off" else "on"
     with (
         lab(queues=1) as the_lab,
         the_lab.server(PORT),
-        Appliance(the_lab, tmp_path, "--fast-path", mode, "--learn", "0") as app,
+        Appliance(
+            the_lab, tmp_path, "--fast-path", fast, "--learn", "0", *without_args(mode)
+        ) as app,
     ):
+        if mode == "without-devmap_redirect":
+            directions = app.call("status")["fast_path"]["directions"]
+            assert all(not d["active"] and "--without" in d["why"] for d in directions.values())
+            assert app.call("status")["fallbacks"] == {"devmap_redirect": "af_xdp_path"}
+            fast = "off"
         app.cli("tcp", "config", "--syn-mode", "off", "--state-mode", "on")
         arrived, verdicts = conversation(the_lab, app)
     # What the loop alone lets through (fast path off, and on: the same).
     assert arrived == {1, 2, 3, 6, 8, 9, 10, 11}, (arrived, verdicts)
     assert verdicts.get("tcp_out_of_window", 0) >= 3, verdicts
-    if mode == "on":
+    if fast == "on":
         # Segments 2 and 3 (at least) went through XDP alone, the UDP too.
         assert verdicts.get("fast_path", 0) >= 3, verdicts
     else:

@@ -14,11 +14,13 @@ from lab import (
     CLIENT_V6,
     ORIGIN_V4,
     ORIGIN_V6,
+    WITHOUT,
     Appliance,
     Lab,
     Ledger,
     import_bench,
     lab,
+    without_args,
 )
 
 from xdpguard.defs import Reason
@@ -30,14 +32,20 @@ pytestmark = pytest.mark.netns
 OTHER_V4, OTHER_V6 = "169.254.0.3", "2001:db8::3"
 
 
-@pytest.fixture
-def lab2() -> Lab:
+@pytest.fixture(params=["default"])
+def lab2(request: pytest.FixtureRequest) -> Lab:
+    """The core tests run with each kernel feature's fallback forced too (ALL_PATHS)."""
     with lab(queues=2) as the_lab:
+        the_lab.run_args = without_args(request.param)
         the_lab.add_client_address(OTHER_V4, OTHER_V6)
         with the_lab.server():
             yield the_lab
 
 
+ALL_PATHS = pytest.mark.parametrize("lab2", ["default", *WITHOUT], indirect=True)
+
+
+@ALL_PATHS
 def test_block_unblock_and_ttl_with_live_traffic(lab2: Lab, tmp_path: Path) -> None:
     """A block bites as soon as the command returns, an unblock or an expired
     TTL lets traffic back in, and the other client never notices.
@@ -146,6 +154,7 @@ def random_prefixes(rng: random.Random, n: int) -> list[str]:
     return out
 
 
+@ALL_PATHS
 def test_replace_under_live_traffic_never_leaks(lab2: Lab, tmp_path: Path) -> None:
     """A prefix in both the old and the new list stays blocked through every swap."""
     xgbench = import_bench()

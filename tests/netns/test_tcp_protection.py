@@ -18,6 +18,7 @@ import pytest
 from lab import (
     CLIENT_V4,
     ORIGIN_V4,
+    WITHOUT,
     Appliance,
     Lab,
     Ledger,
@@ -25,6 +26,7 @@ from lab import (
     import_bench,
     lab,
     wait_for,
+    without_args,
 )
 
 from xdpguard.netns import Netns, resolve_device
@@ -39,10 +41,20 @@ PORT = 5201
 @pytest.fixture(params=["fast-path-on", "fast-path-off"])
 def lab2(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """Every test here runs with the XDP fast path and without: the same
-    protection either way (the fast path only ever takes verified flows)."""
+    protection either way (the fast path only ever takes verified flows).
+    The core ones run with each kernel feature's fallback forced too
+    (ALL_PATHS)."""
     with lab(queues=2) as the_lab, the_lab.server(PORT):
-        the_lab.run_args = ("--fast-path", request.param.removeprefix("fast-path-"))
+        if request.param.startswith("fast-path-"):
+            the_lab.run_args = ("--fast-path", request.param.removeprefix("fast-path-"))
+        else:
+            the_lab.run_args = without_args(request.param)
         yield the_lab
+
+
+ALL_PATHS = pytest.mark.parametrize(
+    "lab2", ["fast-path-on", "fast-path-off", *WITHOUT], indirect=True
+)
 
 
 def flood(the_lab: Lab, flags: str, count: int, pps: int = 100_000, frag: int = 0x4000) -> int:
@@ -100,6 +112,7 @@ def reasons(app: Appliance) -> dict[str, int]:
     return {k: v["packets"] for k, v in app.call("stats")["reasons"].items() if v["packets"]}
 
 
+@ALL_PATHS
 def test_challenge_then_verified(lab2: Lab, tmp_path: Path) -> None:
     with Appliance(lab2, tmp_path) as app:
         app.cli("tcp", "mode", "on")
@@ -119,6 +132,7 @@ def test_challenge_then_verified(lab2: Lab, tmp_path: Path) -> None:
         assert flows["tracked"] >= 2 and flows["verified"] == 1
 
 
+@ALL_PATHS
 def test_spoofed_syn_flood_never_reaches_the_origin(lab2: Lab, tmp_path: Path) -> None:
     with (
         Appliance(lab2, tmp_path) as app,
@@ -195,6 +209,7 @@ def test_ack_and_rst_floods_spare_an_established_transfer(
         assert acct.loop[expect] >= acct.judged_at_least(sent) > 0, acct
 
 
+@ALL_PATHS
 def test_spoofed_out_of_window_rst_does_not_kill_a_connection(lab2: Lab, tmp_path: Path) -> None:
     from scapy.layers.inet import IP, TCP
     from scapy.layers.l2 import Ether
@@ -249,6 +264,7 @@ def test_spoofed_out_of_window_rst_does_not_kill_a_connection(lab2: Lab, tmp_pat
         assert got == b"still alive\n"
 
 
+@ALL_PATHS
 def test_restart_during_a_transfer_cuts_nothing(lab2: Lab, tmp_path: Path) -> None:
     app = Appliance(lab2, tmp_path).start()
     try:
@@ -378,3 +394,50 @@ def test_verified_sources_survive_a_restart(lab2: Lab, tmp_path: Path) -> None:
         s, _ = connect(lab2)
         assert echo(s, b"two") == b"two"
         assert "syn_challenged" not in reasons(app)  # no second challenge
+
+
+def test_an_allowlisted_source_skips_every_tcp_check(lab2: Lab, tmp_path: Path) -> None:
+    """'An allowlist match skips every later check' (xdpguard allow --help):
+    its stray RST is not judged as a challenge's answer, and its segments of
+    no flow are not dropped by the loop. Another source's alike are."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    other = "169.254.0.77"  # not allowlisted, not on the lab's wire otherwise
+    with (
+        Appliance(lab2, tmp_path) as app,
+        lab2.origin_counters(
+            allowed=f"ip saddr {CLIENT_V4} tcp dport 4444",
+            other=f"ip saddr {other} tcp dport 4444",
+        ) as counts,
+    ):
+        app.cli("tcp", "mode", "on")
+        app.cli("tcp", "config", "--learn", "0")
+        app.cli("allow", "add", CLIENT_V4)
+        client = resolve_device(Netns(lab2.client_ns), "eth0")
+        origin = resolve_device(Netns(lab2.origin_ns), "eth0")
+        frames = [
+            bytes(
+                Ether(src=client.mac, dst=origin.mac)
+                / IP(src=src, dst=ORIGIN_V4)
+                / TCP(sport=40000 + i, dport=4444, flags=flags, seq=1000 + i, ack=77)
+            )
+            for src in (CLIENT_V4, other)
+            for i, flags in enumerate(("R", "A", "PA", "FA"))
+        ]
+
+        def inject() -> None:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                raw.bind(("eth0", 0))
+                for frame in frames:
+                    raw.send(frame)
+
+        with Ledger(lab2, app) as ledger:
+            Netns(lab2.client_ns).run(inject)
+        acct = ledger.account()
+        acct.check()
+        seen = counts()
+        assert seen == {"allowed": 4, "other": 0}, (seen, acct)
+        assert acct.xdp.get("allowlist", 0) >= 4, acct
+        assert acct.xdp.get("challenge_failed", 0) == 1, acct  # the other's RST
+        assert acct.loop.get("tcp_no_flow", 0) == 3, acct  # the other's segments
