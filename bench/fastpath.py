@@ -31,6 +31,7 @@ Usage: bench/fastpath.py [--seconds-per-point S] [--json PATH] (as root).
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import struct
@@ -45,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import xgbench  # noqa: E402
-from forwarding import bridge, summarize, sweep  # noqa: E402
+from forwarding import bridge, generator_ceiling, summarize, sweep  # noqa: E402
 from xgbench import EDGE_NS, FWD_CPU, GEN_CPU, NAMES, lab  # noqa: E402
 
 from xdpguard import _bindings as B  # noqa: E402
@@ -71,7 +72,7 @@ def bare_devmap(name: str = "xg_devmap"):
         prog.close()
 
 
-def rates(seconds: float, only: set[str] | None = None) -> list[dict]:
+def rates(seconds: float, ceiling: float, only: set[str] | None = None) -> list[dict]:
     results = []
     for name, extra in (
         ("xdpguard", ()),
@@ -86,25 +87,53 @@ def rates(seconds: float, only: set[str] | None = None) -> list[dict]:
             xgbench.xdpguard(*extra, state_dir=Path(tmp)),
         ):
             xgbench.pin_napi(None, NAMES["OUTER"], FWD_CPU)
-            results.append(summarize(name, sweep(seconds), None))
+            results.append(summarize(name, sweep(seconds, ceiling), None, ceiling))
     for name, prog in (("bare-devmap", "xg_devmap"), ("bare-devmap-read", "xg_devmap_read")):
         if not only or name in only:
             with lab(edge=False), bare_devmap(prog):
                 xgbench.pin_napi(None, NAMES["OUTER"], FWD_CPU)
-                results.append(summarize(name, sweep(seconds), None))
+                results.append(summarize(name, sweep(seconds, ceiling), None, ceiling))
     if not only or "bridge" in only:
         with lab(edge=True), bridge(rps=False):
             xgbench.pin_napi(EDGE_NS, NAMES["OUTER"], FWD_CPU)
-            results.append(summarize("bridge", sweep(seconds), None))
+            results.append(summarize("bridge", sweep(seconds, ceiling), None, ceiling))
     return results
 
 
-def forward_rate(frame: bytes, sink: xgbench.Sink, runs: int = 4_000_000) -> float:
-    gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame)
+def program_costs() -> dict[str, float]:
+    """XDP's own cost per frame of the fast path (a plain BPF_PROG_TEST_RUN
+    with repeat, the kernel's timing) on the sweep's UDP frame: xdpguard's
+    real outer program (the running one's, fast path on), against the bare
+    DEVMAP forwarders."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, lab(edge=False):
+        client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
+        origin = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
+        frame = xgbench.udp4_frame(client.mac, origin.mac, "169.254.0.1", ORIGIN, 40000, 9, 60)
+        with xgbench.xdpguard(state_dir=Path(tmp)) as proc:
+            fd = xgbench.running_prog_fd(proc)
+            try:
+                out["xdpguard"] = xgbench.xdp_cost(fd, [frame])
+            finally:
+                os.close(fd)
+        for name in ("xg_devmap", "xg_devmap_read"):
+            with bare_devmap(name):
+                prog = B.Prog(str(xgbench.BENCH_OBJ), name)
+                try:
+                    out[name.replace("xg_", "bare-").replace("_", "-")] = xgbench.xdp_cost(
+                        prog.fd, [frame]
+                    )
+                finally:
+                    prog.close()
+    return out
+
+
+def forward_rate(frame: bytes, sink: xgbench.Sink, count: int = 2_000_000) -> float:
+    gen = xgbench.Generator(NAMES["CLIENT_NS"], "eth0", frame)
     try:
         gen.run(50_000, cpu=GEN_CPU)
         before = sink.count()
-        elapsed = gen.run(runs, cpu=GEN_CPU)
+        elapsed = gen.run(count, cpu=GEN_CPU)
         time.sleep(0.1)
         return (sink.count() - before) / elapsed
     finally:
@@ -149,11 +178,11 @@ def tcp_flow() -> dict:
                             flood = xgbench.tcp4_frame(
                                 client.mac, origin.mac, "198.18.0.1", ORIGIN, 40000, PORT, "S"
                             )
-                            gen = xgbench.LiveGenerator(
+                            gen = xgbench.Generator(
                                 NAMES["CLIENT_NS"], "eth0", flood, random_saddr=True,
                                 random_sport=True,
                             )  # fmt: skip
-                            deadline = time.monotonic() + 60
+                            deadline = time.monotonic() + 120
                             while time.monotonic() < deadline:
                                 gen.run(500_000, cpu=GEN_CPU)
                                 n = xgbench.control(proc, "tcp.flows", top=0)["tracked"]  # type: ignore[index]
@@ -241,7 +270,10 @@ def main() -> int:
     ap.add_argument("--seconds-per-point", type=float, default=1.0)
     args = xgbench.parse_as_root(ap)
     report: dict = xgbench.report("XDP fast path")
-    results = rates(args.seconds_per_point)
+    ceiling = generator_ceiling()
+    report["generator_ceiling_pps"] = ceiling
+    print(f"generator alone (AF_XDP TX, copy mode, one core): {ceiling / 1e6:.3f} Mpps")
+    results = rates(args.seconds_per_point, ceiling)
     by = {r["name"]: r["saturated_pps"] for r in results}
     report["rate"] = {
         "results": results,
@@ -250,13 +282,27 @@ def main() -> int:
         "xdpguard_over_bare_devmap_read": by["xdpguard"] / by["bare-devmap-read"],
         "fast_off_over_bare_afxdp": by["xdpguard-fast-off"] / by["bare-afxdp"],
     }
-    print(f"{'config':<20}{'saturated':>12}{'max offered':>14}")
+    print(f"{'config':<20}{'saturated':>12}{'max offered':>14}{'cpu1 ns/frame':>15}  bound")
     for r in results:
         sat, top = r["saturated_pps"] / 1e6, r["max_offered_pps"] / 1e6
-        print(f"{r['name']:<20}{sat:>9.3f} Mp{top:>11.3f} Mp")
+        ns = r["dut_ns_per_frame_at_fixed_load"]
+        print(
+            f"{r['name']:<20}{sat:>9.3f} Mp{top:>11.3f} Mp{(f'{ns:.0f}' if ns else '-'):>15}"
+            f"  {r['bound']}"
+        )
+    print(
+        f"(cpu1 ns/frame: the DUT core's busy time per forwarded frame at "
+        f"{results[0]['fixed_load_pps'] / 1e6:.2f} Mpps offered)"
+    )
     for k, v in report["rate"].items():
         if k != "results":
             print(f"{k}: {v:.2f}")
+    costs = program_costs()
+    report["xdp_test_run_ns"] = costs
+    print(
+        "XDP's own cost per frame (BPF_PROG_TEST_RUN): "
+        + ", ".join(f"{k} {v:.1f} ns" for k, v in costs.items())
+    )
     report["tcp"] = tcp_flow()
     report["tcp"]["fast_over_off"] = (
         report["tcp"]["xdpguard_10_flows_pps"] / report["tcp"]["xdpguard-fast-off_10_flows_pps"]

@@ -13,11 +13,13 @@ the same generator and the same sink:
   bridge       the same bridge without RPS: it forwards inside the
                generator's own softirq on CPU 0 (reference only)
 
-Load: bench/xg_bench.bpf.o's xg_gen in live-frame mode on the client's eth0,
-pinned to CPU 0, thinned inside the program to a set fraction of its full
-rate. Sink: xg_sink on the origin's eth0 counts and drops in XDP. For each
-offered load the forwarded rate is the sink's count over the generator's
-run time. Per-CPU busy time comes from /proc/stat over each run.
+Load: xgbench.Generator (a TX-only AF_XDP socket in copy mode) on the
+client's eth0, pinned to CPU 0, paced to fractions of its own ceiling
+(measured alone into a sink first). Sink: xg_sink on the origin's eth0
+counts and drops in XDP. For each offered load the forwarded rate is the
+sink's count over the generator's run time. Per-CPU busy time comes from
+/proc/stat over each run; CPU 1's busy time per frame at a fixed load is
+the DUT's cost where the generator, not the DUT, is the limit.
 
 Usage: bench/forwarding.py [--seconds-per-point S] [--json PATH]
 (as root; builds and removes its own labs).
@@ -36,11 +38,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import xgbench  # noqa: E402
-from xgbench import EDGE_NS, FWD_CPU, GEN_CPU, NAMES, cpu_times, lab, sh  # noqa: E402
+from xgbench import EDGE_NS, FWD_CPU, GEN_CPU, NAMES, RATE_POINTS, cpu_times, lab, sh  # noqa: E402
 
 from xdpguard.netns import Netns, resolve_device  # noqa: E402
-
-RATIOS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 @contextmanager
@@ -74,41 +74,47 @@ def bridge(rps: bool, xdp_on: tuple[str, ...] = ("OUTER",)):
             prog.close()
 
 
-def sweep(seconds: float) -> list[dict]:
-    """Offer each load in RATIOS; what the sink saw."""
+def sweep(seconds: float, ceiling: float) -> list[dict]:
+    """Offer each load of RATE_POINTS (fractions of the generator's
+    ``ceiling``); what the sink saw."""
     client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
     origin = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
     frame = xgbench.udp4_frame(client.mac, origin.mac, "169.254.0.1", "169.254.0.2", 40000, 9, 60)
     sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
+    gen = xgbench.Generator(NAMES["CLIENT_NS"], "eth0", frame)
     points = []
     try:
-        # Calibrate: program runs per second at full load, to size each point.
-        probe = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame)
-        rate = 200_000 / probe.run(200_000, cpu=GEN_CPU)
-        probe.close()
-        for ratio in RATIOS:
-            gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame, ratio=ratio)
-            runs = int(min(rate / max(ratio, 0.05), 20e6) * seconds)
+        gen.run(20_000, cpu=GEN_CPU)
+        for frac in RATE_POINTS:
+            pps = int(frac * ceiling) if frac < 1.0 else 0
+            count = int(frac * ceiling * seconds)
             time.sleep(0.3)
-            c0, t0 = sink.count(), cpu_times()
-            elapsed = gen.run(runs, cpu=GEN_CPU)
+            s0, c0, t0 = gen.sent(), sink.count(), cpu_times()
+            elapsed = gen.run(count, cpu=GEN_CPU, pps=pps)
             t1 = cpu_times()
             time.sleep(0.2)
             got = sink.count() - c0
             busy = [(b1 - b0) / max(a1 - a0, 1) for (b0, a0), (b1, a1) in zip(t0, t1, strict=True)]
             points.append(
                 {
-                    "ratio": ratio,
-                    "offered_pps": gen.sent() / elapsed,
+                    "fraction": frac,
+                    "offered_pps": (gen.sent() - s0) / elapsed,
                     "forwarded_pps": got / elapsed,
                     "seconds": elapsed,
                     "cpu_busy": busy,
                 }
             )
-            gen.close()
     finally:
+        gen.close()
         sink.close()
     return points
+
+
+def generator_ceiling() -> float:
+    """The generator's own ceiling with the sweep's frame (into a bare sink)."""
+    frame = xgbench.udp4_frame("02:00:00:00:00:01", "02:00:00:00:00:02", "169.254.0.1",
+                               "169.254.0.2", 40000, 9, 60)  # fmt: skip
+    return xgbench.gen_ceiling(frame)
 
 
 def idle_cpu(pid: int, seconds: float = 5.0) -> float:
@@ -116,9 +122,12 @@ def idle_cpu(pid: int, seconds: float = 5.0) -> float:
     return xgbench.CpuMeter(pid).measure(seconds)
 
 
-def summarize(name: str, points: list[dict], idle: float | None) -> dict:
+def summarize(name: str, points: list[dict], idle: float | None, ceiling: float) -> dict:
     sat = max(p["forwarded_pps"] for p in points)
     top = max(points, key=lambda p: p["offered_pps"])
+    # The DUT core's busy time per forwarded frame at a fixed offered load
+    # below every configuration's limit (a fifth of the generator's ceiling).
+    fixed = next(p for p in points if p["fraction"] == 0.2)
     return {
         "name": name,
         "saturated_pps": sat,
@@ -126,6 +135,13 @@ def summarize(name: str, points: list[dict], idle: float | None) -> dict:
         "overload_factor": top["offered_pps"] / sat,
         "forwarded_at_max_offered_pps": top["forwarded_pps"],
         "cpu_busy_at_max": top["cpu_busy"],
+        "bound": xgbench.bound(top["offered_pps"], top["forwarded_pps"], ceiling),
+        "fixed_load_pps": fixed["offered_pps"],
+        "dut_ns_per_frame_at_fixed_load": (
+            fixed["cpu_busy"][FWD_CPU] * 1e9 / fixed["forwarded_pps"]
+            if fixed["forwarded_pps"]
+            else None
+        ),
         "idle_cpu": idle,
         "points": points,
     }
@@ -138,6 +154,8 @@ def main() -> int:
     if os.cpu_count() < 2:
         ap.error("needs two CPUs: one for the generator, one for the forwarder")
     results = []
+    ceiling = generator_ceiling()
+    print(f"generator alone: {ceiling / 1e6:.3f} Mpps", flush=True)
     loop = ("--fast-path", "off")
     for name, extra in (("xdpguard", loop), ("bare-afxdp", (*loop, "--no-policy"))):
         with (
@@ -146,13 +164,14 @@ def main() -> int:
             xgbench.xdpguard(*extra, state_dir=Path(tmp)) as proc,
         ):
             idle = idle_cpu(proc.pid)
-            results.append(summarize(name, sweep(args.seconds_per_point), idle))
+            results.append(summarize(name, sweep(args.seconds_per_point, ceiling), idle, ceiling))
     for name, rps in (("bridge-rps", True), ("bridge", False)):
         with lab(edge=True), bridge(rps):
-            results.append(summarize(name, sweep(args.seconds_per_point), None))
+            results.append(summarize(name, sweep(args.seconds_per_point, ceiling), None, ceiling))
 
     by = {r["name"]: r for r in results}
     report = xgbench.report("forwarding, 64-byte UDP, one queue") | {
+        "generator_ceiling_pps": ceiling,
         "results": results,
         "xdpguard_over_bare": by["xdpguard"]["saturated_pps"] / by["bare-afxdp"]["saturated_pps"],
         "xdpguard_over_bridge_rps": (
@@ -161,19 +180,25 @@ def main() -> int:
     }
     xgbench.write_report(report, args.json)
 
+    print(f"generator alone (AF_XDP TX, copy mode, one core): {ceiling / 1e6:.3f} Mpps")
     print(
         f"{'config':<12}{'saturated':>12}{'max offered':>14}{'x':>6}{'fwd there':>12}"
-        f"{'cpu0/cpu1 busy':>16}{'idle cpu':>10}"
+        f"{'cpu0/cpu1 busy':>16}{'cpu1 ns/frame':>14}{'idle cpu':>10}  bound"
     )
     for r in results:
         busy = "/".join(f"{b:.0%}" for b in r["cpu_busy_at_max"][:2])
         idle = f"{r['idle_cpu']:.1%}" if r["idle_cpu"] is not None else "-"
         sat, top = r["saturated_pps"] / 1e6, r["max_offered_pps"] / 1e6
         there = r["forwarded_at_max_offered_pps"] / 1e6
+        ns = r["dut_ns_per_frame_at_fixed_load"]
         print(
             f"{r['name']:<12}{sat:>9.3f} Mp{top:>11.3f} Mp{r['overload_factor']:>6.1f}"
-            f"{there:>9.3f} Mp{busy:>16}{idle:>10}"
+            f"{there:>9.3f} Mp{busy:>16}{(f'{ns:.0f}' if ns else '-'):>14}{idle:>10}  {r['bound']}"
         )
+    print(
+        f"(cpu1 ns/frame: CPU 1's busy time per forwarded frame at "
+        f"{results[0]['fixed_load_pps'] / 1e6:.2f} Mpps offered)"
+    )
     print(f"xdpguard / bare AF_XDP: {report['xdpguard_over_bare']:.2f} (goal >= 0.9)")
     print(f"xdpguard / kernel bridge (RPS to one core): {report['xdpguard_over_bridge_rps']:.2f}")
     return 0

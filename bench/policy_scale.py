@@ -102,7 +102,7 @@ def reaction(control: Path, sink: xgbench.Sink, trials: int) -> tuple[list[float
 
 
 def drop_rate(frame: bytes, runs: int) -> tuple[float, int]:
-    gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame)
+    gen = xgbench.Generator(NAMES["CLIENT_NS"], "eth0", frame)
     try:
         gen.run(20_000, cpu=GEN_CPU)
         before = gen.sent()
@@ -182,12 +182,12 @@ def main() -> int:
             with ControlClient(control) as c, open(both, "rb") as f:
                 c.call("block.load", f.fileno(), replace=True)
             sink = xgbench.Sink(NAMES["ORIGIN_NS"], "eth0")
-            gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame, ratio=0.02)
+            gen = xgbench.Generator(NAMES["CLIENT_NS"], "eth0", frame)
             stop = threading.Event()
 
             def flood() -> None:
                 while not stop.is_set():
-                    gen.run(200_000, cpu=GEN_CPU)
+                    gen.run(20_000, cpu=GEN_CPU, pps=100_000)
 
             flooder = threading.Thread(target=flood)
             flooder.start()

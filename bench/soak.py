@@ -182,27 +182,16 @@ def policy_churn(cli: Callable[..., None], rng: random.Random, tmp: Path) -> Non
 
 
 def paced(frame: bytes, pps: float, seconds: float, full_rate: float, **kw: bool) -> dict:
-    """Offer ``frame`` at about ``pps`` for about ``seconds`` (random parts per
-    ``kw``); what was sent and at what rate. The generator thins itself by a
-    ratio, and a thinned run costs less than one that sends, so the ratio is
-    calibrated on a short run first."""
+    """Offer ``frame`` at ``pps`` (at most the generator's ``full_rate``) for
+    ``seconds`` (random parts per ``kw``); what was sent and at what rate."""
     import xgbench
     from xgbench import GEN_CPU, NAMES
 
-    ratio = min(1.0, pps / full_rate)
-    calibration = 1_000_000  # long enough that the call's fixed cost (~24 ms) is noise
-    for step in range(3):
-        gen = xgbench.LiveGenerator(NAMES["CLIENT_NS"], "eth0", frame, ratio=ratio, **kw)
-        elapsed = gen.run(calibration, cpu=GEN_CPU)
-        offered, runs_per_s = gen.sent() / elapsed, calibration / elapsed
-        if step == 2:
-            break
-        gen.close()
-        ratio = min(1.0, ratio * pps / max(offered, 1.0))
+    gen = xgbench.Generator(NAMES["CLIENT_NS"], "eth0", frame, **kw)
     try:
-        before = gen.sent()
-        elapsed = gen.run(int(runs_per_s * seconds), cpu=GEN_CPU)
-        return {"sent": gen.sent() - before, "pps": (gen.sent() - before) / elapsed}
+        rate = min(pps, full_rate)
+        elapsed = gen.run(int(rate * seconds), cpu=GEN_CPU, pps=int(rate))
+        return {"sent": gen.sent(), "pps": gen.sent() / elapsed}
     finally:
         gen.close()
 
@@ -221,7 +210,7 @@ def floods(macs: tuple[str, str], full_rate: float) -> dict[str, dict]:
         "ack": paced(ack, FLOOD_PPS, FLOOD_S, full_rate, random_saddr=True, random_sport=True),
         "udp53": paced(udp53, FLOOD_PPS, FLOOD_S, full_rate, random_saddr=True),
     }
-    burst = xgbench.LiveGenerator(xgbench.NAMES["CLIENT_NS"], "eth0", udp53, random_saddr=True)
+    burst = xgbench.Generator(xgbench.NAMES["CLIENT_NS"], "eth0", udp53, random_saddr=True)
     try:
         elapsed = burst.run(BURST_FRAMES, cpu=xgbench.GEN_CPU)
         out["udp53_burst"] = {"sent": burst.sent(), "pps": burst.sent() / elapsed}
@@ -272,7 +261,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 # the challenges sent back to 198.18.0.0/15, as the internet
                 # would route them elsewhere (bench/tcp.py says why).
                 shield = xgbench.attach(NAMES["CLIENT_NS"], "eth0", "xg_drop_spoofed")
-                probe = xgbench.LiveGenerator(
+                probe = xgbench.Generator(
                     NAMES["CLIENT_NS"],
                     "eth0",
                     xgbench.udp4_frame(macs[0], macs[1], "198.18.0.1", "169.254.100.1", 53, 40000),

@@ -1,14 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * XDP programs the benchmarks place around the appliance (never part of it):
+ * XDP programs the benchmarks place around the appliance (never part of it;
+ * the load comes from xgbench.Generator, an AF_XDP socket):
  *
- *   xg_gen   packet generator, run with BPF_PROG_RUN in live-frame mode on
- *            the client's device: a run sends the template frame out of that
- *            device with XDP_TX, optionally with a fresh source. Each BPF_PROG_RUN
- *            call costs an RCU grace period (the kernel swaps the XDP
- *            dispatcher), so the load is paced inside one long call instead:
- *            only gen_tx_ratio/2^32 of the runs transmit, the rest drop,
- *            and gen_sent counts what left.
  *   xg_sink  counts and drops what reaches the origin's device, so the
  *            forwarded rate is measured without the origin's stack.
  *   xg_pass  XDP_PASS, so a veth accepts XDP_TX frames from its peer when
@@ -28,12 +22,6 @@
  *            with a SYN-ACK (addresses and ports swapped, checksum updated
  *            for what changed) and sent back with XDP_TX; no cookie, no
  *            policy, no caps. synack_count counts the answers.
- *
- * Live-frame pages are recycled without being reset, and a page comes back
- * as whatever the device under test left of it (xdpguard rewrites a SYN in
- * place into its challenge, and XDP_TX sends that very page back): so the
- * generator writes the template's first bytes (gen_template: every header)
- * again on every run, then what it varies.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -47,89 +35,12 @@
 
 #include "xg_drdos_match.h"
 
-/* Set before load by bench/xgbench.py. */
-const volatile __u32 gen_random_saddr; /* host part of 198.18.0.0/15 */
-const volatile __u32 gen_random_sport;
-const volatile __u32 gen_tx_ratio = 0xffffffff; /* fraction of runs sent, of 2^32 */
-/*
- * gen_mix: every other frame becomes the smallest later IPv4 fragment
- * (8 bytes at offset 1480). The IPv4 total length, fragment field and
- * checksum of both variants come precomputed, so the checksum stays right
- * for receivers that verify it (the kernel's IP layer does).
- */
-const volatile __u32 gen_mix;
-/* The frame's first gen_template_len bytes (at most 128), rewritten every run. */
-const volatile __u64 gen_template[16];
-const volatile __u32 gen_template_len;
-const volatile __u16 gen_a_tot_len, gen_a_frag_off, gen_a_check; /* network order */
-const volatile __u16 gen_b_tot_len, gen_b_frag_off, gen_b_check;
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} gen_sent SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);
 } sink_count SEC(".maps");
-
-SEC("xdp")
-int xg_gen(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *iph = (void *)(eth + 1);
-	struct udphdr *udp;
-	__u32 rnd, key = 0;
-	__u64 *sent;
-	int i;
-
-	if (gen_tx_ratio != 0xffffffff && bpf_get_prandom_u32() > gen_tx_ratio)
-		return XDP_DROP;
-	sent = bpf_map_lookup_elem(&gen_sent, &key);
-	if (!sent)
-		return XDP_DROP;
-	(*sent)++;
-	for (i = 0; i < 16; i++) {
-		if (i * 8 >= gen_template_len || data + (i + 1) * 8 > end)
-			break;
-		((__u64 *)data)[i] = gen_template[i];
-	}
-	if (gen_mix) {
-		if ((void *)(iph + 1) > end)
-			return XDP_DROP;
-		if (*sent & 1) {
-			iph->tot_len = gen_b_tot_len;
-			iph->frag_off = gen_b_frag_off;
-			iph->check = gen_b_check;
-		} else {
-			iph->tot_len = gen_a_tot_len;
-			iph->frag_off = gen_a_frag_off;
-			iph->check = gen_a_check;
-		}
-		return XDP_TX;
-	}
-	if (!gen_random_saddr && !gen_random_sport)
-		return XDP_TX;
-	if ((void *)(iph + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return XDP_TX;
-	rnd = bpf_get_prandom_u32();
-	if (gen_random_saddr) {
-		/* The IPv4 checksum is left stale on purpose: nothing on the
-		 * path checks it, and recomputing it would slow the generator. */
-		iph->saddr = bpf_htonl(0xc6120000 | (rnd & 0x1ffff)); /* 198.18/15 */
-	}
-	udp = (void *)iph + iph->ihl * 4;
-	if (gen_random_sport && (void *)(udp + 1) <= end)
-		udp->source = bpf_htons(1024 + (rnd >> 17) % 60000);
-	return XDP_TX;
-}
 
 SEC("xdp")
 int xg_sink(struct xdp_md *ctx)

@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -360,6 +361,84 @@ class Generator:
 
     def close(self) -> None:
         self._gen.close()
+
+
+# Offered loads of a sweep, as fractions of the generator's own ceiling (1.0:
+# as fast as it sends).
+RATE_POINTS = (0.05, 0.1, 0.2, 0.5, 0.8, 1.0)
+
+
+def gen_ceiling(frame: bytes, seconds: float = 1.0, **vary: bool) -> float:
+    """The generator alone: frames per second from GEN_CPU into an XDP sink on
+    a veth pair of its own (the receiving NAPI on the same core, as in every
+    lab here). Every figure a benchmark takes with it is at most this."""
+    ns = "xgb-gen"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "add", "g0", "type", "veth", "peer", "name", "g1")
+        for dev in ("g0", "g1"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sink = Sink(ns, "g1")
+        gen = Generator(ns, "g0", frame, **vary)
+        try:
+            gen.run(20_000, cpu=GEN_CPU)
+            count = 200_000
+            while True:
+                elapsed = gen.run(count, cpu=GEN_CPU)
+                if elapsed >= seconds or count >= 50_000_000:
+                    return count / elapsed
+                count = int(count * max(2.0, 1.2 * seconds / max(elapsed, 1e-3)))
+        finally:
+            gen.close()
+            sink.close()
+    finally:
+        sh("ip", "netns", "del", ns)
+
+
+def bound(offered_pps: float, forwarded_pps: float, ceiling_pps: float) -> str:
+    """Whether a saturated figure is the generator's limit or the DUT's: the
+    DUT is the limit when it let a share of what was offered go, or when the
+    generator, sharing its core with the DUT's receive path, offered well
+    under its own ceiling."""
+    if forwarded_pps < 0.95 * offered_pps:
+        return "DUT-bound"
+    if offered_pps < 0.8 * ceiling_pps:
+        return "DUT-bound (slows the generator's core)"
+    return "generator-bound"
+
+
+def running_prog_fd(proc: subprocess.Popen, role: str = "outer") -> int:
+    """An fd of the XDP program a running xdpguard attached to its ``role`` device."""
+    st = control(proc, "status")
+    return B.prog_fd_by_id(st["devices"][role]["xdp"]["prog_id"])  # type: ignore[index]
+
+
+def xdp_cost(prog_fd: int, frames: list[bytes], repeat: int = 100_000, cpu: int = FWD_CPU) -> float:
+    """The XDP program's own mean cost per frame over ``frames`` (ns), from a
+    plain BPF_PROG_TEST_RUN: the kernel's own timing of ``repeat`` runs on
+    ``cpu``. A frame the program changes (a challenge's SYN-ACK, the loop's
+    word in front) would be seen changed by the next run: such frames run
+    one at a time, ``repeat`` times, and the kernel's times are averaged
+    (each then carries the timer's own few ns, as do the baselines)."""
+
+    def body() -> None:
+        os.sched_setaffinity(0, {cpu})
+        costs = []
+        for frame in frames:
+            _, out = B.prog_test_run(prog_fd, frame)
+            if out == frame:
+                B.prog_run_time(prog_fd, frame, 1000)  # warm
+                costs.append(B.prog_run_time(prog_fd, frame, repeat)[1])
+            else:
+                n = max(1000, repeat // 20)
+                costs.append(sum(B.prog_run_time(prog_fd, frame, 1)[1] for _ in range(n)) / n)
+        out.append(sum(costs) / len(costs))
+
+    out: list[float] = []
+    thread = threading.Thread(target=body)  # pinned, not the caller
+    thread.start()
+    thread.join()
+    return out[0]
 
 
 class Sink:

@@ -408,7 +408,9 @@ def prog_test_run(
     return int(action[0]), bytes(ffi.buffer(out, size[0]))
 
 
-def prog_run_time(prog_fd: int, data: bytes, repeat: int, ingress_ifindex: int = 0) -> tuple[int, int]:
+def prog_run_time(
+    prog_fd: int, data: bytes, repeat: int, ingress_ifindex: int = 0
+) -> tuple[int, int]:
     """(XDP action, the kernel's mean ns per run) of ``repeat`` runs over ``data``
     on this CPU; the runs share one frame (see xg_prog_test_run())."""
     out = ffi.new("char[]", max(len(data) + 512, 4096))

@@ -202,7 +202,7 @@ class Engine:
         # What the kernel can do, found by trying: a missing required
         # feature refuses the start in one line; a missing optional one
         # takes its fallback, said once.
-        self.features = features.detect(features.check_without(cfg.without))
+        self.features = features.detect_cached(features.check_without(cfg.without))
         features.require(self.features)
         load_flags = 0 if self.features["ktime_coarse"].used else B.CFG_NO_COARSE
 

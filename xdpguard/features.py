@@ -438,6 +438,54 @@ def detect(without: Iterable[str] = (), only: Iterable[str] | None = None) -> di
     return out
 
 
+# What the probes found, kept for the rest of the boot: a kernel does not
+# change under a running system, and every start of run would otherwise
+# probe again (a quarter of a second). Keyed by the boot and by the probe
+# object, so a new build or a reboot probes afresh; 'xdpguard features'
+# always probes.
+CACHE = Path("/run/xdpguard/features.json")
+
+
+def _cache_key() -> str:
+    import hashlib
+
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    digest = hashlib.sha256(probe_object().read_bytes()).hexdigest()[:16]
+    return f"{boot}/{digest}"
+
+
+def detect_cached(without: Iterable[str] = ()) -> dict[str, Found]:
+    """detect(), from this boot's earlier probes where there are some."""
+    import json
+    import os
+
+    off = set(without)
+    try:
+        key = _cache_key()
+    except OSError:
+        return detect(off)
+    try:
+        data = json.loads(CACHE.read_text())
+        if data.get("key") == key and set(data["found"]) == {f.name for f in FEATURES}:
+            return {n: Found(**{**v, "forced_off": n in off}) for n, v in data["found"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = detect(off)
+    try:
+        CACHE.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = CACHE.with_name(f".{CACHE.name}.{os.getpid()}")
+        body = {
+            n: {k: v for k, v in asdict(f).items() if k != "forced_off"} for n, f in found.items()
+        }
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"key": key, "found": body}, out)
+        os.replace(tmp, CACHE)
+    except OSError:
+        pass  # only a cache
+    return found
+
+
 def require(found: dict[str, Found], log_missing: bool = True) -> None:
     """Refuse, in one line, a kernel without a required feature; say once
     which fallback each missing (or turned off) optional one takes."""

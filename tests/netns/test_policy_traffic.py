@@ -45,7 +45,6 @@ def lab2(request: pytest.FixtureRequest) -> Lab:
 ALL_PATHS = pytest.mark.parametrize("lab2", ["default", *WITHOUT], indirect=True)
 
 
-@ALL_PATHS
 def test_block_unblock_and_ttl_with_live_traffic(lab2: Lab, tmp_path: Path) -> None:
     """A block bites as soon as the command returns, an unblock or an expired
     TTL lets traffic back in, and the other client never notices.

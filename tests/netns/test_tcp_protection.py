@@ -1,6 +1,6 @@
 """TCP flow protection with real Linux stacks and real floods (issue: TCP protection).
 
-Floods come from the live-frames generator on the client's eth0: spoofed
+Floods come from the AF_XDP generator on the client's eth0: spoofed
 sources in 198.18.0.0/15, bounded in count. What reaches the origin is
 counted by nftables at the origin's eth0 ingress, before its IP stack.
 """
@@ -264,7 +264,6 @@ def test_spoofed_out_of_window_rst_does_not_kill_a_connection(lab2: Lab, tmp_pat
         assert got == b"still alive\n"
 
 
-@ALL_PATHS
 def test_restart_during_a_transfer_cuts_nothing(lab2: Lab, tmp_path: Path) -> None:
     app = Appliance(lab2, tmp_path).start()
     try:
