@@ -129,6 +129,14 @@ struct {
 	__type(value, struct xg_policy);
 } xg_policy SEC(".maps");
 
+/* Ethertypes the operator allows beside IP and ARP (xdpguard l2 allow). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xg_port_set);
+} xg_l2_allow SEC(".maps");
+
 /*
  * The fast path (docs/ARCHITECTURE.md): verified flows never leave XDP. The flow table
  * is one map shared by both program instances and the loop (mmap()ed);
@@ -213,6 +221,41 @@ static __always_inline int udp_port_blocked(struct xdp_md *ctx, struct pkt *pkt)
 	return (ports->bits[(port >> 6) & (XG_PORT_WORDS - 1)] >> (port & 63)) & 1;
 }
 
+/* Whether the operator allowed frames of ethertype @proto (not IP, not ARP). */
+static __always_inline int l2_allowed(__u16 proto)
+{
+	struct xg_port_set *set;
+	__u32 zero = 0;
+
+	set = bpf_map_lookup_elem(&xg_l2_allow, &zero);
+	if (!set)
+		return 0;
+	return (set->bits[(proto >> 6) & (XG_PORT_WORDS - 1)] >> (proto & 63)) & 1;
+}
+
+/*
+ * A frame that is not IP: ARP is judged by its sender's address like an
+ * IP frame by its source (a blocked host must not poison the origin's
+ * neighbour table); other ethertypes pass only if allowed.
+ */
+static __always_inline enum xg_reason l2_policy(struct xdp_md *ctx, struct pkt *pkt,
+						struct xg_policy *policy)
+{
+	__u8 *arp = pkt->h.arp;
+
+	if (pkt->h.l3_proto != ETH_P_ARP)
+		return l2_allowed(pkt->h.l3_proto) ? XG_REASON_REDIRECTED : XG_REASON_L2_OTHER;
+	if (!arp || (void *)(arp + 28) > (void *)(long)ctx->data_end)
+		return XG_REASON_MALFORMED; /* cannot happen: parsed */
+	pkt->key4.prefixlen = 32;
+	__builtin_memcpy(pkt->key4.addr, arp + 14, 4); /* the sender's IPv4 address */
+	if (in_list(pkt, policy, XG_LIST_ALLOW, XG_LISTS_ALLOW_V4, XG_LISTS_ALLOW_V6))
+		return XG_REASON_ALLOWLIST;
+	if (in_list(pkt, policy, XG_LIST_BLOCK, XG_LISTS_BLOCK_V4, XG_LISTS_BLOCK_V6))
+		return XG_REASON_BLOCKLIST;
+	return XG_REASON_REDIRECTED;
+}
+
 /* The source address of a parsed IP frame as the tries' keys. */
 static __always_inline void source_keys(struct xdp_md *ctx, struct pkt *pkt)
 {
@@ -236,7 +279,9 @@ static __always_inline void source_keys(struct xdp_md *ctx, struct pkt *pkt)
 /*
  * The stateless policy of the outer device; XG_REASON_REDIRECTED = passes.
  * Source-based policy applies to every IP frame, neighbour discovery
- * included: a blocked source's ND is dropped, everyone else's passes.
+ * included: a blocked source's ND is dropped, everyone else's passes; and
+ * to ARP by its sender's address. Any other L2 frame is dropped unless its
+ * ethertype is allowed (l2_policy()).
  */
 static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pkt *pkt,
 						   enum xg_reason r)
@@ -246,11 +291,11 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pk
 
 	if (r != XG_REASON_REDIRECTED)
 		return r; /* fail closed: no list can vouch for what is not understood */
-	if (!pkt->h.l3)
-		return XG_REASON_REDIRECTED; /* ARP and other L2: never policed */
 	policy = bpf_map_lookup_elem(&xg_policy, &zero);
 	if (!policy)
-		return XG_REASON_REDIRECTED; /* cannot happen: an array slot */
+		return XG_REASON_MALFORMED; /* cannot happen: an array slot */
+	if (!pkt->h.l3)
+		return l2_policy(ctx, pkt, policy);
 	if (policy->lists)
 		source_keys(ctx, pkt);
 

@@ -148,6 +148,13 @@ enum xg_reason {
 	 * Drivers with XDP leave 256 bytes; this counts one that does not.
 	 */
 	XG_REASON_NO_HEADROOM = 22,
+	/*
+	 * A frame that is neither IP (VLAN and QinQ tags included) nor ARP,
+	 * of an ethertype the operator did not allow (xdpguard l2), MPLS and
+	 * 802.3/LLC/SNAP frames among them: no policy can see what it
+	 * carries, so it is dropped.
+	 */
+	XG_REASON_L2_OTHER = 23,
 };
 
 /*
@@ -169,7 +176,8 @@ enum xg_reason_stage {
 		       (1 << XG_REASON_CHALLENGE_RATE_LIMITED) |
 		       (1 << XG_REASON_VERIFIED_SYN_RATE_LIMITED) |
 		       (1 << XG_REASON_RULE_DROP) | (1 << XG_REASON_RULE_RATE_LIMITED) |
-		       (1 << XG_REASON_SOURCE_RATE_LIMITED) | (1 << XG_REASON_NO_HEADROOM),
+		       (1 << XG_REASON_SOURCE_RATE_LIMITED) | (1 << XG_REASON_NO_HEADROOM) |
+		       (1 << XG_REASON_L2_OTHER),
 	/* The loop parses with the same parser and fails closed the same way. */
 	XG_STAGE_LOOP = (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
 			(1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
@@ -198,6 +206,11 @@ enum {
 	 * monitored or the learning window is open.
 	 */
 	XG_META_FORWARD = 4,
+	/*
+	 * The source is verified (it answered a challenge): a segment of no
+	 * tracked flow is adopted (its flow was evicted or lost), not dropped.
+	 */
+	XG_META_VERIFIED = 8,
 };
 
 /* Fragment state of a frame, as bits. */
@@ -279,6 +292,12 @@ enum xg_flow_flags {
 	 * Cleared when the flow leaves ESTABLISHED.
 	 */
 	XG_FLOW_FAST = 256,
+	/*
+	 * Adopted mid-stream outside the learning window because its source
+	 * is verified (a flow evicted while idle, or lost): its segments are
+	 * accepted as the learning window's are until the origin answers.
+	 */
+	XG_FLOW_VOUCHED = 512,
 };
 
 /*
@@ -632,7 +651,11 @@ struct xg_rate_state {
 	__u64 tat_bytes;	/* the byte rate's, for a limit with both */
 };
 
-/* UDP source ports to drop: port p is bit (p % 64) of bits[p / 64]. */
+/*
+ * A set of 16-bit numbers: number p is bit (p % 64) of bits[p / 64]. The
+ * UDP source ports to drop (xg_udp_ports) and the ethertypes allowed
+ * beside IP and ARP (xg_l2_allow).
+ */
 struct xg_port_set {
 	__u64 bits[1024];
 };

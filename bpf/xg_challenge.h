@@ -547,6 +547,20 @@ __attribute__((noinline)) int xg_rst_judge(struct xg_flow_key *k, __u32 seq, __u
 	return 0;
 }
 
+/*
+ * Is @k's source verified (it answered a challenge, and that has not
+ * expired)? The Bloom filter answers almost every stranger first.
+ */
+__attribute__((noinline)) int xg_source_verified(struct xg_flow_key *k)
+{
+	struct xg_verified_src *v;
+
+	if (!k || bpf_map_peek_elem(&xg_verified_bloom, k->out_addr))
+		return 0;
+	v = bpf_map_lookup_elem(&xg_verified, k->out_addr);
+	return v && !xg_seq_before(v->expires, xg_clock_ns() / XG_NANO);
+}
+
 /* State mode auto: is @k's destination above its rate of frames judged by state? */
 __attribute__((noinline)) int xg_state_over(struct xg_flow_key *k)
 {
@@ -587,8 +601,12 @@ XG_INLINE enum xg_gate xg_tcp_gate(struct xdp_md *ctx, struct pkt *pkt, __u32 le
 		}
 	} else if ((fl & (XG_TCP_RST | XG_TCP_ACK)) == XG_TCP_RST) {
 		xg_rst_judge(&pkt->key, pkt->seg.seq, len, &out);
-	} else if (xg_state_over(&pkt->key)) {
-		out.meta = XG_META_STATE_OVER;
+	} else {
+		if (xg_state_over(&pkt->key))
+			out.meta = XG_META_STATE_OVER;
+		/* A segment of no flow from a verified source is adopted. */
+		if (!(fl & (XG_TCP_SYN | XG_TCP_RST)) && xg_source_verified(&pkt->key))
+			out.meta |= XG_META_VERIFIED;
 	}
 	*meta_flags |= out.meta;
 	*why = out.why;

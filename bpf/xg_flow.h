@@ -43,7 +43,18 @@ XG_INLINE __u32 xg_seq_max(__u32 a, __u32 b)
 	return xg_seq_before(a, b) ? b : a;
 }
 
-/* Idle timeouts by state (seconds): how long an unanswered state may sit. */
+/*
+ * An established flow idle this long (seconds) may give its slot to a new
+ * flow when its bucket is full; until then no new flow takes it.
+ */
+#define XG_IDLE_EVICTABLE 600
+
+/*
+ * Idle timeouts by state (seconds): how long an unanswered state may sit.
+ * An established connection may stay idle for days (SSH, databases, long
+ * polls): its flow stays as long as conntrack's does, and gives way
+ * earlier only to a new flow of a full bucket (XG_IDLE_EVICTABLE).
+ */
 XG_INLINE __u32 xg_flow_timeout(__u8 state)
 {
 	switch (state) {
@@ -52,7 +63,7 @@ XG_INLINE __u32 xg_flow_timeout(__u8 state)
 	case XG_TCP_LEARNING:
 		return 20;
 	case XG_TCP_ESTABLISHED:
-		return 600;
+		return 5 * 86400;
 	case XG_TCP_CLOSING:
 		return 30;
 	case XG_TCP_CLOSED:

@@ -105,6 +105,7 @@ struct xg_frag_hdr {
 /* What the parser found. Pointers point into the frame. */
 struct xg_hdrs {
 	void *l3;		/* IPv4 or IPv6 header; NULL if the frame is not IP */
+	void *arp;		/* an Ethernet/IPv4 ARP frame's header; else NULL */
 	void *l3_end;		/* end of the IP packet (its own length) */
 	void *l4;		/* the L4 header; NULL for a later fragment */
 	__u16 l3_proto;		/* ethertype after the VLAN tags, host order */
@@ -324,9 +325,29 @@ XG_INLINE enum xg_reason xg_parse_ipv6(struct xg_cursor *c, struct xg_hdrs *h)
 }
 
 /*
+ * ARP: the policy judges its sender's address, so it must be there. Only
+ * Ethernet/IPv4 ARP exists on an Ethernet link; anything else is not
+ * understood.
+ */
+XG_INLINE enum xg_reason xg_parse_arp(struct xg_cursor *c, struct xg_hdrs *h)
+{
+	__u8 *arp = xg_pull(c, 28);
+
+	if (!arp)
+		return XG_REASON_MALFORMED;
+	/* hardware type 1, protocol 0x0800, lengths 6 and 4 */
+	if (arp[0] != 0 || arp[1] != 1 || arp[2] != 0x08 || arp[3] != 0 || arp[4] != 6 ||
+	    arp[5] != 4)
+		return XG_REASON_MALFORMED;
+	h->arp = arp;
+	return XG_REASON_REDIRECTED;
+}
+
+/*
  * Parse the frame [@data, @data_end) into @h (zeroed first). Returns
  * XG_REASON_REDIRECTED when the frame could be parsed (h->l3 is NULL for a
- * frame that is not IP: ARP and the rest of L2), else the reason to drop
+ * frame that is not IP: ARP, in h->arp, and the rest of L2, by its
+ * ethertype in h->l3_proto), else the reason to drop
  * it: XG_REASON_MALFORMED or XG_REASON_EXT_HEADER_LIMIT.
  */
 XG_INLINE enum xg_reason xg_parse(void *data, void *data_end, struct xg_hdrs *h)
@@ -357,6 +378,8 @@ XG_INLINE enum xg_reason xg_parse(void *data, void *data_end, struct xg_hdrs *h)
 		return xg_parse_ipv4(&c, h);
 	if (proto == ETH_P_IPV6)
 		return xg_parse_ipv6(&c, h);
+	if (proto == ETH_P_ARP)
+		return xg_parse_arp(&c, h);
 	return XG_REASON_REDIRECTED;
 }
 

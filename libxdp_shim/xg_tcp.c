@@ -169,12 +169,14 @@ static struct xg_flow_bucket *flow_bucket(struct xg_tcp *t, const struct xg_flow
 
 /*
  * A slot for a new flow: a free or expired one, else the oldest flow that
- * is not established. NULL if the bucket holds only established flows.
- * Caller holds b->lock.
+ * is not established, else the established flow idle longest if it has
+ * been idle XG_IDLE_EVICTABLE seconds (its connection, if it still lives,
+ * is adopted again when it talks: XG_META_VERIFIED). NULL if the bucket
+ * holds only established flows busier than that. Caller holds b->lock.
  */
 static struct xg_flow *flow_slot(struct xg_tcp *t, struct xg_flow_bucket *b, uint32_t now)
 {
-	struct xg_flow *victim = NULL;
+	struct xg_flow *victim = NULL, *idle = NULL;
 	int i;
 
 	for (i = 0; i < XG_WAYS; i++) {
@@ -182,17 +184,23 @@ static struct xg_flow *flow_slot(struct xg_tcp *t, struct xg_flow_bucket *b, uin
 
 		if (!xg_flow_live(f, now))
 			return f;
-		if (f->state != XG_TCP_ESTABLISHED &&
-		    (!victim || xg_seq_before(f->last_seen, victim->last_seen)))
-			victim = f;
+		if (f->state != XG_TCP_ESTABLISHED) {
+			if (!victim || xg_seq_before(f->last_seen, victim->last_seen))
+				victim = f;
+		} else if ((int32_t)(now - f->last_seen) >= XG_IDLE_EVICTABLE &&
+			   (!idle || xg_seq_before(f->last_seen, idle->last_seen))) {
+			idle = f;
+		}
 	}
+	if (!victim)
+		victim = idle;
 	if (victim)
 		__atomic_fetch_add(&t->evictions, 1, __ATOMIC_RELAXED);
 	return victim;
 }
 
 static void flow_init(struct xg_flow *f, const struct xg_flow_key *k, uint8_t state,
-		      uint8_t flags, uint32_t now)
+		      uint16_t flags, uint32_t now)
 {
 	memset(f, 0, sizeof(*f));
 	f->key = *k;
@@ -200,6 +208,57 @@ static void flow_init(struct xg_flow *f, const struct xg_flow_key *k, uint8_t st
 	f->flags = flags;
 	f->wscale[0] = f->wscale[1] = NO_WSCALE;
 	f->last_seen = now;
+}
+
+/* ---- what a segment may change ---- */
+
+static uint32_t sum16(const uint8_t *p, uint32_t n, uint32_t sum)
+{
+	uint32_t i;
+
+	for (i = 0; i + 1 < n; i += 2)
+		sum += (uint32_t)p[i] << 8 | p[i + 1];
+	if (n & 1)
+		sum += (uint32_t)p[n - 1] << 8;
+	return sum;
+}
+
+/*
+ * Whether the TCP checksum of @p is right (over its IP packet's own
+ * length). Only segments that would change a flow's state are checked:
+ * the checksum costs a pass over the payload.
+ */
+static int csum_ok(const struct pkt *p)
+{
+	const uint8_t *l3 = p->h.l3, *l4 = p->h.l4;
+	uint32_t len = (uint32_t)((const uint8_t *)p->h.l3_end - l4), sum;
+
+	if (p->h.v6) {
+		sum = sum16(l3 + 8, 32, 0);
+		sum += len >> 16;
+		sum += len & 0xffff;
+		sum += IPPROTO_TCP;
+	} else {
+		sum = sum16(l3 + 12, 8, 0);
+		sum += IPPROTO_TCP + len;
+	}
+	sum = sum16(l4, len, sum);
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return sum == 0xffff;
+}
+
+/*
+ * Whether a RST from outside is at the sequence number the origin expects
+ * next (RFC 5961 3.2): what it acknowledged last, or, if the origin has
+ * not yet acknowledged all the outside sent, the end of that. Caller
+ * holds the flow's bucket lock.
+ */
+static int rst_exact(const struct xg_flow *f, const struct xg_seg *s)
+{
+	if ((f->flags & XG_FLOW_ACKED_IN) && s->seq == f->acked[XG_SIDE_IN])
+		return 1;
+	return (f->flags & XG_FLOW_END_OUT) && s->seq == f->end[XG_SIDE_OUT];
 }
 
 /* ---- verdicts ---- */
@@ -333,11 +392,17 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 	}
 
 	if (!f) {
-		if (learning && !(p.seg.flags & (TH_SYN | TH_RST))) {
-			/* Adopt a flow that was open before we started. */
+		if ((learning || (meta & XG_META_VERIFIED)) && !(p.seg.flags & (TH_SYN | TH_RST)) &&
+		    csum_ok(&p)) {
+			/*
+			 * Adopt a flow that was open before we started, or one
+			 * of a verified source that lost its flow (evicted
+			 * while idle): never cut a real connection for that.
+			 */
 			f = flow_slot(t, b, now->s);
 			if (f) {
-				flow_init(f, &k, XG_TCP_LEARNING, XG_FLOW_ADOPTED, now->s);
+				flow_init(f, &k, XG_TCP_LEARNING,
+					  XG_FLOW_ADOPTED | (learning ? 0 : XG_FLOW_VOUCHED), now->s);
 				f->maxwin[0] = f->maxwin[1] = ADOPTED_WIN;
 				xg_flow_note(f, x, &p.seg, *len);
 			}
@@ -388,7 +453,7 @@ enum xg_tcp_verdict xg_tcp_outside(struct xg_tcp *t, uint8_t *frame, uint32_t *l
 			break;
 		goto in_window_check;
 	case XG_TCP_LEARNING:
-		if (learning)
+		if (learning || (f->flags & XG_FLOW_VOUCHED))
 			goto accept;
 		why = XG_REASON_TCP_NO_FLOW;
 		break;
@@ -406,10 +471,30 @@ in_window_check:
 	return out_of_state(t, meta, why, *len, 0, st);
 
 accept:
-	if (p.seg.flags & TH_RST)
+	/*
+	 * A segment whose checksum is wrong goes on (the origin drops it) and
+	 * teaches nothing: it may be anyone's.
+	 */
+	if ((p.seg.flags & (TH_RST | TH_FIN)) && !csum_ok(&p)) {
+		unlock(&b->lock);
+		return XG_V_FORWARD;
+	}
+	/*
+	 * RFC 5961 3: only a RST at exactly the sequence number the origin
+	 * expects next ends the flow; one elsewhere in the window goes on for
+	 * the origin to answer with a challenge ACK, and changes nothing here
+	 * (a blind attacker who knows the 4-tuple must not cut the connection
+	 * on the origin's behalf).
+	 */
+	if (p.seg.flags & TH_RST) {
+		if (!rst_exact(f, &p.seg)) {
+			unlock(&b->lock);
+			return XG_V_FORWARD;
+		}
 		f->state = XG_TCP_CLOSED;
-	else if ((p.seg.flags & TH_FIN) && f->state == XG_TCP_ESTABLISHED)
+	} else if ((p.seg.flags & TH_FIN) && f->state == XG_TCP_ESTABLISHED) {
 		f->state = XG_TCP_CLOSING;
+	}
 	f->last_seen = now->s;
 	xg_flow_note(f, x, &p.seg, *len);
 	fast_follows(f);

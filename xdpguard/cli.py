@@ -553,6 +553,76 @@ def _ports_text(ports: list[int]) -> str:
     return ", ".join(map(str, ports)) if ports else "no ports"
 
 
+class Ethertype(click.ParamType):
+    """0x88b5, 35093, or a name (lldp, lacp, eapol, ptp)."""
+
+    name = "ETHERTYPE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from xdpguard.policy import L2_NAMES
+
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text in L2_NAMES:
+            return L2_NAMES[text]
+        try:
+            return int(text, 0)
+        except ValueError:
+            self.fail(f"{value!r}: not a number (0x88b5, 35093) or a name ({', '.join(L2_NAMES)})")
+
+
+@main.group(cls=Group)
+def l2() -> None:
+    """Frames that are neither IP nor ARP: dropped unless allowed here.
+
+    IP (VLAN and QinQ tags included) is judged by the policy, and ARP by its
+    sender's address, like an IP source. Everything else is dropped as
+    l2_other: no list can vouch for what it carries. MPLS, PPPoE sessions
+    and 802.3 LLC/SNAP frames carry IP the policy cannot see, and cannot be
+    allowed.
+
+    \b
+    Example: the origin's switch speaks LLDP across the appliance
+      xdpguard l2 allow lldp
+    """
+
+
+@l2.command("allow")
+@click.argument("ethertypes", nargs=-1, required=True, type=Ethertype())
+@json_option
+@control_option
+def l2_allow(ethertypes: tuple[int, ...], as_json: bool, control: str) -> None:
+    """Let frames of these ethertypes through."""
+    r = _call(control, "l2.allow", ethertypes=list(ethertypes))
+    _emit(r, as_json, f"l2: {r['added']} allowed; letting through {_l2_text(r['ethertypes'])}")
+
+
+@l2.command("del")
+@click.argument("ethertypes", nargs=-1, required=True, type=Ethertype())
+@json_option
+@control_option
+def l2_del(ethertypes: tuple[int, ...], as_json: bool, control: str) -> None:
+    """Drop frames of these ethertypes again."""
+    r = _call(control, "l2.del", ethertypes=list(ethertypes))
+    missing = f" (not there: {_l2_text(r['missing'])})" if r["missing"] else ""
+    _emit(r, as_json, f"l2: {r['deleted']} deleted{missing}; letting through "
+          f"{_l2_text(r['ethertypes'])}")  # fmt: skip
+
+
+@l2.command("list")
+@json_option
+@control_option
+def l2_list(as_json: bool, control: str) -> None:
+    """The ethertypes let through beside IP and ARP."""
+    r = _call(control, "l2.list")
+    _emit(r, as_json, _l2_text(r["ethertypes"]))
+
+
+def _l2_text(types: list[int]) -> str:
+    return ", ".join(f"{t:#06x}" for t in types) if types else "nothing beside IP and ARP"
+
+
 @main.command()
 @click.argument("policy", required=False, type=click.Choice(["drop", "pass"]))
 @json_option

@@ -49,6 +49,7 @@ from typing import Any
 from xdpguard import __version__
 from xdpguard.errors import XdpguardError
 from xdpguard.policy import FRAG_POLICIES, MAX_COMMENT, MAX_TTL, PORT_PRESETS
+from xdpguard.statefile import check_private_dir
 from xdpguard.tcp import LIMITS, MODES
 
 PROTOCOL_VERSION = 1
@@ -172,6 +173,7 @@ MAX_RULE = 2048
 MAX_RULES = 65536
 _RULES = Arg(ListOf(Str(MAX_RULE), MAX_RULES), required=True)
 _PORTS = ListOf(Int(0, 65535), 65536)
+_ETHERTYPES = ListOf(Int(0, 65535), 65536)
 _MODE = Str(16, MODES)
 
 COMMANDS: dict[str, Command] = {
@@ -224,6 +226,17 @@ COMMANDS: dict[str, Command] = {
             "ports.del", "stop dropping UDP source ports: {ports}", {"ports": Arg(_PORTS, True)}
         ),
         Command("ports.list", "the UDP source ports dropped"),
+        Command(
+            "l2.allow",
+            "let frames of these ethertypes through (not IP, not ARP): {ethertypes}",
+            {"ethertypes": Arg(_ETHERTYPES, True)},
+        ),
+        Command(
+            "l2.del",
+            "drop frames of these ethertypes again: {ethertypes}",
+            {"ethertypes": Arg(_ETHERTYPES, True)},
+        ),
+        Command("l2.list", "the ethertypes let through beside IP and ARP"),
         Command(
             "frags.set",
             "fragment policy: {policy: drop|pass}",
@@ -400,19 +413,7 @@ def _peer_uid(sock: socket.socket) -> int:
 
 def check_socket_dir(parent: Path) -> None:
     """Refuse a directory someone else could swap the socket in."""
-    st = parent.stat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise XdpguardError(f"{parent} is not a directory")
-    if st.st_uid not in (0, os.geteuid()):
-        raise XdpguardError(
-            f"control socket directory {parent} belongs to uid {st.st_uid}, not root; "
-            "use a directory only root can write"
-        )
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise XdpguardError(
-            f"control socket directory {parent} is group- or world-writable "
-            f"(mode {stat.S_IMODE(st.st_mode):o}); use a directory only root can write"
-        )
+    check_private_dir(parent, "control socket directory")
 
 
 class ControlServer:

@@ -44,6 +44,7 @@ from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_line
 from xdpguard.rules import RuleTable
 from xdpguard.sdnotify import sd_notify, watchdog_seconds
 from xdpguard.settings import DEFAULTS
+from xdpguard.statefile import check_private_dir
 from xdpguard.tcp import TcpStage
 from xdpguard.xdp import XDP_MODES, PolicyMaps, RuleMaps, XdpProgram, occupied
 
@@ -209,6 +210,7 @@ class Engine:
         # One appliance per state directory, checked first: a second would
         # share the pinned flow table, the secret and the policy file.
         if cfg.state_dir is not None:
+            check_private_dir(cfg.state_dir, "state directory")
             hold, state_dir = lock_state(cfg.state_dir), cfg.state_dir
             self._push_undo("let go of the state directory", lambda: unlock(state_dir, hold))
             self._pins_are_new = not any(pin_dir_for(state_dir).iterdir())
@@ -662,6 +664,9 @@ class Engine:
             "ports.add": lambda a: policy().ports_add(a["ports"] or [], a["preset"]),
             "ports.del": lambda a: policy().ports_del(a["ports"]),
             "ports.list": lambda a: policy().ports_list(),
+            "l2.allow": lambda a: policy().l2_allow(a["ethertypes"]),
+            "l2.del": lambda a: policy().l2_del(a["ethertypes"]),
+            "l2.list": lambda a: policy().l2_list(),
             "frags.set": lambda a: policy().frags_set(a["policy"]),
             "frags.get": lambda a: policy().frags_get(),
             "tcp.mode": lambda a: tcp_changed(

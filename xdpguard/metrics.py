@@ -24,6 +24,7 @@ series is fixed by the reasons, directions, queues and states.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -31,6 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -217,9 +219,87 @@ class ApplianceCollector(Collector):
             yield lim
 
 
-class _Quiet(WSGIRequestHandler):
+# Bounds of the HTTP server: one connection that sends an unfinished request,
+# or nothing, or sends it a byte at a time, must not keep the next scrape
+# waiting. Each connection is closed CONN_DEADLINE seconds after it came,
+# whatever it is doing; at most MAX_CONNS are served at once, and at most
+# MAX_CONNS_PER_PEER from one address (the rest are closed at once), so one
+# host cannot take every slot.
+CONN_DEADLINE = 10.0
+MAX_CONNS = 256
+MAX_CONNS_PER_PEER = 8
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = CONN_DEADLINE  # each read and write (socketserver sets it)
+
     def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
         pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """wsgiref's server, a thread per connection, bounded as said above."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        self._slots = threading.Lock()
+        self._conns: dict[str, int] = {}
+        self._pending: dict[int, threading.Timer] = {}
+
+    def _take(self, peer: str) -> bool:
+        with self._slots:
+            if (
+                sum(self._conns.values()) >= MAX_CONNS
+                or self._conns.get(peer, 0) >= MAX_CONNS_PER_PEER
+            ):
+                return False
+            self._conns[peer] = self._conns.get(peer, 0) + 1
+            return True
+
+    def _give(self, peer: str) -> None:
+        with self._slots:
+            self._conns[peer] -= 1
+            if not self._conns[peer]:
+                del self._conns[peer]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        peer = str(client_address[0])
+        if not self._take(peer):
+            self.shutdown_request(request)
+            return
+        # The whole exchange has a deadline, not only each read: a request
+        # trickled a byte at a time would otherwise last for ever.
+        timer = threading.Timer(CONN_DEADLINE, _cut, (request,))
+        timer.daemon = True
+        with self._slots:
+            self._pending[id(request)] = timer
+        timer.start()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done(request, peer)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request, str(client_address[0]))
+
+    def _done(self, request: Any, peer: str) -> None:
+        with self._slots:
+            timer = self._pending.pop(id(request), None)
+        if timer is not None:
+            timer.cancel()
+            self._give(peer)
+
+
+def _cut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class MetricsServer:
@@ -232,11 +312,11 @@ class MetricsServer:
         registry.register(ApplianceCollector(engine))
         family = socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
 
-        class Server(WSGIServer):
+        class Server(_BoundedServer):
             address_family = family
 
         try:
-            self._server = make_server(addr, port, make_wsgi_app(registry), Server, _Quiet)
+            self._server = make_server(addr, port, make_wsgi_app(registry), Server, _Handler)
         except OSError as exc:
             raise XdpguardError(f"cannot serve metrics on {addr}:{port}: {exc.strerror}") from None
         self.address = f"[{addr}]:{port}" if family == socket.AF_INET6 else f"{addr}:{port}"

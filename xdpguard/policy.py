@@ -255,6 +255,38 @@ def parse_ports(ports: Any) -> list[int]:
     return sorted(set(ports))
 
 
+# Ethertypes xdpguard judges itself, or that carry IP it cannot judge: never
+# allowed by 'l2 allow' (the first pass by policy, the rest are dropped).
+L2_NOT_ALLOWABLE = {
+    0x0800: "IPv4 is judged by the policy",
+    0x86DD: "IPv6 is judged by the policy",
+    0x0806: "ARP is judged by its sender's address",
+    0x8100: "VLAN tags are walked to what they carry",
+    0x88A8: "VLAN tags are walked to what they carry",
+    0x9100: "VLAN tags are walked to what they carry",
+    0x8847: "MPLS carries IP the policy cannot see",
+    0x8848: "MPLS carries IP the policy cannot see",
+    0x8864: "PPPoE sessions carry IP the policy cannot see",
+}
+# Names an operator may type for ethertypes.
+L2_NAMES = {"lldp": 0x88CC, "lacp": 0x8809, "eapol": 0x888E, "ptp": 0x88F7}
+
+
+def parse_ethertypes(values: Any) -> list[int]:
+    """Ethertypes (numbers from 0x0600) that 'l2 allow' may let through."""
+    if not isinstance(values, list | tuple):
+        raise PolicyInputError(f"ethertypes {values!r}: must be a list of numbers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0x0600 <= v <= 0xFFFF:
+            raise PolicyInputError(
+                f"ethertype {v!r}: must be a number from 0x0600 to 0xffff (below 0x0600 "
+                "is an 802.3 length: LLC and SNAP frames are never allowed)"
+            )
+        if v in L2_NOT_ALLOWABLE:
+            raise PolicyInputError(f"ethertype {v:#06x}: {L2_NOT_ALLOWABLE[v]}; not allowable")
+    return sorted(set(values))
+
+
 # ---- the authoritative copy ----
 
 
@@ -315,6 +347,7 @@ class PolicyMaps(Protocol):
     def lists_delete(self, lst: str, family: str, canon: np.ndarray) -> None: ...
     def lists_replace(self, lst: str, canon: dict[str, np.ndarray]) -> None: ...
     def set_ports(self, ports: Sequence[int]) -> None: ...
+    def set_l2(self, ethertypes: Sequence[int]) -> None: ...
     def set_frag_policy(self, policy: str) -> None: ...
 
 
@@ -360,6 +393,7 @@ class Policy:
         self.clock = clock
         self.lists = {lst: {f: PrefixSet(f) for f in FAMILIES} for lst in LISTS}
         self.ports: list[int] = []
+        self.l2: list[int] = []  # ethertypes allowed beside IP and ARP
         self.frags = "pass"
         self.comments: list[str] = []
         self._comment_ids: dict[str, int] = {}
@@ -609,6 +643,39 @@ class Policy:
     def frags_get(self) -> dict[str, Any]:
         return {"frags": self.frags}
 
+    # -- L2: frames that are neither IP nor ARP --
+
+    def _set_l2(self, new: list[int]) -> None:
+        try:
+            self.maps.set_l2(new)
+        except OSError as exc:
+            raise XdpguardError(f"l2 not changed: the kernel refused ({exc})") from exc
+        self.l2 = new
+
+    def l2_allow(self, ethertypes: Sequence[Any]) -> dict[str, Any]:
+        wanted = parse_ethertypes(ethertypes)
+        if not wanted:
+            raise PolicyInputError("no ethertypes given")
+        with self._lock:
+            before = len(self.l2)
+            self._set_l2(sorted(set(self.l2) | set(wanted)))
+            return self._done({"added": len(self.l2) - before, "ethertypes": list(self.l2)})
+
+    def l2_del(self, ethertypes: Sequence[Any]) -> dict[str, Any]:
+        gone = parse_ethertypes(ethertypes)
+        if not gone:
+            raise PolicyInputError("no ethertypes given")
+        with self._lock:
+            missing = sorted(set(gone) - set(self.l2))
+            before = len(self.l2)
+            self._set_l2(sorted(set(self.l2) - set(gone)))
+            return self._done(
+                {"deleted": before - len(self.l2), "missing": missing, "ethertypes": list(self.l2)}
+            )
+
+    def l2_list(self) -> dict[str, Any]:
+        return {"ethertypes": list(self.l2)}
+
     # -- TCP stage settings --
 
     def tcp_set(self, changes: dict[str, Any], learn: Any = None) -> dict[str, Any]:
@@ -640,6 +707,7 @@ class Policy:
                 "allow": {f: len(self.lists["allow"][f]) for f in FAMILIES},
                 "block": {f: len(self.lists["block"][f]) for f in FAMILIES},
                 "ports": list(self.ports),
+                "l2": list(self.l2),
                 "frags": self.frags,
                 "tcp": dict(self.tcp_settings),
                 "state_file": str(self.state_path) if self.state_path else None,
@@ -657,6 +725,7 @@ class Policy:
             "version": STATE_VERSION,
             "saved_at": time.time(),
             "ports": self.ports,
+            "l2": self.l2,
             "frags": self.frags,
             "tcp": self.tcp_settings,
             "comments": self.comments,
@@ -679,6 +748,7 @@ class Policy:
         for lst in LISTS:
             self.maps.lists_replace(lst, {f: self.lists[lst][f].keys for f in FAMILIES})
         self.maps.set_ports(self.ports)
+        self.maps.set_l2(self.l2)
         self.maps.set_frag_policy(self.frags)
         if self.tcp is not None:
             self.tcp.apply(self.tcp_settings)
@@ -727,6 +797,11 @@ class Policy:
                 _is_int(p) and 0 <= p <= 65535 for p in ports
             ):
                 raise ValueError(f"ports: {ports!r} is not a list of port numbers")
+            l2 = meta.get("l2", [])  # files of before issue 23 have none
+            try:
+                l2 = parse_ethertypes(l2)
+            except PolicyInputError as exc:
+                raise ValueError(f"l2: {exc}") from None
             if meta.get("frags") not in FRAG_POLICIES:
                 raise ValueError(f"bad fragment policy {meta.get('frags')!r}")
             comments = meta.get("comments")
@@ -772,6 +847,7 @@ class Policy:
                     s.assign(keys.copy(), deadline.copy(), comment.copy())
                     lists[lst][f] = s
         self.lists, self.ports, self.frags = lists, sorted(set(ports)), meta["frags"]
+        self.l2 = l2
         self.tcp_settings = tcp_settings
         overridden = sorted(k for k, v in self.tcp_initial.items() if saved_tcp.get(k, v) != v)
         if overridden:

@@ -2,19 +2,52 @@
 
 Every saved fact (policy.npz, rules.json, verified.json) goes through
 write_atomically(): a crash at any point leaves the previous file or the new
-one, never half of one, and at worst a ``.NAME.PID.tmp`` that the next start
-removes (remove_stale_temp_files)."""
+one, never half of one, and at worst a ``.NAME.PID.RANDOM.tmp`` that the
+next start removes (remove_stale_temp_files).
+
+The directory is trusted only if nobody else can write it
+(check_private_dir(), at every start): root reads and replaces files there,
+so a directory others can write would let them point root at any file. The
+temporary file is made with O_EXCL under a name nobody can guess, so not
+even a link planted there is followed."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from xdpguard.errors import XdpguardError
+
 log = logging.getLogger("xdpguard")
+
+
+def check_private_dir(path: Path, what: str) -> None:
+    """Refuse, in one line, a directory that someone other than root (or this
+    user) owns or can write: they could swap or plant files root then uses."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return  # made 0700 when first needed
+    except OSError as exc:
+        raise XdpguardError(f"{what} {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise XdpguardError(f"{what} {path} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise XdpguardError(
+            f"{what} {path} belongs to uid {st.st_uid}, not root; "
+            "use a directory only root can write"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise XdpguardError(
+            f"{what} {path} is group- or world-writable "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); use a directory only root can write"
+        )
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,10 +63,14 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Replace ``path`` (mode 0600, its directory made 0700 if missing) with what
     ``write`` puts into the file it is handed: write, fsync, rename, fsync the
     directory. Raises OSError with ``path`` as it was and no temporary file left."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp: Path | None = None
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # mkstemp: O_CREAT | O_EXCL (a link there is never followed), a
+        # random name, mode 0600.
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                                    dir=path.parent)  # fmt: skip
+        tmp = Path(name)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -41,8 +78,9 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
 
 
@@ -65,12 +103,15 @@ def save(
 
 
 def remove_stale_temp_files(state_dir: Path) -> list[Path]:
-    """Delete what an interrupted save left behind (``.NAME.PID.tmp``); which."""
+    """Delete what an interrupted save left behind (``.NAME.PID.RANDOM.tmp``,
+    or an older build's ``.NAME.PID.tmp``); which."""
     gone = []
     with contextlib.suppress(OSError):
         for path in state_dir.glob(".*.tmp"):
             parts = path.name.split(".")
-            if len(parts) >= 4 and parts[-2].isdigit() and path.is_file():
+            pid_at = -3 if len(parts) >= 5 and parts[-3].isdigit() else -2
+            ours = len(parts) >= 4 and parts[pid_at].isdigit()
+            if ours and path.is_file() and not path.is_symlink():
                 with contextlib.suppress(OSError):
                     path.unlink()
                     gone.append(path)

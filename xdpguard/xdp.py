@@ -222,6 +222,7 @@ class PolicyMaps:
         self._stages = 0
         self._outer = {"v4": prog.map_fd("xg_lists_v4"), "v6": prog.map_fd("xg_lists_v6")}
         self._ports = prog.map_fd("xg_udp_ports")
+        self._l2 = prog.map_fd("xg_l2_allow")
         self._policy = prog.map_fd("xg_policy")
         self._tries: dict[tuple[str, str], int] = {}
         # Entries per trie, so that the program's "list is empty" bits stay
@@ -304,11 +305,20 @@ class PolicyMaps:
             self._swap_in(lst, family, fd)
             self._set_count(lst, family, len(canon[family]))
 
-    def set_ports(self, ports: Sequence[int]) -> None:
+    @staticmethod
+    def _bitset(numbers: Sequence[int]) -> bytes:
+        """struct xg_port_set of ``numbers``."""
         bits = np.zeros(B.PORT_WORDS, dtype=np.uint64)
-        for p in ports:
+        for p in numbers:
             bits[p >> 6] |= np.uint64(1) << np.uint64(p & 63)
-        B.map_update(self._ports, struct.pack("=I", 0), bits.tobytes())
+        return bits.tobytes()
+
+    def set_ports(self, ports: Sequence[int]) -> None:
+        B.map_update(self._ports, struct.pack("=I", 0), self._bitset(ports))
+
+    def set_l2(self, ethertypes: Sequence[int]) -> None:
+        """The ethertypes allowed beside IP and ARP (the rest is l2_other)."""
+        B.map_update(self._l2, struct.pack("=I", 0), self._bitset(ethertypes))
 
     def set_frag_policy(self, policy: str) -> None:
         self._frag = B.FRAG_DROP if policy == "drop" else B.FRAG_PASS

@@ -68,9 +68,25 @@ class Case:
     frags: str = "pass"
     fast: bool = False  # the fast path on (a peer in xg_peer; no flow table here)
     headroom_taken: int = 0  # a driver that leaves less room in front of the frame
+    l2: tuple[int, ...] = ()  # ethertypes allowed beside IP and ARP (xdpguard l2)
 
 
 GOOD_V4 = raw(ETH / V4 / UDP(sport=1234, dport=53) / (b"x" * 18))
+NON_IP = raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=0x88B5) / (b"\0" * 46))
+# IPv4/UDP from a blocked source inside MPLS (one label, bottom of stack) and
+# inside 802.3 LLC/SNAP: the policy never sees the IP header, so neither passes.
+MPLS_V4 = (
+    raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=0x8847))
+    + bytes.fromhex("00001140")
+    + raw(V4 / UDP(sport=1234, dport=53))
+)
+SNAP_V4 = (
+    bytes.fromhex("020000000002020000000001")
+    + (8 + 28).to_bytes(2, "big")
+    + bytes.fromhex("aaaa03000000")
+    + b"\x08\x00"
+    + raw(V4 / UDP(sport=1234, dport=53))
+)
 
 CASES = [
     Case("ipv4-udp", GOOD_V4, B.XDP_REDIRECT, "redirected"),
@@ -95,12 +111,24 @@ CASES = [
         B.XDP_REDIRECT,
         "redirected",
     ),
+    # Not IP and not ARP: nothing the policy can see (issue 23, 1).
+    Case("non-ip", NON_IP, B.XDP_DROP, "l2_other"),
+    Case("non-ip-broadcast", b"\xff" * 6 + NON_IP[6:], B.XDP_DROP, "l2_other"),
+    Case("non-ip-allowed", NON_IP, B.XDP_REDIRECT, "redirected", l2=(0x88B5,)),
+    Case("non-ip-other-allowed", NON_IP, B.XDP_DROP, "l2_other", l2=(0x88CC,)),
+    Case("mpls-ipv4", MPLS_V4, B.XDP_DROP, "l2_other"),
+    Case("llc-snap-ipv4", SNAP_V4, B.XDP_DROP, "l2_other"),
     Case(
-        "non-ip",
-        raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=0x88B5) / (b"\0" * 46)),
-        B.XDP_REDIRECT,
-        "redirected",
+        "vlan-non-ip", raw(ETH / Dot1Q(vlan=5, type=0x88B5) / (b"\0" * 46)), B.XDP_DROP, "l2_other"
     ),
+    Case("arp-truncated", raw(ETH / ARP(psrc="169.254.0.1"))[:30], B.XDP_DROP, "malformed"),
+    Case(
+        "arp-not-ipv4",
+        raw(ETH / ARP(ptype=0x86DD, plen=16, psrc="::1", pdst="::2")),
+        B.XDP_DROP,
+        "malformed",
+    ),
+    Case("inner-non-ip", NON_IP, B.XDP_REDIRECT, "redirected", role=Role.INNER),
     Case("ipv4-truncated", raw(Ether(type=0x0800))[:14] + b"\x45" * 10, B.XDP_DROP, "malformed"),
     Case("ipv4-ihl-4", ipv4_header_patch(GOOD_V4, ihl=4), B.XDP_DROP, "malformed"),
     Case(
@@ -327,13 +355,29 @@ CASES += [
         "blocklist",
         block=(V6_SRC,),
     ),
-    # Link plumbing is never policed, even from a blocked source.
+    # ARP is judged by its sender's address: a blocked host cannot poison
+    # the origin's neighbour entry of a real client (issue 23, 1).
     Case(
         "arp-from-blocked-source",
         raw(ETH / ARP(psrc=V4_SRC, pdst="169.254.0.2")),
+        B.XDP_DROP,
+        "blocklist",
+        block=(f"{V4_SRC}/32",),
+    ),
+    Case(
+        "arp-from-other-source",
+        raw(ETH / ARP(psrc="169.254.0.9", pdst="169.254.0.2")),
         B.XDP_REDIRECT,
         "redirected",
+        block=(f"{V4_SRC}/32",),
+    ),
+    Case(
+        "arp-from-allowlisted-source",
+        raw(ETH / ARP(psrc=V4_SRC, pdst="169.254.0.2")),
+        B.XDP_REDIRECT,
+        "allowlist",
         block=("0.0.0.0/0",),
+        allow=(f"{V4_SRC}/32",),
     ),
     # Neighbour discovery is IP like the rest: a blocked source's is dropped.
     Case("nd-from-blocked-source", ND_NS, B.XDP_DROP, "blocklist", block=("2001:db8::/48",)),
@@ -548,6 +592,7 @@ class Rig:
             prefixes = parse_items(items)
             self.maps.lists_replace(lst, {f: prefixes[f] for f in FAMILIES})
         self.maps.set_ports(case.ports)
+        self.maps.set_l2(case.l2)
         self.maps.set_frag_policy(case.frags)
         for prog in self.progs.values():
             flags = B.FAST_ON | B.FAST_TCP if case.fast else 0

@@ -150,3 +150,72 @@ def test_no_bypass_reaches_the_origin(tmp_path: Path, frags: str) -> None:
             assert acct.xdp.get(reason, 0) > 0, (reason, acct)
         for reason in loop:
             assert acct.loop.get(reason, 0) > 0, (reason, acct)
+
+
+def test_frames_that_are_not_ip_are_policed(tmp_path: Path) -> None:
+    """Issue 23, 1: with every client address blocked and every IP frame
+    refused by rules, frames of a local experimental ethertype (unicast and
+    broadcast), IPv4 in MPLS and in LLC/SNAP, and an ARP request from a
+    blocked address that would poison the origin's entry for the client:
+    none reaches the origin (320,002 of 320,002 did). 'l2 allow' lets the
+    experimental ethertype through, and only it."""
+    from scapy.layers.l2 import ARP
+
+    client_v4 = "169.254.0.1"
+    with lab(queues=2) as the_lab, Appliance(the_lab, tmp_path) as app:
+        app.cli("block", "add", "169.254.0.0/16", "198.18.0.0/15", "2001:db8::/32")
+        app.cli("frags", "drop")
+        app.cli("rule", "add", "dst", "0.0.0.0/0", "drop", "--force")
+        app.cli("rule", "add", "dst", "::/0", "drop", "--force")
+        origin = resolve_device(Netns(the_lab.origin_ns), "eth0")
+        before = the_lab.ns_exec(the_lab.origin_ns, "ip", "neigh", "show", client_v4).stdout
+        payload = bytes(v4(client_v4) / UDP(sport=4000, dport=9))
+        kinds = {
+            "experimental": Ether(src=mac(1), dst=origin.mac, type=0x88B5) / (b"x" * 46),
+            "experimental-bcast": Ether(src=mac(2), dst="ff:ff:ff:ff:ff:ff", type=0x88B5)
+            / (b"x" * 46),
+            "mpls": Ether(src=mac(3), dst=origin.mac, type=0x8847)
+            / bytes.fromhex("00001140")
+            / payload,
+            "snap": bytes.fromhex(origin.mac.replace(":", "") + mac(4).replace(":", ""))
+            + (8 + len(payload)).to_bytes(2, "big")
+            + bytes.fromhex("aaaa030000000800")
+            + payload,
+            # "who has 169.254.0.2? tell 169.254.0.1 (at the attacker's MAC)"
+            "arp-poison": Ether(src=mac(5), dst="ff:ff:ff:ff:ff:ff")
+            / ARP(op=1, hwsrc=mac(5), psrc=client_v4, pdst=ORIGIN_V4),
+            "ipv4-control": Ether(src=mac(6), dst=origin.mac) / v4(client_v4) / UDP(dport=9),
+        }
+        frames = {k: bytes(f) for k, f in kinds.items()}
+
+        def inject(names: list[str], n: int) -> None:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                raw.bind(("eth0", 0))
+                for _ in range(n):
+                    for name in names:
+                        raw.send(frames[name])
+
+        matches = {name: f"ether saddr {mac(i + 1)}" for i, name in enumerate(kinds)}
+        with the_lab.origin_counters(**matches) as counts:
+            with Ledger(the_lab, app) as ledger:
+                Netns(the_lab.client_ns).run(inject, list(frames), 1000)
+            acct = ledger.account()
+            seen = counts()
+            acct.check()
+            assert seen == dict.fromkeys(kinds, 0), seen
+            assert acct.xdp.get("l2_other", 0) >= 4000, acct
+            after = the_lab.ns_exec(the_lab.origin_ns, "ip", "neigh", "show", client_v4).stdout
+            assert mac(5) not in after and after == before, (before, after)
+
+            # The operator allows the experimental ethertype: it, and only it, passes.
+            assert "0x88b5" in app.cli("l2", "allow", "0x88b5").stdout
+            bad = app.cli("l2", "allow", "0x8847", check=False)
+            assert bad.returncode == 1 and "MPLS carries IP" in bad.stderr
+            with Ledger(the_lab, app) as ledger:
+                Netns(the_lab.client_ns).run(inject, list(frames), 100)
+            ledger.account().check()
+            seen = counts()
+        assert seen["experimental"] == seen["experimental-bcast"] == 100, seen
+        assert {k: v for k, v in seen.items() if not k.startswith("experimental")} == dict.fromkeys(
+            [k for k in kinds if not k.startswith("experimental")], 0
+        ), seen

@@ -64,7 +64,7 @@ def port_free(port: int) -> bool:
     return True
 
 
-CAUSES = ["no-device", "xdp-taken", "verifier-refuses", "mtu-too-big"]
+CAUSES = ["no-device", "xdp-taken", "verifier-refuses", "mtu-too-big", "state-dir-writable"]
 
 
 @pytest.mark.parametrize("metrics", [False, True], ids=["", "metrics"])
@@ -93,6 +93,11 @@ def test_a_failed_start_exits_and_leaves_nothing(
     elif cause == "verifier-refuses":
         env = {"XDPGUARD_BPF_OBJECT": str(refused_object), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         needle = "cannot load"
+    elif cause == "state-dir-writable":
+        # Anyone could plant files root then reads and replaces (issue 23, 9).
+        state.mkdir()
+        state.chmod(0o777)
+        needle = "group- or world-writable"
     else:
         lab1.ns_exec(lab1.inner_ns, "ip", "link", "set", "dev", lab1.inner, "mtu", "9000")
         undo = ("ip", "link", "set", "dev", lab1.inner, "mtu", "1500")
@@ -115,6 +120,8 @@ def test_a_failed_start_exits_and_leaves_nothing(
     assert not control.exists()
     assert port_free(port)
     assert not pin_dir_for(state).exists(), list(pin_dir_for(state).iterdir())
+    if cause == "state-dir-writable":
+        assert list(state.iterdir()) == []  # nothing read, nothing written
 
 
 def test_a_refused_program_says_why_first_and_the_log_on_request(

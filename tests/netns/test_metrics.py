@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -24,8 +25,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+def scrape(port: int, timeout: float = 10) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
         return r.read().decode()
 
 
@@ -75,7 +76,29 @@ def test_metrics_during_traffic(tmp_path: Path) -> None:
         assert moved > before['xdpguard_packets_total{direction="in",reason="fast_path"}']
 
 
+def slowloris(port: int, source: str, n: int) -> list[socket.socket]:
+    """``n`` connections from ``source`` that never finish a request: some
+    send nothing, some half a request line, some a header without its end."""
+    conns = []
+    for i in range(n):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.settimeout(30)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.send([b"", b"GET /metr", b"GET /metrics HTTP/1.1\r\nHost: x\r\n"][i % 3])
+        except OSError:
+            pass  # refused over the caps: as good
+        conns.append(s)
+    return conns
+
+
 def test_a_prometheus_server_scrapes_them(tmp_path: Path) -> None:
+    """... beside a slowloris: connections that send an unfinished request, or
+    nothing, from another address; every scrape is still answered, and the
+    server cuts them after its deadline (issue 23, 6)."""
+    from xdpguard.metrics import CONN_DEADLINE, MAX_CONNS_PER_PEER
+
     port, prom_port = free_port(), free_port()
     conf = tmp_path / "prometheus.yml"
     conf.write_text(
@@ -85,6 +108,20 @@ def test_a_prometheus_server_scrapes_them(tmp_path: Path) -> None:
     )
     with lab(queues=1) as the_lab, Appliance(the_lab, tmp_path, "--metrics", str(port)):
         assert the_lab.ping(ORIGIN_V4)
+        held = slowloris(port, "127.0.0.2", 3 * MAX_CONNS_PER_PEER)
+        t_held = time.monotonic()
+        for _ in range(5):  # the single-threaded server of old hung on the first
+            assert "xdpguard_up_seconds" in scrape(port, timeout=3)
+        # Every slowloris connection is cut: none lives past the deadline.
+        for c in held:
+            try:
+                while c.recv(4096):
+                    pass
+            except OSError:
+                pass
+            c.close()
+        assert time.monotonic() - t_held < CONN_DEADLINE + 5
+        held = slowloris(port, "127.0.0.2", 3 * MAX_CONNS_PER_PEER)  # and beside Prometheus
         prom = subprocess.Popen(
             ["prometheus", f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{prom_port}"],
@@ -110,5 +147,7 @@ def test_a_prometheus_server_scrapes_them(tmp_path: Path) -> None:
             assert sample["metric"]["job"] == "xdpguard"
             assert float(sample["value"][1]) > 0  # the pings, forwarded in XDP
         finally:
+            for c in held:
+                c.close()
             prom.terminate()
             prom.wait(30)

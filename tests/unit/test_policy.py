@@ -44,6 +44,7 @@ class RecordingMaps:
     def __init__(self) -> None:
         self.lists = {(lst, f): set() for lst in ("allow", "block") for f in FAMILIES}
         self.ports: list[int] = []
+        self.l2: list[int] = []
         self.frags = "pass"
         self.fail: set[str] = set()
 
@@ -79,6 +80,9 @@ class RecordingMaps:
 
     def set_ports(self, ports: list[int]) -> None:
         self.ports = list(ports)
+
+    def set_l2(self, ethertypes: list[int]) -> None:
+        self.l2 = list(ethertypes)
 
     def set_frag_policy(self, policy: str) -> None:
         self.frags = policy
@@ -484,3 +488,28 @@ def test_emptying_a_list_by_replace_needs_force(policy: Policy) -> None:
         policy.list_load("block", parse_text(""), replace=True)
     assert policy.list_load("block", parse_text(""), replace=True, force=True)["loaded"] == 0
     assert policy.list_entries("block")["count"] == 0
+
+
+def test_l2_allows_only_what_carries_no_ip_and_survives_a_restart(tmp_path: Path) -> None:
+    maps = RecordingMaps()
+    policy = Policy(maps, tmp_path)
+    policy.restore()
+    assert policy.l2_allow([0x88CC, 0x88F7])["ethertypes"] == [0x88CC, 0x88F7]
+    assert maps.l2 == [0x88CC, 0x88F7]
+    for bad, why in (
+        (0x8847, "MPLS carries IP"),
+        (0x0800, "IPv4 is judged"),
+        (0x0806, "ARP is judged"),
+        (0x8100, "VLAN tags"),
+        (0x05DC, "802.3 length"),
+        (70000, "from 0x0600 to 0xffff"),
+    ):
+        with pytest.raises(PolicyInputError, match=why):
+            policy.l2_allow([0x88B5, bad])  # nothing of a bad request changes
+    assert maps.l2 == [0x88CC, 0x88F7]
+    r = policy.l2_del([0x88CC, 0x88B5])
+    assert (r["deleted"], r["missing"], r["ethertypes"]) == (1, [0x88B5], [0x88F7])
+    again = RecordingMaps()
+    restored = Policy(again, tmp_path)
+    restored.restore()
+    assert again.l2 == [0x88F7] and restored.l2_list() == {"ethertypes": [0x88F7]}

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
+from framegen import tcp4_with_seq
 from scapy.layers.inet import IP, TCP, fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
 from scapy.layers.l2 import Ether
@@ -549,3 +550,87 @@ def test_a_syn_on_a_live_tuple_that_passed_xdp_changes_nothing() -> None:
     assert c.judge(True, c.frame(True, "S", c.cseq + 2**31))[0] == FWD
     assert flow_of(tcp, c.cport)["state"] == before["state"]
     assert c.reasons() == {}
+
+
+def test_an_in_window_rst_elsewhere_changes_nothing() -> None:
+    """RFC 5961 (issue 23, 2): a blind sweep of RSTs with the 4-tuple right,
+    one every 65,536 sequence numbers, some of them in the window. Those go
+    on for the origin to challenge; the flow stays established and its next
+    segments pass. Only the exact one ends it."""
+    tcp = stage()
+    c = Conv(tcp)
+    c.open()
+    c.send(100)
+    c.reply(100)
+    passed = 0
+    template = bytearray(c.frame(True, "R", 0))
+    for seq in range(0, 2**32, 65536):
+        if seq == c.cseq % 2**32:
+            continue
+        v = c.judge(True, tcp4_with_seq(template, seq))[0]
+        passed += v == FWD
+        if not seq % (1 << 28):
+            assert states(tcp) == {ESTABLISHED: 1}, seq
+    assert states(tcp) == {ESTABLISHED: 1}
+    assert passed > 0  # some fell in the window: passed on, not acted on
+    assert c.send(100) == FWD and c.reply(10) == FWD
+    assert c.judge(True, c.frame(True, "R", c.cseq))[0] == FWD
+    assert states(tcp) == {CLOSED: 1}
+
+
+def test_a_segment_with_a_bad_checksum_changes_no_state() -> None:
+    tcp = stage()
+    c = Conv(tcp)
+    c.open()
+    c.send(100)
+    for flags in ("R", "FA"):
+        frame = bytearray(c.frame(True, flags, c.cseq, c.oseq))
+        frame[14 + 20 + 16] ^= 0xFF  # the TCP checksum
+        assert c.judge(True, bytes(frame))[0] == FWD  # the origin drops it
+        assert states(tcp) == {ESTABLISHED: 1}, flags
+    assert c.judge(True, c.frame(True, "R", c.cseq))[0] == FWD
+    assert states(tcp) == {CLOSED: 1}
+
+
+def test_an_idle_connection_is_never_cut() -> None:
+    """Issue 23, 8: an established connection idle for hours keeps its flow."""
+    tcp = stage()
+    c = Conv(tcp)
+    c.open()
+    c.now += 6 * 3600
+    assert c.send(10) == FWD and c.reply(10) == FWD
+    c.now += 4 * 86400
+    assert c.send(10) == FWD
+    assert c.reasons() == {}
+
+
+def test_a_full_bucket_takes_the_longest_idle_established_flow_and_it_comes_back() -> None:
+    """Under pressure an established flow idle for XG_IDLE_EVICTABLE gives
+    way; when its client talks again (a verified source, as XDP says), its
+    flow is adopted again, not dropped."""
+    tcp = stage(max_flows=1024)  # one bucket per 8 flows: fill one
+    idle = Conv(tcp, cport=50000)
+    idle.open()
+    idle.now += 700
+    import socket
+
+    def idle_tracked() -> bool:
+        port = socket.htons(50000)
+        return any(f["key"]["out_port"] == port for f in tcp.scan(top=2000)[1])
+
+    port = 50001
+    while idle_tracked():  # new connections, until one takes the idle flow's slot
+        c = Conv(tcp, cport=port, now=idle.now)
+        port += 1
+        if c.syn() == FWD:  # (a bucket full of busy flows refuses it)
+            assert (c.synack(), c.ack()) == (FWD, FWD)
+        assert port < 60000
+    assert tcp.scan(top=0)[0]["evictions"] >= 1
+    idle.now += 700  # the bucket's busy flows have gone quiet meanwhile
+    # Without XDP's word that the source is verified: dropped (no flow).
+    assert idle.send(10) == DROP
+    # With it: adopted, and the connection goes on.
+    assert idle.judge(True, idle.frame(True, "PA", idle.cseq, idle.oseq, b"x"), meta=8)[0] == FWD
+    idle.cseq += 1
+    assert idle.send(10) == FWD
+    assert idle.reply(10) == FWD
