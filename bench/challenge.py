@@ -299,7 +299,9 @@ def main() -> int:
             sh("ip", "-n", NAMES["CLIENT_NS"], "addr", "add", f"{src}/24", "dev", "eth0")
         shield = xgbench.attach(NAMES["CLIENT_NS"], "eth0", "xg_drop_spoofed")
         try:
-            ceiling = xgbench.gen_ceiling(flood_frame(), random_saddr=True, random_sport=True)
+            ceiling = xgbench.gen_ceiling(
+                flood_frame(), napi_cpu=FWD_CPU, random_saddr=True, random_sport=True
+            )
             print(f"generator alone (AF_XDP TX, copy mode, one core): {ceiling / 1e6:.3f} Mpps")
             report["generator_ceiling_pps"] = ceiling
             print("xdpguard:", flush=True)

@@ -270,7 +270,7 @@ def main() -> int:
     ap.add_argument("--seconds-per-point", type=float, default=1.0)
     args = xgbench.parse_as_root(ap)
     report: dict = xgbench.report("XDP fast path")
-    ceiling = generator_ceiling()
+    ceiling = generator_ceiling(napi_cpu=FWD_CPU)
     report["generator_ceiling_pps"] = ceiling
     print(f"generator alone (AF_XDP TX, copy mode, one core): {ceiling / 1e6:.3f} Mpps")
     results = rates(args.seconds_per_point, ceiling)

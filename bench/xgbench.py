@@ -299,7 +299,8 @@ class Generator:
     AF_XDP socket in copy mode (libxdp_shim/xg_gen.c): the kernel builds and
     sends one skb per frame, on the calling core. ``random_saddr`` and
     ``random_sport`` vary the frame (checksums kept right), ``mix_fragments``
-    makes every other frame the smallest later IPv4 fragment; ``seed`` (a
+    makes every other frame the smallest later IPv4 fragment,
+    ``random_host_bits`` varies the low bits of the frame's own source; ``seed`` (a
     fresh one, printed, if None) makes a run repeatable."""
 
     def __init__(
@@ -312,14 +313,18 @@ class Generator:
         mix_fragments: bool = False,
         queue: int = 0,
         seed: int | None = None,
+        random_host_bits: int = 0,
     ) -> None:
         self.ns = Netns(netns)
         self.dev = resolve_device(self.ns, ifname)
         self.frame = frame
-        if seed is None and (random_saddr or random_sport):
+        if seed is None and (random_saddr or random_sport or random_host_bits):
             seed = random.getrandbits(63) | 1
             print(f"generator seed {seed}")
-        args = (ifname, frame, queue, random_saddr, random_sport, mix_fragments, seed or 0)
+        args = (
+            ifname, frame, queue, random_saddr, random_sport, mix_fragments, seed or 0,
+            random_host_bits,
+        )  # fmt: skip
         # The kernel lets go of a closed socket's hold on the queue a moment
         # later (deferred work): a generator made right after another waits.
         deadline = time.monotonic() + 10
@@ -368,10 +373,13 @@ class Generator:
 RATE_POINTS = (0.05, 0.1, 0.2, 0.5, 0.8, 1.0)
 
 
-def gen_ceiling(frame: bytes, seconds: float = 1.0, **vary: bool) -> float:
+def gen_ceiling(
+    frame: bytes, seconds: float = 1.0, napi_cpu: int | None = None, **vary: bool
+) -> float:
     """The generator alone: frames per second from GEN_CPU into an XDP sink on
-    a veth pair of its own (the receiving NAPI on the same core, as in every
-    lab here). Every figure a benchmark takes with it is at most this."""
+    a veth pair of its own, the receiving NAPI on the generator's core (as in
+    the labs where outer's NAPI is not pinned) or threaded on ``napi_cpu``
+    (as where it is). Every figure taken with it is at most this."""
     ns = "xgb-gen"
     sh("ip", "netns", "add", ns)
     try:
@@ -379,6 +387,8 @@ def gen_ceiling(frame: bytes, seconds: float = 1.0, **vary: bool) -> float:
         for dev in ("g0", "g1"):
             sh("ip", "-n", ns, "link", "set", dev, "up")
         sink = Sink(ns, "g1")
+        if napi_cpu is not None:
+            pin_napi(ns, "g1", napi_cpu)
         gen = Generator(ns, "g0", frame, **vary)
         try:
             gen.run(20_000, cpu=GEN_CPU)
@@ -425,20 +435,20 @@ def xdp_cost(prog_fd: int, frames: list[bytes], repeat: int = 100_000, cpu: int 
         os.sched_setaffinity(0, {cpu})
         costs = []
         for frame in frames:
-            _, out = B.prog_test_run(prog_fd, frame)
-            if out == frame:
+            _, left = B.prog_test_run(prog_fd, frame)
+            if left == frame:
                 B.prog_run_time(prog_fd, frame, 1000)  # warm
                 costs.append(B.prog_run_time(prog_fd, frame, repeat)[1])
             else:
                 n = max(1000, repeat // 20)
                 costs.append(sum(B.prog_run_time(prog_fd, frame, 1)[1] for _ in range(n)) / n)
-        out.append(sum(costs) / len(costs))
+        result.append(sum(costs) / len(costs))
 
-    out: list[float] = []
+    result: list[float] = []
     thread = threading.Thread(target=body)  # pinned, not the caller
     thread.start()
     thread.join()
-    return out[0]
+    return result[0]
 
 
 class Sink:

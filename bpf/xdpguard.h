@@ -402,6 +402,15 @@ struct xg_tcp_cfg {
 	__u32 challenge_prefix_rate; /* ... to one source /24 (IPv4) or /48 (IPv6) */
 	__u32 verified_syn_rate; /* SYNs/s a verified source may send while challenged */
 	__u32 ncpus;		/* CPUs sharing each per-CPU rate */
+	/*
+	 * SYNs/s that skip the challenge because their source is verified:
+	 * to one destination, and to all together. Beyond, they are
+	 * challenged like any other: a spoofer can get a real host's address
+	 * verified (any live host answers a stray SYN-ACK with a RST), and
+	 * these bound what it can then send in that name.
+	 */
+	__u32 verified_dest_syn_rate;
+	__u32 verified_total_syn_rate;
 };
 
 /*

@@ -29,7 +29,13 @@
  *   - a verified source is held to its own SYN rate while challenges are
  *     on (verified_syn_rate_limited): any live host answers a stray
  *     SYN-ACK with a RST, so a spoofer can get a real host verified, but
- *     not flood under its name.
+ *     not flood under its name; and the SYNs that skip the challenge
+ *     because their source is verified have a budget per destination and
+ *     one over everyone, beyond which they are challenged like any other
+ *     (a spoofer can get many real hosts verified).
+ *
+ * What a challenge proves: that the address can receive a SYN-ACK and
+ * answers it. Not that the host sending SYNs in its name is that host.
  *
  * Auto mode: the per-destination rates (SYNs, and frames handed to the
  * loop for a state check) are per-CPU token buckets too; a destination
@@ -52,10 +58,13 @@ struct xg_rate {
 	__u64 tokens;
 };
 
-/* Auto mode, per destination: [0] SYNs, [1] frames judged by state. */
+/*
+ * Per destination: auto mode's [0] SYNs and [1] frames judged by state,
+ * and [2] SYNs of verified sources that skip the challenge.
+ */
 struct xg_dest_rate {
-	struct xg_rate r[2];
-	__u64 until_ns[2];	/* counts as attacked until */
+	struct xg_rate r[3];
+	__u64 until_ns[2];	/* auto: counts as attacked until */
 };
 
 #define XG_PREFIX_SLOTS_LOG 14
@@ -121,6 +130,38 @@ struct {
 	__type(key, struct xg_addr);
 	__type(value, struct xg_dest_rate);
 } xg_dest_rates SEC(".maps");
+
+/*
+ * SYNs refused a challenge by their prefix's cap, by flow: the sequence
+ * number and when. A retransmission of one (the same flow and sequence
+ * number, between XG_RETX_MIN_NS and XG_RETX_MAX_NS later) is challenged
+ * past the prefix's cap, never past everyone's: real stacks retransmit an
+ * unanswered SYN, and spoofers rarely do, so a flood in the names of a
+ * /24's hosts does not starve that /24's real clients.
+ */
+struct xg_syn_retx {
+	__u64 ns;
+	__u32 seq;
+	__u32 pad;
+};
+
+#define XG_RETX_MIN_NS (XG_NANO / 4)
+#define XG_RETX_MAX_NS (30 * XG_NANO)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct xg_flow_key);
+	__type(value, struct xg_syn_retx);
+} xg_syn_retx SEC(".maps");
+
+/* SYNs of verified sources that skip the challenge, to all destinations. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xg_rate);
+} xg_verified_all SEC(".maps");
 
 /*
  * How a challenge leaves: empty, with XDP_TX; holding this very device
@@ -194,22 +235,32 @@ XG_INLINE void xg_monitor_count(enum xg_reason r, __u32 len)
  * judged by state)? Counts this frame. A table that cannot take the
  * destination says yes: the checks then apply, which is the safe side.
  */
+/* @addr's buckets (made full if new); NULL if the table cannot take it. */
+XG_INLINE struct xg_dest_rate *xg_dest_get(const struct xg_tcp_cfg *cfg, const __u8 *addr,
+					   __u64 now)
+{
+	struct xg_dest_rate *d, fresh = {};
+
+	d = bpf_map_lookup_elem(&xg_dest_rates, addr);
+	if (d)
+		return d;
+	fresh.r[0].last_ns = fresh.r[1].last_ns = fresh.r[2].last_ns = now;
+	fresh.r[0].tokens = xg_per_cpu(cfg->syn_burst, cfg) * XG_NANO;
+	fresh.r[1].tokens = xg_per_cpu(cfg->state_burst, cfg) * XG_NANO;
+	fresh.r[2].tokens = xg_per_cpu(cfg->verified_dest_syn_rate, cfg) * XG_NANO;
+	bpf_map_update_elem(&xg_dest_rates, addr, &fresh, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&xg_dest_rates, addr);
+}
+
 XG_INLINE int xg_dest_over(const struct xg_tcp_cfg *cfg, const __u8 *addr, int kind, __u64 now)
 {
 	__u64 rate = xg_per_cpu(kind ? cfg->state_rate : cfg->syn_rate, cfg);
 	__u64 burst = xg_per_cpu(kind ? cfg->state_burst : cfg->syn_burst, cfg);
-	struct xg_dest_rate *d, fresh = {};
+	struct xg_dest_rate *d;
 
-	d = bpf_map_lookup_elem(&xg_dest_rates, addr);
-	if (!d) {
-		fresh.r[0].last_ns = fresh.r[1].last_ns = now;
-		fresh.r[0].tokens = xg_per_cpu(cfg->syn_burst, cfg) * XG_NANO;
-		fresh.r[1].tokens = xg_per_cpu(cfg->state_burst, cfg) * XG_NANO;
-		bpf_map_update_elem(&xg_dest_rates, addr, &fresh, BPF_NOEXIST);
-		d = bpf_map_lookup_elem(&xg_dest_rates, addr);
-		if (!d)
-			return 1;
-	}
+	d = xg_dest_get(cfg, addr, now);
+	if (!d)
+		return 1;
 	kind &= 1;
 	if (xg_rate_take(&d->r[kind], rate, burst, now))
 		return now < d->until_ns[kind];
@@ -232,10 +283,31 @@ XG_INLINE __u32 xg_prefix_slot(const struct xg_cookie_secret *sec, const struct 
 	return (__u32)((p * sec->prefix_salt) >> (64 - XG_PREFIX_SLOTS_LOG));
 }
 
-/* May one more challenge go to @k's source? Its prefix's cap, then everyone's. */
+/*
+ * Is the SYN (@k, @seq) one its prefix's cap refused a little while ago,
+ * sent again? Otherwise it is noted, for when it is.
+ */
+XG_INLINE int xg_syn_retransmitted(struct xg_flow_key *k, __u32 seq, __u64 now)
+{
+	struct xg_syn_retx *r, fresh = { .ns = now, .seq = seq };
+
+	r = bpf_map_lookup_elem(&xg_syn_retx, k);
+	if (r && r->seq == seq && now - r->ns >= XG_RETX_MIN_NS && now - r->ns <= XG_RETX_MAX_NS) {
+		bpf_map_delete_elem(&xg_syn_retx, k);
+		return 1;
+	}
+	if (!r || r->seq != seq || now - r->ns > XG_RETX_MAX_NS)
+		bpf_map_update_elem(&xg_syn_retx, k, &fresh, BPF_ANY);
+	return 0;
+}
+
+/*
+ * May one more challenge go to @k's source (a SYN of sequence number
+ * @seq)? Its prefix's cap, or a retransmission; then everyone's cap.
+ */
 XG_INLINE int xg_challenge_allowed(const struct xg_tcp_cfg *cfg,
 				   const struct xg_cookie_secret *sec,
-				   const struct xg_flow_key *k, __u64 now)
+				   struct xg_flow_key *k, __u32 seq, __u64 now)
 {
 	__u64 prate = xg_per_cpu(cfg->challenge_prefix_rate, cfg);
 	__u64 grate = xg_per_cpu(cfg->challenge_rate, cfg);
@@ -243,7 +315,9 @@ XG_INLINE int xg_challenge_allowed(const struct xg_tcp_cfg *cfg,
 	struct xg_rate *b;
 
 	b = bpf_map_lookup_elem(&xg_chal_prefix, &slot);
-	if (!b || !xg_rate_take(b, prate, prate, now))
+	if (!b)
+		return 0;
+	if (!xg_rate_take(b, prate, prate, now) && !xg_syn_retransmitted(k, seq, now))
 		return 0;
 	b = bpf_map_lookup_elem(&xg_chal_global, &zero);
 	return b && xg_rate_take(b, grate, grate, now);
@@ -274,6 +348,25 @@ XG_INLINE int xg_verified_take(struct xg_verified_src *v, const struct xg_tcp_cf
 		return 1;
 	__sync_fetch_and_add(&v->tokens, (__s64)XG_NANO); /* another CPU took the last one */
 	return 0;
+}
+
+/*
+ * May a SYN of a verified source to @dst skip the challenge? Within the
+ * budget of such SYNs to @dst, and to everyone. A table that cannot take
+ * @dst says no: the SYN is challenged, the safe side.
+ */
+XG_INLINE int xg_verified_budget(const struct xg_tcp_cfg *cfg, const __u8 *dst, __u64 now)
+{
+	__u64 drate = xg_per_cpu(cfg->verified_dest_syn_rate, cfg);
+	__u64 grate = xg_per_cpu(cfg->verified_total_syn_rate, cfg);
+	struct xg_dest_rate *d = xg_dest_get(cfg, dst, now);
+	struct xg_rate *b;
+	__u32 zero = 0;
+
+	if (!d || !xg_rate_take(&d->r[2], drate, drate, now))
+		return 0;
+	b = bpf_map_lookup_elem(&xg_verified_all, &zero);
+	return b && xg_rate_take(b, grate, grate, now);
 }
 
 /*
@@ -445,10 +538,11 @@ struct xg_gate_out {
 };
 
 /*
- * A SYN (no ACK, no RST) from outside, @len bytes, of key @k: to the loop,
+ * A SYN (no ACK, no RST) from outside, @len bytes, of key @k and sequence
+ * number @seq: to the loop,
  * challenged (the cookie and sequence number in @out), or dropped.
  */
-__attribute__((noinline)) int xg_syn_judge(struct xg_flow_key *k, __u32 len,
+__attribute__((noinline)) int xg_syn_judge(struct xg_flow_key *k, __u32 seq, __u32 len,
 					    struct xg_gate_out *out)
 {
 	struct xg_cookie_secret *sec;
@@ -474,22 +568,25 @@ __attribute__((noinline)) int xg_syn_judge(struct xg_flow_key *k, __u32 len,
 		    (struct xg_verified_src *)0 :
 		    bpf_map_lookup_elem(&xg_verified, k->out_addr);
 	if (v && !xg_seq_before(v->expires, now_s)) {
-		if (xg_verified_take(v, cfg, now))
-			return 0;
-		if (mode == XG_MODE_MONITOR) {
-			xg_monitor_count(XG_REASON_VERIFIED_SYN_RATE_LIMITED, len);
+		if (!xg_verified_take(v, cfg, now)) {
+			if (mode == XG_MODE_MONITOR) {
+				xg_monitor_count(XG_REASON_VERIFIED_SYN_RATE_LIMITED, len);
+				return 0;
+			}
+			out->gate = XG_GATE_DROP;
+			out->why = XG_REASON_VERIFIED_SYN_RATE_LIMITED;
 			return 0;
 		}
-		out->gate = XG_GATE_DROP;
-		out->why = XG_REASON_VERIFIED_SYN_RATE_LIMITED;
-		return 0;
+		if (xg_verified_budget(cfg, k->in_addr, now))
+			return 0;
+		/* Over the verified sources' budget: challenged like anyone. */
 	}
 	if (mode == XG_MODE_MONITOR) {
 		xg_monitor_count(XG_REASON_SYN_CHALLENGED, len);
 		return 0;
 	}
 	sec = bpf_map_lookup_elem(&xg_secret, &zero);
-	if (!sec || !xg_challenge_allowed(cfg, sec, k, now)) {
+	if (!sec || !xg_challenge_allowed(cfg, sec, k, seq, now)) {
 		out->gate = XG_GATE_DROP;
 		out->why = XG_REASON_CHALLENGE_RATE_LIMITED;
 		return 0;
@@ -594,7 +691,7 @@ XG_INLINE enum xg_gate xg_tcp_gate(struct xdp_md *ctx, struct pkt *pkt, __u32 le
 	if (xg_flow_key_of(&pkt->h, (void *)(long)ctx->data_end, XG_SIDE_OUT, &pkt->key, &pkt->seg))
 		return XG_GATE_LOOP;
 	if ((fl & (XG_TCP_SYN | XG_TCP_ACK | XG_TCP_RST)) == XG_TCP_SYN) {
-		xg_syn_judge(&pkt->key, len, &out);
+		xg_syn_judge(&pkt->key, pkt->seg.seq, len, &out);
 		if (out.gate == XG_GATE_TX && xg_build_challenge(ctx, pkt, out.cookie, out.isn)) {
 			out.gate = XG_GATE_DROP;
 			out.why = XG_REASON_MALFORMED; /* not what the parser said: fail closed */

@@ -141,14 +141,19 @@ static void vary(struct xg_gen *g, uint64_t addr, uint64_t seq)
 		ip_checksum(ip, ihl);
 		return;
 	}
-	if (!g->cfg.random_saddr && !g->cfg.random_sport)
+	if (!g->cfg.random_saddr && !g->cfg.random_sport && !g->cfg.random_host_bits)
 		return;
 	r = next_rnd(g);
 	check = l4_check(g, f);
-	if (g->cfg.random_saddr) {
-		/* A host of 198.18.0.0/15, the lab's spoofed sources. */
-		uint32_t saddr = htonl(0xc6120000u | (r & 0x1ffff));
+	if (g->cfg.random_saddr || g->cfg.random_host_bits) {
+		/* A host of 198.18.0.0/15 (the lab's spoofed sources), or of the
+		 * template's own network. */
+		uint32_t saddr, mask = g->cfg.random_host_bits ?
+			(1u << g->cfg.random_host_bits) - 1 : 0x1ffff;
 
+		memcpy(&saddr, ip + 12, 4);
+		saddr = g->cfg.random_host_bits ? ntohl(saddr) : 0xc6120000u;
+		saddr = htonl((saddr & ~mask) | (r & mask));
 		set_word(ip + 12, (uint16_t)saddr, check);
 		set_word(ip + 14, (uint16_t)(saddr >> 16), check);
 		ip_checksum(ip, ihl);
@@ -193,7 +198,11 @@ int xg_gen_create(const char *ifname, uint32_t queue, const struct xg_gen_cfg *c
 		if (g->l4 + 4 > g->len)
 			g->l4 = 0;
 	}
-	if ((cfg->random_saddr || cfg->mix_fragments) && !g->l3) {
+	if (cfg->random_host_bits > 24) {
+		free(g);
+		return -EINVAL;
+	}
+	if ((cfg->random_saddr || cfg->random_host_bits || cfg->mix_fragments) && !g->l3) {
 		free(g);
 		return -EINVAL; /* only an IPv4 template can vary so */
 	}

@@ -239,6 +239,8 @@ struct xg_gen_cfg {
 	uint32_t random_saddr;	/* IPv4: a random host of 198.18.0.0/15 per frame */
 	uint32_t random_sport;	/* TCP/UDP: a random source port (1024-61023) per frame */
 	uint32_t mix_fragments;	/* IPv4: every other frame the smallest later fragment */
+	uint32_t random_host_bits; /* IPv4: the source's low bits (1-24) random per frame */
+	uint32_t pad;
 	uint64_t seed;		/* of the variations; 0: a fixed one */
 };
 

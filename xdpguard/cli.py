@@ -950,7 +950,13 @@ def tcp() -> None:
     Challenges are answered in XDP: a SYN from a source that has not proved
     it is real gets a SYN-ACK with a cookie, which a real stack answers with
     a RST. The allowlist skips challenges, and so does a verified source, up
-    to --verified-syn-rate SYNs/s (beyond: verified_syn_rate_limited).
+    to --verified-syn-rate SYNs/s (beyond: verified_syn_rate_limited), while
+    the SYNs of verified sources to one destination stay under
+    --verified-dest-syn-rate, and to all under --verified-total-syn-rate
+    (beyond: challenged). A challenge proves that an address receives and
+    answers a SYN-ACK, not that it sent the SYNs that come in its name: a
+    spoofer can get a real host verified, and these rates bound what it
+    can send in that name.
     Challenges never go out faster than --challenge-rate/s in all, or
     --challenge-prefix-rate/s to one source /24 or /48 (beyond:
     challenge_rate_limited): xdpguard is no reflector. Out-of-state frames
@@ -973,7 +979,9 @@ def _tcp_text(r: dict[str, Any]) -> str:
         f"SYN challenges: {r['syn_mode']}, "
         f"{threshold(r['syn_mode'], r['syn_rate'], r['syn_burst'], 'SYN')}; "
         f"verified sources kept {r['verify_ttl']}s, at most {r['verified_syn_rate']} SYN/s "
-        f"each; at most {r['challenge_rate']} challenges/s, "
+        f"each, {r['verified_dest_syn_rate']}/s to one destination and "
+        f"{r['verified_total_syn_rate']}/s in all unchallenged; at most {r['challenge_rate']} "
+        "challenges/s, "
         f"{r['challenge_prefix_rate']}/s per source /24 or /48\n"
         f"out-of-state drops: {r['state_mode']}, "
         f"{threshold(r['state_mode'], r['state_rate'], r['state_burst'], 'frame')}\n"
@@ -1010,6 +1018,17 @@ def tcp_mode(mode: str, as_json: bool, control: str) -> None:
     "--verified-syn-rate",
     type=click.IntRange(1),
     help="SYNs/s a verified source may send while challenges are on.",
+)
+@click.option(
+    "--verified-dest-syn-rate",
+    type=click.IntRange(1),
+    help="SYNs/s of verified sources to one destination that skip the challenge (beyond: "
+    "challenged).",
+)
+@click.option(
+    "--verified-total-syn-rate",
+    type=click.IntRange(1),
+    help="... and to all destinations together.",
 )
 @click.option(
     "--learn", type=click.FloatRange(0, 86400), help="Adopt open flows for SECONDS from now."

@@ -252,7 +252,8 @@ COMMANDS: dict[str, Command] = {
             "tcp.config",
             "TCP settings: {syn_mode?, state_mode?, syn_rate?, syn_burst?, state_rate?, "
             "state_burst?, verify_ttl?, challenge_rate?, challenge_prefix_rate?, "
-            "verified_syn_rate?, learn?}; none: show",
+            "verified_syn_rate?, verified_dest_syn_rate?, verified_total_syn_rate?, learn?}; "
+            "none: show",
             {
                 "syn_mode": Arg(_MODE),
                 "state_mode": Arg(_MODE),
@@ -301,12 +302,13 @@ COMMANDS: dict[str, Command] = {
             "rule.update",
             "a BGP source's announcements and withdrawals, at once, under its session's "
             "lease (one up for hold seconds if it has none): {source, announce?, withdraw?, "
-            "hold: seconds}",
+            "hold: seconds, partial?: hold what fits, list the rest as refused}",
             {
                 "source": Arg(Str(64), True),
                 "announce": Arg(ListOf(Str(MAX_RULE), MAX_RULES)),
                 "withdraw": Arg(ListOf(Str(MAX_RULE), MAX_RULES)),
                 "hold": Arg(Num(0, 3600, lo_open=True), True),
+                "partial": Arg(Bool()),
             },
         ),
         Command(

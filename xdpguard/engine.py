@@ -686,7 +686,11 @@ class Engine:
             ),
             "rule.clear": lambda a: rules().clear(a["source"]),
             "rule.update": lambda a: rules().update(
-                a["source"], a["announce"] or [], a["withdraw"] or [], a["hold"]
+                a["source"],
+                a["announce"] or [],
+                a["withdraw"] or [],
+                a["hold"],
+                bool(a["partial"]),
             ),
             "rule.session": lambda a: rules().session(a["source"], a["state"], a["hold"]),
             "ratelimit.add": lambda a: rules().limit_add(

@@ -12,15 +12,20 @@ prose).
 Each peer is one source, ``bgp:ADDRESS``: an UPDATE becomes one atomic
 ``rule.update`` of that source's rules (its announcements and withdrawals),
 so a withdrawal removes exactly the rule its announcement made and local
-rules are never touched. A route whose action the rule engine cannot carry
-out (redirect, traffic marking, sampling, non-terminal) is rejected and
-logged, and withdrawn if an earlier announcement of it was in place: never
+rules are never touched. Requests are bounded (REQUEST_RULES rules,
+REQUEST_BYTES of rule text): a big UPDATE, or a whole RIB replayed, goes in
+chunks, never in one line the control socket would refuse. A route whose
+action the rule engine cannot carry out (redirect, traffic marking,
+sampling, non-terminal) is rejected and logged, and withdrawn if an earlier
+announcement of it was in place: never
 half-applied. Sessions and the feed's liveness are leases on the daemon
 (``rule.session``): up renews, down starts the hold time, and if the feed
 or ExaBGP dies the renewals stop, so the rules go after the hold time all
 the same. The feed keeps the routes of each peer that is up; when the
-daemon restarted (it keeps no BGP rules) or a request failed, it replays
-them all, and the daemon drops whatever the replay did not name.
+daemon restarted (it keeps no BGP rules) or the connection to it failed, it
+replays them all, and the daemon drops whatever the replay did not name. A
+request the daemon refuses (it answered) is logged and never replayed: a
+replay would be refused alike, and would hold every later message back.
 
 Nothing is written to stdout: ExaBGP would read it as commands. The log
 goes to stderr, which ExaBGP logs.
@@ -29,6 +34,7 @@ goes to stderr, which ExaBGP logs.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import struct
@@ -53,6 +59,25 @@ TRAFFIC_ACTION = 0x8007
 TRAFFIC_RATE_PACKETS = 0x800C
 _REDIRECTS = {0x8008: "redirect", 0x8108: "redirect", 0x8208: "redirect", 0x0800: "redirect-to-ip"}
 TRAFFIC_MARKING = 0x8009
+
+# The most one request carries: well under the control socket's line limit
+# (xdpguard.control.MAX_LINE), so that no RIB is ever too big to replay.
+REQUEST_RULES = 2000
+REQUEST_BYTES = 512 << 10
+
+
+def chunks(texts: list[str]) -> Iterable[list[str]]:
+    """``texts`` in runs of at most REQUEST_RULES and REQUEST_BYTES."""
+    run: list[str] = []
+    size = 0
+    for t in texts:
+        if run and (len(run) >= REQUEST_RULES or size + len(t) + 4 > REQUEST_BYTES):
+            yield run
+            run, size = [], 0
+        run.append(t)
+        size += len(t) + 4
+    if run:
+        yield run
 
 
 class UpdateError(ValueError):
@@ -209,14 +234,19 @@ class Feed:
         self.instance = instance
 
     def _replay(self) -> None:
-        """Every up peer's routes again; the daemon drops the ones not named."""
+        """Every up peer's routes again; the daemon drops the ones not named.
+        A peer the daemon refuses is logged and skipped: the others still
+        come back. A broken connection stops the replay (resync stays)."""
         for source in sorted(self.up):
-            self._call("rule.session", source=source, state="down", hold=self.hold)
-            self._session(source, "up")
-            rib = self.ribs.get(source, {})
-            if rib:
-                self._apply(source, list(rib.values()), [])
-            self._call("rule.session", source=source, state="eor", hold=self.hold)
+            try:
+                self._call("rule.session", source=source, state="down", hold=self.hold)
+                self._session(source, "up")
+                rib = self.ribs.get(source, {})
+                if rib:
+                    self._apply(source, list(rib.values()), [])
+                self._call("rule.session", source=source, state="eor", hold=self.hold)
+            except ControlError as exc:
+                log.error("%s: xdpguard refused its replay: %s", source, exc)
         self.resync = False
 
     def _guarded(self, what: str, fn: Any) -> None:
@@ -224,6 +254,10 @@ class Feed:
             if self.resync:
                 self._replay()
             fn()
+        except ControlError as exc:
+            # xdpguard answered: the connection works, and the same request
+            # would be refused again. Logged, never replayed.
+            log.error("%s: xdpguard refused it: %s", what, exc)
         except (OSError, XdpguardError) as exc:
             log.error("%s: %s (will replay every route at the next chance)", what, exc)
             self.resync = True
@@ -233,8 +267,9 @@ class Feed:
     def handle(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
         try:
-            peer = str(msg["neighbor"]["address"]["peer"])
-        except (KeyError, TypeError):
+            peer = str(ipaddress.ip_address(msg["neighbor"]["address"]["peer"]))
+        except (KeyError, TypeError, ValueError):
+            log.error("a message from ExaBGP without a peer address, skipped: %.80s", msg)
             return
         source = f"bgp:{peer}"
         with self._lock:
@@ -300,26 +335,38 @@ class Feed:
             )
 
     def _apply(self, source: str, announce: list[str], withdraw: list[str]) -> None:
-        """One UPDATE's changes at once; if xdpguard refuses them (a rule it
-        cannot hold: no room, too many on one destination), one by one, so
-        that only the routes refused are left out, each logged."""
-        try:
-            self._call(
-                "rule.update", source=source, announce=announce, withdraw=withdraw, hold=self.hold
+        """One UPDATE's changes: in one request if they fit one (REQUEST_RULES,
+        REQUEST_BYTES), else withdrawals first, then announcements, in
+        bounded chunks. xdpguard holds each route it can (partial) and says
+        which it refused (no room, too many on one destination): those are
+        left out of the RIB, and said in one line."""
+        size = (
+            sum(map(len, announce)) + sum(map(len, withdraw)) + 4 * (len(announce) + len(withdraw))
+        )
+        if len(announce) + len(withdraw) <= REQUEST_RULES and size <= REQUEST_BYTES:
+            requests = [(announce, withdraw)]
+        else:
+            requests = [([], part) for part in chunks(withdraw)]
+            requests += [(part, []) for part in chunks(announce)]
+        refused: list[list[str]] = []
+        for ann, wd in requests:
+            r = self._call(
+                "rule.update", source=source, announce=ann, withdraw=wd, hold=self.hold,
+                partial=True,
+            )  # fmt: skip
+            refused += r.get("refused", []) if isinstance(r, dict) else []
+        if refused:
+            rib = self.ribs.get(source, {})
+            texts = {text for text, _ in refused}
+            for key in [k for k, t in rib.items() if t in texts]:
+                del rib[key]
+            log.error(
+                "%s: xdpguard refused %d route(s), e.g. %s: %s",
+                source,
+                len(refused),
+                refused[0][0],
+                refused[0][1],
             )
-            return
-        except ControlError:
-            pass  # refused as a whole: find which
-        rib = self.ribs.get(source, {})
-        for text in withdraw:
-            self._call("rule.update", source=source, withdraw=[text], hold=self.hold)
-        for text in announce:
-            try:
-                self._call("rule.update", source=source, announce=[text], hold=self.hold)
-            except ControlError as exc:
-                log.error("%s: xdpguard refused %s: %s", source, text, exc)
-                rule = F.parse(text)
-                rib.pop(rule.match.key(), None)
 
     def keepalive(self) -> None:
         """Renew every up peer's lease (and replay, if due)."""

@@ -26,6 +26,7 @@ rest go at its End-of-RIB, or a hold time after it came back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -105,27 +106,39 @@ def filter_hash(hi: int, lo: int, plen: int, v6: int, salt: int) -> int:
     return x ^ (x >> 32)
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _prefix_hash(family: int, addr: bytes, plen: int, salt: int) -> int:
+    """filter_hash() of one destination prefix; kept, as the filter is made
+    again, whole, after every change of the rules (a RIB of 16,384 routes)."""
+    addr = addr.ljust(16, b"\0")
+    return filter_hash(
+        int.from_bytes(addr[:8], "big"),
+        int.from_bytes(addr[8:], "big"),
+        plen,
+        int(family == 6),
+        salt,
+    )
+
+
 def filter_value(keys: Iterable[tuple[int, F.Prefix | None]], salt: int) -> bytes:
     """struct xg_rule_filter for the destination prefixes that have rules."""
     nbits = B.RULE_BLOOM_WORDS * 64
     bits = np.zeros(B.RULE_BLOOM_WORDS, dtype=np.uint64)
     lens: dict[int, set[int]] = {4: set(), 6: set()}
     root = {4: 0, 6: 0}
+    where: list[int] = []
     for family, pfx in keys:
         if pfx is None:
             root[family] = 1
             continue
         lens[family].add(pfx.plen)
-        addr = pfx.addr.ljust(16, b"\0")
-        h = filter_hash(
-            int.from_bytes(addr[:8], "big"),
-            int.from_bytes(addr[8:], "big"),
-            pfx.plen,
-            int(family == 6),
-            salt,
+        h = _prefix_hash(family, pfx.addr, pfx.plen, salt)
+        where += (h & (nbits - 1), (h >> 24) & (nbits - 1))
+    if where:
+        idx = np.array(where, dtype=np.uint64)
+        np.bitwise_or.at(
+            bits, (idx >> np.uint64(6)).astype(np.intp), np.uint64(1) << (idx & np.uint64(63))
         )
-        for bit in (h & (nbits - 1), (h >> 24) & (nbits - 1)):
-            bits[bit >> 6] |= np.uint64(1) << np.uint64(bit & 63)
     out_lens, nlens = [[0] * B.RULE_LENS, [0] * B.RULE_LENS], [0, 0]
     for i, family in enumerate((4, 6)):
         if len(lens[family]) > B.RULE_LENS:
@@ -328,6 +341,15 @@ class RuleTable:
             else:
                 missing.append(match.text())
         deleted = sum(1 for k, v in new.items() if v is None and k in self.entries)
+        result = {
+            "added": added,
+            "updated": updated,
+            "unchanged": unchanged,
+            "deleted": deleted,
+            "missing": missing,
+        }
+        if not new:
+            return result  # nothing in the kernel to change: no filter to rebuild
         # What each touched list becomes.
         touched: dict[tuple[int, F.Prefix | None], list[_Entry]] = {}
         for k, e in new.items():
@@ -368,13 +390,7 @@ class RuleTable:
                 self.lists[key] = lst
             else:
                 self.lists.pop(key, None)
-        return {
-            "added": added,
-            "updated": updated,
-            "unchanged": unchanged,
-            "deleted": deleted,
-            "missing": missing,
-        }
+        return result
 
     def _check_fits(self, touched: dict[tuple[int, F.Prefix | None], list[_Entry]], n: int) -> None:
         if n > len(self.slots.free):
@@ -502,22 +518,71 @@ class RuleTable:
             return self._done(source, self._apply(source, [], matches))
 
     def update(
-        self, source: Any, announce: Sequence[str], withdraw: Sequence[str], hold: float
+        self,
+        source: Any,
+        announce: Sequence[str],
+        withdraw: Sequence[str],
+        hold: float,
+        partial: bool = False,
     ) -> dict[str, Any]:
         """A BGP UPDATE's worth of changes (the feed's). A source without a
         session (xdpguard restarted since the feed said 'up') gets one, up
-        for ``hold`` seconds: its rules are never without a lease."""
+        for ``hold`` seconds: its rules are never without a lease.
+
+        All or nothing, unless ``partial`` (a RIB replayed, or an UPDATE
+        refused whole): then each announcement that can be held is, the
+        rest are listed in "refused" with why, and nothing else changes
+        for them."""
         source = self._source(source)
         if source == LOCAL:
             raise F.RuleError("updates come from a BGP source")
         self._check_hold(hold)
-        rules = [self._parse(t, None) for t in announce]
         matches = [self._parse_match(t) for t in withdraw]
+        rules: list[F.Rule] = []
+        refused: list[list[str]] = []
+        for t in announce:
+            try:
+                rules.append(self._parse(t, None))
+            except F.RuleError as exc:
+                if not partial:
+                    raise
+                refused.append([str(t)[:200], str(exc)])
+        unreadable = len(refused)
         with self._lock:
             if source not in self.sessions:
                 self.sessions[source] = _Session(hold, True, self.clock() + hold)
             self._lease(source)
-            return self._apply(source, rules, matches)
+            try:
+                result = self._apply(source, rules, matches)
+            except F.RuleError:
+                if not partial:
+                    raise
+                result = self._apply(source, [], matches) if matches else {
+                    "added": 0, "updated": 0, "unchanged": 0, "deleted": 0, "missing": []
+                }  # fmt: skip
+                # What can fit in one go: rules already there (a new action)
+                # and new ones up to the free slots; the rest has no room.
+                fits: list[F.Rule] = []
+                free = len(self.slots.free)
+                for rule in rules:
+                    if (source, rule.match.key()) in self.entries or free > 0:
+                        free -= (source, rule.match.key()) not in self.entries
+                        fits.append(rule)
+                    else:
+                        refused.append([rule.text(), f"no room: 0 of {B.RULES_MAX} slots free"])
+                try:
+                    self._apply(source, fits, [])
+                except F.RuleError:
+                    # Another limit (rules per destination, nesting): rule by rule.
+                    for rule in fits:
+                        try:
+                            self._apply(source, [rule], [])
+                        except F.RuleError as exc:
+                            refused.append([rule.text(), str(exc)])
+                result["added"] = len(rules) - (len(refused) - unreadable)
+            if partial:
+                result["refused"] = refused
+            return result
 
     def load(self, text: str, replace: bool, force: bool = False) -> dict[str, Any]:
         """A rule file: one rule per line, '#' comments; all or nothing."""

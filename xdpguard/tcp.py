@@ -40,8 +40,14 @@ DEFAULTS: dict[str, Any] = {
     "challenge_rate": 1_000_000,
     "challenge_prefix_rate": 1000,
     # SYNs per second one verified source may send while it would be
-    # challenged (a real host's address can be verified by a spoofer).
-    "verified_syn_rate": 10_000,
+    # challenged (a real host's address can be verified by a spoofer): a
+    # browser opens tens of connections at once, a NAT's users more.
+    "verified_syn_rate": 1000,
+    # SYNs per second that skip the challenge because their source is
+    # verified: to one destination, and to all together. Beyond, they are
+    # challenged like any other (a spoofer can have many real hosts verified).
+    "verified_dest_syn_rate": 10_000,
+    "verified_total_syn_rate": 100_000,
 }
 LIMITS = {
     "syn_rate": (1, 100_000_000),
@@ -52,6 +58,8 @@ LIMITS = {
     "challenge_rate": (1, 100_000_000),
     "challenge_prefix_rate": (1, 100_000_000),
     "verified_syn_rate": (1, 100_000_000),
+    "verified_dest_syn_rate": (1, 100_000_000),
+    "verified_total_syn_rate": (1, 100_000_000),
 }
 STATES = {
     value: name.removeprefix("XG_TCP_").lower()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -107,8 +108,15 @@ def rig() -> Iterator[Rig]:
         table.close()
 
 
-def syn(src: str, sport: int = 40000, seq: int = 1000, v6: bool = False, **opts: object) -> bytes:
-    ip = IPv6(src=src, dst=ORIGIN_V6) if v6 else IP(src=src, dst=ORIGIN_V4)
+def syn(
+    src: str,
+    sport: int = 40000,
+    seq: int = 1000,
+    v6: bool = False,
+    dst: str | None = None,
+    **opts: object,
+) -> bytes:
+    ip = IPv6(src=src, dst=dst or ORIGIN_V6) if v6 else IP(src=src, dst=dst or ORIGIN_V4)
     options = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("WScale", 7)]
     return bytes(
         Ether(src=MACS[0], dst=MACS[1])
@@ -274,6 +282,40 @@ def test_a_verified_source_is_held_to_its_syn_rate(rig: Rig) -> None:
     rig.configure(syn_mode="monitor", verified_syn_rate=4)
     assert rig.run(syn("169.254.0.1", sport=3000))[0] == LOOP
     assert rig.monitor() == {"verified_syn_rate_limited": 1}
+
+
+def test_verified_sources_skip_the_challenge_only_within_their_budgets(rig: Rig) -> None:
+    """Issue 23, 3: a spoofer can get real hosts verified (each answers a stray
+    SYN-ACK with a RST). The SYNs that skip the challenge because their
+    source is verified have a budget per destination and one over everyone;
+    beyond, they are challenged, which no spoofer can answer."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # one CPU: one share of each per-CPU bucket
+    try:
+        rig.configure(verified_syn_rate=1000, verified_dest_syn_rate=3,
+                      verified_total_syn_rate=1000)  # fmt: skip
+        sources = [f"169.254.0.{i}" for i in range(1, 4)]
+        for src in sources:
+            cookie = check_challenge(request := syn(src), rig.run(request)[1])
+            assert rig.run(rst(src, cookie))[0] == "challenge_passed"
+        # Three verified hosts, one destination: three skip (and what the
+        # bucket refilled meanwhile, 3/s), the rest are challenged.
+        t0 = time.monotonic()
+        got = [rig.run(syn(src, sport=4000 + i))[0] for i, src in enumerate(sources * 8)]
+        refilled = int(3 * (time.monotonic() - t0)) + 1
+        assert got[:3] == [LOOP] * 3 and set(got) == {LOOP, "syn_challenged"}, got
+        assert got.count(LOOP) <= 3 + refilled, got
+        # Another destination has a budget of its own; everyone's is 2 in all.
+        rig.configure(verified_syn_rate=1000, verified_dest_syn_rate=1000,
+                      verified_total_syn_rate=2)  # fmt: skip
+        t0 = time.monotonic()
+        got = [rig.run(syn(s, dst="169.254.0.99", sport=5000 + i))[0]
+               for i, s in enumerate(sources * 4)]  # fmt: skip
+        refilled = int(2 * (time.monotonic() - t0)) + 1
+        assert got[:2] == [LOOP] * 2 and "syn_challenged" in got, got
+        assert got.count(LOOP) <= 2 + refilled, got
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def test_syns_of_any_shape_get_a_well_formed_challenge(rig: Rig) -> None:

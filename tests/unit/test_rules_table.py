@@ -14,7 +14,7 @@ import pytest
 
 from xdpguard import _bindings as B
 from xdpguard import flowspec as F
-from xdpguard.control import ControlError
+from xdpguard.control import COMMANDS, MAX_LINE, ControlError
 from xdpguard.errors import XdpguardError
 from xdpguard.flowspec_feed import Feed
 from xdpguard.rules import RuleTable
@@ -224,13 +224,26 @@ class TableClient:
         if self.broken:
             raise XdpguardError("xdpguard is not running")
         self.calls.append((cmd, a))
+        # What the server refuses before any handler: a line over its limit,
+        # an argument outside the command's schema.
+        line = json.dumps({"id": 1, "cmd": cmd, "args": a})
+        if len(line) > MAX_LINE:
+            raise ControlError(f"request line longer than {MAX_LINE} bytes")
+        try:
+            args = COMMANDS[cmd].validate(a)
+        except XdpguardError as exc:
+            raise ControlError(str(exc)) from None
         try:
             if cmd == "rule.update":
                 return self.table.update(
-                    a["source"], a.get("announce") or [], a.get("withdraw") or [], a["hold"]
+                    args["source"],
+                    args["announce"] or [],
+                    args["withdraw"] or [],
+                    args["hold"],
+                    bool(args["partial"]),
                 )
             if cmd == "rule.session":
-                return self.table.session(a["source"], a["state"], a["hold"])
+                return self.table.session(args["source"], args["state"], args["hold"])
         except F.RuleError as exc:
             raise ControlError(str(exc)) from None
         raise AssertionError(cmd)
@@ -387,3 +400,101 @@ def test_an_odd_message_from_exabgp_does_not_end_the_feed(
     said = [r.getMessage() for r in caplog.records]
     assert any("bgp:192.0.2.7: session up" in m for m in said), said
     assert not any("Traceback" in m for m in said)
+
+
+def flowspec_update(matches: list[F.Match], discard: bool = True) -> str:
+    """The hex body of a BGP UPDATE announcing ``matches`` (FlowSpec of one
+    family), with the traffic-rate 0 (discard) community."""
+    return flowspec_update_raw([F.encode_nlri(m) for m in matches], matches[0].family, discard)
+
+
+def flowspec_update_raw(nlris: list[bytes], family: int, discard: bool = True) -> str:
+    nlri = b"".join(nlris)
+    afi = 2 if family == 6 else 1
+    reach = struct.pack("!HBB", afi, 133, 0) + b"\x00" + nlri
+    comm = struct.pack("!HHf", 0x8006, 0, 0.0) if discard else b""
+    attrs = b"\x40\x01\x01\x00" + b"\x40\x02\x00"
+    attrs += b"\x90\x0e" + struct.pack("!H", len(reach)) + reach
+    attrs += b"\xc0\x10" + bytes([len(comm)]) + comm
+    return (struct.pack("!HH", 0, len(attrs)) + attrs).hex()
+
+
+def test_a_rib_of_100000_routes_never_wedges_the_feed(
+    table: RuleTable, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23, 7: a peer's RIB of 100,000 routes, far over 4 MiB of rule
+    text and over what the table holds. After xdpguard restarts, the replay
+    goes in chunks: the table holds what fits, the rest is refused in one
+    log line, and a later UPDATE (a new drop rule) is applied at once. It
+    used to be one request the control socket refused, retried before every
+    later message, for ever: every BGP rule lost, no UPDATE applied."""
+    import logging
+
+    client = TableClient(table)
+    feed = Feed("ctl", 30, client=client)
+    peer = "192.0.2.9"
+    feed.handle(state(peer, "up"))
+    # 100,000 routes as long as a rule gets (24 terms, IPv6 addresses): what
+    # the table holds of them is over 4 MiB of rule text. 200 per UPDATE.
+    ranges = ",".join(f"{p}-{p + 999}" for p in range(10000, 21000, 1000))
+
+    def route(i: int) -> F.Match:
+        g = f"{(i >> 12) | 0x1000:x}:{(i & 0xFFF) | 0x1000:x}"
+        return F.parse(
+            f"dst 2001:db8:ffff:{g}:bbbb:cccc:dddd/128 src 2001:db8:ffff:eeee:dddd:cccc:{g}/128 "
+            f"proto udp sport 65535 dport {ranges} drop"
+        ).match
+
+    # One route encoded, the others by its bytes (parsing 100,000 would be
+    # most of the test's time): the two 16-bit groups sit at fixed offsets.
+    first = F.encode_nlri(route(0))
+    marks = [first.index(bytes.fromhex("10001000"), k) for k in (0, 30)]
+
+    def nlri(i: int) -> bytes:
+        b = bytearray(first)
+        g = ((i >> 12) | 0x1000).to_bytes(2, "big") + ((i & 0xFFF) | 0x1000).to_bytes(2, "big")
+        for m in marks:
+            b[m : m + 4] = g
+        return bytes(b)
+
+    assert F.decode_nlri(nlri(77777), 6)[0] == route(77777)
+    for i in range(0, 100_000, 200):
+        feed.handle(update(peer, flowspec_update_raw([nlri(j) for j in range(i, i + 200)], 6)))
+    matches = [route(0)]
+    held = len(texts(table, f"bgp:{peer}"))
+    assert held == B.RULES_MAX  # what fits
+    assert sum(len(t) for t in feed.ribs[f"bgp:{peer}"].values()) > MAX_LINE
+    # xdpguard restarts: the replay must bring back what fits, in chunks.
+    fresh = RuleTable(FakeMaps(), tmp_path / "fresh", clock=Clock())
+    client.table = fresh
+    with caplog.at_level(logging.ERROR, logger="xdpguard"):
+        feed.keepalive()  # sees the new instance
+        feed.keepalive()  # replays
+    assert len(texts(fresh, f"bgp:{peer}")) == held
+    assert not feed.resync
+    assert max(len(json.dumps(a)) for _, a in client.calls) < MAX_LINE
+    # A later UPDATE is applied at once (the table is full: a withdrawal
+    # makes room first, as an operator's controller would).
+    gone = matches[0]
+    body = F.encode_nlri(gone)
+    unreach = struct.pack("!HB", 2, 133) + body
+    attrs = b"\x90\x0f" + struct.pack("!H", len(unreach)) + unreach
+    feed.handle(update(peer, (struct.pack("!HH", 0, len(attrs)) + attrs).hex()))
+    new = F.parse("dst 203.0.113.7/32 proto tcp dport 80 drop").match
+    feed.handle(update(peer, flowspec_update([new])))
+    got = texts(fresh, f"bgp:{peer}")
+    assert "dst 203.0.113.7/32 proto tcp dport 80 drop" in got
+    assert gone.text() + " drop" not in got
+
+
+def test_a_message_with_a_bad_peer_name_is_skipped_and_others_go_on(table: RuleTable) -> None:
+    """Issue 23, 7: a peer name xdpguard refuses (over 64 characters) once
+    wedged the feed and lost every peer sorting after it."""
+    client = TableClient(table)
+    feed = Feed("ctl", 30, client=client)
+    feed.handle(state("x" * 80, "up"))
+    feed.handle(update("x" * 80, NTP_DISCARD))
+    feed.handle(state("192.0.2.9", "up"))
+    feed.handle(update("192.0.2.9", NTP_DISCARD))
+    assert texts(table) == ["dst 192.0.2.0/24 proto udp sport 123 drop"]
+    assert not feed.resync
