@@ -155,6 +155,12 @@ enum xg_reason {
 	 * carries, so it is dropped.
 	 */
 	XG_REASON_L2_OTHER = 23,
+	/*
+	 * A new flow of a source, or a source /24 or /48, that already holds
+	 * its quota of the flow table (source_flow_quota, prefix_flow_quota):
+	 * refused, so that no one fills the table for everyone else.
+	 */
+	XG_REASON_FLOW_QUOTA = 24,
 };
 
 /*
@@ -182,7 +188,7 @@ enum xg_reason_stage {
 	XG_STAGE_LOOP = (1 << XG_REASON_MALFORMED) | (1 << XG_REASON_EXT_HEADER_LIMIT) |
 			(1 << XG_REASON_TCP_NO_FLOW) | (1 << XG_REASON_TCP_OUT_OF_WINDOW) |
 			(1 << XG_REASON_TCP_SYNACK_REFLECTION) | (1 << XG_REASON_FLOW_TABLE_FULL) |
-			(1 << XG_REASON_TCP_FRAGMENT),
+			(1 << XG_REASON_TCP_FRAGMENT) | (1 << XG_REASON_FLOW_QUOTA),
 };
 
 /*
@@ -411,6 +417,14 @@ struct xg_tcp_cfg {
 	 */
 	__u32 verified_dest_syn_rate;
 	__u32 verified_total_syn_rate;
+	/*
+	 * Live flows one source, and one source /24 (IPv4) or /48 (IPv6), may
+	 * hold; 0: an eighth, and a quarter, of the table. Beyond, its new
+	 * flows are refused (flow_quota), and a full bucket gives up its
+	 * flows first. Allowlisted sources are exempt.
+	 */
+	__u32 source_flow_quota;
+	__u32 prefix_flow_quota;
 };
 
 /*

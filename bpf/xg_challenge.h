@@ -132,17 +132,22 @@ struct {
 } xg_dest_rates SEC(".maps");
 
 /*
- * SYNs refused a challenge by their prefix's cap, by flow: the sequence
- * number and when. A retransmission of one (the same flow and sequence
- * number, between XG_RETX_MIN_NS and XG_RETX_MAX_NS later) is challenged
- * past the prefix's cap, never past everyone's: real stacks retransmit an
- * unanswered SYN, and spoofers rarely do, so a flood in the names of a
- * /24's hosts does not starve that /24's real clients.
+ * The last SYN of each source that its prefix's cap refused a challenge:
+ * its port, sequence number and when. A retransmission of it (the same
+ * port and sequence number, between XG_RETX_MIN_NS and XG_RETX_MAX_NS
+ * later) is challenged past the prefix's cap, never past everyone's: real
+ * stacks retransmit an unanswered SYN, and spoofers rarely do, so a flood
+ * in the names of a /24's hosts does not starve that /24's real clients.
+ * Keyed by source, not by flow: a flood with random ports from a few
+ * addresses takes a few entries, and cannot push a real client's out
+ * before its retransmission comes (a flow key's LRU of this size was
+ * turned over in under a second by 100 kpps).
  */
 struct xg_syn_retx {
 	__u64 ns;
 	__u32 seq;
-	__u32 pad;
+	__u16 port;
+	__u16 pad;
 };
 
 #define XG_RETX_MIN_NS (XG_NANO / 4)
@@ -150,8 +155,8 @@ struct xg_syn_retx {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct xg_flow_key);
+	__uint(max_entries, 262144);
+	__type(key, struct xg_addr);
 	__type(value, struct xg_syn_retx);
 } xg_syn_retx SEC(".maps");
 
@@ -289,15 +294,17 @@ XG_INLINE __u32 xg_prefix_slot(const struct xg_cookie_secret *sec, const struct 
  */
 XG_INLINE int xg_syn_retransmitted(struct xg_flow_key *k, __u32 seq, __u64 now)
 {
-	struct xg_syn_retx *r, fresh = { .ns = now, .seq = seq };
+	struct xg_syn_retx *r, fresh = { .ns = now, .seq = seq, .port = k->out_port };
+	int same;
 
-	r = bpf_map_lookup_elem(&xg_syn_retx, k);
-	if (r && r->seq == seq && now - r->ns >= XG_RETX_MIN_NS && now - r->ns <= XG_RETX_MAX_NS) {
-		bpf_map_delete_elem(&xg_syn_retx, k);
+	r = bpf_map_lookup_elem(&xg_syn_retx, k->out_addr);
+	same = r && r->seq == seq && r->port == k->out_port;
+	if (same && now - r->ns >= XG_RETX_MIN_NS && now - r->ns <= XG_RETX_MAX_NS) {
+		bpf_map_delete_elem(&xg_syn_retx, k->out_addr);
 		return 1;
 	}
-	if (!r || r->seq != seq || now - r->ns > XG_RETX_MAX_NS)
-		bpf_map_update_elem(&xg_syn_retx, k, &fresh, BPF_ANY);
+	if (!same || now - r->ns > XG_RETX_MAX_NS)
+		bpf_map_update_elem(&xg_syn_retx, k->out_addr, &fresh, BPF_ANY);
 	return 0;
 }
 

@@ -556,6 +556,26 @@ uint32_t xg_tcp_now(void);
 uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts,
 		     struct xg_flow *top, uint32_t ntop);
 
+/* What xg_tcp_quota() found. */
+struct xg_tcp_quota_report {
+	uint32_t source_quota;	/* in force (0 in the settings: an eighth of the table) */
+	uint32_t prefix_quota;	/* ... a quarter */
+	uint32_t sources_over;	/* sources at or over their quota now */
+	uint32_t prefixes_over;
+	uint64_t top_source;	/* the most flows one source holds (among those counted) */
+	uint64_t top_prefix;
+};
+
+/*
+ * Find the sources and source prefixes (/24, /48) at or over their quota
+ * of live flows (struct xg_tcp_cfg), and publish them to the workers: their
+ * new flows are refused from now on (flow_quota), and a full bucket gives
+ * up their flows first. Walks the table twice without its locks (counts
+ * may be a flow off); allocates about 1 MiB, freed before it returns. For
+ * the housekeeping, every second or so. Returns 0 or -ENOMEM.
+ */
+int xg_tcp_quota(struct xg_tcp *tcp, struct xg_tcp_quota_report *report);
+
 enum xg_tcp_verdict {
 	XG_V_FORWARD = 0,	/* pass the frame on, unchanged */
 	XG_V_DROP = 1,		/* free the frame (its reason is counted) */

@@ -34,6 +34,19 @@
 #define TH_RST XG_TCP_RST
 #define TH_ACK XG_TCP_ACK
 
+/*
+ * The sources and source prefixes at or over their flow quota, as the last
+ * xg_tcp_quota() found them. Two copies: the workers read the one @cur
+ * names while the next is written, then @cur flips.
+ */
+#define XG_QUOTA_SET 64
+
+struct xg_quota_set {
+	uint32_t nsrc, npfx;
+	uint8_t src[XG_QUOTA_SET][16];
+	uint8_t pfx[XG_QUOTA_SET][16];
+};
+
 struct xg_tcp {
 	/* The flow table: ours, or a BPF map's memory the XDP programs share. */
 	struct xg_flow_bucket *flows;
@@ -42,6 +55,8 @@ struct xg_tcp {
 	uint8_t flow_key[16];		/* SipHash key of the flow table (the table's own) */
 	struct xg_tcp_cfg cfg;		/* fields read one by one */
 	uint64_t evictions;
+	struct xg_quota_set quota[2];
+	uint32_t quota_cur;
 };
 
 /* ---- small helpers ---- */
@@ -167,16 +182,49 @@ static struct xg_flow_bucket *flow_bucket(struct xg_tcp *t, const struct xg_flow
 	return &t->flows[xg_flow_hash(k, t->flow_key) & t->flow_mask];
 }
 
+/* ---- flow quotas ---- */
+
+/* The /24 (IPv4) or /48 (IPv6) of a flow key's address, as an address. */
+static void prefix_of(const uint8_t *addr, int v6, uint8_t out[16])
+{
+	memcpy(out, addr, 16);
+	if (v6)
+		memset(out + 6, 0, 10);
+	else
+		out[15] = 0;
+}
+
+/* Is @k's source, or its prefix, at or over its quota? Lock-free. */
+static int over_quota(struct xg_tcp *t, const struct xg_flow_key *k)
+{
+	const struct xg_quota_set *q =
+		&t->quota[__atomic_load_n(&t->quota_cur, __ATOMIC_ACQUIRE) & 1];
+	uint8_t pfx[16];
+	uint32_t i;
+
+	if (!q->nsrc && !q->npfx)
+		return 0;
+	for (i = 0; i < q->nsrc && i < XG_QUOTA_SET; i++)
+		if (!memcmp(q->src[i], k->out_addr, 16))
+			return 1;
+	prefix_of(k->out_addr, k->v6, pfx);
+	for (i = 0; i < q->npfx && i < XG_QUOTA_SET; i++)
+		if (!memcmp(q->pfx[i], pfx, 16))
+			return 1;
+	return 0;
+}
+
 /*
- * A slot for a new flow: a free or expired one, else the oldest flow that
- * is not established, else the established flow idle longest if it has
- * been idle XG_IDLE_EVICTABLE seconds (its connection, if it still lives,
- * is adopted again when it talks: XG_META_VERIFIED). NULL if the bucket
- * holds only established flows busier than that. Caller holds b->lock.
+ * A slot for a new flow: a free or expired one; else a flow of a source
+ * over its quota, the one idle longest; else the oldest flow that is not
+ * established; else the established flow idle longest if it has been
+ * idle XG_IDLE_EVICTABLE seconds (its connection, if it still lives, is
+ * adopted again when it talks: XG_META_VERIFIED). NULL if the bucket holds
+ * only established flows busier than that. Caller holds b->lock.
  */
 static struct xg_flow *flow_slot(struct xg_tcp *t, struct xg_flow_bucket *b, uint32_t now)
 {
-	struct xg_flow *victim = NULL, *idle = NULL;
+	struct xg_flow *victim = NULL, *idle = NULL, *hog = NULL;
 	int i;
 
 	for (i = 0; i < XG_WAYS; i++) {
@@ -184,6 +232,9 @@ static struct xg_flow *flow_slot(struct xg_tcp *t, struct xg_flow_bucket *b, uin
 
 		if (!xg_flow_live(f, now))
 			return f;
+		if (over_quota(t, &f->key) &&
+		    (!hog || xg_seq_before(f->last_seen, hog->last_seen)))
+			hog = f;
 		if (f->state != XG_TCP_ESTABLISHED) {
 			if (!victim || xg_seq_before(f->last_seen, victim->last_seen))
 				victim = f;
@@ -192,6 +243,8 @@ static struct xg_flow *flow_slot(struct xg_tcp *t, struct xg_flow_bucket *b, uin
 			idle = f;
 		}
 	}
+	if (hog)
+		victim = hog;
 	if (!victim)
 		victim = idle;
 	if (victim)
@@ -321,6 +374,11 @@ static enum xg_tcp_verdict new_syn(struct xg_tcp *t, struct xg_flow_bucket *b, u
 		f->reopen_wscale = p->wscale;
 		unlock(&b->lock);
 		return XG_V_FORWARD;
+	}
+	if (!(meta & XG_META_ALLOWLISTED) && over_quota(t, k)) {
+		unlock(&b->lock);
+		count(&st->reasons[XG_REASON_FLOW_QUOTA], len);
+		return XG_V_DROP;
 	}
 	if (!f)
 		f = flow_slot(t, b, now->s);
@@ -733,4 +791,138 @@ uint32_t xg_tcp_scan(struct xg_tcp *tcp, struct xg_tcp_counts *counts, struct xg
 		unlock(&bk->lock);
 	}
 	return n;
+}
+
+/* ---- flow quotas: who holds more than its share ---- */
+
+#define CMS_WIDTH 65536	/* counters per row of the count-min sketches */
+#define CANDIDATES 256
+
+struct cms {
+	uint32_t row[2][CMS_WIDTH];
+};
+
+static uint32_t cms_slot(const uint8_t *addr, int row)
+{
+	uint64_t a, b;
+
+	memcpy(&a, addr, 8);
+	memcpy(&b, addr + 8, 8);
+	/* Multiply-shift hashes: the sketch only has to overestimate. */
+	return (uint32_t)(((a ^ (row ? 0x9e3779b97f4a7c15ull : 0xc2b2ae3d27d4eb4full)) *
+			   0xbf58476d1ce4e5b9ull + b * (row ? 0x94d049bb133111ebull : 0xff51afd7ed558ccdull)) >> 48);
+}
+
+/* Count @addr; its estimate now (at least its true count). */
+static uint32_t cms_add(struct cms *c, const uint8_t *addr)
+{
+	uint32_t x = ++c->row[0][cms_slot(addr, 0)], y = ++c->row[1][cms_slot(addr, 1)];
+
+	return x < y ? x : y;
+}
+
+struct candidates {
+	uint32_t n;
+	uint8_t addr[CANDIDATES][16];
+	uint64_t count[CANDIDATES];
+};
+
+static int cand_find(const struct candidates *c, const uint8_t *addr)
+{
+	uint32_t i;
+
+	for (i = 0; i < c->n; i++)
+		if (!memcmp(c->addr[i], addr, 16))
+			return (int)i;
+	return -1;
+}
+
+static void cand_add(struct candidates *c, const uint8_t *addr)
+{
+	if (c->n < CANDIDATES && cand_find(c, addr) < 0)
+		memcpy(c->addr[c->n++], addr, 16);
+}
+
+int xg_tcp_quota(struct xg_tcp *t, struct xg_tcp_quota_report *rep)
+{
+	uint64_t capacity = (uint64_t)(t->flow_mask + 1) * XG_WAYS;
+	uint32_t now = xg_tcp_now(), b, i, qs, qp, next;
+	struct candidates *cs, *cp;
+	struct xg_quota_set *out;
+	struct cms *sk;
+	uint8_t pfx[16];
+	int j;
+
+	qs = cfg_get(&t->cfg.source_flow_quota);
+	qp = cfg_get(&t->cfg.prefix_flow_quota);
+	if (!qs)
+		qs = capacity / 8 ? (uint32_t)(capacity / 8) : 1;
+	if (!qp)
+		qp = capacity / 4 ? (uint32_t)(capacity / 4) : 1;
+	sk = calloc(2, sizeof(*sk));
+	cs = calloc(1, sizeof(*cs));
+	cp = calloc(1, sizeof(*cp));
+	if (!sk || !cs || !cp) {
+		free(sk);
+		free(cs);
+		free(cp);
+		return -ENOMEM;
+	}
+	/* One pass with sketches: who may hold its quota. */
+	for (b = 0; b <= t->flow_mask; b++) {
+		for (i = 0; i < XG_WAYS; i++) {
+			const struct xg_flow *f = &t->flows[b].slot[i];
+
+			if (!xg_flow_live(f, now))
+				continue;
+			if (cms_add(&sk[0], f->key.out_addr) >= qs)
+				cand_add(cs, f->key.out_addr);
+			prefix_of(f->key.out_addr, f->key.v6, pfx);
+			if (cms_add(&sk[1], pfx) >= qp)
+				cand_add(cp, pfx);
+		}
+	}
+	/* A second, exact, for those alone. */
+	if (cs->n || cp->n) {
+		for (b = 0; b <= t->flow_mask; b++) {
+			for (i = 0; i < XG_WAYS; i++) {
+				const struct xg_flow *f = &t->flows[b].slot[i];
+
+				if (!xg_flow_live(f, now))
+					continue;
+				j = cand_find(cs, f->key.out_addr);
+				if (j >= 0)
+					cs->count[j]++;
+				prefix_of(f->key.out_addr, f->key.v6, pfx);
+				j = cand_find(cp, pfx);
+				if (j >= 0)
+					cp->count[j]++;
+			}
+		}
+	}
+	next = (__atomic_load_n(&t->quota_cur, __ATOMIC_ACQUIRE) + 1) & 1;
+	out = &t->quota[next];
+	memset(out, 0, sizeof(*out));
+	memset(rep, 0, sizeof(*rep));
+	rep->source_quota = qs;
+	rep->prefix_quota = qp;
+	for (i = 0; i < cs->n; i++) {
+		if (cs->count[i] > rep->top_source)
+			rep->top_source = cs->count[i];
+		if (cs->count[i] >= qs && out->nsrc < XG_QUOTA_SET)
+			memcpy(out->src[out->nsrc++], cs->addr[i], 16);
+	}
+	for (i = 0; i < cp->n; i++) {
+		if (cp->count[i] > rep->top_prefix)
+			rep->top_prefix = cp->count[i];
+		if (cp->count[i] >= qp && out->npfx < XG_QUOTA_SET)
+			memcpy(out->pfx[out->npfx++], cp->addr[i], 16);
+	}
+	rep->sources_over = out->nsrc;
+	rep->prefixes_over = out->npfx;
+	__atomic_store_n(&t->quota_cur, next, __ATOMIC_RELEASE);
+	free(sk);
+	free(cs);
+	free(cp);
+	return 0;
 }

@@ -819,6 +819,13 @@ class Tcp(_Handle):
             n = lib.xg_tcp_scan(self._t, counts, flows, top)
         return _to_dict(counts[0]), [_to_dict(flows[i]) for i in range(n)]
 
+    def quota(self) -> dict[str, int]:
+        """Find who holds its quota of flows and refuse its new ones (xg_tcp_quota)."""
+        rep = ffi.new("struct xg_tcp_quota_report *")
+        with self._lock:
+            check(lib.xg_tcp_quota(self._t, rep), "flow quotas")
+        return _to_dict(rep[0])
+
     def judge(
         self,
         frame: bytes,

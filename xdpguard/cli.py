@@ -1031,6 +1031,16 @@ def tcp_mode(mode: str, as_json: bool, control: str) -> None:
     help="... and to all destinations together.",
 )
 @click.option(
+    "--source-flow-quota",
+    type=click.IntRange(0),
+    help="Live flows one source may hold (beyond: flow_quota); 0: an eighth of the table.",
+)
+@click.option(
+    "--prefix-flow-quota",
+    type=click.IntRange(0),
+    help="... one source /24 or /48; 0: a quarter of the table. Allowlisted sources are exempt.",
+)
+@click.option(
     "--learn", type=click.FloatRange(0, 86400), help="Adopt open flows for SECONDS from now."
 )
 @json_option

@@ -252,8 +252,8 @@ COMMANDS: dict[str, Command] = {
             "tcp.config",
             "TCP settings: {syn_mode?, state_mode?, syn_rate?, syn_burst?, state_rate?, "
             "state_burst?, verify_ttl?, challenge_rate?, challenge_prefix_rate?, "
-            "verified_syn_rate?, verified_dest_syn_rate?, verified_total_syn_rate?, learn?}; "
-            "none: show",
+            "verified_syn_rate?, verified_dest_syn_rate?, verified_total_syn_rate?, "
+            "source_flow_quota?, prefix_flow_quota?, learn?}; none: show",
             {
                 "syn_mode": Arg(_MODE),
                 "state_mode": Arg(_MODE),

@@ -463,6 +463,7 @@ class Engine:
         steps: list[tuple[str, float, Callable[[], object]]] = [
             ("TTL expiry", self.cfg.expiry_interval, self._expire),
             ("TCP clock", self.cfg.expiry_interval, self.tcp.tick if self.tcp else lambda: None),
+            ("flow quotas", 1.0, self.tcp.enforce_quotas if self.tcp else lambda: None),
             ("saving the policy", 5.0, policy.save_if_behind),
             ("rule leases", self.cfg.expiry_interval, self._expire_rules),
             ("saving the rules", 5.0, self._save_rules),

@@ -48,6 +48,11 @@ DEFAULTS: dict[str, Any] = {
     # challenged like any other (a spoofer can have many real hosts verified).
     "verified_dest_syn_rate": 10_000,
     "verified_total_syn_rate": 100_000,
+    # Live flows one source, and one source /24 or /48, may hold: 0 is an
+    # eighth, and a quarter, of the table (a proxy may hold tens of
+    # thousands of connections to one origin: raise it for one).
+    "source_flow_quota": 0,
+    "prefix_flow_quota": 0,
 }
 LIMITS = {
     "syn_rate": (1, 100_000_000),
@@ -60,6 +65,8 @@ LIMITS = {
     "verified_syn_rate": (1, 100_000_000),
     "verified_dest_syn_rate": (1, 100_000_000),
     "verified_total_syn_rate": (1, 100_000_000),
+    "source_flow_quota": (0, 1 << 30),
+    "prefix_flow_quota": (0, 1 << 30),
 }
 STATES = {
     value: name.removeprefix("XG_TCP_").lower()
@@ -116,6 +123,8 @@ class TcpStage:
         self.learn_until = B.tcp_now() + int(learn_seconds)
         self.challenges = challenges
         self.tcp = B.Tcp(max_flows, self._c_cfg(), table)
+        self.quota_over = (0, 0)
+        self.quota_report: dict[str, int] = {}
         self.challenges.configure(self._c_cfg())
         self._rotated = time.monotonic()
 
@@ -159,6 +168,22 @@ class TcpStage:
             self.challenges.rotate_secret(os.urandom(16))
             self._rotated = time.monotonic()
 
+    def enforce_quotas(self) -> None:
+        """Find who holds its quota of the flow table (the workers refuse
+        their new flows until the next call); said when that changes."""
+        rep = self.tcp.quota()
+        over = (rep["sources_over"], rep["prefixes_over"])
+        if over != self.quota_over:
+            log.warning(
+                "flow quotas: %d source(s) and %d prefix(es) at their quota (%d and %d "
+                "flows); their new flows are refused (flow_quota)",
+                *over,
+                rep["source_quota"],
+                rep["prefix_quota"],
+            )
+        self.quota_over = over
+        self.quota_report = rep
+
     def flows(self, top: int = 10) -> dict[str, Any]:
         counts, flows = self.tcp.scan(top)
         now = B.tcp_now()
@@ -173,6 +198,7 @@ class TcpStage:
             "verified": len(self.challenges.verified(now)),
             "verified_capacity": self.challenges.capacity,
             "learning_left": self.learning_left(),
+            "quota": dict(self.quota_report),
             "busiest": [
                 {
                     "outside": _endpoint(_addr(f["key"]["out_addr"], f["key"]["v6"]),

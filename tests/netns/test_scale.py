@@ -65,7 +65,8 @@ def test_a_table_smaller_than_the_connections(tmp_path: Path) -> None:
         with connscale(the_lab, timeout=8) as cs:
             opened = cs.opened()
             flows = app.call("tcp.flows", top=0)
-            full = app.call("stats")["reasons"]["flow_table_full"]["packets"]
+            reasons = app.call("stats")["reasons"]
+            full = reasons["flow_table_full"]["packets"] + reasons["flow_quota"]["packets"]
             # It kept what it could, and said what it gave up or refused.
             assert flows["capacity"] == 4096 and flows["tracked"] <= 4096, flows
             assert flows["evictions"] + full > 0, (flows, full)
@@ -75,3 +76,52 @@ def test_a_table_smaller_than_the_connections(tmp_path: Path) -> None:
             assert checked["ok"] >= min(flows["states"]["established"], opened["established"]) > 0
         assert app.proc is not None and app.proc.poll() is None  # alive, and forwarding
         assert the_lab.ping(ORIGIN_V4)
+
+
+def test_one_source_cannot_fill_the_table_for_everyone(tmp_path: Path) -> None:
+    """Issue 23, 5: one address opening real connections and leaving them
+    idle filled the table (8,115 of 8,192 flows), and 4 of 5, then 5 of 5,
+    new legitimate connections failed. Its quota (an eighth of the table)
+    holds it now; another client's connections all establish."""
+    import socket
+    import time
+
+    import_bench()
+    from connscale import ConnScale
+
+    hog = ("169.254.0.11",)
+    other = "169.254.9.9"  # another client, of another /24
+    with (
+        lab(queues=2, anyport=True) as the_lab,
+        the_lab.anyport_server(),
+        Appliance(the_lab, tmp_path, "--max-flows", "8192", "--learn", "0") as app,
+    ):
+        the_lab.ns_exec(the_lab.client_ns, "ip", "addr", "add", f"{other}/32", "dev", "eth0")
+        the_lab.ns_exec(the_lab.origin_ns, "ip", "route", "add", f"{other}/32", "via",
+                        "169.254.0.1")  # fmt: skip
+        app.cli("tcp", "mode", "on")
+        with ConnScale(the_lab.client_ns, 9000, hog, addrs=1, ports=100, timeout=10,
+                       in_flight=256) as cs:  # fmt: skip
+            opened = cs.opened()
+            flows = app.call("tcp.flows", top=0)
+            quota = flows["quota"]
+            print(f"the hog: {opened}; flows {flows['tracked']}; quota {quota}")
+            assert quota["source_quota"] == 8192 // 8 and quota["sources_over"] >= 1, quota
+            assert app.call("stats")["reasons"]["flow_quota"]["packets"] > 0
+
+            def dial() -> bool:
+                try:
+                    with socket.create_connection(
+                        ("169.254.100.9", 10009), timeout=5, source_address=(other, 0)
+                    ):
+                        return True
+                except OSError:
+                    return False
+
+            from xdpguard.netns import Netns
+
+            results = []
+            for _ in range(5):
+                results.append(Netns(the_lab.client_ns).run(dial))
+                time.sleep(0.05)
+            assert results == [True] * 5, (results, flows)

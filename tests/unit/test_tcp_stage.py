@@ -634,3 +634,31 @@ def test_a_full_bucket_takes_the_longest_idle_established_flow_and_it_comes_back
     idle.cseq += 1
     assert idle.send(10) == FWD
     assert idle.reply(10) == FWD
+
+
+def test_a_source_over_its_flow_quota_opens_no_more_flows() -> None:
+    """Issue 23, 5: an eighth of the table per source by default (a quarter per
+    /24); the allowlist is exempt; and a full bucket gives up the flows of a
+    source over its quota first."""
+    tcp = stage(max_flows=1024)
+    hogs = []
+    for port in range(20000, 20200):
+        c = Conv(tcp, client="198.18.5.5", cport=port)
+        if c.syn() == FWD:
+            assert (c.synack(), c.ack()) == (FWD, FWD)
+            hogs.append(c)
+    rep = tcp.quota()
+    assert rep["source_quota"] == 128 and rep["prefix_quota"] == 256
+    assert rep["sources_over"] == 1 and rep["top_source"] == len(hogs) > 128, rep
+    late = Conv(tcp, client="198.18.5.5", cport=30000)
+    assert late.syn() == DROP and late.reasons() == {"flow_quota": 1}
+    allowed = Conv(tcp, client="198.18.5.5", cport=30001)
+    assert allowed.judge(True, allowed.frame(True, "S", allowed.cseq), meta=1)[0] == FWD
+    other = Conv(tcp, client="198.19.5.5", cport=30002)
+    other.open()
+    # The hog's established flows are already there: they go on.
+    assert hogs[0].send(10) == FWD
+    # A settings value replaces the default; 0 is the default again.
+    tcp.configure({**tcp.config(), "source_flow_quota": 1000})
+    assert tcp.quota()["sources_over"] == 0
+    assert Conv(tcp, client="198.18.5.5", cport=30003).syn() == FWD
