@@ -213,7 +213,10 @@ def fast_under_flood(seconds: float) -> dict:
     srv = server(stop)
     out: dict = {}
     try:
-        with tempfile.TemporaryDirectory() as tmp, xgbench.xdpguard(state_dir=Path(tmp)) as proc:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            xgbench.xdpguard("--queues", "2", state_dir=Path(tmp)) as proc,
+        ):
             xgbench.pin_napi(None, NAMES["OUTER"], FWD_CPU)
             xgbench.control(proc, "tcp.config", syn_mode="on", state_mode="on", learn=0)
             s = Netns(NAMES["CLIENT_NS"]).run(
@@ -252,7 +255,7 @@ def replay(proc, segment: bytes, sink: xgbench.Sink, flood: bool, seconds: float
     gens = [xgbench.Generator(NAMES["CLIENT_NS"], "eth0", segment)]
     if flood:
         gens.append(xgbench.Generator(
-            NAMES["CLIENT_NS"], "eth0", flood_frame(), queue=0, random_saddr=True,
+            NAMES["CLIENT_NS"], "eth0", flood_frame(), queue=1, random_saddr=True,
             random_sport=True,
         ))  # fmt: skip
 
@@ -310,6 +313,13 @@ def main() -> int:
             bare, bare_ns = bare_rate(args.seconds, ceiling)
             print("connection setup (median / p95 / max):", flush=True)
             report["setup"] = setup(args.seconds)
+        finally:
+            shield.close()
+    # Two generators (the flow's segment, the flood) need a queue each: an
+    # AF_XDP socket binds a queue alone.
+    with lab(edge=False, queues=2):
+        shield = xgbench.attach(NAMES["CLIENT_NS"], "eth0", "xg_drop_spoofed")
+        try:
             print("the fast path while the flood runs (one verified TCP flow):", flush=True)
             report["fast"] = fast_under_flood(args.seconds)
         finally:
