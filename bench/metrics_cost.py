@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--seconds-per-point", type=float, default=1.0)
     args = xgbench.parse_as_root(ap)
     results = []
+    ceiling = forwarding.generator_ceiling()
     for name, extra, interval in CONFIGS:
         port = free_port()
         with (
@@ -99,10 +100,10 @@ def main() -> int:
             scrapes: list[float] = []
             lines = 0
             if interval is None:
-                points = forwarding.sweep(args.seconds_per_point)
+                points = forwarding.sweep(args.seconds_per_point, ceiling)
             else:
                 with Scraper(f"http://127.0.0.1:{port}/metrics", interval) as scraper:
-                    points = forwarding.sweep(args.seconds_per_point)
+                    points = forwarding.sweep(args.seconds_per_point, ceiling)
                 scrapes, lines = scraper.latencies, scraper.lines
             results.append(
                 {

@@ -105,6 +105,22 @@ def xdpguard_with(lists: bool, rules: list[str], load: list[float]) -> Iterator:
         yield dropped
 
 
+def outer_cost(netns: str | None, frames: list[bytes]) -> float:
+    """The cost per frame of the XDP program on outer (BPF_PROG_TEST_RUN)."""
+    from xdpguard import _bindings as B
+
+    ns = Netns(netns)
+    outer = resolve_device(ns, NAMES["OUTER"])
+    prog_id, _ = ns.run(B.xdp_query, outer.ifindex)
+    fd = B.prog_fd_by_id(prog_id)
+    try:
+        return xgbench.xdp_cost(fd, frames)
+    finally:
+        import os
+
+        os.close(fd)
+
+
 def drdos_part(seconds: float, repeat: int) -> tuple[dict, float]:
     """Each dropper ``repeat`` times, in turns (this VM's rate drifts by a
     few per cent between runs): the median of each."""
@@ -128,10 +144,13 @@ def drdos_part(seconds: float, repeat: int) -> tuple[dict, float]:
             for name, make in droppers:
                 with make() as dropped:
                     r = drdos.measure(frame, seconds, dropped)
+                    # The generator (about 1 Mpps) is slower than any of them: the
+                    # program attached to outer, timed alone on the flood's frames.
+                    r["xdp_ns"] = outer_cost(EDGE_NS, drdos.the_mix(frame))
                 runs.setdefault(name, []).append(r)
                 print(
                     f"  [{turn + 1}/{repeat}] {name:<18} {r['pps'] / 1e6:7.3f} Mpps  "
-                    f"dropped {r['dropped']}/{r['sent']}"
+                    f"dropped {r['dropped']}/{r['sent']}, XDP {r['xdp_ns']:.1f} ns/frame"
                 )
     results = {}
     for name, rs in runs.items():
@@ -143,6 +162,7 @@ def drdos_part(seconds: float, repeat: int) -> tuple[dict, float]:
 def forwarding_part(seconds: float, repeat: int) -> dict:
     """Each configuration ``repeat`` times, in turns: the median of each."""
     runs: dict[str, list[dict]] = {}
+    ceiling = forwarding.generator_ceiling()
     configs = (
         ("no-rules", []),
         ("10k-elsewhere", rule_set(None, False)),
@@ -157,15 +177,21 @@ def forwarding_part(seconds: float, repeat: int) -> dict:
             ):
                 if rules:
                     load_rules(p, rules)
-                points = forwarding.sweep(seconds)
+                points = forwarding.sweep(seconds, ceiling)
                 reasons = xgbench.control(p, "stats")["reasons"]  # type: ignore[index]
+                client = resolve_device(Netns(NAMES["CLIENT_NS"]), "eth0")
+                origin = resolve_device(Netns(NAMES["ORIGIN_NS"]), "eth0")
+                udp = xgbench.udp4_frame(client.mac, origin.mac, "169.254.0.1", "169.254.0.2",
+                                         40000, 9, 60)  # fmt: skip
                 r = {
                     "saturated_pps": max(pt["forwarded_pps"] for pt in points),
                     "rule_drops": reasons["rule_drop"]["packets"],  # 0: nothing matches
+                    "xdp_ns": outer_cost(None, [udp]),
                     "points": points,
                 }
             runs.setdefault(name, []).append(r)
-            print(f"  [{turn + 1}/{repeat}] {name:<14} {r['saturated_pps'] / 1e6:7.3f} Mpps")
+            print(f"  [{turn + 1}/{repeat}] {name:<14} {r['saturated_pps'] / 1e6:7.3f} Mpps, "
+                  f"XDP {r['xdp_ns']:.1f} ns/frame")  # fmt: skip
     results = {}
     for name, rs in runs.items():
         mid = sorted(rs, key=lambda r: r["saturated_pps"])[len(rs) // 2]
@@ -261,17 +287,17 @@ def main() -> int:
     }
     xgbench.write_report(report, args.json)
     print(f"\n10,000 rules loaded in {load_s:.2f} s (rule load, one control request)")
-    print(f"{'DRDoS dropper':<18}{'drop rate':>12}")
+    print(f"{'DRDoS dropper':<18}{'drop rate':>12}{'XDP ns/frame':>14}")
     for name, r in drop.items():
-        print(f"{name:<18}{r['pps'] / 1e6:>8.3f} Mpps")
+        print(f"{name:<18}{r['pps'] / 1e6:>8.3f} Mpps{r['xdp_ns']:>14.1f}")
     print(
         f"xdpguard with 10,000 rules loaded / xdp-minimal: "
         f"{report['loaded_over_xdp_minimal']:.2f} (goal >= 0.9); the rules dropping it: "
         f"{report['by_rules_over_xdp_minimal']:.2f}"
     )
-    print(f"{'forwarding':<18}{'saturated':>12}")
+    print(f"{'forwarding':<18}{'saturated':>12}{'XDP ns/frame':>14}")
     for name, r in fwd.items():
-        print(f"{name:<18}{r['saturated_pps'] / 1e6:>8.3f} Mpps")
+        print(f"{name:<18}{r['saturated_pps'] / 1e6:>8.3f} Mpps{r['xdp_ns']:>14.1f}")
     print(
         f"10,000 rules elsewhere / none: {report['forwarding_elsewhere_over_none']:.2f} "
         f"(goal >= 0.9); 10 of them on the origin: "
