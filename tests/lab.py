@@ -14,16 +14,18 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from xdpguard.control import ControlClient, wait_ready
 from xdpguard.errors import XdpguardError
+from xdpguard.netns import Netns
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -142,6 +144,18 @@ class Lab:
             "outer": " xdp" in out or "prog/xdp" in out,
             "inner": " xdp" in inn or "prog/xdp" in inn,
         }
+
+    def inject(self, frames: Iterable[bytes]) -> None:
+        """Send ``frames`` out of the client's eth0 through a packet socket made
+        in its namespace (scapy's sendp resolves "eth0" where it was imported)."""
+
+        def send() -> None:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                raw.bind(("eth0", 0))
+                for frame in frames:
+                    raw.send(frame)
+
+        Netns(self.client_ns).run(send)
 
     def add_client_address(self, v4: str, v6: str) -> None:
         """A second client on the same eth0 (the lab's /24 and /64)."""

@@ -593,12 +593,30 @@ class Policy:
 
     # -- ports and fragments --
 
-    def _set_ports(self, new: list[int]) -> None:
-        try:
-            self.maps.set_ports(new)
-        except OSError as exc:
-            raise XdpguardError(f"ports not changed: the kernel refused ({exc})") from exc
-        self.ports = new
+    def _change_numbers(
+        self, attr: str, key: str, add: list[int], remove: list[int]
+    ) -> dict[str, Any]:
+        """Add ``add`` to, or take ``remove`` from, the number set ``attr``
+        (the UDP source ports, the ethertypes allowed): the kernel first,
+        then the copy here; refused by the kernel, nothing changes."""
+        push = {"ports": self.maps.set_ports, "l2": self.maps.set_l2}[attr]
+        if not add and not remove:
+            raise PolicyInputError(f"no {key} given")
+        with self._lock:
+            old: list[int] = getattr(self, attr)
+            new = sorted((set(old) | set(add)) - set(remove))
+            try:
+                push(new)
+            except OSError as exc:
+                raise XdpguardError(f"{key} not changed: the kernel refused ({exc})") from exc
+            setattr(self, attr, new)
+            out: dict[str, Any] = {key: list(new)}
+            if add:
+                out["added"] = len(new) - len(old)
+            if remove:
+                out["deleted"] = len(old) - len(new)
+                out["missing"] = sorted(set(remove) - set(old))
+            return self._done(out)
 
     def ports_add(self, ports: Sequence[Any] = (), preset: str | None = None) -> dict[str, Any]:
         wanted = parse_ports(ports)
@@ -608,23 +626,10 @@ class Policy:
                     f"unknown preset {preset!r} (known: {', '.join(PORT_PRESETS)})"
                 )
             wanted = sorted(set(wanted) | set(PORT_PRESETS[preset]))
-        if not wanted:
-            raise PolicyInputError("no ports given")
-        with self._lock:
-            before = len(self.ports)
-            self._set_ports(sorted(set(self.ports) | set(wanted)))
-            return self._done({"added": len(self.ports) - before, "ports": list(self.ports)})
+        return self._change_numbers("ports", "ports", wanted, [])
 
     def ports_del(self, ports: Sequence[Any]) -> dict[str, Any]:
-        gone = parse_ports(ports)
-        if not gone:
-            raise PolicyInputError("no ports given")
-        with self._lock:
-            missing = sorted(set(gone) - set(self.ports))
-            before = len(self.ports)
-            self._set_ports(sorted(set(self.ports) - set(gone)))
-            deleted = before - len(self.ports)
-            return self._done({"deleted": deleted, "missing": missing, "ports": list(self.ports)})
+        return self._change_numbers("ports", "ports", [], parse_ports(ports))
 
     def ports_list(self) -> dict[str, Any]:
         return {"ports": list(self.ports)}
@@ -645,33 +650,11 @@ class Policy:
 
     # -- L2: frames that are neither IP nor ARP --
 
-    def _set_l2(self, new: list[int]) -> None:
-        try:
-            self.maps.set_l2(new)
-        except OSError as exc:
-            raise XdpguardError(f"l2 not changed: the kernel refused ({exc})") from exc
-        self.l2 = new
-
     def l2_allow(self, ethertypes: Sequence[Any]) -> dict[str, Any]:
-        wanted = parse_ethertypes(ethertypes)
-        if not wanted:
-            raise PolicyInputError("no ethertypes given")
-        with self._lock:
-            before = len(self.l2)
-            self._set_l2(sorted(set(self.l2) | set(wanted)))
-            return self._done({"added": len(self.l2) - before, "ethertypes": list(self.l2)})
+        return self._change_numbers("l2", "ethertypes", parse_ethertypes(ethertypes), [])
 
     def l2_del(self, ethertypes: Sequence[Any]) -> dict[str, Any]:
-        gone = parse_ethertypes(ethertypes)
-        if not gone:
-            raise PolicyInputError("no ethertypes given")
-        with self._lock:
-            missing = sorted(set(gone) - set(self.l2))
-            before = len(self.l2)
-            self._set_l2(sorted(set(self.l2) - set(gone)))
-            return self._done(
-                {"deleted": before - len(self.l2), "missing": missing, "ethertypes": list(self.l2)}
-            )
+        return self._change_numbers("l2", "ethertypes", [], parse_ethertypes(ethertypes))
 
     def l2_list(self) -> dict[str, Any]:
         return {"ethertypes": list(self.l2)}

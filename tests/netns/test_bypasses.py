@@ -186,19 +186,12 @@ def test_frames_that_are_not_ip_are_policed(tmp_path: Path) -> None:
             / ARP(op=1, hwsrc=mac(5), psrc=client_v4, pdst=ORIGIN_V4),
             "ipv4-control": Ether(src=mac(6), dst=origin.mac) / v4(client_v4) / UDP(dport=9),
         }
-        frames = {k: bytes(f) for k, f in kinds.items()}
-
-        def inject(names: list[str], n: int) -> None:
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-                raw.bind(("eth0", 0))
-                for _ in range(n):
-                    for name in names:
-                        raw.send(frames[name])
+        frames = [bytes(f) for f in kinds.values()]
 
         matches = {name: f"ether saddr {mac(i + 1)}" for i, name in enumerate(kinds)}
         with the_lab.origin_counters(**matches) as counts:
             with Ledger(the_lab, app) as ledger:
-                Netns(the_lab.client_ns).run(inject, list(frames), 1000)
+                the_lab.inject(frames * 1000)
             acct = ledger.account()
             seen = counts()
             acct.check()
@@ -212,7 +205,7 @@ def test_frames_that_are_not_ip_are_policed(tmp_path: Path) -> None:
             bad = app.cli("l2", "allow", "0x8847", check=False)
             assert bad.returncode == 1 and "MPLS carries IP" in bad.stderr
             with Ledger(the_lab, app) as ledger:
-                Netns(the_lab.client_ns).run(inject, list(frames), 100)
+                the_lab.inject(frames * 100)
             ledger.account().check()
             seen = counts()
         assert seen["experimental"] == seen["experimental-bcast"] == 100, seen

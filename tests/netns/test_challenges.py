@@ -258,12 +258,7 @@ def test_a_verified_address_cannot_be_flooded_in_its_name(lab1: Lab, tmp_path: P
             / TCP(sport=33333, dport=PORT, flags="S", seq=7)
         )
 
-        def send_one() -> None:
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-                raw.bind(("eth0", 0))
-                raw.send(bytes(spoofed))
-
-        Netns(lab1.client_ns).run(send_one)
+        lab1.inject([bytes(spoofed)])
         deadline = time.monotonic() + 10
         while not json.loads(app.cli("tcp", "verified", "list", "--json").stdout)["entries"]:
             assert time.monotonic() < deadline, "the client's address was not verified"

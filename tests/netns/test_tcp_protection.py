@@ -430,14 +430,8 @@ def test_an_allowlisted_source_skips_every_tcp_check(lab2: Lab, tmp_path: Path) 
             for i, flags in enumerate(("R", "A", "PA", "FA"))
         ]
 
-        def inject() -> None:
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-                raw.bind(("eth0", 0))
-                for frame in frames:
-                    raw.send(frame)
-
         with Ledger(lab2, app) as ledger:
-            Netns(lab2.client_ns).run(inject)
+            lab2.inject(frames)
         acct = ledger.account()
         acct.check()
         seen = counts()
@@ -489,13 +483,7 @@ def test_a_blind_rst_sweep_cuts_no_connection(lab2: Lab, tmp_path: Path) -> None
         seqs = [(base + i * 65536) % 2**32 for i in range(65536)]
         frames = [tcp4_with_seq(template, q) for q in seqs if q != exact]
 
-        def inject() -> None:
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-                raw.bind(("eth0", 0))
-                for frame in frames:
-                    raw.send(frame)
-
-        Netns(lab2.client_ns).run(inject)
+        lab2.inject(frames)
         # The flow stands (it was closed, and cut the connection once idle 5 s).
         assert flow_of(app, cport)["state"] == "established"
         s.sendall(b"still alive\n")
