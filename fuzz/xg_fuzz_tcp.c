@@ -76,7 +76,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	verdict = xg_tcp_judge(tcp, frame, &len, ctl & 1,
 			       ((ctl >> 1) & 1 ? XG_META_STATE_OVER : 0) |
 				       (ctl & 0x80 ? XG_META_FORWARD : 0),
-			       (uint32_t)(clock_ms / 1000), clock_ms, &st);
+			       (uint32_t)(clock_ms / 1000), &st);
 	if (len != before || memcmp(frame, data + 1, len))
 		abort();
 	switch (verdict) {

@@ -271,3 +271,9 @@ void xg_flowtab_close(struct xg_flowtab *t)
 			close(t->fd[i]);
 	free(t);
 }
+
+uint64_t xg_siphash_words(const uint64_t *words, uint32_t n, const uint8_t *key, uint32_t c,
+			  uint32_t d)
+{
+	return xg_siphash((const __u64 *)words, (int)n, key, (int)c, (int)d);
+}

@@ -287,6 +287,15 @@ void xg_gen_close(struct xg_gen *g);
  */
 void xg_classify(const uint8_t *frame, uint32_t len, struct xg_summary *out);
 
+/*
+ * SipHash-@c-@d of the @n 64-bit words at @words (little-endian) under the
+ * 16-byte @key: xg_flow.h's xg_siphash(), which the flow table (1-3) and
+ * the challenges' cookies (2-4) use in XDP and in the loop, for its
+ * known-answer tests. Never fails, does not block.
+ */
+uint64_t xg_siphash_words(const uint64_t *words, uint32_t n, const uint8_t *key, uint32_t c,
+			  uint32_t d);
+
 /* ---- policy maps ---- */
 
 /*
@@ -583,14 +592,14 @@ enum xg_tcp_verdict {
 
 /*
  * Judge one frame exactly as the hot loop does, with the clock given
- * (@now_s as xg_tcp_now(), @now_ms in milliseconds): for tests and tools.
+ * (@now_s as xg_tcp_now()): for tests and tools.
  * @from_outside picks the direction (frames from inside always pass);
  * @meta is what XDP said of a frame from outside (XG_META_* flags). The
  * frame is not changed (*@len neither). Verdict counters go to @stats.
  * Returns an enum xg_tcp_verdict.
  */
 int xg_tcp_judge(struct xg_tcp *tcp, uint8_t *frame, uint32_t *len, int from_outside,
-		 uint32_t meta, uint32_t now_s, uint64_t now_ms,
+		 uint32_t meta, uint32_t now_s,
 		 struct xg_worker_stats *stats);
 
 /* ---- workers ---- */

@@ -99,7 +99,6 @@ void xg_clock_read(struct xg_clock *c)
 
 	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
 	c->s = (uint32_t)ts.tv_sec;
-	c->ms = (uint64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* ---- parsing ---- */
@@ -648,9 +647,9 @@ void xg_tcp_inside(struct xg_tcp *t, const uint8_t *frame, uint32_t len,
 /* ---- the C API of xg_shim.h ---- */
 
 int xg_tcp_judge(struct xg_tcp *tcp, uint8_t *frame, uint32_t *len, int from_outside,
-		 uint32_t meta, uint32_t now_s, uint64_t now_ms, struct xg_worker_stats *st)
+		 uint32_t meta, uint32_t now_s, struct xg_worker_stats *st)
 {
-	struct xg_clock now = { .s = now_s, .ms = now_ms };
+	struct xg_clock now = { .s = now_s };
 
 	if (!from_outside) {
 		xg_tcp_inside(tcp, frame, *len, &now);

@@ -10,7 +10,6 @@
 /* One reading of the clock per burst. */
 struct xg_clock {
 	uint32_t s;	/* coarse monotonic seconds (xg_tcp_now()) */
-	uint64_t ms;
 };
 
 void xg_clock_read(struct xg_clock *c);

@@ -831,7 +831,6 @@ class Tcp(_Handle):
         frame: bytes,
         from_outside: bool,
         now_s: int,
-        now_ms: int | None = None,
         meta: int = 0,
         stats: Any = None,
     ) -> tuple[int, bytes]:
@@ -848,7 +847,6 @@ class Tcp(_Handle):
                 int(from_outside),
                 meta,
                 now_s,
-                now_s * 1000 if now_ms is None else now_ms,
                 st,
             )
         return int(v), bytes(ffi.buffer(buf, length[0]))
