@@ -158,7 +158,7 @@ class Engine:
         self.progs: dict[Role, XdpProgram] = {}
         self.umem: B.Umem | None = None
         self.paths: list[_QueuePath] = []
-        self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._undo: list[tuple[str, Callable[[], None], bool]] = []
         self._stats_lock = threading.Lock()
         self.fatal = threading.Event()
         self.fatal_reason = ""
@@ -189,8 +189,10 @@ class Engine:
             raise
         self.started_at = time.time()
 
-    def _push_undo(self, what: str, fn: Callable[[], None]) -> None:
-        self._undo.append((what, fn))
+    def _push_undo(self, what: str, fn: Callable[[], None], loop_uses: bool = False) -> None:
+        """``fn`` undoes ``what`` at stop(); ``loop_uses``: it frees memory a
+        worker's loop reads (kept back if a worker did not stop)."""
+        self._undo.append((what, fn, loop_uses))
 
     def _start(self) -> None:
         cfg = self.cfg
@@ -229,7 +231,7 @@ class Engine:
         # pinned one brings back every flow a restart would have cut. The
         # challenges' secret and verified sources are pinned beside it.
         self.flowtab, self.flows_restored = open_table(cfg.max_flows, cfg.state_dir)
-        self._push_undo("close the flow table", self.flowtab.close)
+        self._push_undo("close the flow table", self.flowtab.close, loop_uses=True)
         pin = pin_dir_for(cfg.state_dir) if cfg.state_dir is not None else None
         max_verified = verified_capacity(cfg.max_flows)
         pinned = open_pinned(pin, max_verified)
@@ -264,7 +266,7 @@ class Engine:
         learn = 0.0 if self.flows_restored else cfg.learn
         challenges = Challenges(outer, "xg_secret" in pinned.fds)
         self.tcp = TcpStage(cfg.max_flows, learn, challenges, self.flowtab)
-        self._push_undo("free the TCP stage", self.tcp.close)
+        self._push_undo("free the TCP stage", self.tcp.close, loop_uses=True)
         if self.flows_restored:
             n = self.tcp.flows(0)["tracked"]
             log.info("flow table restored: %d flow(s), no learning window", n)
@@ -306,7 +308,7 @@ class Engine:
         log.info("rules: %d local rule(s), %d rate limit(s)", had["rules"], had["ratelimits"])
 
         self.umem = B.Umem(nq * cfg.frames_per_queue, cfg.frame_size, cfg.ring_size)
-        self._push_undo("free UMEM", self.umem.close)
+        self._push_undo("free UMEM", self.umem.close, loop_uses=True)
 
         for q in range(nq):
             self._build_queue(q)
@@ -428,7 +430,7 @@ class Engine:
                 ) from exc
             flags = 0
             setattr(path, role.name.lower(), sock)
-            self._push_undo(f"close socket {dev.name}/{q}", sock.close)
+            self._push_undo(f"close socket {dev.name}/{q}", sock.close, loop_uses=True)
             self.progs[role].set_socket(q, sock.info()["fd"])
         assert path.outer is not None and path.inner is not None
         path.worker = B.Worker(
@@ -439,7 +441,7 @@ class Engine:
             path.nframes,
             B.WORKER_NO_POLICY if cfg.no_policy else 0,
         )
-        self._push_undo(f"free worker {q}", path.worker.close)
+        self._push_undo(f"free worker {q}", path.worker.close, loop_uses=True)
         path.worker.set_tcp(self.tcp.tcp if self.tcp else None)
 
     def _save_verified(self, path: Path) -> None:
@@ -612,15 +614,21 @@ class Engine:
     def stop(self) -> None:
         """Undo everything start() did, newest first; safe to call twice."""
         while self._undo:
-            what, fn = self._undo.pop()
+            what, fn, _ = self._undo.pop()
             try:
                 fn()
             except Exception as exc:  # keep tearing down: each step is independent
                 log.error("teardown: %s failed: %s", what, exc)
                 if what == "stop workers":
                     # Freeing memory a running loop still uses would be worse
-                    # than leaking it: drop the remaining frees.
-                    self._undo = [(w, f) for w, f in self._undo if w.startswith("detach")]
+                    # than leaking it: those steps are kept back (the
+                    # process' exit frees it); every other one still runs:
+                    # the verified sources are saved, the state directory
+                    # let go.
+                    kept = [w for w, _, loop_uses in self._undo if loop_uses]
+                    log.error("teardown: kept back, a worker may still use it: %s",
+                              ", ".join(kept))  # fmt: skip
+                    self._undo = [u for u in self._undo if not u[2]]
 
     # ---- control ----
 

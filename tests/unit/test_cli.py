@@ -116,3 +116,47 @@ def test_the_rule_examples_in_help_are_valid_rules() -> None:
     assert len(examples) >= 5, examples
     for text in examples:
         flowspec.parse(text)
+
+
+def test_a_worker_that_does_not_stop_keeps_back_only_what_it_uses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 21, 3: when a worker does not stop, its memory must not be freed
+    under it; everything else is still undone, the verified sources saved
+    and the state directory let go. The old filter kept only 'detach'
+    steps, which had run already: it kept nothing."""
+    from xdpguard.engine import Engine
+
+    engine = Engine.__new__(Engine)  # only its undo list: no devices here
+    engine._undo = []
+    done: list[str] = []
+
+    def step(what: str, fails: bool = False):  # type: ignore[no-untyped-def]
+        def fn() -> None:
+            if fails:
+                raise RuntimeError("worker 0 did not stop")
+            done.append(what)
+
+        return fn
+
+    for what, loop_uses in (
+        ("let go of the state directory", False),
+        ("close the flow table", True),
+        ("unload outer program", False),
+        ("free the TCP stage", True),
+        ("save verified sources", False),
+        ("free UMEM", True),
+        ("close socket outer/0", True),
+        ("free worker 0", True),
+    ):
+        engine._push_undo(what, step(what), loop_uses)
+    engine._push_undo("stop workers", step("stop workers", fails=True))
+    engine._push_undo("detach XDP from outer", step("detach XDP from outer"))
+    engine.stop()
+    assert done == [
+        "detach XDP from outer",
+        "save verified sources",
+        "unload outer program",
+        "let go of the state directory",
+    ]
+    assert any("kept back" in r.getMessage() for r in caplog.records)
