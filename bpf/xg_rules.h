@@ -21,6 +21,8 @@
 #ifndef XG_RULES_H
 #define XG_RULES_H
 
+#include "xg_rule_hash.h"
+
 _Static_assert(sizeof(((struct xg_rule_list *)0)->entry) / 4 == XG_RULE_LIST_MAX,
 	       "xg_rule_list.entry holds XG_RULE_LIST_MAX entries");
 _Static_assert(sizeof(((struct xg_rule *)0)->terms) / 4 == XG_RULE_TERMS,
@@ -329,28 +331,6 @@ static __always_inline int rate_take(__u64 *tat, __u64 interval, __u32 cost, __u
 		t = now;
 	*tat = t + ((interval * cost) >> XG_RATE_SHIFT);
 	return 1;
-}
-
-/*
- * A destination prefix's filter hash: the address's first @plen bits as
- * two big-endian words @hi, @lo (IPv4 in the top of @hi), the length, the
- * family. xdpguard/rules.py computes the same (filter_hash()).
- */
-static __always_inline __u64 xg_rule_hash(__u64 hi, __u64 lo, __u32 plen, __u32 v6, __u64 salt)
-{
-	__u64 x;
-
-	if (plen < 64) {
-		hi &= plen ? ~0ULL << (64 - plen) : 0;
-		lo = 0;
-	} else if (plen < 128) {
-		lo &= plen > 64 ? ~0ULL << (128 - plen) : 0;
-	}
-	x = hi * 0x9e3779b97f4a7c15ULL ^ lo * 0xc2b2ae3d27d4eb4fULL ^
-	    ((__u64)(plen << 1 | v6) + salt) * 0x165667b19e3779f9ULL;
-	x ^= x >> 29;
-	x *= 0xbf58476d1ce4e5b9ULL;
-	return x ^ (x >> 32);
 }
 
 static __always_inline int bloom_has(const struct xg_rule_filter *f, __u64 h)

@@ -10,6 +10,12 @@
 #include <bpf/libbpf.h>
 
 #include "xg_shim.h"
+#include "xg_rule_hash.h"
+
+uint64_t xg_rule_hash_of(uint64_t hi, uint64_t lo, uint32_t plen, uint32_t v6, uint64_t salt)
+{
+	return xg_rule_hash(hi, lo, plen, v6, salt);
+}
 
 int xg_lpm_create(int v6)
 {

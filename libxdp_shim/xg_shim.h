@@ -296,6 +296,12 @@ void xg_classify(const uint8_t *frame, uint32_t len, struct xg_summary *out);
 uint64_t xg_siphash_words(const uint64_t *words, uint32_t n, const uint8_t *key, uint32_t c,
 			  uint32_t d);
 
+/*
+ * bpf/xg_rule_hash.h's xg_rule_hash(), the rules' Bloom filter hash, as
+ * XDP computes it: Python builds the filter with this. Never fails.
+ */
+uint64_t xg_rule_hash_of(uint64_t hi, uint64_t lo, uint32_t plen, uint32_t v6, uint64_t salt);
+
 /* ---- policy maps ---- */
 
 /*

@@ -519,6 +519,11 @@ class Generator(_Handle):
                 self._ptr = None
 
 
+def rule_hash(hi: int, lo: int, plen: int, v6: int, salt: int) -> int:
+    """bpf/xg_rule_hash.h's xg_rule_hash(), as XDP computes it."""
+    return int(lib.xg_rule_hash_of(hi, lo, plen, v6, salt))
+
+
 def classify(frame: bytes) -> dict[str, int]:
     """The parser's findings and verdict for ``frame`` (struct xg_summary), as XDP has them."""
     out = ffi.new("struct xg_summary *")

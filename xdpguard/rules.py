@@ -86,24 +86,10 @@ def interval(rate: float, ncpus: int) -> int:
     return max(iv, 1)
 
 
-_M64 = (1 << 64) - 1
-
-
 def filter_hash(hi: int, lo: int, plen: int, v6: int, salt: int) -> int:
-    """xg_rule_hash() of bpf/xg_rules.h: a destination prefix in the filter."""
-    if plen < 64:
-        hi &= (_M64 << (64 - plen)) & _M64 if plen else 0
-        lo = 0
-    elif plen < 128:
-        lo &= (_M64 << (128 - plen)) & _M64 if plen > 64 else 0
-    x = (
-        (hi * 0x9E3779B97F4A7C15 & _M64)
-        ^ (lo * 0xC2B2AE3D27D4EB4F & _M64)
-        ^ ((((plen << 1 | v6) + salt) & _M64) * 0x165667B19E3779F9 & _M64)
-    )
-    x ^= x >> 29
-    x = x * 0xBF58476D1CE4E5B9 & _M64
-    return x ^ (x >> 32)
+    """A destination prefix's hash in the rules' filter: bpf/xg_rule_hash.h's,
+    compiled into the shim (one function for XDP and for the filter)."""
+    return B.rule_hash(hi, lo, plen, v6, salt)
 
 
 @functools.lru_cache(maxsize=1 << 17)

@@ -396,3 +396,37 @@ def test_the_destination_filter_finds_every_prefix_length_v6(rig: Rig, plen: int
     assert rig.run(UDP6) == B.XDP_DROP
     rig.table.clear()
     assert rig.run(UDP6) == B.XDP_REDIRECT
+
+
+def test_the_filter_never_hides_a_prefix_with_rules(rig: Rig) -> None:
+    """Issue 21, 5: the filter in front of the walk answers "no rules here"
+    for most destinations; one built with another hash than XDP's would
+    say so for prefixes that have rules, and their rules would be skipped
+    (fail open). Random prefixes of every length, each with a rule, and a
+    frame to a random address inside each: every one is dropped by it."""
+    import ipaddress
+    import random
+
+    rng = random.Random(random.getrandbits(64))  # the test's seed, see conftest
+    rig.table.clear()
+    nets = set()
+    while len(nets) < 48:
+        v6 = rng.random() < 0.5
+        width = 128 if v6 else 32
+        plen = rng.randint(8, width)
+        addr = rng.getrandbits(width) & ~((1 << (width - plen)) - 1)
+        addr = (0x20010DB8 << 96 | addr & ((1 << 96) - 1)) if v6 else addr
+        net = ipaddress.ip_network((addr, plen if not v6 else max(plen, 32)), strict=False)
+        if not any(net.overlaps(n) for n in nets):
+            nets.add(net)
+    rig.table.add([f"dst {n} proto udp dport 9 drop" for n in nets])
+    for n in nets:
+        host = n.network_address + rng.randrange(n.num_addresses)
+        pkt = (
+            ETH / IPv6(src=SRC6, dst=str(host))
+            if n.version == 6
+            else ETH / IP(src=SRC4, dst=str(host))
+        ) / UDP(sport=4000, dport=9)
+        before = rig.prog.reason_counters()[Reason.rule_drop, 0]
+        assert rig.run(bytes(pkt)) == B.XDP_DROP, n
+        assert rig.prog.reason_counters()[Reason.rule_drop, 0] == before + 1, n
