@@ -18,5 +18,7 @@ void xg_classify(const uint8_t *frame, uint32_t len, struct xg_summary *out)
 	r = xg_parse(data, data + len, &h);
 	if (r == XG_REASON_REDIRECTED && h.l3)
 		r = xg_judge_l4(&h);
+	else if (r == XG_REASON_REDIRECTED && h.l3_proto != ETH_P_ARP)
+		r = XG_REASON_L2_OTHER; /* no ethertype is allowed in an empty policy */
 	xg_summarise(&h, data, r, out);
 }

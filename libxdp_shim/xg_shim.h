@@ -281,8 +281,9 @@ void xg_gen_close(struct xg_gen *g);
  * Classify @frame as the outer XDP program does with an empty policy, with
  * the same parser (bpf/xg_parse.h): *@out gets what the program loaded
  * with XG_CFG_SUMMARY writes in front of a frame (out->meta zero),
- * out->reason its verdict (XG_REASON_REDIRECTED, MALFORMED or
- * EXT_HEADER_LIMIT). Reads @len bytes and no more. Never fails, does not
+ * out->reason its verdict (XG_REASON_REDIRECTED, MALFORMED,
+ * EXT_HEADER_LIMIT, an L4 verdict, or L2_OTHER for a frame neither IP nor
+ * ARP). Reads @len bytes and no more. Never fails, does not
  * block.
  */
 void xg_classify(const uint8_t *frame, uint32_t len, struct xg_summary *out);
