@@ -61,6 +61,7 @@ const volatile struct {
 	struct xg_cookie_secret secret;
 	struct xg_tcp_cfg tcp_cfg;
 	struct xg_addr addr;
+	struct xg_sample sample;
 	struct xg_rule_filter rule_filter[0]; /* its layout, not its 32 KiB */
 } xg_btf_anchor;
 
@@ -175,6 +176,7 @@ struct {
 } xg_peer SEC(".maps");
 
 #include "xg_rules.h"
+#include "xg_samples.h"
 
 /* What the policy stages read: the parser's findings and the source as LPM keys. */
 struct pkt {
@@ -184,6 +186,7 @@ struct pkt {
 	struct xg_flow_key key;	/* the fast path's */
 	struct xg_seg seg;
 	__u32 stages;		/* xg_policy.stages, as outer_policy() read it */
+	__u32 len;		/* of the frame as it arrived */
 };
 
 /* @bits: the list's xg_list_bits for (v4, v6), checked against @policy. */
@@ -296,6 +299,10 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pk
 		return XG_REASON_MALFORMED; /* cannot happen: an array slot */
 	if (!pkt->h.l3)
 		return l2_policy(ctx, pkt, policy);
+	if (!(xg_cfg.flags & XG_CFG_NO_SAMPLES) &&
+	    (policy->lists & (XG_LISTS_PROTECT_V4 | XG_LISTS_PROTECT_V6)))
+		xg_dest_note(ctx, pkt->h.l3 - (void *)(long)ctx->data,
+			     xg_dest_class(&pkt->h) | pkt->h.v6 << 8 | policy->lists << 16, pkt->len);
 	if (policy->lists)
 		source_keys(ctx, pkt);
 
@@ -491,12 +498,12 @@ static __always_inline int fast_path(struct xdp_md *ctx, struct pkt *pkt, int x)
 
 /*
  * Put the word for the loop (struct xg_meta) in front of the frame, and,
- * loaded with XG_CFG_SUMMARY, the parser's findings in front of that. -1
- * if there is no room: the frame must then not reach the loop, which would
- * take its first bytes for the word.
+ * loaded with XG_CFG_SUMMARY, the parser's findings in front of that;
+ * *@front grows by what went in. -1 if there is no room: the frame must
+ * then not reach the loop, which would take its first bytes for the word.
  */
 static __always_inline int push_word(struct xdp_md *ctx, struct pkt *pkt, __u8 reason,
-				     __u32 flags)
+				     __u32 flags, __u32 *front)
 {
 	struct xg_summary sum = {};
 	struct xg_meta *word;
@@ -506,6 +513,7 @@ static __always_inline int push_word(struct xdp_md *ctx, struct pkt *pkt, __u8 r
 		xg_summarise(&pkt->h, (void *)(long)ctx->data, reason, &sum);
 	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(*word)))
 		return -1;
+	*front += sizeof(*word);
 	word = (void *)(long)ctx->data;
 	if ((void *)(word + 1) > (void *)(long)ctx->data_end)
 		return -1;
@@ -517,6 +525,7 @@ static __always_inline int push_word(struct xdp_md *ctx, struct pkt *pkt, __u8 r
 	sum.magic = XG_META_MAGIC;
 	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(struct xg_meta)))
 		return -1;
+	*front += sizeof(struct xg_meta);
 	data = (void *)(long)ctx->data;
 	if (data + sizeof(sum) > (void *)(long)ctx->data_end)
 		return -1;
@@ -533,11 +542,12 @@ int xdpguard_prog(struct xdp_md *ctx)
 	struct pkt pkt; /* each stage writes what the next reads */
 	enum xg_reason parsed, ruled;
 	int action = XDP_DROP, fast, pass;
-	__u32 key, meta_flags;
+	__u32 key, meta_flags, front = 0;
 
 	parsed = xg_parse((void *)(long)ctx->data, (void *)(long)ctx->data_end, &pkt.h);
 	if (xg_cfg.role == XG_ROLE_OUTER) {
 		pkt.stages = 0;
+		pkt.len = len;
 		reason = outer_policy(ctx, &pkt, parsed);
 		if (reason == XG_REASON_REDIRECTED && pkt.stages) {
 			ruled = outer_rules(ctx, &pkt);
@@ -583,7 +593,7 @@ int xdpguard_prog(struct xdp_md *ctx)
 	 * challenge read the frame where it starts.
 	 */
 	if (xg_cfg.role == XG_ROLE_OUTER && (pass || (xg_cfg.flags & XG_CFG_SUMMARY)) &&
-	    push_word(ctx, &pkt, reason, meta_flags) && pass) {
+	    push_word(ctx, &pkt, reason, meta_flags, &front) && pass) {
 		reason = XG_REASON_NO_HEADROOM;
 		pass = 0;
 	}
@@ -603,6 +613,9 @@ out:
 		cnt->packets++;
 		cnt->bytes += len;
 	}
+	/* A challenge was sampled as the SYN it answers, before it was written. */
+	if (reason != XG_REASON_SYN_CHALLENGED && xg_sample_due(key))
+		xg_sample_take(ctx, key, front, len);
 	return action;
 }
 

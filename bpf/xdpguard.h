@@ -24,7 +24,7 @@ enum {
 	 * carries it (xg_abi), and so does the compiled shim; xdpguard refuses
 	 * to start when either differs from xdpguard.defs.ABI_VERSION.
 	 */
-	XG_ABI_VERSION = 7,
+	XG_ABI_VERSION = 8,
 	/* Capacity of the per-queue maps; a device may use fewer. */
 	XG_MAX_QUEUES = 64,
 	/*
@@ -65,6 +65,9 @@ enum xg_list_bits {
 	XG_LISTS_ALLOW_V6 = 2,
 	XG_LISTS_BLOCK_V4 = 4,
 	XG_LISTS_BLOCK_V6 = 8,
+	/* Protected prefixes (xdpguard protect): count per destination. */
+	XG_LISTS_PROTECT_V4 = 16,
+	XG_LISTS_PROTECT_V6 = 32,
 };
 
 /* Which device a program instance (and a socket) serves. */
@@ -692,6 +695,11 @@ enum xg_load_flags {
 	XG_CFG_SUMMARY = 1,
 	/* The kernel has no bpf_ktime_get_coarse_ns (before 5.11): the precise clock. */
 	XG_CFG_NO_COARSE = 2,
+	/*
+	 * No samples and no counting per destination: the code is removed
+	 * (for the bench's "off" of the same program).
+	 */
+	XG_CFG_NO_SAMPLES = 4,
 };
 
 /* Load-time settings of one program instance (a const volatile global). */
@@ -723,6 +731,90 @@ struct xg_trace_event {
 	__s32 sent;		/* devmap_xmit: frames sent, and dropped */
 	__s32 drops;
 	__u32 pad;
+};
+
+/*
+ * Packet samples (xdpguard capture, top): 1 in N frames of each verdict
+ * reason, each a struct xg_sample on one ring buffer (xg_samples) that
+ * both program instances share, under one cap in samples per second.
+ */
+enum {
+	XG_SAMPLE_BYTES = 128,		/* of each frame, from its first byte */
+	XG_SAMPLE_RING = 4194304,	/* bytes of xg_samples: 26,000 samples */
+	/*
+	 * A reason that is not sampled looks at its rate again after this
+	 * many frames per CPU (xdpguard also restarts every countdown when
+	 * it changes a rate).
+	 */
+	XG_SAMPLE_IDLE = 65536,
+	/* Protected prefixes (xdpguard protect), and their addresses counted. */
+	XG_PROTECT_MAX = 4096,
+	XG_DEST_MAX = 65536,
+};
+
+/*
+ * A frame's direction: the device it arrived on. The loop's counters and
+ * the samples are by it.
+ */
+enum xg_dir {
+	XG_DIR_IN = 0,	/* arrived on outer: client to origin (outer RX -> inner TX) */
+	XG_DIR_OUT = 1,	/* arrived on inner: origin to client (inner RX -> outer TX) */
+	XG_NR_DIRS = 2,
+};
+
+/* One record of the xg_samples ring buffer. */
+struct xg_sample {
+	__u64 ts_ns;	/* bpf_ktime_get_ns() when judged */
+	__u32 len;	/* of the frame as it arrived */
+	/*
+	 * rule_drop, rule_rate_limited: 1 + the rule's slot;
+	 * source_rate_limited: 1 + the rate limit's id; else 0.
+	 */
+	__u32 rule;
+	__u32 every;	/* the frame's reason was sampled 1 in @every */
+	__u8 reason;	/* enum xg_reason */
+	__u8 dir;	/* enum xg_dir */
+	__u8 caplen;	/* bytes of @data that are the frame's */
+	__u8 pad;
+	__u8 data[XG_SAMPLE_BYTES];
+};
+
+/* xg_sample_cfg[0], written whole by xdpguard. */
+struct xg_sample_cfg {
+	__u32 every[XG_REASON_CAP];	/* 1 in every[reason]; 0: never */
+	__u64 interval_ns;		/* the cap: one sample per interval ... */
+	__u64 burst_ns;			/* ... with bursts of burst_ns / interval_ns */
+};
+
+/* xg_sample_state[0]: the cap's bucket and what it cost, XDP's only. */
+struct xg_sample_state {
+	__u64 tat;		/* the cap's theoretical arrival time (GCRA) */
+	__u64 taken;		/* samples put on the ring */
+	__u64 capped;		/* samples the cap refused */
+	__u64 ring_full;	/* samples the ring had no room for */
+};
+
+/* The protocol classes counted per protected destination. */
+enum xg_dest_class {
+	XG_CLASS_SYN = 0,	/* TCP with SYN and without ACK */
+	XG_CLASS_TCP = 1,	/* every other TCP segment */
+	XG_CLASS_UDP = 2,
+	XG_CLASS_ICMP = 3,	/* ICMP and ICMPv6 */
+	XG_CLASS_FRAGMENT = 4,	/* an IP fragment (its L4 may be unknown) */
+	XG_CLASS_OTHER = 5,
+	XG_NR_CLASSES = 6,
+};
+
+/*
+ * Per protected prefix (xg_protect_stats, by the prefix's index) and per
+ * destination address (xg_dests, an LRU by struct xg_addr): frames from
+ * outside, whatever their verdict, per CPU.
+ */
+struct xg_dest_counts {
+	__u64 packets[XG_NR_CLASSES];
+	__u64 bytes[XG_NR_CLASSES];
+	__u64 new_dests;	/* prefix only: addresses it put in xg_dests */
+	__u64 pad;
 };
 
 /* cffi:end */

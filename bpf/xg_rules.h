@@ -123,7 +123,8 @@ struct xg_rule_pkt {
 	__u32 have;		/* bit c: the frame has component c's field */
 	__u32 wire_len;		/* the frame, for byte rates and counters */
 	__u8 family;		/* 4 or 6 */
-	__u8 pad[7];
+	__u8 pad[3];
+	__u32 hit;		/* what struct xg_sample.rule says of the verdict */
 	__u8 src[16];		/* 8-byte aligned, for source_in() */
 	__u8 dst[16];
 	/* Scratch of the stages, off the stack too. */
@@ -445,6 +446,7 @@ static __always_inline int rules_judge(struct xg_rule_pkt *p)
 		return XG_REASON_REDIRECTED; /* cannot happen: array slots */
 	st->packets++;
 	st->bytes += p->wire_len;
+	p->hit = key->prefixlen + 1;
 	switch (r->action) {
 	case XG_RULE_ACCEPT:
 		return XG_REASON_REDIRECTED;
@@ -483,6 +485,7 @@ static __always_inline int ratelimit_judge(struct xg_rule_pkt *p)
 	if (!rl)
 		return XG_REASON_REDIRECTED;
 	id = rl->id;
+	p->hit = id + 1;
 	if (rl->flags & XG_RL_PER_SOURCE) {
 		skey->id = rl->id;
 		skey->tag = rl->tag;
@@ -540,6 +543,7 @@ __attribute__((noinline)) int xg_rules_stage(struct xdp_md *ctx, __u32 l3_off, _
 	p = bpf_map_lookup_elem(&xg_rule_scratch, &zero);
 	if (!ctx || !p)
 		return XG_REASON_MALFORMED; /* cannot happen */
+	p->hit = 0;
 	if (rule_fields(ctx, l3_off, l4_off, l3_len, (info >> 8) & 0xff, info & 0xff, v6, p))
 		return XG_REASON_MALFORMED; /* cannot happen: the parser read as far */
 	if (stages & (v6 ? XG_STAGES_RULES_V6 : XG_STAGES_RULES_V4)) {
@@ -550,6 +554,19 @@ __attribute__((noinline)) int xg_rules_stage(struct xdp_md *ctx, __u32 l3_off, _
 	if (stages & (v6 ? XG_STAGES_RATELIMITS_V6 : XG_STAGES_RATELIMITS_V4))
 		return ratelimit_judge(p);
 	return XG_REASON_REDIRECTED;
+}
+
+/* struct xg_sample.rule of a frame this CPU's rule stages just judged @reason. */
+static __always_inline __u32 xg_rule_hit(__u32 reason)
+{
+	struct xg_rule_pkt *p;
+	__u32 zero = 0;
+
+	if (reason != XG_REASON_RULE_DROP && reason != XG_REASON_RULE_RATE_LIMITED &&
+	    reason != XG_REASON_SOURCE_RATE_LIMITED)
+		return 0;
+	p = bpf_map_lookup_elem(&xg_rule_scratch, &zero);
+	return p ? p->hit : 0;
 }
 
 #endif /* XG_RULES_H */

@@ -6,6 +6,8 @@
  */
 #include <unistd.h>
 #include <errno.h>
+#include <stdlib.h>
+#include <string.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 
@@ -205,4 +207,59 @@ int xg_map_dump(int fd, void *keys, void *values, uint32_t max, uint32_t *count)
 		*count = i + 1;
 	}
 	return 0;
+}
+
+/*
+ * xg_dests (an LRU of per-CPU struct xg_dest_counts) whole, each entry's
+ * counts summed over the CPUs, by the kernel's batch lookups (a hash
+ * changes while it is read: an entry may be missed or seen twice, never
+ * torn).
+ */
+int xg_dests_read(int fd, struct xg_addr *keys, struct xg_dest_counts *sums, uint32_t max,
+		  uint32_t *n)
+{
+	LIBBPF_OPTS(bpf_map_batch_opts, opts);
+	int ncpus = libbpf_num_possible_cpus(), err = 0;
+	uint32_t got = 0, count, batch = 1024, i, c, j, token = 0;
+	struct xg_dest_counts *vals;
+	int first = 1;
+
+	*n = 0;
+	if (ncpus <= 0)
+		return ncpus < 0 ? ncpus : -EINVAL;
+	vals = calloc((size_t)batch * ncpus, sizeof(*vals));
+	if (!vals)
+		return -ENOMEM;
+	while (got < max) {
+		count = max - got < batch ? max - got : batch;
+		err = bpf_map_lookup_batch(fd, first ? NULL : &token, &token, keys + got, vals,
+					   &count, &opts);
+		if (err && errno != ENOENT) {
+			err = -errno;
+			break;
+		}
+		for (i = 0; i < count; i++) {
+			struct xg_dest_counts *s = &sums[got + i];
+
+			memset(s, 0, sizeof(*s));
+			for (c = 0; c < (uint32_t)ncpus; c++) {
+				struct xg_dest_counts *v = &vals[(size_t)i * ncpus + c];
+
+				for (j = 0; j < XG_NR_CLASSES; j++) {
+					s->packets[j] += v->packets[j];
+					s->bytes[j] += v->bytes[j];
+				}
+				s->new_dests += v->new_dests;
+			}
+		}
+		got += count;
+		first = 0;
+		if (err) { /* ENOENT: that was the last batch */
+			err = 0;
+			break;
+		}
+	}
+	free(vals);
+	*n = got;
+	return err;
 }

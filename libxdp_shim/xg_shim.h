@@ -288,6 +288,32 @@ void xg_gen_close(struct xg_gen *g);
  */
 void xg_classify(const uint8_t *frame, uint32_t len, struct xg_summary *out);
 
+/* What xg_sample_keys() found in a sample. */
+enum {
+	XG_KEYS_IP = 1,		/* src, dst and proto are set */
+	XG_KEYS_V6 = 2,
+	XG_KEYS_PORTS = 4,	/* TCP or UDP: sport and dport are set */
+};
+
+struct xg_sample_keys {
+	uint8_t src[16];	/* IPv4 as ::ffff:a.b.c.d */
+	uint8_t dst[16];
+	uint16_t sport;		/* host order */
+	uint16_t dport;
+	uint16_t l3_proto;	/* the ethertype after VLAN tags, host order */
+	uint8_t proto;		/* IPPROTO_* after the header chain */
+	uint8_t tcp_flags;
+	uint8_t flags;		/* XG_KEYS_* */
+	uint8_t pad[3];
+};
+
+/*
+ * The addresses and ports of @n samples, by the parser of bpf/xg_parse.h
+ * (what a sample lacks of its frame reads as zeros): @out[i] for @s[i].
+ * Never fails, does not block; thread-safe.
+ */
+void xg_sample_keys(const struct xg_sample *s, uint32_t n, struct xg_sample_keys *out);
+
 /*
  * SipHash-@c-@d of the @n 64-bit words at @words (little-endian) under the
  * 16-byte @key: xg_flow.h's xg_siphash(), which the flow table (1-3) and
@@ -328,6 +354,17 @@ int xg_map_probe(uint32_t type, uint32_t key_size, uint32_t value_size, uint32_t
  * -errno (nothing to close then).
  */
 int xg_rule_filter_create(const struct xg_rule_filter *filter);
+
+/*
+ * Every entry of @fd, the XDP program's xg_dests (per-CPU struct
+ * xg_dest_counts by struct xg_addr), up to @max: the addresses in @keys,
+ * their counts summed over the CPUs in @sums, how many in *@n. The map
+ * changes while it is read: an entry may be missed or read twice, none is
+ * torn. Returns 0 or -errno (then *@n says how many were read). Blocks
+ * for a syscall per 1024 entries.
+ */
+int xg_dests_read(int fd, struct xg_addr *keys, struct xg_dest_counts *sums, uint32_t max,
+		  uint32_t *n);
 
 /*
  * Write @count entries (@keys and @values: arrays of the map's key and
@@ -613,10 +650,8 @@ int xg_tcp_judge(struct xg_tcp *tcp, uint8_t *frame, uint32_t *len, int from_out
 
 struct xg_worker;
 
+/* Directions (enum xg_dir) are bpf/xdpguard.h's. */
 enum {
-	XG_DIR_IN = 0,		/* outer RX -> inner TX (client to origin) */
-	XG_DIR_OUT = 1,		/* inner RX -> outer TX (origin to client) */
-	XG_NR_DIRS = 2,
 	/* Descriptors moved per ring per step of the loop. */
 	XG_BATCH = 64,
 	/* Longest sleep in poll() when idle; bounds the reaction to stop. */
@@ -741,6 +776,31 @@ int xg_worker_set_tcp(struct xg_worker *w, struct xg_tcp *tcp);
 
 /* Free @w (stop and join its thread first). NULL is a no-op. */
 void xg_worker_destroy(struct xg_worker *w);
+
+/* ---- BPF ring buffers of fixed-size records ---- */
+
+struct xg_ring;
+
+/*
+ * Read the ring buffer map @map_fd (the caller keeps it open), whose
+ * records are @rec_size bytes, through a backlog of @backlog records.
+ * *@out is the caller's: free with xg_ring_close(). Returns 0, -EINVAL or
+ * -ENOMEM, or libbpf's -errno.
+ */
+int xg_ring_open(int map_fd, uint32_t rec_size, uint32_t backlog, struct xg_ring **out);
+
+/*
+ * Copy up to @max records to @out (@max * rec_size bytes); if none is
+ * waiting, wait for one at most @timeout_ms (-1: for ever, 0: not at all).
+ * Returns how many, or -errno. Blocks. One thread at a time.
+ */
+int xg_ring_poll(struct xg_ring *r, void *out, uint32_t max, int timeout_ms);
+
+/* Records lost here: the backlog had no room, or one was too short. */
+uint64_t xg_ring_dropped(const struct xg_ring *r);
+
+/* Free @r. NULL is a no-op. */
+void xg_ring_close(struct xg_ring *r);
 
 /* ---- xdpguard trace ---- */
 

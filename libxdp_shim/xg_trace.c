@@ -1,12 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-2-Clause
 /*
  * Loading bpf/xg_trace.bpf.o (the kernel's XDP error tracepoints, as
- * tp_btf programs) and reading its ring buffer for xdpguard trace.
- *
- * Events are copied from the ring buffer into a buffer of our own, then
- * handed out by xg_trace_poll(): libbpf consumes a record before its
- * callback returns, so a caller's array that is full must not be where
- * the callback writes. What our buffer has no room for counts as lost.
+ * tp_btf programs) and reading its ring buffer (xg_ring.c) for xdpguard
+ * trace.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -22,27 +18,9 @@ struct xg_trace {
 	struct bpf_object *obj;
 	struct bpf_link *links[8];
 	int nlinks;
-	struct ring_buffer *rb;
+	struct xg_ring *ring;
 	int lost_fd;
-	uint64_t dropped;	/* ours: no room in backlog */
-	uint32_t head, count;
-	struct xg_trace_event backlog[BACKLOG];
 };
-
-static int take(void *ctx, void *data, size_t size)
-{
-	struct xg_trace *t = ctx;
-
-	if (size < sizeof(struct xg_trace_event))
-		return 0;
-	if (t->count == BACKLOG) {
-		t->dropped++;
-		return 0;
-	}
-	memcpy(&t->backlog[(t->head + t->count) % BACKLOG], data, sizeof(struct xg_trace_event));
-	t->count++;
-	return 0;
-}
 
 void xg_trace_close(struct xg_trace *t)
 {
@@ -50,7 +28,7 @@ void xg_trace_close(struct xg_trace *t)
 
 	if (!t)
 		return;
-	ring_buffer__free(t->rb);
+	xg_ring_close(t->ring);
 	for (i = 0; i < t->nlinks; i++)
 		bpf_link__destroy(t->links[i]);
 	bpf_object__close(t->obj);
@@ -87,12 +65,10 @@ int xg_trace_open(const char *path, struct xg_trace **out)
 		}
 		t->nlinks++;
 	}
-	t->rb = ring_buffer__new(bpf_object__find_map_fd_by_name(t->obj, "trace_events"), take,
-				 t, NULL);
-	if (!t->rb) {
-		err = -errno;
+	err = xg_ring_open(bpf_object__find_map_fd_by_name(t->obj, "trace_events"),
+			   sizeof(struct xg_trace_event), BACKLOG, &t->ring);
+	if (err)
 		goto fail;
-	}
 	t->lost_fd = bpf_object__find_map_fd_by_name(t->obj, "trace_lost");
 	*out = t;
 	return 0;
@@ -103,26 +79,13 @@ fail:
 
 int xg_trace_poll(struct xg_trace *t, struct xg_trace_event *out, uint32_t max, int timeout_ms)
 {
-	uint32_t n = 0;
-	int err;
-
-	if (!t->count) {
-		err = ring_buffer__poll(t->rb, timeout_ms);
-		if (err < 0 && err != -EINTR)
-			return err;
-	}
-	while (n < max && t->count) {
-		out[n++] = t->backlog[t->head];
-		t->head = (t->head + 1) % BACKLOG;
-		t->count--;
-	}
-	return (int)n;
+	return xg_ring_poll(t->ring, out, max, timeout_ms);
 }
 
 uint64_t xg_trace_lost(struct xg_trace *t)
 {
 	int ncpus = libbpf_num_possible_cpus(), i;
-	uint64_t sum = t->dropped, *v;
+	uint64_t sum = xg_ring_dropped(t->ring), *v;
 	uint32_t zero = 0;
 
 	if (ncpus <= 0 || t->lost_fd < 0)

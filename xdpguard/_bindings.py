@@ -33,6 +33,8 @@ FRAG_PASS: int = lib.XG_FRAG_PASS
 FRAG_DROP: int = lib.XG_FRAG_DROP
 PORT_WORDS: int = lib.XG_PORT_WORDS
 LISTS_ALLOW_V4: int = lib.XG_LISTS_ALLOW_V4
+LISTS_PROTECT_V4: int = lib.XG_LISTS_PROTECT_V4
+LISTS_PROTECT_V6: int = lib.XG_LISTS_PROTECT_V6
 LISTS_ALLOW_V6: int = lib.XG_LISTS_ALLOW_V6
 LISTS_BLOCK_V4: int = lib.XG_LISTS_BLOCK_V4
 LISTS_BLOCK_V6: int = lib.XG_LISTS_BLOCK_V6
@@ -42,6 +44,12 @@ META_STATE_OVER: int = lib.XG_META_STATE_OVER
 META_FORWARD: int = lib.XG_META_FORWARD
 CFG_SUMMARY: int = lib.XG_CFG_SUMMARY
 CFG_NO_COARSE: int = lib.XG_CFG_NO_COARSE
+CFG_NO_SAMPLES: int = lib.XG_CFG_NO_SAMPLES
+SAMPLE_BYTES: int = lib.XG_SAMPLE_BYTES
+PROTECT_MAX: int = lib.XG_PROTECT_MAX
+DEST_MAX: int = lib.XG_DEST_MAX
+NR_CLASSES: int = lib.XG_NR_CLASSES
+KEYS_IP, KEYS_V6, KEYS_PORTS = lib.XG_KEYS_IP, lib.XG_KEYS_V6, lib.XG_KEYS_PORTS
 FAST_ON: int = lib.XG_FAST_ON
 FAST_TCP: int = lib.XG_FAST_TCP
 FLOW_WAYS: int = lib.XG_FLOW_WAYS
@@ -90,7 +98,7 @@ RULE_ACTIONS = {
 
 
 # What this Python code was written against (bpf/xdpguard.h XG_ABI_VERSION).
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 
 def abi_problem() -> str | None:
@@ -745,6 +753,61 @@ class FlowTab(_Handle):
 def sock_registered(umem: Umem, netns_cookie: int, ifindex: int, queue: int) -> bool:
     """Whether the UMEM's registry holds a socket for this (netns, ifindex, queue)."""
     return lib.xg_sock_find(umem._u, netns_cookie, ifindex, queue) != ffi.NULL
+
+
+class Ring(_Handle):
+    """A BPF ring buffer of fixed-size records ``c_struct``, read into numpy."""
+
+    _what = "ring buffer"
+
+    def __init__(self, map_fd: int, c_struct: str, backlog: int = 8192, batch: int = 1024) -> None:
+        """``map_fd`` stays the caller's, open as long as this reads it."""
+        super().__init__()
+        self.dtype = struct_dtype(c_struct)
+        out = ffi.new("struct xg_ring **")
+        check(lib.xg_ring_open(map_fd, self.dtype.itemsize, backlog, out), "reading a ring buffer")
+        self._ptr = out[0]
+        self._batch = batch
+        self._buf = ffi.new("char[]", batch * self.dtype.itemsize)
+
+    def poll(self, timeout_ms: int) -> np.ndarray:
+        """The records that came (a copy), waiting at most ``timeout_ms`` for the first."""
+        with self._lock:
+            n = check(lib.xg_ring_poll(self._get(), self._buf, self._batch, timeout_ms),
+                      "reading a ring buffer")  # fmt: skip
+            raw = bytes(ffi.buffer(self._buf, n * self.dtype.itemsize))
+        return np.frombuffer(raw, dtype=self.dtype)
+
+    def dropped(self) -> int:
+        return int(lib.xg_ring_dropped(self._get()))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ptr is not None:
+                lib.xg_ring_close(self._ptr)
+                self._ptr = None
+
+
+def sample_keys(samples: np.ndarray) -> np.ndarray:
+    """struct xg_sample_keys of each struct xg_sample in ``samples``, by the one parser."""
+    dtype = struct_dtype("struct xg_sample_keys")
+    out = np.zeros(len(samples), dtype=dtype)
+    if len(samples):
+        src = np.ascontiguousarray(samples)
+        lib.xg_sample_keys(ffi.from_buffer("struct xg_sample[]", src), len(samples),
+                           ffi.from_buffer("struct xg_sample_keys[]", out))  # fmt: skip
+    return out
+
+
+def dests_read(fd: int, max_entries: int) -> tuple[np.ndarray, np.ndarray]:
+    """xg_dests whole: (addresses as 16-byte rows, struct xg_dest_counts summed over CPUs)."""
+    keys = np.zeros((max_entries, 16), dtype=np.uint8)
+    sums = np.zeros(max_entries, dtype=struct_dtype("struct xg_dest_counts"))
+    n = ffi.new("uint32_t *")
+    check(lib.xg_dests_read(fd, ffi.from_buffer("struct xg_addr[]", keys),
+                            ffi.from_buffer("struct xg_dest_counts[]", sums), max_entries, n),
+          "reading the destinations' counters")  # fmt: skip
+    return keys[: n[0]].copy(), sums[: n[0]].copy()
 
 
 class Trace(_Handle):

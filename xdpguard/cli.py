@@ -623,6 +623,249 @@ def _l2_text(types: list[int]) -> str:
     return ", ".join(f"{t:#06x}" for t in types) if types else "nothing beside IP and ARP"
 
 
+class ReasonName(click.ParamType):
+    """A verdict reason, by its name in the counters (or a known alias)."""
+
+    name = "REASON"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from xdpguard.samples import parse_reason
+
+        try:
+            return str(parse_reason(str(value).strip()).name)
+        except XdpguardError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class ReasonRate(click.ParamType):
+    """REASON=N: sample 1 in N frames of that reason (0: none)."""
+
+    name = "REASON=N"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, int]:
+        name, eq, n = str(value).partition("=")
+        if not eq or not n.strip().isdigit():
+            self.fail(f"{value!r}: must be REASON=N, e.g. udp_src_port=10", param, ctx)
+        return ReasonName().convert(name, param, ctx), int(n)
+
+
+@main.group(cls=Group)
+def protect() -> None:
+    """The networks behind the appliance, and how hard each address is hit.
+
+    XDP counts every frame from outside to a protected address (whatever its
+    verdict) per protocol class: TCP SYN, other TCP, UDP, ICMP, fragments,
+    other; per prefix (in the metrics) and per address (an LRU of
+    --max-dests addresses: beyond it the quietest are evicted, and counted).
+    'xdpguard top --by dst' lists the busiest addresses.
+
+    \b
+    Example:
+      xdpguard protect add 169.254.0.0/24 2001:db8::/48 --name web
+    """
+
+
+@protect.command("add")
+@click.argument("prefixes", nargs=-1, required=True, type=Cidr())
+@click.option("--name", help="A name for these networks (in the metrics).")
+@json_option
+@control_option
+def protect_add(prefixes: tuple[str, ...], name: str | None, as_json: bool, control: str) -> None:
+    """Protect these networks (a name given again renames them)."""
+    r = _call(control, "protect.add", prefixes=list(prefixes), name=name)
+    _emit(r, as_json, f"protect: {r['added']} added; {len(r['protected'])} network(s) protected")
+
+
+@protect.command("del")
+@click.argument("prefixes", nargs=-1, required=True, type=Cidr())
+@json_option
+@control_option
+def protect_del(prefixes: tuple[str, ...], as_json: bool, control: str) -> None:
+    """Stop protecting these networks."""
+    r = _call(control, "protect.del", prefixes=list(prefixes))
+    missing = f" (not protected: {', '.join(r['missing'])})" if r["missing"] else ""
+    _emit(r, as_json, f"protect: {r['deleted']} deleted{missing}; "
+          f"{len(r['protected'])} network(s) protected")  # fmt: skip
+
+
+@protect.command("list")
+@json_option
+@control_option
+def protect_list(as_json: bool, control: str) -> None:
+    """The protected networks, with their rates per class over the last second."""
+    r = _call(control, "protect.list")
+    lines = []
+    for p in r["protected"]:
+        name = f" ({p['name']})" if p.get("name") else ""
+        rates = p.get("pps")
+        text = ", ".join(f"{c} {v:.0f}" for c, v in rates.items() if v) if rates else ""
+        lines.append(f"{p['prefix']}{name}: {text or 'quiet'}" + (" pps" if text else ""))
+    occ = r.get("addresses")
+    if occ:
+        lines.append(f"addresses counted: {occ['tracked']} of {occ['capacity']}, "
+                     f"{occ['evicted']} evicted")  # fmt: skip
+    _emit(r, as_json, "\n".join(lines) or "nothing is protected")
+
+
+@main.group(cls=Group)
+def sample() -> None:
+    """How often XDP samples the frames it judges (for capture and top).
+
+    Each verdict reason is sampled 1 in N frames (by default 1 in 1000 of
+    what is dropped or answered, 1 in 10000 of what goes on), and one cap
+    in samples per second bounds it all. Sampling never changes a verdict.
+    """
+
+
+@sample.command("set")
+@click.option("--reason", "rates", multiple=True, type=ReasonRate(),
+              help="REASON=N: 1 in N frames of that reason; 0: none. Repeatable.")  # fmt: skip
+@click.option("--drops", type=click.IntRange(0, 1 << 24), help="1 in N for every dropping reason.")
+@click.option("--forwarded", type=click.IntRange(0, 1 << 24),
+              help="1 in N for redirected, allowlist and fast_path.")  # fmt: skip
+@click.option("--cap", type=click.IntRange(1, 100_000), help="Samples per second, at most.")
+@json_option
+@control_option
+def sample_set(rates: tuple[tuple[str, int], ...], drops: int | None, forwarded: int | None,
+               cap: int | None, as_json: bool, control: str) -> None:  # fmt: skip
+    """Change the sampling rates (saved)."""
+    if not rates and drops is None and forwarded is None and cap is None:
+        raise click.UsageError("nothing to set: give --reason, --drops, --forwarded or --cap")
+    r = _call(control, "sample.set", every=dict(rates) or None, drops=drops, forwarded=forwarded,
+              cap=cap)  # fmt: skip
+    _emit(r, as_json, _sample_text(r))
+
+
+@sample.command("show")
+@json_option
+@control_option
+def sample_show(as_json: bool, control: str) -> None:
+    """The sampling rates in force, the cap, and what the cap refused."""
+    r = _call(control, "sample.get")
+    _emit(r, as_json, _sample_text(r))
+
+
+def _sample_text(r: dict[str, Any]) -> str:
+    groups: dict[int, list[str]] = {}
+    for name, n in r["every"].items():
+        groups.setdefault(n, []).append(name)
+    lines = [f"cap: {r['cap']} samples/s"]
+    for n, names in sorted(groups.items()):
+        lines.append(f"  {'never' if n == 0 else f'1 in {n}'}: {', '.join(names)}")
+    if "taken" in r:
+        lines.append(f"taken {r['taken']}, refused by the cap {r['capped']}, "
+                     f"ring full {r['ring_full']}; captures running: {r['captures']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--reason", "reasons", multiple=True, type=ReasonName(),
+              help="Only frames of this verdict (repeatable; default: every reason).")  # fmt: skip
+@click.option("--direction", type=click.Choice(["in", "out"]),
+              help="in: arriving on outer; out: arriving on inner (default: both).")  # fmt: skip
+@click.option("--count", type=click.IntRange(1), help="Stop after N packets.")
+@click.option("--seconds", type=click.FloatRange(0, min_open=True), help="Stop after S seconds.")
+@click.option("--before", is_flag=True,
+              help="Begin with the samples held from before (the last few thousand).")  # fmt: skip
+@click.option("-w", "--write", "path", required=True,
+              help="The pcapng file to write; '-' for standard output (| tcpdump -r -).")  # fmt: skip
+@control_option
+def capture(reasons: tuple[str, ...], direction: str | None, count: int | None,
+            seconds: float | None, before: bool, path: str, control: str) -> None:  # fmt: skip
+    """Write the frames XDP judges to a pcapng file, with their verdicts.
+
+    While it runs, the reasons asked for are sampled at every frame (within
+    the cap); their rates come back when it stops. Each packet's comment
+    says its reason, direction and the rule that matched, if one did; tshark
+    shows them (frame.comment). Without --count or --seconds, it runs until
+    Ctrl-C.
+
+    \b
+    Example: what the reflection ports filter drops
+      xdpguard capture --reason udp_src_port --count 100 -w drdos.pcapng
+      xdpguard capture --reason blocklist -w - | tcpdump -nr -
+    """
+    import base64
+    import contextlib
+    import os
+
+    from xdpguard import pcapng
+    from xdpguard._bindings import SAMPLE_BYTES
+
+    if path == "-":
+        out = sys.stdout.buffer
+    else:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise XdpguardError(f"cannot write {path}: {exc.strerror}") from None
+        out = os.fdopen(fd, "wb")
+    got = lost = 0
+    interfaces = [("outer", "frames arriving from outside"),
+                  ("inner", "frames arriving from the origin")]  # fmt: skip
+    deadline = time.monotonic() + seconds if seconds else None
+    with _client(control) as c:
+        start = c.call("capture.start", reasons=list(reasons) or None, direction=direction,
+                       before=before)  # fmt: skip
+        try:
+            w = pcapng.Writer(out, SAMPLE_BYTES, interfaces)
+            out.flush()
+            while count is None or got < count:
+                wait = 1.0
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        break
+                r = c.call("capture.read", id=start["id"], wait=wait,
+                           max=min(1000, count - got) if count else 1000)  # fmt: skip
+                lost += r["lost"]
+                for smp in r["samples"]:
+                    comment = f"reason={smp['reason']} direction={smp['direction']}"
+                    if smp.get("rule"):
+                        comment += f" rule={smp['rule']}"
+                    w.packet(0 if smp["direction"] == "in" else 1, smp["time_ns"],
+                             base64.b64decode(smp["data"]), smp["len"], comment)  # fmt: skip
+                    got += 1
+                out.flush()
+        except (KeyboardInterrupt, BrokenPipeError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                c.call("capture.stop", id=start["id"])
+            with contextlib.suppress(BrokenPipeError):
+                if out is not sys.stdout.buffer:
+                    out.close()
+    what = ", ".join(start["reasons"]) if start["reasons"] else "every reason"
+    click.echo(f"captured {got} packet(s) of {what}"
+               + (f"; {lost} lost (the capture fell behind)" if lost else ""), err=True)  # fmt: skip
+
+
+@main.command()
+@click.option("--by", type=click.Choice(["src", "dst", "sport", "dport", "proto", "src/24"]),
+              default="src", show_default=True, help="What to rank.")  # fmt: skip
+@click.option("--reason", type=ReasonName(), help="Only frames of this verdict.")
+@click.option("-n", "count", type=click.IntRange(1, 256), default=10, show_default=True)
+@json_option
+@control_option
+def top(by: str, reason: str | None, count: int, as_json: bool, control: str) -> None:
+    """The heaviest senders, receivers, ports and protocols arriving on outer.
+
+    Estimated from the samples (each stands for the frames it was sampled
+    from), over the last few seconds, in bounded memory: a flood from a
+    million sources costs no more than one. src/24 is a source's /24 (an
+    IPv6 source's /48). --by dst without --reason reads XDP's own counts of
+    the protected addresses ('xdpguard protect'), when there are some.
+    """
+    r = _call(control, "top", by=by, reason=reason, n=count)
+    rows = r["rows"]
+    head = f"top {by}" + (f" ({r['reason']})" if r.get("reason") else "") + f", {r['source']}:"
+    lines = [head] + [f"  {i:>3}. {x['key']:<42} {x['pps']:>12.1f} pps"
+                      for i, x in enumerate(rows, 1)]  # fmt: skip
+    _emit(r, as_json, "\n".join(lines) if rows else f"{head} nothing seen yet")
+
+
 @main.command()
 @click.argument("policy", required=False, type=click.Choice(["drop", "pass"]))
 @json_option

@@ -48,7 +48,8 @@ from typing import Any
 
 from xdpguard import __version__
 from xdpguard.errors import XdpguardError
-from xdpguard.policy import FRAG_POLICIES, MAX_COMMENT, MAX_TTL, PORT_PRESETS
+from xdpguard.policy import FRAG_POLICIES, MAX_COMMENT, MAX_TTL, PORT_PRESETS, PROTECT_MAX
+from xdpguard.samples import MAX_CAP, MAX_EVERY, TOP_BY, TOP_K
 from xdpguard.statefile import check_private_dir
 from xdpguard.tcp import LIMITS, MODES
 
@@ -62,6 +63,7 @@ IDLE_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 30.0
 # Prefixes in one add/del request (a bigger change is a list file).
 MAX_PREFIXES = 1 << 20
+MAX_PROTECT = PROTECT_MAX
 
 log = logging.getLogger("xdpguard.control")
 
@@ -134,6 +136,18 @@ class ListOf:
         if not isinstance(v, list) or len(v) > self.max_items:
             raise ArgError(f"{name}: must be a list of at most {self.max_items} items")
         return [self.item(f"{name}[{i}]", x) for i, x in enumerate(v)]
+
+
+@dataclass(frozen=True)
+class DictOf:
+    key: Str
+    value: Callable[[str, Any], Any]
+    max_items: int
+
+    def __call__(self, name: str, v: Any) -> dict[str, Any]:
+        if not isinstance(v, dict) or len(v) > self.max_items:
+            raise ArgError(f"{name}: must be an object of at most {self.max_items} members")
+        return {self.key(f"{name} key", k): self.value(f"{name}[{k}]", x) for k, x in v.items()}
 
 
 @dataclass(frozen=True)
@@ -335,6 +349,50 @@ COMMANDS: dict[str, Command] = {
         ),
         Command("ratelimit.del", "delete rate limits: {prefixes}", {"prefixes": _PREFIXES}),
         Command("ratelimit.list", "the rate limits, with their counters"),
+        Command(
+            "protect.add",
+            "protect networks: count frames to each of their addresses: {prefixes, name?}",
+            {"prefixes": Arg(ListOf(Str(64), MAX_PROTECT), True), "name": Arg(Str(64))},
+        ),
+        Command(
+            "protect.del",
+            "stop protecting networks: {prefixes}",
+            {"prefixes": Arg(ListOf(Str(64), MAX_PROTECT), True)},
+        ),
+        Command("protect.list", "the protected networks, their counters and rates"),
+        Command(
+            "sample.set",
+            "sampling rates, 1 in N (0: never): {every?: {reason: N}, drops?: N, "
+            "forwarded?: N, cap?: samples per second}",
+            {
+                "every": Arg(DictOf(Str(64), Int(0, MAX_EVERY), 64)),
+                "drops": Arg(Int(0, MAX_EVERY)),
+                "forwarded": Arg(Int(0, MAX_EVERY)),
+                "cap": Arg(Int(1, MAX_CAP)),
+            },
+        ),
+        Command("sample.get", "the sampling rates in force, the cap and what it refused"),
+        Command(
+            "capture.start",
+            "start a capture: {reasons?, direction?: in|out, before?: the samples held}",
+            {
+                "reasons": Arg(ListOf(Str(64), 64)),
+                "direction": Arg(Str(3, ("in", "out"))),
+                "before": Arg(Bool()),
+            },
+        ),
+        Command(
+            "capture.read",
+            "the samples a capture got since the last read: {id, max?, wait?: seconds}",
+            {"id": Arg(Int(1, 1 << 62), True), "max": Arg(Int(1, 10000)),
+             "wait": Arg(Num(0, 10))},  # fmt: skip
+        ),
+        Command("capture.stop", "stop a capture: {id}", {"id": Arg(Int(1, 1 << 62), True)}),
+        Command(
+            "top",
+            "heavy hitters: {by?: src|dst|sport|dport|proto|src/24, reason?, n?}",
+            {"by": Arg(Str(8, TOP_BY)), "reason": Arg(Str(64)), "n": Arg(Int(1, TOP_K))},
+        ),
     )
 }
 

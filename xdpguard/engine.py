@@ -41,7 +41,9 @@ from xdpguard.flowtable import forget, open_table, pin_dir_for, unlock
 from xdpguard.flowtable import lock as lock_state
 from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
+from xdpguard.protect import ProtectMaps
 from xdpguard.rules import RuleTable
+from xdpguard.samples import INNER_SAMPLE_ENTRIES, Sampler, SampleMaps
 from xdpguard.sdnotify import sd_notify, watchdog_seconds
 from xdpguard.settings import DEFAULTS
 from xdpguard.statefile import check_private_dir
@@ -94,6 +96,7 @@ class EngineConfig:
     bpf_object: Path | None = None
     state_dir: Path | None = Path(DEFAULTS["state_dir"])
     max_flows: int = DEFAULTS["max_flows"]
+    max_dests: int = DEFAULTS["max_dests"]
     learn: float = DEFAULTS["learn"]
     # Prometheus metrics served on (address, port); None: off.
     metrics: tuple[str, int] | None = None
@@ -166,6 +169,8 @@ class Engine:
         self.rules: RuleTable | None = None
         self.tcp: TcpStage | None = None
         self.fast: FastPath | None = None
+        self.protect: ProtectMaps | None = None
+        self.sampler: Sampler | None = None
         self.flowtab: B.FlowTab | None = None
         self.flows_restored = False
         self.challenge_tx = "XDP_TX"  # how challenges leave outer
@@ -241,7 +246,7 @@ class Engine:
                 cfg.bpf_object,
                 flags=load_flags,
                 shared=self.flowtab.fds() | pinned.fds,
-                max_entries=verified_max_entries(max_verified),
+                max_entries=verified_max_entries(max_verified) | {"xg_dests": cfg.max_dests},
             )
         finally:
             for fd in pinned.fds.values():
@@ -249,6 +254,7 @@ class Engine:
         self.progs[Role.OUTER] = outer
         self._push_undo("unload outer program", outer.close)
         challenge_maps = {name: outer.map_fd(name) for name in PINNED}
+        sample_maps = SampleMaps(outer)
         if pin is not None and not pinned.whole():
             pin_maps(pin, challenge_maps)
         # The inner program answers no challenge: its own tables of them stay small.
@@ -256,8 +262,8 @@ class Engine:
             Role.INNER,
             cfg.bpf_object,
             flags=load_flags,
-            shared=self.flowtab.fds() | challenge_maps,
-            max_entries=INNER_MAX_ENTRIES,
+            shared=self.flowtab.fds() | challenge_maps | sample_maps.shared(),
+            max_entries=INNER_MAX_ENTRIES | INNER_SAMPLE_ENTRIES,
         )
         self.progs[Role.INNER] = inner
         self._push_undo("unload inner program", inner.close)
@@ -287,7 +293,16 @@ class Engine:
         # The policy is in the maps before the program sees a packet.
         maps = PolicyMaps(self.progs[Role.OUTER])
         self._push_undo("close policy maps", maps.close)
-        self.policy = Policy(maps, cfg.state_dir, tcp=self.tcp, tcp_initial=cfg.tcp_initial)
+        self.protect = ProtectMaps(outer, maps.set_protect_bits, cfg.max_dests)
+        self.sampler = Sampler(sample_maps, self.protect, self._rule_text)
+        self.policy = Policy(
+            maps,
+            cfg.state_dir,
+            tcp=self.tcp,
+            tcp_initial=cfg.tcp_initial,
+            protect=self.protect,
+            sampler=self.sampler,
+        )
         restored = self.policy.restore()
         log.info(
             "policy: blocklist %d+%d, allowlist %d+%d prefixes (v4+v6), %d UDP source ports, "
@@ -306,6 +321,9 @@ class Engine:
         self.rules = RuleTable(rule_maps, cfg.state_dir)
         had = self.rules.restore()
         log.info("rules: %d local rule(s), %d rate limit(s)", had["rules"], had["ratelimits"])
+
+        self.sampler.start()
+        self._push_undo("stop the sampler", self.sampler.stop)
 
         self.umem = B.Umem(nq * cfg.frames_per_queue, cfg.frame_size, cfg.ring_size)
         self._push_undo("free UMEM", self.umem.close, loop_uses=True)
@@ -443,6 +461,12 @@ class Engine:
         )
         self._push_undo(f"free worker {q}", path.worker.close, loop_uses=True)
         path.worker.set_tcp(self.tcp.tcp if self.tcp else None)
+
+    def _rule_text(self, reason: int, rule: int) -> str | None:
+        """A sample's rule (struct xg_sample.rule, 1 + slot or id) as text."""
+        if self.rules is None or not rule:
+            return None
+        return self.rules.hit_text(reason == Reason.source_rate_limited, rule - 1)
 
     def _save_verified(self, path: Path) -> None:
         # Only once the appliance ran: a failed start saves nothing.
@@ -658,6 +682,17 @@ class Engine:
                 raise XdpguardError("xdpguard is starting")
             return self.fast
 
+        def sampler() -> Sampler:
+            if self.sampler is None:
+                raise XdpguardError("xdpguard is starting")
+            return self.sampler
+
+        def protect_list() -> dict[str, Any]:
+            out = policy().protect_list()
+            if self.protect is not None:
+                out["addresses"] = self.protect.occupancy()
+            return out
+
         def tcp_changed(result: Any) -> Any:
             # Monitor mode and learning keep TCP off the fast path, at once.
             if self.fast is not None and self.tcp is not None:
@@ -676,6 +711,20 @@ class Engine:
             "l2.allow": lambda a: policy().l2_allow(a["ethertypes"]),
             "l2.del": lambda a: policy().l2_del(a["ethertypes"]),
             "l2.list": lambda a: policy().l2_list(),
+            "protect.add": lambda a: policy().protect_add(a["prefixes"], a["name"]),
+            "protect.del": lambda a: policy().protect_del(a["prefixes"]),
+            "protect.list": lambda a: protect_list(),
+            "sample.set": lambda a: policy().sample_set(a["every"], a["cap"], a["drops"],
+                                                        a["forwarded"]),  # fmt: skip
+            "sample.get": lambda a: policy().sample_get(),
+            "capture.start": lambda a: sampler().capture_start(
+                a["reasons"], a["direction"], bool(a["before"])
+            ),
+            "capture.read": lambda a: sampler().capture_read(
+                a["id"], a["max"] or 1000, 1.0 if a["wait"] is None else a["wait"]
+            ),
+            "capture.stop": lambda a: sampler().capture_stop(a["id"]),
+            "top": lambda a: sampler().top(a["by"] or "src", a["reason"], a["n"] or 10),
             "frags.set": lambda a: policy().frags_set(a["policy"]),
             "frags.get": lambda a: policy().frags_get(),
             "tcp.mode": lambda a: tcp_changed(

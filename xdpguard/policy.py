@@ -27,6 +27,8 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
+from xdpguard import _bindings as B
+from xdpguard import samples as samplesmod
 from xdpguard import statefile
 from xdpguard import tcp as tcpmod
 from xdpguard.errors import XdpguardError
@@ -382,9 +384,13 @@ class Policy:
         clock: Any = time.time,
         tcp: tcpmod.TcpStage | None = None,
         tcp_initial: dict[str, Any] | None = None,
+        protect: Any | None = None,
+        sampler: Any | None = None,
     ) -> None:
         """``tcp_initial``: the TCP settings of a first start (the settings
-        file's [tcp]); a state file's saved ones win over them."""
+        file's [tcp]); a state file's saved ones win over them. ``protect``
+        (xdpguard.protect.ProtectMaps) and ``sampler`` (xdpguard.samples.
+        Sampler) take the protected prefixes and the sampling rates."""
         self.maps = maps
         self.tcp = tcp
         self.tcp_initial = dict(tcp_initial or {})
@@ -395,6 +401,11 @@ class Policy:
         self.ports: list[int] = []
         self.l2: list[int] = []  # ethertypes allowed beside IP and ARP
         self.frags = "pass"
+        self.protect_maps = protect
+        self.sampler = sampler
+        # Protected prefixes as (family, canonical bytes, name), in the order added.
+        self.protected: list[tuple[str, bytes, str | None]] = []
+        self.sampling: dict[str, Any] = samplesmod.default_rates()
         self.comments: list[str] = []
         self._comment_ids: dict[str, int] = {}
         self._lock = threading.RLock()
@@ -659,6 +670,86 @@ class Policy:
     def l2_list(self) -> dict[str, Any]:
         return {"ethertypes": list(self.l2)}
 
+    # -- protected networks and samples --
+
+    def _set_protected(self, new: list[tuple[str, bytes, str | None]]) -> None:
+        if self.protect_maps is not None:
+            try:
+                self.protect_maps.replace(new)
+            except OSError as exc:
+                raise XdpguardError(f"protect not changed: the kernel refused ({exc})") from exc
+        self.protected = new
+
+    def protect_add(self, items: Sequence[Any], name: Any = None) -> dict[str, Any]:
+        if name is not None and (
+            not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable()
+        ):
+            raise PolicyInputError("name: must be 1 to 64 printable characters")
+        parsed = parse_protected(items)
+        with self._lock:
+            have = {(f, c): n for f, c, n in self.protected}
+            added = sum((f, c) not in have for f, c in parsed)
+            new = list(self.protected)
+            for f, c in parsed:
+                if (f, c) in have:
+                    new = [(f2, c2, name if (f2, c2) == (f, c) else n2) for f2, c2, n2 in new]
+                else:
+                    new.append((f, c, name))
+            if len(new) > PROTECT_MAX:
+                raise PolicyInputError(f"at most {PROTECT_MAX} protected prefixes")
+            self._set_protected(new)
+            return self._done({"added": added, **self.protect_list()})
+
+    def protect_del(self, items: Sequence[Any]) -> dict[str, Any]:
+        parsed = parse_protected(items)
+        with self._lock:
+            gone = set(parsed)
+            have = {(f, c) for f, c, _ in self.protected}
+            missing = [format_prefix(f, c) for f, c in parsed if (f, c) not in have]
+            self._set_protected([e for e in self.protected if (e[0], e[1]) not in gone])
+            return self._done({"deleted": len(gone & have), "missing": missing,
+                               **self.protect_list()})  # fmt: skip
+
+    def protect_list(self) -> dict[str, Any]:
+        rows = {r["prefix"]: r for r in self.protect_maps.prefixes()} if self.protect_maps else {}
+        out = []
+        for f, c, name in self.protected:
+            text = format_prefix(f, c)
+            out.append({**rows.get(text, {}), "prefix": text, "name": name})
+        return {"protected": out}
+
+    def sample_set(self, every: Any = None, cap: Any = None, drops: Any = None,
+                   forwarded: Any = None) -> dict[str, Any]:  # fmt: skip
+        """Change the sampling rates: per reason (``every``), for every dropping
+        or every forwarding reason at once, and the cap; persisted."""
+        with self._lock:
+            want = {"every": dict(self.sampling["every"]), "cap": self.sampling["cap"]}
+            for group, n in (("drops", drops), ("forwarded", forwarded)):
+                if n is not None:
+                    for r in samplesmod.Reason:
+                        if (r in samplesmod.FORWARDED) == (group == "forwarded"):
+                            want["every"][r.name] = n
+            for name, n in (every or {}).items():
+                want["every"][samplesmod.parse_reason(name).name] = n
+            if cap is not None:
+                want["cap"] = cap
+            try:
+                rates = samplesmod.validate_rates(want)
+            except ValueError as exc:
+                raise PolicyInputError(str(exc)) from None
+            if self.sampler is not None:
+                try:
+                    self.sampler.set_base(rates)
+                except OSError as exc:
+                    raise XdpguardError(f"sampling not changed: the kernel refused ({exc})") from exc
+            self.sampling = rates
+            return self._done(self.sample_get())
+
+    def sample_get(self) -> dict[str, Any]:
+        if self.sampler is not None:
+            return self.sampler.status()
+        return {"every": dict(self.sampling["every"]), "cap": self.sampling["cap"]}
+
     # -- TCP stage settings --
 
     def tcp_set(self, changes: dict[str, Any], learn: Any = None) -> dict[str, Any]:
@@ -691,6 +782,7 @@ class Policy:
                 "block": {f: len(self.lists["block"][f]) for f in FAMILIES},
                 "ports": list(self.ports),
                 "l2": list(self.l2),
+                "protect": len(self.protected),
                 "frags": self.frags,
                 "tcp": dict(self.tcp_settings),
                 "state_file": str(self.state_path) if self.state_path else None,
@@ -711,6 +803,8 @@ class Policy:
             "l2": self.l2,
             "frags": self.frags,
             "tcp": self.tcp_settings,
+            "protect": [[format_prefix(f, c), n] for f, c, n in self.protected],
+            "sampling": self.sampling,
             "comments": self.comments,
         }
         arrays: dict[str, np.ndarray] = {
@@ -735,6 +829,9 @@ class Policy:
         self.maps.set_frag_policy(self.frags)
         if self.tcp is not None:
             self.tcp.apply(self.tcp_settings)
+        self._set_protected(self.protected)
+        if self.sampler is not None:
+            self.sampler.set_base(self.sampling)
 
     def restore(self) -> dict[str, Any]:
         """Load the state file (if any) and push it all into the maps; what was restored."""
@@ -785,6 +882,11 @@ class Policy:
                 l2 = parse_ethertypes(l2)
             except PolicyInputError as exc:
                 raise ValueError(f"l2: {exc}") from None
+            # Files of before issue 19 have neither.
+            protected = _read_protected(meta.get("protect", []))
+            sampling = samplesmod.validate_rates(
+                meta.get("sampling", samplesmod.default_rates())
+            )
             if meta.get("frags") not in FRAG_POLICIES:
                 raise ValueError(f"bad fragment policy {meta.get('frags')!r}")
             comments = meta.get("comments")
@@ -831,6 +933,7 @@ class Policy:
                     lists[lst][f] = s
         self.lists, self.ports, self.frags = lists, sorted(set(ports)), meta["frags"]
         self.l2 = l2
+        self.protected, self.sampling = protected, sampling
         self.tcp_settings = tcp_settings
         overridden = sorted(k for k, v in self.tcp_initial.items() if saved_tcp.get(k, v) != v)
         if overridden:
@@ -842,6 +945,41 @@ class Policy:
             )
         self.comments = list(comments)
         self._comment_ids = {c: i for i, c in enumerate(comments)}
+
+
+PROTECT_MAX = B.PROTECT_MAX
+
+
+def parse_protected(items: Any) -> list[tuple[str, bytes]]:
+    """Prefixes to protect, each once, in order; PolicyInputError names the first bad one."""
+    if not isinstance(items, list | tuple) or not items:
+        raise PolicyInputError("no prefixes given")
+    out: list[tuple[str, bytes]] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise PolicyInputError(f"{item!r}: not a prefix")
+        try:
+            fc = parse_prefix(item.strip())
+        except ValueError as exc:
+            raise PolicyInputError(f"{item}: {exc}") from None
+        if fc[1][-1] == 0:
+            raise PolicyInputError(f"{item}: a /0 is not a network to protect")
+        if fc not in out:
+            out.append(fc)
+    return out
+
+
+def _read_protected(value: Any) -> list[tuple[str, bytes, str | None]]:
+    if not isinstance(value, list) or len(value) > PROTECT_MAX:
+        raise ValueError(f"protect: not a list of at most {PROTECT_MAX} [prefix, name]")
+    out = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and (item[1] is None or isinstance(item[1], str))):  # fmt: skip
+            raise ValueError(f"protect: {item!r} is not [prefix, name]")
+        family, canon = parse_prefix(item[0])
+        out.append((family, canon, item[1]))
+    return out
 
 
 def _is_int(v: Any) -> bool:

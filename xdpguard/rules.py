@@ -909,6 +909,20 @@ class RuleTable:
             self.state_path, lambda f: f.write(json.dumps(doc).encode()), "rules", self.unsaved
         )
 
+    def hit_text(self, ratelimit: bool, n: int) -> str | None:
+        """What a sample's rule field names (struct xg_sample.rule): the rule
+        in slot ``n``, or with ``ratelimit`` the rate limit of id ``n``."""
+        with self._lock:
+            if ratelimit:
+                for (_, p), lim in self.limits.items():
+                    if lim["id"] == n:
+                        return f"ratelimit {p.text()}"
+                return None
+            for (src, _), e in self.entries.items():
+                if e.slot == n:
+                    return e.rule.text() + ("" if src == LOCAL else f" (from {src})")
+            return None
+
     def save_if_behind(self) -> bool:
         if self.unsaved is None:
             return False

@@ -205,6 +205,16 @@ RUN: tuple[Setting, ...] = (
         parse=int,
     ),
     Setting(
+        "max_dests",
+        65536,
+        _number(int, 1024, 1 << 24),
+        "N",
+        "Protected destination addresses counted one by one ('xdpguard protect'; an LRU: "
+        "beyond it the quietest are evicted, and counted). Memory: 112 bytes per address "
+        "per CPU.",
+        parse=int,
+    ),
+    Setting(
         "learn",
         10.0,
         _number(float, 0, 86400),

@@ -220,6 +220,7 @@ class PolicyMaps:
         # stages' bits from xdpguard.rules): one at a time.
         self._policy_lock = threading.Lock()
         self._stages = 0
+        self._protect = 0  # enum xg_list_bits of the protected prefixes (xdpguard.protect)
         self._outer = {"v4": prog.map_fd("xg_lists_v4"), "v6": prog.map_fd("xg_lists_v6")}
         self._ports = prog.map_fd("xg_udp_ports")
         self._l2 = prog.map_fd("xg_l2_allow")
@@ -238,13 +239,20 @@ class PolicyMaps:
         with self._policy_lock:
             value = np.zeros(1, dtype=POLICY_DTYPE)
             value["frag_policy"] = self._frag
-            value["lists"] = sum(bit for key, bit in self._BITS.items() if self._count[key])
+            value["lists"] = self._protect | sum(
+                bit for key, bit in self._BITS.items() if self._count[key]
+            )
             value["stages"] = self._stages
             B.map_update(self._policy, struct.pack("=I", 0), value.tobytes())
 
     def set_stages(self, bits: int) -> None:
         """enum xg_stage_bits: which rule stages hold anything (xdpguard.rules)."""
         self._stages = bits
+        self._write_policy()
+
+    def set_protect_bits(self, bits: int) -> None:
+        """XG_LISTS_PROTECT_V4/V6: which families have protected prefixes."""
+        self._protect = bits
         self._write_policy()
 
     def _set_count(self, lst: str, family: str, n: int) -> None:

@@ -1,0 +1,261 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * What XDP shows of what it judges (xdpguard capture, top, protect):
+ *
+ *   samples: 1 in N frames of each verdict reason (N per reason, in
+ *            xg_sample_cfg), the first XG_SAMPLE_BYTES bytes of each with
+ *            its verdict, on one ring buffer both instances share, under
+ *            one cap in samples per second;
+ *   per destination: frames from outside to a protected address, per
+ *            protocol class, per address (an LRU) and per protected prefix.
+ *
+ * Neither changes a verdict. The per-frame cost is a countdown per CPU and
+ * reason (an array slot); everything else runs for the sampled frames only.
+ * Loaded with XG_CFG_NO_SAMPLES, the verifier removes all of it.
+ */
+#ifndef XG_SAMPLES_H
+#define XG_SAMPLES_H
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, XG_SAMPLE_RING);
+} xg_samples SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xg_sample_cfg);
+} xg_sample_cfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xg_sample_state);
+} xg_sample_state SEC(".maps");
+
+/*
+ * Frames of each reason until this CPU samples one. xdpguard zeroes them
+ * all when it changes a rate, so that a higher one applies from the next
+ * frame, not after the old countdown.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XG_REASON_CAP);
+	__type(key, __u32);
+	__type(value, __u32);
+} xg_sample_skip SEC(".maps");
+
+/* The protected prefixes, each to its index in xg_protect_stats. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, XG_PROTECT_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xg_lpm_v4);
+	__type(value, __u32);
+} xg_protect_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, XG_PROTECT_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct xg_lpm_v6);
+	__type(value, __u32);
+} xg_protect_v6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XG_PROTECT_MAX);
+	__type(key, __u32);
+	__type(value, struct xg_dest_counts);
+} xg_protect_stats SEC(".maps");
+
+/*
+ * Per destination address, IPv4 as ::ffff:a.b.c.d. An LRU: an attack on
+ * more addresses than it holds evicts the quietest (xdpguard counts the
+ * evictions as new_dests minus the entries).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, XG_DEST_MAX); /* --max-dests */
+	__type(key, struct xg_addr);
+	__type(value, struct xg_dest_counts);
+} xg_dests SEC(".maps");
+
+/*
+ * Sample the frame in @ctx, judged @reason, @front bytes from its start
+ * (the words pushed in front for the loop), @len bytes long as it arrived,
+ * as its reason's countdown ran out, if the cap allows. A global function:
+ * verified once, called for one frame in N.
+ */
+__attribute__((noinline)) int xg_sample_take(struct xdp_md *ctx, __u32 reason, __u32 front,
+					     __u32 len)
+{
+	struct xg_sample_state *st;
+	struct xg_sample_cfg *cfg;
+	__u32 zero = 0, every, n, *skip, slot = reason & (XG_REASON_CAP - 1);
+	struct xg_sample *rec;
+	__u64 now, tat, next;
+
+	if (!ctx)
+		return 0;
+	cfg = bpf_map_lookup_elem(&xg_sample_cfg, &zero);
+	st = bpf_map_lookup_elem(&xg_sample_state, &zero);
+	skip = bpf_map_lookup_elem(&xg_sample_skip, &slot);
+	if (!cfg || !st || !skip)
+		return 0;
+	every = cfg->every[reason & (XG_REASON_CAP - 1)];
+	if (!every) {
+		*skip = XG_SAMPLE_IDLE;
+		return 0;
+	}
+	*skip = every - 1;
+
+	/* The cap, one bucket for every CPU: a lost race is a sample capped. */
+	now = bpf_ktime_get_ns();
+	tat = st->tat;
+	if (tat > now + cfg->burst_ns || !cfg->interval_ns)
+		goto capped;
+	next = (tat < now ? now : tat) + cfg->interval_ns;
+	if (__sync_val_compare_and_swap(&st->tat, tat, next) != tat)
+		goto capped;
+
+	rec = bpf_ringbuf_reserve(&xg_samples, sizeof(*rec), 0);
+	if (!rec) {
+		__sync_fetch_and_add(&st->ring_full, 1);
+		return 0;
+	}
+	n = len < XG_SAMPLE_BYTES ? len : XG_SAMPLE_BYTES;
+	if (n < 1 || bpf_xdp_load_bytes(ctx, front, rec->data, n)) {
+		bpf_ringbuf_discard(rec, BPF_RB_NO_WAKEUP);
+		return 0;
+	}
+	rec->ts_ns = now;
+	rec->len = len;
+	rec->rule = xg_rule_hit(slot);
+	rec->every = every;
+	rec->reason = slot;
+	rec->dir = xg_cfg.role == XG_ROLE_OUTER ? XG_DIR_IN : XG_DIR_OUT;
+	rec->caplen = n;
+	rec->pad = 0;
+	bpf_ringbuf_submit(rec, 0);
+	__sync_fetch_and_add(&st->taken, 1);
+	return 1;
+capped:
+	__sync_fetch_and_add(&st->capped, 1);
+	return 0;
+}
+
+/* A frame judged @reason: is it this CPU's one in N? The per-frame cost. */
+static __always_inline int xg_sample_due(__u32 reason)
+{
+	__u32 *skip;
+
+	if (xg_cfg.flags & XG_CFG_NO_SAMPLES)
+		return 0;
+	skip = bpf_map_lookup_elem(&xg_sample_skip, &reason);
+	if (!skip)
+		return 0;
+	if (*skip) {
+		(*skip)--;
+		return 0;
+	}
+	return 1;
+}
+
+/* The protocol class of a parsed IP frame. */
+static __always_inline __u32 xg_dest_class(const struct xg_hdrs *h)
+{
+	if (h->frag & XG_FRAG_ANY)
+		return XG_CLASS_FRAGMENT;
+	switch (h->l4_proto) {
+	case IPPROTO_TCP:
+		return (h->tcp_flags & (XG_TCP_SYN | XG_TCP_ACK)) == XG_TCP_SYN ? XG_CLASS_SYN
+										  : XG_CLASS_TCP;
+	case IPPROTO_UDP:
+		return XG_CLASS_UDP;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		return XG_CLASS_ICMP;
+	default:
+		return XG_CLASS_OTHER;
+	}
+}
+
+/*
+ * Count a frame from outside, @len bytes, of @class, to @addr (16 bytes,
+ * IPv4 mapped) in protected prefix @idx.
+ */
+static __always_inline int xg_dest_count(struct xg_addr *addr, __u32 idx, __u32 class,
+					 __u32 len)
+{
+	struct xg_dest_counts *c, *p;
+
+	class = class < XG_NR_CLASSES ? class : XG_CLASS_OTHER;
+	p = bpf_map_lookup_elem(&xg_protect_stats, &idx);
+	if (!p)
+		return 0;
+	p->packets[class]++;
+	p->bytes[class] += len;
+	c = bpf_map_lookup_elem(&xg_dests, addr);
+	if (!c) {
+		struct xg_dest_counts fresh = {};
+
+		fresh.packets[class] = 1;
+		fresh.bytes[class] = len;
+		/* Another CPU may have put it there meanwhile: then count there. */
+		if (!bpf_map_update_elem(&xg_dests, addr, &fresh, BPF_NOEXIST)) {
+			p->new_dests++;
+			return 0;
+		}
+		c = bpf_map_lookup_elem(&xg_dests, addr);
+		if (!c)
+			return 0;
+	}
+	c->packets[class]++;
+	c->bytes[class] += len;
+	return 0;
+}
+
+/*
+ * Count a frame from outside, @len bytes, its IP header @l3_off bytes in,
+ * in its destination's protected prefix, if it has one. @info: the
+ * protocol class (bits 0-7), IPv6 (8), xg_policy.lists (16-31). Scalars
+ * only, so that the verifier walks it once and not once per path through
+ * the parser.
+ */
+__attribute__((noinline)) int xg_dest_note(struct xdp_md *ctx, __u32 l3_off, __u32 info,
+					   __u32 len)
+{
+	struct xg_lpm_v6 key6;
+	struct xg_lpm_v4 key4;
+	struct xg_addr addr;
+	__u32 *idx;
+
+	if (!ctx)
+		return 0;
+	if (info & (1 << 8)) {
+		if (!(info & (XG_LISTS_PROTECT_V6 << 16)) ||
+		    bpf_xdp_load_bytes(ctx, l3_off + 24, addr.addr, 16))
+			return 0;
+		key6.prefixlen = 128;
+		__builtin_memcpy(key6.addr, addr.addr, 16);
+		idx = bpf_map_lookup_elem(&xg_protect_v6, &key6);
+	} else {
+		if (!(info & (XG_LISTS_PROTECT_V4 << 16)) ||
+		    bpf_xdp_load_bytes(ctx, l3_off + 16, addr.addr + 12, 4))
+			return 0;
+		__builtin_memset(addr.addr, 0, 10);
+		addr.addr[10] = 0xff;
+		addr.addr[11] = 0xff;
+		key4.prefixlen = 32;
+		__builtin_memcpy(key4.addr, addr.addr + 12, 4);
+		idx = bpf_map_lookup_elem(&xg_protect_v4, &key4);
+	}
+	if (!idx)
+		return 0;
+	return xg_dest_count(&addr, *idx, info & 0xff, len);
+}
+
+#endif /* XG_SAMPLES_H */
