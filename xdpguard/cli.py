@@ -769,8 +769,13 @@ def _sample_text(r: dict[str, Any]) -> str:
 @click.option("--seconds", type=click.FloatRange(0, min_open=True), help="Stop after S seconds.")
 @click.option("--before", is_flag=True,
               help="Begin with the samples held from before (the last few thousand).")  # fmt: skip
-@click.option("-w", "--write", "path", required=True,
-              help="The pcapng file to write; '-' for standard output (| tcpdump -r -).")  # fmt: skip
+@click.option(
+    "-w",
+    "--write",
+    "path",
+    required=True,
+    help="The pcapng file to write; '-' for standard output (| tcpdump -r -).",
+)
 @control_option
 def capture(reasons: tuple[str, ...], direction: str | None, count: int | None,
             seconds: float | None, before: bool, path: str, control: str) -> None:  # fmt: skip
@@ -838,8 +843,8 @@ def capture(reasons: tuple[str, ...], direction: str | None, count: int | None,
                 if out is not sys.stdout.buffer:
                     out.close()
     what = ", ".join(start["reasons"]) if start["reasons"] else "every reason"
-    click.echo(f"captured {got} packet(s) of {what}"
-               + (f"; {lost} lost (the capture fell behind)" if lost else ""), err=True)  # fmt: skip
+    behind = f"; {lost} lost (the capture fell behind)" if lost else ""
+    click.echo(f"captured {got} packet(s) of {what}{behind}", err=True)
 
 
 @main.command()

@@ -384,8 +384,11 @@ COMMANDS: dict[str, Command] = {
         Command(
             "capture.read",
             "the samples a capture got since the last read: {id, max?, wait?: seconds}",
-            {"id": Arg(Int(1, 1 << 62), True), "max": Arg(Int(1, 10000)),
-             "wait": Arg(Num(0, 10))},  # fmt: skip
+            {
+                "id": Arg(Int(1, 1 << 62), True),
+                "max": Arg(Int(1, 10000)),
+                "wait": Arg(Num(0, 10)),
+            },
         ),
         Command("capture.stop", "stop a capture: {id}", {"id": Arg(Int(1, 1 << 62), True)}),
         Command(

@@ -43,7 +43,7 @@ from xdpguard.netns import Device, Netns, resolve_device
 from xdpguard.policy import Policy, Prefixes, parse_lines, parse_text, read_lines
 from xdpguard.protect import ProtectMaps
 from xdpguard.rules import RuleTable
-from xdpguard.samples import INNER_SAMPLE_ENTRIES, Sampler, SampleMaps
+from xdpguard.samples import INNER_SAMPLE_ENTRIES, SampleMaps, Sampler
 from xdpguard.sdnotify import sd_notify, watchdog_seconds
 from xdpguard.settings import DEFAULTS
 from xdpguard.statefile import check_private_dir
@@ -714,8 +714,9 @@ class Engine:
             "protect.add": lambda a: policy().protect_add(a["prefixes"], a["name"]),
             "protect.del": lambda a: policy().protect_del(a["prefixes"]),
             "protect.list": lambda a: protect_list(),
-            "sample.set": lambda a: policy().sample_set(a["every"], a["cap"], a["drops"],
-                                                        a["forwarded"]),  # fmt: skip
+            "sample.set": lambda a: policy().sample_set(
+                a["every"], a["cap"], a["drops"], a["forwarded"]
+            ),
             "sample.get": lambda a: policy().sample_get(),
             "capture.start": lambda a: sampler().capture_start(
                 a["reasons"], a["direction"], bool(a["before"])

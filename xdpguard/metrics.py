@@ -19,7 +19,17 @@ series is fixed by the reasons, directions, queues and states.
     xdpguard_policy_prefixes{list,family}, xdpguard_policy_udp_ports
     xdpguard_frames{place}                        the frame account: where every UMEM frame is
     xdpguard_worker_busy_ratio{queue}             CPU time of each worker since the last scrape
+    xdpguard_protected_packets_total{prefix,name,class}  frames to a protected prefix
+    xdpguard_protected_bytes_total{prefix,name,class}    (xdpguard protect: the operator's
+    xdpguard_protected_addresses, _capacity,             own networks, a bounded set)
+    xdpguard_protected_address_evictions_total
+    xdpguard_samples_total{result}                taken, capped, ring_full
     xdpguard_up_seconds, xdpguard_build_info{version,abi}
+
+Heavy hitters ('xdpguard top') are not exported: by address they would be
+a label per attacker, and by rank ({rank="1"}) a series that is a
+different source from one scrape to the next, which no query can use.
+Scripts read 'xdpguard top --json'.
 """
 
 from __future__ import annotations
@@ -217,6 +227,59 @@ class ApplianceCollector(Collector):
             lim = GaugeMetricFamily("xdpguard_ratelimits", "Per-source rate limits.")
             lim.add_metric([], rules["ratelimits"])
             yield lim
+        yield from self._protected(engine)
+        yield from self._samples(engine)
+
+    @staticmethod
+    def _protected(engine: Any) -> Iterator[Any]:
+        """Per protected prefix (the operator's own networks, a bounded set):
+        frames from outside per protocol class. No address of an attacker
+        or of a single host is a label: per address is 'xdpguard top'."""
+        protect = getattr(engine, "protect", None)
+        if protect is None:
+            return
+        from xdpguard.protect import CLASSES
+
+        pk = CounterMetricFamily("xdpguard_protected_packets",
+                                 "Frames from outside to a protected prefix, by protocol class "
+                                 "(whatever their verdict).",
+                                 labels=["prefix", "name", "class"])  # fmt: skip
+        by = CounterMetricFamily("xdpguard_protected_bytes", "Bytes of those frames.",
+                                 labels=["prefix", "name", "class"])  # fmt: skip
+        for row in protect.prefixes():
+            for c in CLASSES:
+                labels = [row["prefix"], row["name"] or "", c]
+                pk.add_metric(labels, row.get("packets", {}).get(c, 0))
+                by.add_metric(labels, row.get("bytes", {}).get(c, 0))
+        yield pk
+        yield by
+        occ = protect.occupancy()
+        held = GaugeMetricFamily(
+            "xdpguard_protected_addresses",
+            "Protected addresses counted one by one (the LRU's entries).",
+        )
+        held.add_metric([], occ["tracked"])
+        yield held
+        cap = GaugeMetricFamily("xdpguard_protected_addresses_capacity", "--max-dests.")
+        cap.add_metric([], occ["capacity"])
+        yield cap
+        ev = CounterMetricFamily("xdpguard_protected_address_evictions",
+                                 "Addresses the LRU let go of to count new ones.")  # fmt: skip
+        ev.add_metric([], occ["evicted"])
+        yield ev
+
+    @staticmethod
+    def _samples(engine: Any) -> Iterator[Any]:
+        sampler = getattr(engine, "sampler", None)
+        if sampler is None:
+            return
+        st = sampler.maps.state()
+        m = CounterMetricFamily("xdpguard_samples",
+                                "Packet samples: taken onto the ring, refused by the cap, or "
+                                "lost for a full ring.", labels=["result"])  # fmt: skip
+        for result in ("taken", "capped", "ring_full"):
+            m.add_metric([result], st[result])
+        yield m
 
 
 # Bounds of the HTTP server: one connection that sends an unfinished request,

@@ -741,7 +741,9 @@ class Policy:
                 try:
                     self.sampler.set_base(rates)
                 except OSError as exc:
-                    raise XdpguardError(f"sampling not changed: the kernel refused ({exc})") from exc
+                    raise XdpguardError(
+                        f"sampling not changed: the kernel refused ({exc})"
+                    ) from exc
             self.sampling = rates
             return self._done(self.sample_get())
 
@@ -884,9 +886,7 @@ class Policy:
                 raise ValueError(f"l2: {exc}") from None
             # Files of before issue 19 have neither.
             protected = _read_protected(meta.get("protect", []))
-            sampling = samplesmod.validate_rates(
-                meta.get("sampling", samplesmod.default_rates())
-            )
+            sampling = samplesmod.validate_rates(meta.get("sampling", samplesmod.default_rates()))
             if meta.get("frags") not in FRAG_POLICIES:
                 raise ValueError(f"bad fragment policy {meta.get('frags')!r}")
             comments = meta.get("comments")

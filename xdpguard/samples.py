@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from xdpguard import _bindings as B
-from xdpguard.defs import Direction, Reason
+from xdpguard.defs import LOOP_REASONS, XDP_REASONS, Direction, Reason
 from xdpguard.errors import XdpguardError
 
 log = logging.getLogger("xdpguard")
@@ -81,11 +81,20 @@ def parse_reason(name: str) -> Reason:
         ) from None
 
 
+def sampled_reason(name: str) -> Reason:
+    """A reason XDP gives, so that it has samples; XdpguardError otherwise."""
+    r = parse_reason(name)
+    if r in LOOP_REASONS and r not in XDP_REASONS:
+        raise XdpguardError(
+            f"{r.name} is the AF_XDP loop's verdict, and only XDP's are sampled: those frames "
+            "are among XDP's redirected ones"
+        )
+    return r
+
+
 def default_rates() -> dict[str, Any]:
     return {
-        "every": {
-            r.name: DEFAULT_FORWARDED if r in FORWARDED else DEFAULT_DROPS for r in Reason
-        },
+        "every": {r.name: DEFAULT_FORWARDED if r in FORWARDED else DEFAULT_DROPS for r in Reason},
         "cap": DEFAULT_CAP,
     }
 
@@ -366,7 +375,7 @@ class Sampler:
     def capture_start(
         self, reasons: Iterable[str] | None, direction: str | None, before: bool
     ) -> dict[str, Any]:
-        wanted = frozenset(int(parse_reason(r)) for r in reasons) if reasons else None
+        wanted = frozenset(int(sampled_reason(r)) for r in reasons) if reasons else None
         d = None if direction is None else Direction[direction.upper()]
         with self._lock:
             if len(self._captures) >= MAX_CAPTURES:
@@ -428,7 +437,7 @@ class Sampler:
     def top(self, by: str, reason: str | None, n: int) -> dict[str, Any]:
         if by not in TOP_BY:
             raise XdpguardError(f"top by {by!r}: must be one of {', '.join(TOP_BY)}")
-        r = int(parse_reason(reason)) if reason else None
+        r = int(sampled_reason(reason)) if reason else None
         now = self.clock()
         if by == "dst" and r is None and self.protect is not None and self.protect.entries:
             return {"by": by, "source": "counted", "rows": self.protect.top(n)}

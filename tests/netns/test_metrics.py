@@ -46,6 +46,7 @@ def test_metrics_during_traffic(tmp_path: Path) -> None:
         with Appliance(the_lab, tmp_path, "--metrics", str(port)) as app:
             app.cli("block", "add", "192.0.2.0/24")
             app.cli("rule", "add", "dst", "192.0.2.0/24", "proto", "udp", "drop")
+            app.cli("protect", "add", "169.254.0.0/24", "--name", "lab")
             mover = subprocess.Popen(
                 ["ip", "netns", "exec", the_lab.client_ns, "ping", "-c", "50", "-i", "0.02",
                  ORIGIN_V4], stdout=subprocess.DEVNULL,
@@ -65,7 +66,14 @@ def test_metrics_during_traffic(tmp_path: Path) -> None:
                 assert 'xdpguard_policy_prefixes{family="v4",list="block"} 1.0' in first
                 assert 'xdpguard_rules{source="local"} 1.0' in first
                 assert "xdpguard_build_info{" in first
+                assert "xdpguard_protected_addresses_capacity 65536.0" in first
                 wait_for(lambda: mover.poll() is not None, what="the pings")
+                icmp = (
+                    'xdpguard_protected_packets_total{class="icmp",name="lab",'
+                    'prefix="169.254.0.0/24"}'
+                )
+                # Per protected prefix, read once a second: the 50 pings to the origin.
+                wait_for(lambda: counters(scrape(port))[icmp] >= 50, what="the pings counted")
                 after = counters(scrape(port))
             finally:
                 mover.wait(30)

@@ -116,8 +116,8 @@ def test_top_names_the_floods_source_24_first(tmp_path: Path) -> None:
         app.cli("ports", "add", "53")
         app.cli("sample", "set", "--drops", "50")
         # One /24 floods; everyone else in 198.18.0.0/15 sends a little each.
-        flood = xgbench.Generator(the_lab.client_ns, "eth0",
-                                  _frame(the_lab, xgbench, src=FLOOD_NET), random_host_bits=8)  # fmt: skip
+        frame = _frame(the_lab, xgbench, src=FLOOD_NET)
+        flood = xgbench.Generator(the_lab.client_ns, "eth0", frame, random_host_bits=8)
         try:
             flood.run(100_000, pps=100_000)
         finally:
@@ -229,3 +229,51 @@ def test_capture_before_holds_what_came_before_it_was_asked(tmp_path: Path) -> N
         assert all(p.ts < typed for p in packets)
         assert {p.comment for p in packets} == {"reason=blocklist direction=in"}
         assert _tcpdump_count(path) == 50
+
+
+def test_protected_networks_and_rates_survive_a_restart(tmp_path: Path) -> None:
+    with lab(queues=1) as the_lab:
+        app = Appliance(the_lab, tmp_path).start()
+        try:
+            app.cli("protect", "add", "169.254.0.0/24", "2001:db8::/48", "--name", "web")
+            app.cli("sample", "set", "--cap", "123", "--reason", "blocklist=7")
+            before = app.call("sample.get")
+        finally:
+            app.stop(9)  # SIGKILL: every change was saved when it was made
+        with Appliance(the_lab, tmp_path) as again:
+            listed = json.loads(again.cli("protect", "list", "--json").stdout)["protected"]
+            assert [(p["prefix"], p["name"]) for p in listed] == [
+                ("169.254.0.0/24", "web"), ("2001:db8::/48", "web")]  # fmt: skip
+            after = again.call("sample.get")
+            assert after["cap"] == 123 and after["every"]["blocklist"] == 7
+            assert after["every"] == before["every"]
+
+
+def test_bad_requests_change_nothing(tmp_path: Path) -> None:
+    with lab(queues=1) as the_lab, Appliance(the_lab, tmp_path) as app:
+        app.cli("protect", "add", "169.254.0.0/24")
+
+        def state() -> object:
+            nets = [(p["prefix"], p["name"]) for p in app.call("protect.list")["protected"]]
+            return nets, app.call("sample.get")["every"]
+
+        before = state()
+        for args, says in (
+            (["protect", "add", "169.254.0.1/24"], "host bits set"),
+            (["protect", "add", "0.0.0.0/0"], "a /0 is not a network to protect"),
+            (["sample", "set", "--reason", "nothing=5"], "unknown reason 'nothing'"),
+            (["sample", "set", "--reason", "blocklist=x"], "REASON=N"),
+            (["sample", "set", "--cap", "0"], "--cap"),
+            (["sample", "set"], "nothing to set"),
+            (
+                ["capture", "--reason", "tcp_no_flow", "--count", "1", "-w", str(tmp_path / "x")],
+                "tcp_no_flow is the AF_XDP loop's verdict",
+            ),
+            (["top", "--by", "mac"], "--by"),
+        ):
+            res = app.cli(*args, check=False)
+            assert res.returncode != 0, args
+            assert says in res.stderr, (args, res.stderr)
+            assert len([x for x in res.stderr.splitlines() if x.strip()]) <= 3, res.stderr
+        assert state() == before
+        assert app.call("sample.get")["captures"] == 0
