@@ -612,10 +612,9 @@ out:
 	if (cnt) {
 		cnt->packets++;
 		cnt->bytes += len;
+		if (xg_sample_due(cnt))
+			xg_sample_take(ctx, cnt, key, front, len);
 	}
-	/* A challenge was sampled as the SYN it answers, before it was written. */
-	if (reason != XG_REASON_SYN_CHALLENGED && xg_sample_due(key))
-		xg_sample_take(ctx, key, front, len);
 	return action;
 }
 

@@ -256,6 +256,16 @@ struct xg_summary {
 struct xg_counter {
 	__u64 packets;
 	__u64 bytes;
+	/*
+	 * XDP's samples (bpf/xg_samples.h): this CPU samples the reason's
+	 * next frame once @packets reaches @sample_at, or at once when
+	 * xg_sample_cfg.gen is no longer @sample_gen (the rates changed).
+	 * In the same line as the counts, so that the per-frame check
+	 * touches nothing more. The loop leaves them zero.
+	 */
+	__u64 sample_at;
+	__u32 sample_gen;
+	__u32 pad;
 };
 
 /* TCP flow states, as tracked by the loop (and one day by XDP). */
@@ -741,12 +751,6 @@ struct xg_trace_event {
 enum {
 	XG_SAMPLE_BYTES = 128,		/* of each frame, from its first byte */
 	XG_SAMPLE_RING = 4194304,	/* bytes of xg_samples: 26,000 samples */
-	/*
-	 * A reason that is not sampled looks at its rate again after this
-	 * many frames per CPU (xdpguard also restarts every countdown when
-	 * it changes a rate).
-	 */
-	XG_SAMPLE_IDLE = 65536,
 	/* Protected prefixes (xdpguard protect), and their addresses counted. */
 	XG_PROTECT_MAX = 4096,
 	XG_DEST_MAX = 65536,
@@ -784,6 +788,12 @@ struct xg_sample_cfg {
 	__u32 every[XG_REASON_CAP];	/* 1 in every[reason]; 0: never */
 	__u64 interval_ns;		/* the cap: one sample per interval ... */
 	__u64 burst_ns;			/* ... with bursts of burst_ns / interval_ns */
+	/*
+	 * Changed with every write, then copied to the program's global
+	 * xg_sample_gen (bpf/xg_samples.h): every count starts over.
+	 */
+	__u32 gen;
+	__u32 pad;
 };
 
 /* xg_sample_state[0]: the cap's bucket and what it cost, XDP's only. */

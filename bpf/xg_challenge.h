@@ -699,8 +699,8 @@ XG_INLINE enum xg_gate xg_tcp_gate(struct xdp_md *ctx, struct pkt *pkt, __u32 le
 		return XG_GATE_LOOP;
 	if ((fl & (XG_TCP_SYN | XG_TCP_ACK | XG_TCP_RST)) == XG_TCP_SYN) {
 		xg_syn_judge(&pkt->key, pkt->seg.seq, len, &out);
-		if (out.gate == XG_GATE_TX && xg_sample_due(XG_REASON_SYN_CHALLENGED))
-			xg_sample_take(ctx, XG_REASON_SYN_CHALLENGED, 0, len);
+		if (out.gate == XG_GATE_TX)
+			xg_sample_syn(ctx, len);
 		if (out.gate == XG_GATE_TX && xg_build_challenge(ctx, pkt, out.cookie, out.isn)) {
 			out.gate = XG_GATE_DROP;
 			out.why = XG_REASON_MALFORMED; /* not what the parser said: fail closed */

@@ -9,8 +9,9 @@
  *   per destination: frames from outside to a protected address, per
  *            protocol class, per address (an LRU) and per protected prefix.
  *
- * Neither changes a verdict. The per-frame cost is a countdown per CPU and
- * reason (an array slot); everything else runs for the sampled frames only.
+ * Neither changes a verdict. The per-frame cost is a compare in the
+ * reason's counter (struct xg_counter.sample_at, sample_gen) and a load
+ * from xg_sample_cfg; everything else runs for the sampled frames only.
  * Loaded with XG_CFG_NO_SAMPLES, the verifier removes all of it.
  */
 #ifndef XG_SAMPLES_H
@@ -28,24 +29,19 @@ struct {
 	__type(value, struct xg_sample_cfg);
 } xg_sample_cfg SEC(".maps");
 
+/*
+ * xg_sample_cfg.gen, where every frame reads it: a global of a section of
+ * its own (a map both instances share, ".data.samples"), read without a
+ * map lookup. xdpguard writes it after the configuration.
+ */
+volatile __u32 xg_sample_gen SEC(".data.samples") = 0;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct xg_sample_state);
 } xg_sample_state SEC(".maps");
-
-/*
- * Frames of each reason until this CPU samples one. xdpguard zeroes them
- * all when it changes a rate, so that a higher one applies from the next
- * frame, not after the old countdown.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, XG_REASON_CAP);
-	__type(key, __u32);
-	__type(value, __u32);
-} xg_sample_skip SEC(".maps");
 
 /* The protected prefixes, each to its index in xg_protect_stats. */
 struct {
@@ -83,34 +79,40 @@ struct {
 	__type(value, struct xg_dest_counts);
 } xg_dests SEC(".maps");
 
+/* xg_sample_take()'s @reason: the SYN a challenge is about to be written over. */
+#define XG_SAMPLE_SYN_AS_IT_CAME (1U << 31)
+
 /*
- * Sample the frame in @ctx, judged @reason, @front bytes from its start
- * (the words pushed in front for the loop), @len bytes long as it arrived,
- * as its reason's countdown ran out, if the cap allows. A global function:
- * verified once, called for one frame in N.
+ * Sample the frame in @ctx, judged @reason (@cnt: its counter on this CPU),
+ * @front bytes from its start (the words pushed in front for the loop),
+ * @len bytes long as it arrived: its reason's turn came (xg_sample_due());
+ * if the cap allows. A challenge is sampled as the SYN it answers, by the
+ * gate (@reason with XG_SAMPLE_SYN_AS_IT_CAME), not at the exit. A global
+ * function: verified once (its arguments are not walked per path of the
+ * caller), called for one frame in N.
  */
-__attribute__((noinline)) int xg_sample_take(struct xdp_md *ctx, __u32 reason, __u32 front,
-					     __u32 len)
+__attribute__((noinline)) int xg_sample_take(struct xdp_md *ctx, struct xg_counter *cnt,
+					     __u32 reason, __u32 front, __u32 len)
 {
+	__u32 zero = 0, every, n, slot = reason & (XG_REASON_CAP - 1);
 	struct xg_sample_state *st;
 	struct xg_sample_cfg *cfg;
-	__u32 zero = 0, every, n, *skip, slot = reason & (XG_REASON_CAP - 1);
 	struct xg_sample *rec;
 	__u64 now, tat, next;
 
-	if (!ctx)
-		return 0;
+	if (!ctx || !cnt || reason == XG_REASON_SYN_CHALLENGED)
+		return 0; /* the exit's turn of a challenge: the gate took it */
 	cfg = bpf_map_lookup_elem(&xg_sample_cfg, &zero);
 	st = bpf_map_lookup_elem(&xg_sample_state, &zero);
-	skip = bpf_map_lookup_elem(&xg_sample_skip, &slot);
-	if (!cfg || !st || !skip)
+	if (!cfg || !st)
 		return 0;
 	every = cfg->every[reason & (XG_REASON_CAP - 1)];
+	cnt->sample_gen = xg_sample_gen;
 	if (!every) {
-		*skip = XG_SAMPLE_IDLE;
+		cnt->sample_at = ~0ULL; /* until the rates change */
 		return 0;
 	}
-	*skip = every - 1;
+	cnt->sample_at = cnt->packets + every;
 
 	/* The cap, one bucket for every CPU: a lost race is a sample capped. */
 	now = bpf_ktime_get_ns();
@@ -147,21 +149,31 @@ capped:
 	return 0;
 }
 
-/* A frame judged @reason: is it this CPU's one in N? The per-frame cost. */
-static __always_inline int xg_sample_due(__u32 reason)
+/*
+ * Is the frame just counted in @cnt this CPU's one in N of its reason?
+ * The per-frame cost of sampling.
+ */
+static __always_inline int xg_sample_due(const struct xg_counter *cnt)
 {
-	__u32 *skip;
-
 	if (xg_cfg.flags & XG_CFG_NO_SAMPLES)
 		return 0;
-	skip = bpf_map_lookup_elem(&xg_sample_skip, &reason);
-	if (!skip)
-		return 0;
-	if (*skip) {
-		(*skip)--;
-		return 0;
-	}
-	return 1;
+	return cnt->packets >= cnt->sample_at || cnt->sample_gen != xg_sample_gen;
+}
+
+/*
+ * A SYN about to be answered with a challenge, which is written over it:
+ * sampled now, as it arrived (its count is taken at the program's exit).
+ */
+static __always_inline void xg_sample_syn(struct xdp_md *ctx, __u32 len)
+{
+	__u32 key = XG_REASON_SYN_CHALLENGED;
+	struct xg_counter *cnt;
+
+	if (xg_cfg.flags & XG_CFG_NO_SAMPLES)
+		return;
+	cnt = bpf_map_lookup_elem(&xg_stats, &key);
+	if (cnt && xg_sample_due(cnt))
+		xg_sample_take(ctx, cnt, key | XG_SAMPLE_SYN_AS_IT_CAME, 0, len);
 }
 
 /* The protocol class of a parsed IP frame. */

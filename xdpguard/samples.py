@@ -63,6 +63,8 @@ MAX_CAPTURES = 8
 TOP_K = 256  # keys per heavy-hitter table
 TOP_TAU = 5.0  # seconds: the rate's time constant
 TOP_BY = ("src", "dst", "sport", "dport", "proto", "src/24")
+# The section of the program's global xg_sample_gen (bpf/xg_samples.h): a map.
+GEN_SECTION = ".data.samples"
 # The inner program counts no destination: its own tables of them stay small.
 INNER_SAMPLE_ENTRIES = {"xg_dests": 64, "xg_protect_stats": 1}
 _PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 47: "gre", 50: "esp", 132: "sctp"}
@@ -129,13 +131,13 @@ class SampleMaps:
         self.ring_fd = prog.map_fd("xg_samples")
         self._cfg = prog.map_fd("xg_sample_cfg")
         self._state = prog.map_fd("xg_sample_state")
-        self._skip = prog.map_fd("xg_sample_skip")
-        self._ncpus = B.num_possible_cpus()
+        self._gen_fd = prog.map_fd(GEN_SECTION)
+        self._gen = 0
 
     def shared(self) -> dict[str, int]:
         """For the inner instance: one ring, one configuration, one cap."""
         return {"xg_samples": self.ring_fd, "xg_sample_cfg": self._cfg,
-                "xg_sample_state": self._state, "xg_sample_skip": self._skip}  # fmt: skip
+                "xg_sample_state": self._state, GEN_SECTION: self._gen_fd}  # fmt: skip
 
     def write(self, every: dict[Reason, int], cap: int) -> None:
         cfg = np.zeros(1, dtype=CFG_DTYPE)
@@ -143,11 +145,13 @@ class SampleMaps:
             cfg["every"][0][r] = n
         cfg["interval_ns"] = 1_000_000_000 // cap
         cfg["burst_ns"] = 1_000_000_000  # a second's worth at once
+        # A new generation: every CPU's count of every reason starts over, so
+        # that a higher rate applies from the next frame.
+        gen = self._gen % 0xFFFFFFFF + 1
+        cfg["gen"] = gen
         B.map_update(self._cfg, struct.pack("=I", 0), cfg.tobytes())
-        # Every countdown from zero: a higher rate applies from the next frame.
-        zero = bytes(8 * self._ncpus)  # a per-CPU value is 8-byte aligned per CPU
-        for r in range(B.REASON_CAP):
-            B.map_update(self._skip, struct.pack("=I", r), zero)
+        B.map_update(self._gen_fd, struct.pack("=I", 0), struct.pack("=I", gen))
+        self._gen += 1
 
     def state(self) -> dict[str, int]:
         raw = B.map_lookup(self._state, struct.pack("=I", 0), STATE_DTYPE.itemsize)

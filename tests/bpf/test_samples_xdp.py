@@ -93,8 +93,8 @@ def test_one_in_n_per_reason_and_cpu(
     every[Reason.udp_src_port] = 10
     maps.write(every, 100_000)
     _drain(ring)
-    # One test run of 100 repeats runs on one CPU: its countdown starts at
-    # zero (written with the rates), so frames 1, 11, ..., 91 are sampled.
+    # One test run of 100 repeats runs on one CPU: its count starts over
+    # with the rates written, so frames 1, 11, ..., 91 are sampled.
     rig.ns.run(B.prog_run_time, rig.progs[Role.OUTER].fd, FRAME, 100, rig.ifindex)
     got = _drain(ring)
     assert len(got) == 10
