@@ -301,8 +301,7 @@ static __always_inline enum xg_reason outer_policy(struct xdp_md *ctx, struct pk
 		return l2_policy(ctx, pkt, policy);
 	if (!(xg_cfg.flags & XG_CFG_NO_SAMPLES) &&
 	    (policy->lists & (XG_LISTS_PROTECT_V4 | XG_LISTS_PROTECT_V6)))
-		xg_dest_note(ctx, pkt->h.l3 - (void *)(long)ctx->data,
-			     xg_dest_class(&pkt->h) | pkt->h.v6 << 8 | policy->lists << 16, pkt->len);
+		xg_dest_see(ctx, &pkt->h, policy->lists, pkt->len);
 	if (policy->lists)
 		source_keys(ctx, pkt);
 

@@ -824,7 +824,12 @@ struct xg_dest_counts {
 	__u64 packets[XG_NR_CLASSES];
 	__u64 bytes[XG_NR_CLASSES];
 	__u64 new_dests;	/* prefix only: addresses it put in xg_dests */
-	__u64 pad;
+	/*
+	 * Address only: 1 + the index of its protected prefix, so that a
+	 * known address costs no trie lookup (0: not known on this CPU yet).
+	 * xdpguard empties xg_dests when a prefix stops being protected.
+	 */
+	__u64 prefix;
 };
 
 /* cffi:end */

@@ -196,78 +196,94 @@ static __always_inline __u32 xg_dest_class(const struct xg_hdrs *h)
 }
 
 /*
- * Count a frame from outside, @len bytes, of @class, to @addr (16 bytes,
- * IPv4 mapped) in protected prefix @idx.
+ * Count a frame from outside, @len bytes, to @hi, @lo (struct xg_addr's
+ * two words as they lie in memory, IPv4 mapped) if the address is in a
+ * protected prefix. @info: the protocol class (bits 0-7), IPv6 (8),
+ * xg_policy.lists (16-31). An address seen before finds its prefix in its
+ * own entry: the trie is asked only for a new one. Scalars only, so that
+ * the verifier walks it once and not once per path through the parser.
  */
-static __always_inline int xg_dest_count(struct xg_addr *addr, __u32 idx, __u32 class,
-					 __u32 len)
+__attribute__((noinline)) int xg_dest_note(__u64 hi, __u64 lo, __u32 info, __u32 len)
 {
+	__u32 class = info & 0xff, idx, *found;
 	struct xg_dest_counts *c, *p;
+	struct xg_lpm_v6 key6;
+	struct xg_lpm_v4 key4;
+	struct xg_addr addr;
 
+	if (!(info & ((info & (1 << 8) ? XG_LISTS_PROTECT_V6 : XG_LISTS_PROTECT_V4) << 16)))
+		return 0;
+	__builtin_memcpy(addr.addr, &hi, 8);
+	__builtin_memcpy(addr.addr + 8, &lo, 8);
+	c = bpf_map_lookup_elem(&xg_dests, &addr);
+	if (c && c->prefix) {
+		idx = c->prefix - 1;
+	} else {
+		if (info & (1 << 8)) {
+			key6.prefixlen = 128;
+			__builtin_memcpy(key6.addr, addr.addr, 16);
+			found = bpf_map_lookup_elem(&xg_protect_v6, &key6);
+		} else {
+			key4.prefixlen = 32;
+			__builtin_memcpy(key4.addr, addr.addr + 12, 4);
+			found = bpf_map_lookup_elem(&xg_protect_v4, &key4);
+		}
+		if (!found)
+			return 0;
+		idx = *found;
+	}
 	class = class < XG_NR_CLASSES ? class : XG_CLASS_OTHER;
 	p = bpf_map_lookup_elem(&xg_protect_stats, &idx);
 	if (!p)
 		return 0;
 	p->packets[class]++;
 	p->bytes[class] += len;
-	c = bpf_map_lookup_elem(&xg_dests, addr);
 	if (!c) {
 		struct xg_dest_counts fresh = {};
 
 		fresh.packets[class] = 1;
 		fresh.bytes[class] = len;
+		fresh.prefix = idx + 1;
 		/* Another CPU may have put it there meanwhile: then count there. */
-		if (!bpf_map_update_elem(&xg_dests, addr, &fresh, BPF_NOEXIST)) {
+		if (!bpf_map_update_elem(&xg_dests, &addr, &fresh, BPF_NOEXIST)) {
 			p->new_dests++;
 			return 0;
 		}
-		c = bpf_map_lookup_elem(&xg_dests, addr);
+		c = bpf_map_lookup_elem(&xg_dests, &addr);
 		if (!c)
 			return 0;
 	}
+	c->prefix = idx + 1;
 	c->packets[class]++;
 	c->bytes[class] += len;
 	return 0;
 }
 
-/*
- * Count a frame from outside, @len bytes, its IP header @l3_off bytes in,
- * in its destination's protected prefix, if it has one. @info: the
- * protocol class (bits 0-7), IPv6 (8), xg_policy.lists (16-31). Scalars
- * only, so that the verifier walks it once and not once per path through
- * the parser.
- */
-__attribute__((noinline)) int xg_dest_note(struct xdp_md *ctx, __u32 l3_off, __u32 info,
-					   __u32 len)
+/* A frame from outside that passed the parser: count it, if protected. */
+static __always_inline void xg_dest_see(struct xdp_md *ctx, const struct xg_hdrs *h, __u32 lists,
+					__u32 len)
 {
-	struct xg_lpm_v6 key6;
-	struct xg_lpm_v4 key4;
-	struct xg_addr addr;
-	__u32 *idx;
+	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip6h = h->l3;
+	struct iphdr *iph = h->l3;
+	__u64 hi, lo;
+	__u32 d;
 
-	if (!ctx)
-		return 0;
-	if (info & (1 << 8)) {
-		if (!(info & (XG_LISTS_PROTECT_V6 << 16)) ||
-		    bpf_xdp_load_bytes(ctx, l3_off + 24, addr.addr, 16))
-			return 0;
-		key6.prefixlen = 128;
-		__builtin_memcpy(key6.addr, addr.addr, 16);
-		idx = bpf_map_lookup_elem(&xg_protect_v6, &key6);
+	if (h->v6) {
+		if ((void *)(ip6h + 1) > end)
+			return;
+		__builtin_memcpy(&hi, &ip6h->daddr, 8);
+		__builtin_memcpy(&lo, (__u8 *)&ip6h->daddr + 8, 8);
 	} else {
-		if (!(info & (XG_LISTS_PROTECT_V4 << 16)) ||
-		    bpf_xdp_load_bytes(ctx, l3_off + 16, addr.addr + 12, 4))
-			return 0;
-		__builtin_memset(addr.addr, 0, 10);
-		addr.addr[10] = 0xff;
-		addr.addr[11] = 0xff;
-		key4.prefixlen = 32;
-		__builtin_memcpy(key4.addr, addr.addr + 12, 4);
-		idx = bpf_map_lookup_elem(&xg_protect_v4, &key4);
+		if ((void *)(iph + 1) > end)
+			return;
+		d = iph->daddr;
+		hi = 0;
+		/* Bytes 8-15 of ::ffff:a.b.c.d, in memory order. */
+		lo = bpf_cpu_to_be64(0xffff00000000ULL) | (__u64)d << (__BYTE_ORDER__ ==
+			__ORDER_LITTLE_ENDIAN__ ? 32 : 0);
 	}
-	if (!idx)
-		return 0;
-	return xg_dest_count(&addr, *idx, info & 0xff, len);
+	xg_dest_note(hi, lo, xg_dest_class(h) | h->v6 << 8 | lists << 16, len);
 }
 
 #endif /* XG_SAMPLES_H */

@@ -75,6 +75,10 @@ class ProtectMaps:
         self.entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._ncpus = B.num_possible_cpus()
+        # For the evictions: addresses taken out of xg_dests here, and the new
+        # addresses counted by prefixes no longer protected.
+        self._deleted = 0
+        self._gone_new = 0
         # Rates: the last two reads, (time, per prefix index totals, dest keys, dest totals).
         self._reads: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = []
 
@@ -117,7 +121,19 @@ class ProtectMaps:
             self._set_bits(self._bits(new))
             for e in gone:
                 B.map_delete(self._tries[e.family], _lpm_key(e))
+                self._gone_new += int(self._totals(e.index)["new_dests"])
             self.entries = new
+            if gone:
+                self._forget_addresses()
+
+    def _forget_addresses(self) -> None:
+        """Empty xg_dests: its entries name their prefix by index (XDP asks the
+        trie only for an address it does not hold), and an index let go of
+        may be given to another prefix."""
+        keys, _ = B.dests_read(self._dests, self.max_dests)
+        for k in keys:
+            if B.map_delete(self._dests, k.tobytes()):
+                self._deleted += 1
 
     @staticmethod
     def _bits(entries: dict[str, Entry]) -> int:
@@ -128,17 +144,24 @@ class ProtectMaps:
 
     # ---- counters ----
 
+    def _totals(self, index: int) -> np.void:
+        """xg_protect_stats[index] summed over CPUs."""
+        out = np.zeros(1, dtype=COUNTS_DTYPE)[0]
+        raw = B.map_lookup(
+            self._stats, struct.pack("=I", index), COUNTS_DTYPE.itemsize * self._ncpus
+        )
+        if raw is not None:
+            per_cpu = np.frombuffer(raw, dtype=COUNTS_DTYPE)
+            for f in ("packets", "bytes"):
+                out[f] = per_cpu[f].sum(axis=0)
+            out["new_dests"] = per_cpu["new_dests"].sum()
+        return out
+
     def _prefix_totals(self) -> np.ndarray:
         """[index] -> struct xg_dest_counts summed over CPUs, for every slot in use."""
         out = np.zeros(B.PROTECT_MAX, dtype=COUNTS_DTYPE)
-        size = COUNTS_DTYPE.itemsize * self._ncpus
         for e in list(self.entries.values()):
-            raw = B.map_lookup(self._stats, struct.pack("=I", e.index), size)
-            if raw is not None:
-                per_cpu = np.frombuffer(raw, dtype=COUNTS_DTYPE)
-                for f in ("packets", "bytes"):
-                    out[e.index][f] = per_cpu[f].sum(axis=0)
-                out[e.index]["new_dests"] = per_cpu["new_dests"].sum()
+            out[e.index] = self._totals(e.index)
         return out
 
     def refresh(self, now: float | None = None) -> None:
@@ -186,8 +209,10 @@ class ProtectMaps:
         if not self._reads:
             return {"tracked": 0, "evicted": 0, "capacity": self.max_dests}
         _, prefixes, keys, _ = self._reads[-1]
-        seen = int(prefixes["new_dests"].sum())
-        return {"tracked": len(keys), "evicted": max(0, seen - len(keys)),
+        # Every address XDP put in, less those still there and those taken
+        # out here: the LRU's evictions.
+        seen = int(prefixes["new_dests"].sum()) + self._gone_new
+        return {"tracked": len(keys), "evicted": max(0, seen - len(keys) - self._deleted),
                 "capacity": self.max_dests}  # fmt: skip
 
     def top(self, n: int) -> list[dict[str, Any]]:

@@ -158,6 +158,21 @@ def test_frames_to_protected_addresses_are_counted_per_class(rig: Rig) -> None:
         assert by_addr[mapped]["packets"].tolist() == [3] * len(CLASSES)
         assert len(by_addr) == 2
         assert protect.occupancy() == {"tracked": 2, "evicted": 0, "capacity": 1024}
+        # A prefix let go of, and its index given to another: an address of
+        # the old one (its entry named the index) is counted nowhere.
+        protect.replace([(*parse_prefix("2001:db8::/64"), None)])
+        protect.replace([(*parse_prefix("2001:db8::/64"), None),
+                         (*parse_prefix("169.254.1.0/24"), "new")])  # fmt: skip
+        assert protect.entries["169.254.1.0/24"].index == 0  # the old one's
+        rig.ns.run(B.prog_test_run, outer, bytes(CLASS_FRAMES["udp"]), rig.ifindex, 0, 1, 0)
+        rig.ns.run(B.prog_test_run, outer, elsewhere, rig.ifindex, 0, 1, 0)
+        protect.refresh()
+        new, net6 = protect.prefixes()
+        assert new["prefix"] == "169.254.1.0/24" and sum(new["packets"].values()) == 1
+        assert new["packets"]["udp"] == 1
+        keys, _ = B.dests_read(rig.progs[Role.OUTER].map_fd("xg_dests"), 1024)
+        assert [bytes(k)[12:] for k in keys] == [bytes([169, 254, 1, 2])]
+        assert protect.occupancy()["evicted"] == 0
         # Nothing protected: nothing counted, the program skips the lookup.
         protect.replace([])
         before = protect._prefix_totals()
