@@ -120,6 +120,7 @@ bench: deps build
 	$(Q)$(PY) bench/tcp.py
 	$(Q)$(PY) bench/fastpath.py
 	$(Q)$(PY) bench/challenge.py
+	$(Q)$(PY) bench/samples.py
 
 # The long runs of the fuzz tests that make test runs short (FUZZ_RUNS each).
 FUZZ_RUNS ?= 10000000
