@@ -300,7 +300,9 @@ class Generator:
     sends one skb per frame, on the calling core. ``random_saddr`` and
     ``random_sport`` vary the frame (checksums kept right), ``mix_fragments``
     makes every other frame the smallest later IPv4 fragment,
-    ``random_host_bits`` varies the low bits of the frame's own source; ``seed`` (a
+    ``random_host_bits`` varies the low bits of the frame's own source,
+    ``random_len_min`` cuts each UDP frame to a random length from that to the
+    template's; ``seed`` (a
     fresh one, printed, if None) makes a run repeatable."""
 
     def __init__(
@@ -314,16 +316,17 @@ class Generator:
         queue: int = 0,
         seed: int | None = None,
         random_host_bits: int = 0,
+        random_len_min: int = 0,
     ) -> None:
         self.ns = Netns(netns)
         self.dev = resolve_device(self.ns, ifname)
         self.frame = frame
-        if seed is None and (random_saddr or random_sport or random_host_bits):
+        if seed is None and (random_saddr or random_sport or random_host_bits or random_len_min):
             seed = random.getrandbits(63) | 1
             print(f"generator seed {seed}")
         args = (
             ifname, frame, queue, random_saddr, random_sport, mix_fragments, seed or 0,
-            random_host_bits,
+            random_host_bits, random_len_min,
         )  # fmt: skip
         # The kernel lets go of a closed socket's hold on the queue a moment
         # later (deferred work): a generator made right after another waits.

@@ -120,18 +120,27 @@ static uint8_t *l4_check(struct xg_gen *g, uint8_t *f)
 	return NULL;
 }
 
-/* Frame @addr as the @seq-th frame of the run. */
-static void vary(struct xg_gen *g, uint64_t addr, uint64_t seq)
+/* Frame @addr as the @seq-th frame of the run; its length. */
+static uint32_t vary(struct xg_gen *g, uint64_t addr, uint64_t seq)
 {
 	uint8_t *f = (uint8_t *)g->area + addr;
 	uint8_t *ip = f + g->l3, *check;
-	uint32_t r, ihl;
+	uint32_t r, ihl, len = g->len;
 	uint16_t w;
 
 	memcpy(f, g->cfg.frame, g->len);
 	if (!g->l3)
-		return;
+		return len;
 	ihl = (ip[0] & 0xf) * 4;
+	if (g->cfg.random_len_min) {
+		len = g->cfg.random_len_min + next_rnd(g) % (g->len - g->cfg.random_len_min + 1);
+		w = htons((uint16_t)(len - g->l3));
+		memcpy(ip + 2, &w, 2);
+		w = htons((uint16_t)(len - g->l4));
+		memcpy(f + g->l4 + 4, &w, 2);
+		memset(f + g->l4 + 6, 0, 2); /* no UDP checksum: set_word() keeps it so */
+		ip_checksum(ip, ihl);
+	}
 	if (g->cfg.mix_fragments && (seq & 1)) {
 		/* The smallest later fragment: 8 bytes at offset 1480. */
 		w = htons(28);
@@ -139,10 +148,10 @@ static void vary(struct xg_gen *g, uint64_t addr, uint64_t seq)
 		w = htons(1480 / 8);
 		memcpy(ip + 6, &w, 2);
 		ip_checksum(ip, ihl);
-		return;
+		return len;
 	}
 	if (!g->cfg.random_saddr && !g->cfg.random_sport && !g->cfg.random_host_bits)
-		return;
+		return len;
 	r = next_rnd(g);
 	check = l4_check(g, f);
 	if (g->cfg.random_saddr || g->cfg.random_host_bits) {
@@ -160,6 +169,7 @@ static void vary(struct xg_gen *g, uint64_t addr, uint64_t seq)
 	}
 	if (g->cfg.random_sport && g->l4)
 		set_word(f + g->l4, htons(1024 + (r >> 17) % 60000), check);
+	return len;
 }
 
 int xg_gen_create(const char *ifname, uint32_t queue, const struct xg_gen_cfg *cfg,
@@ -201,6 +211,11 @@ int xg_gen_create(const char *ifname, uint32_t queue, const struct xg_gen_cfg *c
 	if (cfg->random_host_bits > 24) {
 		free(g);
 		return -EINVAL;
+	}
+	if (cfg->random_len_min && (!g->l4 || g->l4_proto != IPPROTO_UDP || cfg->mix_fragments ||
+				    cfg->random_len_min < g->l4 + 8 || cfg->random_len_min > g->len)) {
+		free(g);
+		return -EINVAL; /* an IPv4 UDP template, no shorter than its headers */
 	}
 	if ((cfg->random_saddr || cfg->random_host_bits || cfg->mix_fragments) && !g->l3) {
 		free(g);
@@ -300,9 +315,8 @@ int xg_gen_send(struct xg_gen *g, uint64_t count, uint64_t pps, uint32_t max_ms)
 			struct xdp_desc *d = xsk_ring_prod__tx_desc(&g->tx, idx + i);
 
 			d->addr = g->free[--g->nfree];
-			d->len = g->len;
 			d->options = 0;
-			vary(g, d->addr, base + done + i);
+			d->len = vary(g, d->addr, base + done + i);
 		}
 		if (n) {
 			xsk_ring_prod__submit(&g->tx, n);

@@ -43,6 +43,7 @@ static void keys_of(const struct xg_sample *s, uint8_t *frame, struct xg_sample_
 	memset(k, 0, sizeof(*k));
 	memcpy(frame, s->data, cap);
 	memset(frame + cap, 0, len - cap);
+	memset(&h, 0, sizeof(h));
 	xg_parse(frame, frame + len, &h);
 	k->l3_proto = h.l3_proto;
 	if (!h.l3)
@@ -65,6 +66,10 @@ static void keys_of(const struct xg_sample *s, uint8_t *frame, struct xg_sample_
 	}
 	k->proto = h.l4_proto;
 	k->tcp_flags = h.tcp_flags;
+	k->ttl = h.hop_limit;
+	k->frag = h.frag;
+	if (h.l3_end > h.l3)
+		k->ip_len = (uint16_t)((uint8_t *)h.l3_end - (uint8_t *)h.l3);
 	ports = h.l4;
 	if (ports && (uint8_t *)(ports + 2) <= end &&
 	    (h.l4_proto == IPPROTO_TCP || h.l4_proto == IPPROTO_UDP)) {

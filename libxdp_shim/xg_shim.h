@@ -240,7 +240,12 @@ struct xg_gen_cfg {
 	uint32_t random_sport;	/* TCP/UDP: a random source port (1024-61023) per frame */
 	uint32_t mix_fragments;	/* IPv4: every other frame the smallest later fragment */
 	uint32_t random_host_bits; /* IPv4: the source's low bits (1-24) random per frame */
-	uint32_t pad;
+	/*
+	 * IPv4 UDP: each frame cut to a random length from this many bytes to
+	 * @len (the IP and UDP lengths follow; the UDP checksum becomes 0,
+	 * "none"); 0: every frame @len long.
+	 */
+	uint32_t random_len_min;
 	uint64_t seed;		/* of the variations; 0: a fixed one */
 };
 
@@ -301,9 +306,12 @@ struct xg_sample_keys {
 	uint16_t sport;		/* host order */
 	uint16_t dport;
 	uint16_t l3_proto;	/* the ethertype after VLAN tags, host order */
+	uint16_t ip_len;	/* the IP packet's length, as FlowSpec's packet length */
 	uint8_t proto;		/* IPPROTO_* after the header chain */
 	uint8_t tcp_flags;
 	uint8_t flags;		/* XG_KEYS_* */
+	uint8_t ttl;		/* IPv4 TTL, IPv6 hop limit */
+	uint8_t frag;		/* enum xg_frag_bits */
 	uint8_t pad[3];
 };
 

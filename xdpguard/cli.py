@@ -667,15 +667,100 @@ def protect() -> None:
     """
 
 
+class ClassRate(click.ParamType):
+    """[CLASS=]N: a rate for one protocol class, or for all."""
+
+    name = "[CLASS=]N"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, float]:
+        from xdpguard.protect import CLASSES
+
+        cls, eq, n = str(value).rpartition("=")
+        cls = cls if eq else "*"
+        if cls != "*" and cls not in CLASSES:
+            self.fail(f"{value!r}: unknown class {cls!r} (known: {', '.join(CLASSES)})")
+        try:
+            rate = float(n)
+        except ValueError:
+            self.fail(f"{value!r}: not a rate")
+        if not 0 < rate < 1e13:
+            self.fail(f"{value!r}: not a rate")
+        return cls, rate
+
+
 @protect.command("add")
 @click.argument("prefixes", nargs=-1, required=True, type=Cidr())
 @click.option("--name", help="A name for these networks (in the metrics).")
+@click.option("--mode", type=click.Choice(["mitigate", "monitor"]),
+              help="mitigate (the default): an attack's rule is installed; monitor: it is only "
+              "logged and listed.")  # fmt: skip
+@click.option("--pps", multiple=True, type=ClassRate(),
+              help="[CLASS=]N: the least packet rate that is an attack (default 10000 for "
+              "every class; 'protect config --floor-pps'). Repeatable.")  # fmt: skip
+@click.option("--bps", multiple=True, type=ClassRate(),
+              help="[CLASS=]N: the least bit rate that is an attack (default: none).")  # fmt: skip
 @json_option
 @control_option
-def protect_add(prefixes: tuple[str, ...], name: str | None, as_json: bool, control: str) -> None:
-    """Protect these networks (a name given again renames them)."""
-    r = _call(control, "protect.add", prefixes=list(prefixes), name=name)
+def protect_add(prefixes: tuple[str, ...], name: str | None, mode: str | None,
+                pps: tuple[tuple[str, float], ...], bps: tuple[tuple[str, float], ...],
+                as_json: bool, control: str) -> None:  # fmt: skip
+    """Protect these networks; given again, they take the options given."""
+    r = _call(control, "protect.add", prefixes=list(prefixes), name=name, mode=mode,
+              pps=dict(pps) or None, bps=dict(bps) or None)  # fmt: skip
     _emit(r, as_json, f"protect: {r['added']} added; {len(r['protected'])} network(s) protected")
+
+
+@protect.command("config")
+@click.option("--k", type=click.FloatRange(1.5, 1000),
+              help="An attack is k times the learned baseline (and above the floor).")  # fmt: skip
+@click.option("--window", type=click.FloatRange(60, 30 * 86400),
+              help="Seconds: the baseline's time constant.")  # fmt: skip
+@click.option(
+    "--hold",
+    type=click.FloatRange(1, 86400),
+    help="Seconds under the threshold before an attack ends and its rule goes.",
+)
+@click.option("--floor-pps", type=click.IntRange(1, 1 << 40),
+              help="The floor of a class whose prefix sets none.")  # fmt: skip
+@json_option
+@control_option
+def protect_config(k: float | None, window: float | None, hold: float | None,
+                   floor_pps: int | None, as_json: bool, control: str) -> None:  # fmt: skip
+    """How attacks are found (saved); no option: show."""
+    r = _call(control, "protect.config", k=k, window=window, hold=hold, floor_pps=floor_pps)
+    _emit(r, as_json, ", ".join(f"{key} {v:g}" for key, v in r.items() if key != "saved"))
+
+
+@main.command()
+@json_option
+@control_option
+def attacks(as_json: bool, control: str) -> None:
+    """Attacks found on the protected networks: in progress, then past.
+
+    Each: the destination and protocol class, when, the peak rate, the
+    fingerprint and the rule (source 'auto' in 'xdpguard rule list'), what
+    it dropped, and a pcapng of its samples in the state directory.
+    """
+    r = _call(control, "attacks")
+    lines = []
+    for title, rows in (("in progress", r["active"]), ("past", r["past"])):
+        if not rows:
+            continue
+        lines.append(f"{title}:")
+        for a in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["start"]))
+            lines.append(f"  #{a['id']} {a['destination']} {a['class']} since {when}, peak "
+                         f"{a['peak_pps']:.0f} pps, {a['state']}")  # fmt: skip
+            if a.get("rule"):
+                lines.append(f"      rule: {a['rule']}" + (" (installed)" if a["rule_installed"]
+                                                            else ""))  # fmt: skip
+            if a.get("why"):
+                lines.append(f"      {a['why']}")
+            if a.get("dropped_packets"):
+                lines.append(f"      dropped {a['dropped_packets']} packets")
+    _emit(r, as_json, "\n".join(lines) or "no attacks")
 
 
 @protect.command("del")

@@ -351,9 +351,28 @@ COMMANDS: dict[str, Command] = {
         Command("ratelimit.list", "the rate limits, with their counters"),
         Command(
             "protect.add",
-            "protect networks: count frames to each of their addresses: {prefixes, name?}",
-            {"prefixes": Arg(ListOf(Str(64), MAX_PROTECT), True), "name": Arg(Str(64))},
+            "protect networks: count frames to each of their addresses, find attacks on "
+            "them: {prefixes, name?, mode?: mitigate|monitor, pps?, bps?: {class|*: floor}}",
+            {
+                "prefixes": Arg(ListOf(Str(64), MAX_PROTECT), True),
+                "name": Arg(Str(64)),
+                "mode": Arg(Str(8, ("mitigate", "monitor"))),
+                "pps": Arg(DictOf(Str(16), Num(0, 1e13, lo_open=True), 8)),
+                "bps": Arg(DictOf(Str(16), Num(0, 1e13, lo_open=True), 8)),
+            },
         ),
+        Command(
+            "protect.config",
+            "attack detection: {k?: times the baseline, window?: its seconds, hold?: seconds "
+            "under the threshold before a rule goes, floor_pps?: the default floor}; none: show",
+            {
+                "k": Arg(Num(1.5, 1000)),
+                "window": Arg(Num(60, 30 * 86400)),
+                "hold": Arg(Num(1, 86400)),
+                "floor_pps": Arg(Int(1, 1 << 40)),
+            },
+        ),
+        Command("attacks", "attacks in progress and past: destination, class, fingerprint, rule"),
         Command(
             "protect.del",
             "stop protecting networks: {prefixes}",

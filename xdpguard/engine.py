@@ -35,6 +35,7 @@ from xdpguard.challenges import (
 )
 from xdpguard.challenges import max_entries as verified_max_entries
 from xdpguard.defs import LOOP_REASONS, ROLE_DIRECTION, XDP_REASONS, Direction, Reason, Role
+from xdpguard.detect import Detector
 from xdpguard.errors import XdpguardError
 from xdpguard.fastpath import FastPath
 from xdpguard.flowtable import forget, open_table, pin_dir_for, unlock
@@ -171,6 +172,7 @@ class Engine:
         self.fast: FastPath | None = None
         self.protect: ProtectMaps | None = None
         self.sampler: Sampler | None = None
+        self.detector: Detector | None = None
         self.flowtab: B.FlowTab | None = None
         self.flows_restored = False
         self.challenge_tx = "XDP_TX"  # how challenges leave outer
@@ -322,6 +324,11 @@ class Engine:
         had = self.rules.restore()
         log.info("rules: %d local rule(s), %d rate limit(s)", had["rules"], had["ratelimits"])
 
+        self.detector = Detector(self.protect, self.sampler, self.rules, cfg.state_dir)
+        self.detector.configure(self.policy.detect_settings)
+        self.policy.detector = self.detector
+        self.sampler.detector = self.detector
+        self._push_undo("save what the detector learned", self.detector.stop)
         self.sampler.start()
         self._push_undo("stop the sampler", self.sampler.stop)
 
@@ -687,6 +694,11 @@ class Engine:
                 raise XdpguardError("xdpguard is starting")
             return self.sampler
 
+        def detector() -> Detector:
+            if self.detector is None:
+                raise XdpguardError("xdpguard is starting")
+            return self.detector
+
         def protect_list() -> dict[str, Any]:
             out = policy().protect_list()
             if self.protect is not None:
@@ -711,7 +723,11 @@ class Engine:
             "l2.allow": lambda a: policy().l2_allow(a["ethertypes"]),
             "l2.del": lambda a: policy().l2_del(a["ethertypes"]),
             "l2.list": lambda a: policy().l2_list(),
-            "protect.add": lambda a: policy().protect_add(a["prefixes"], a["name"]),
+            "protect.add": lambda a: policy().protect_add(
+                a["prefixes"], a["name"], a["mode"], a["pps"], a["bps"]
+            ),
+            "protect.config": lambda a: policy().detect_config(a),
+            "attacks": lambda a: detector().attacks(),
             "protect.del": lambda a: policy().protect_del(a["prefixes"]),
             "protect.list": lambda a: protect_list(),
             "sample.set": lambda a: policy().sample_set(

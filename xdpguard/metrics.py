@@ -24,6 +24,7 @@ series is fixed by the reasons, directions, queues and states.
     xdpguard_protected_addresses, _capacity,             own networks, a bounded set)
     xdpguard_protected_address_evictions_total
     xdpguard_samples_total{result}                taken, capped, ring_full
+    xdpguard_attacks_active{class}, xdpguard_attacks_total{class}   (xdpguard attacks)
     xdpguard_up_seconds, xdpguard_build_info{version,abi}
 
 Heavy hitters ('xdpguard top') are not exported: by address they would be
@@ -229,6 +230,23 @@ class ApplianceCollector(Collector):
             yield lim
         yield from self._protected(engine)
         yield from self._samples(engine)
+        yield from self._attacks(engine)
+
+    @staticmethod
+    def _attacks(engine: Any) -> Iterator[Any]:
+        detector = getattr(engine, "detector", None)
+        if detector is None:
+            return
+        m = detector.metrics()
+        active = GaugeMetricFamily("xdpguard_attacks_active", "Attacks in progress, by class.",
+                                   labels=["class"])  # fmt: skip
+        total = CounterMetricFamily("xdpguard_attacks", "Attacks found, by class.",
+                                    labels=["class"])  # fmt: skip
+        for c, n in m["active"].items():
+            active.add_metric([c], n)
+            total.add_metric([c], m["total"][c])
+        yield active
+        yield total
 
     @staticmethod
     def _protected(engine: Any) -> Iterator[Any]:

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 
 from xdpguard import _bindings as B
+from xdpguard import detect as detectmod
 from xdpguard import samples as samplesmod
 from xdpguard import statefile
 from xdpguard import tcp as tcpmod
@@ -403,8 +404,11 @@ class Policy:
         self.frags = "pass"
         self.protect_maps = protect
         self.sampler = sampler
-        # Protected prefixes as (family, canonical bytes, name), in the order added.
-        self.protected: list[tuple[str, bytes, str | None]] = []
+        # Protected prefixes as (family, canonical bytes, name, options), in the
+        # order added; the options are the detector's (mode, pps, bps).
+        self.protected: list[Protected] = []
+        self.detector: Any | None = None  # xdpguard.detect.Detector, once there is one
+        self.detect_settings: dict[str, Any] = dict(detectmod.DEFAULTS)
         self.sampling: dict[str, Any] = samplesmod.default_rates()
         self.comments: list[str] = []
         self._comment_ids: dict[str, int] = {}
@@ -672,7 +676,7 @@ class Policy:
 
     # -- protected networks and samples --
 
-    def _set_protected(self, new: list[tuple[str, bytes, str | None]]) -> None:
+    def _set_protected(self, new: list[Protected]) -> None:
         if self.protect_maps is not None:
             try:
                 self.protect_maps.replace(new)
@@ -680,21 +684,34 @@ class Policy:
                 raise XdpguardError(f"protect not changed: the kernel refused ({exc})") from exc
         self.protected = new
 
-    def protect_add(self, items: Sequence[Any], name: Any = None) -> dict[str, Any]:
+    def protect_add(
+        self,
+        items: Sequence[Any],
+        name: Any = None,
+        mode: Any = None,
+        pps: Any = None,
+        bps: Any = None,
+    ) -> dict[str, Any]:
+        """Protect prefixes; given again, a prefix takes the name, mode and
+        thresholds given (the others it keeps)."""
         if name is not None and (
             not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable()
         ):
             raise PolicyInputError("name: must be 1 to 64 printable characters")
+        change = parse_protect_opts({"mode": mode, "pps": pps, "bps": bps})
         parsed = parse_protected(items)
         with self._lock:
-            have = {(f, c): n for f, c, n in self.protected}
-            added = sum((f, c) not in have for f, c in parsed)
             new = list(self.protected)
+            where = {(f, c): i for i, (f, c, _, _) in enumerate(new)}
+            added = 0
             for f, c in parsed:
-                if (f, c) in have:
-                    new = [(f2, c2, name if (f2, c2) == (f, c) else n2) for f2, c2, n2 in new]
+                i = where.get((f, c))
+                if i is None:
+                    new.append((f, c, name, change))
+                    added += 1
                 else:
-                    new.append((f, c, name))
+                    _, _, old_name, old_opts = new[i]
+                    new[i] = (f, c, name if name is not None else old_name, {**old_opts, **change})
             if len(new) > PROTECT_MAX:
                 raise PolicyInputError(f"at most {PROTECT_MAX} protected prefixes")
             self._set_protected(new)
@@ -704,7 +721,7 @@ class Policy:
         parsed = parse_protected(items)
         with self._lock:
             gone = set(parsed)
-            have = {(f, c) for f, c, _ in self.protected}
+            have = {(f, c) for f, c, _, _ in self.protected}
             missing = [format_prefix(f, c) for f, c in parsed if (f, c) not in have]
             self._set_protected([e for e in self.protected if (e[0], e[1]) not in gone])
             return self._done({"deleted": len(gone & have), "missing": missing,
@@ -713,10 +730,31 @@ class Policy:
     def protect_list(self) -> dict[str, Any]:
         rows = {r["prefix"]: r for r in self.protect_maps.prefixes()} if self.protect_maps else {}
         out = []
-        for f, c, name in self.protected:
+        for f, c, name, opts in self.protected:
             text = format_prefix(f, c)
-            out.append({**rows.get(text, {}), "prefix": text, "name": name})
-        return {"protected": out}
+            out.append(
+                {
+                    **rows.get(text, {}),
+                    "prefix": text,
+                    "name": name,
+                    "mode": opts.get("mode", "mitigate"),
+                    "floor_pps": opts.get("pps", {}),
+                    "floor_bps": opts.get("bps", {}),
+                }
+            )
+        return {"protected": out, "detection": dict(self.detect_settings)}
+
+    def detect_config(self, values: dict[str, Any]) -> dict[str, Any]:
+        given = {k: v for k, v in values.items() if v is not None}
+        try:
+            settings = detectmod.check_settings({**self.detect_settings, **given})
+        except ValueError as exc:
+            raise PolicyInputError(str(exc)) from None
+        with self._lock:
+            if self.detector is not None:
+                self.detector.configure(settings)
+            self.detect_settings = settings
+            return self._done(dict(settings)) if given else dict(settings)
 
     def sample_set(self, every: Any = None, cap: Any = None, drops: Any = None,
                    forwarded: Any = None) -> dict[str, Any]:  # fmt: skip
@@ -805,7 +843,8 @@ class Policy:
             "l2": self.l2,
             "frags": self.frags,
             "tcp": self.tcp_settings,
-            "protect": [[format_prefix(f, c), n] for f, c, n in self.protected],
+            "protect": [[format_prefix(f, c), n, o] for f, c, n, o in self.protected],
+            "detect": self.detect_settings,
             "sampling": self.sampling,
             "comments": self.comments,
         }
@@ -834,6 +873,8 @@ class Policy:
         self._set_protected(self.protected)
         if self.sampler is not None:
             self.sampler.set_base(self.sampling)
+        if self.detector is not None:
+            self.detector.configure(self.detect_settings)
 
     def restore(self) -> dict[str, Any]:
         """Load the state file (if any) and push it all into the maps; what was restored."""
@@ -886,6 +927,7 @@ class Policy:
                 raise ValueError(f"l2: {exc}") from None
             # Files of before issue 19 have neither.
             protected = _read_protected(meta.get("protect", []))
+            detect_settings = detectmod.check_settings(meta.get("detect", {}))
             sampling = samplesmod.validate_rates(meta.get("sampling", samplesmod.default_rates()))
             if meta.get("frags") not in FRAG_POLICIES:
                 raise ValueError(f"bad fragment policy {meta.get('frags')!r}")
@@ -934,6 +976,7 @@ class Policy:
         self.lists, self.ports, self.frags = lists, sorted(set(ports)), meta["frags"]
         self.l2 = l2
         self.protected, self.sampling = protected, sampling
+        self.detect_settings = detect_settings
         self.tcp_settings = tcp_settings
         overridden = sorted(k for k, v in self.tcp_initial.items() if saved_tcp.get(k, v) != v)
         if overridden:
@@ -969,16 +1012,57 @@ def parse_protected(items: Any) -> list[tuple[str, bytes]]:
     return out
 
 
-def _read_protected(value: Any) -> list[tuple[str, bytes, str | None]]:
+Protected = tuple[str, bytes, "str | None", dict[str, Any]]
+PROTECT_MODES = ("mitigate", "monitor")
+_CLASSES = ("syn", "tcp", "udp", "icmp", "fragment", "other")  # enum xg_dest_class's (checked)
+
+
+def parse_protect_opts(value: Any) -> dict[str, Any]:
+    """A prefix's detection options, those given: {mode?, pps?, bps?}, each
+    threshold {class: number} ('*': every class)."""
+    if not isinstance(value, dict):
+        raise PolicyInputError("options: must be an object")
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if v is None:
+            continue
+        if k == "mode":
+            if v not in PROTECT_MODES:
+                raise PolicyInputError(f"mode {v!r}: must be one of {', '.join(PROTECT_MODES)}")
+            out[k] = v
+        elif k in ("pps", "bps"):
+            if not isinstance(v, dict):
+                raise PolicyInputError(f"{k}: must be an object of class: number")
+            per: dict[str, float] = {}
+            for c, n in v.items():
+                if c != "*" and c not in _CLASSES:
+                    raise PolicyInputError(
+                        f"{k}: unknown class {c!r} (known: {', '.join(_CLASSES)})"
+                    )
+                if isinstance(n, bool) or not isinstance(n, int | float) or not 0 < n < 1e13:
+                    raise PolicyInputError(f"{k} of {c}: {n!r} is not a rate")
+                for cc in _CLASSES if c == "*" else (c,):
+                    per[cc] = float(n)
+            out[k] = per
+        else:
+            raise PolicyInputError(f"unknown option {k!r}")
+    return out
+
+
+def _read_protected(value: Any) -> list[Protected]:
     if not isinstance(value, list) or len(value) > PROTECT_MAX:
-        raise ValueError(f"protect: not a list of at most {PROTECT_MAX} [prefix, name]")
+        raise ValueError(f"protect: not a list of at most {PROTECT_MAX} [prefix, name, options]")
     out = []
     for item in value:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+        if not (isinstance(item, list) and len(item) in (2, 3) and isinstance(item[0], str)
                 and (item[1] is None or isinstance(item[1], str))):  # fmt: skip
-            raise ValueError(f"protect: {item!r} is not [prefix, name]")
+            raise ValueError(f"protect: {item!r} is not [prefix, name, options]")
         family, canon = parse_prefix(item[0])
-        out.append((family, canon, item[1]))
+        try:
+            opts = parse_protect_opts(item[2] if len(item) == 3 else {})
+        except PolicyInputError as exc:
+            raise ValueError(f"protect {item[0]}: {exc}") from None
+        out.append((family, canon, item[1], opts))
     return out
 
 

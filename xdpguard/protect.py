@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ class Entry:
     canon: bytes  # address + length, as xdpguard.policy.parse_prefix gives it
     name: str | None
     index: int  # its slot of xg_protect_stats
+    opts: dict[str, Any] = field(default_factory=dict)  # mode, pps, bps (xdpguard.detect)
 
 
 def addr_text(raw: bytes) -> str:
@@ -86,26 +87,27 @@ class ProtectMaps:
         zero = bytes(COUNTS_DTYPE.itemsize * self._ncpus)
         B.map_update(self._stats, struct.pack("=I", index), zero)
 
-    def replace(self, wanted: Sequence[tuple[str, bytes, str | None]]) -> None:
-        """Make the protected set ``wanted`` (family, canon, name): the kernel's
-        tries first; if it refuses a step, what was done is undone and
-        nothing changes (OSError)."""
+    def replace(self, wanted: Sequence[tuple[Any, ...]]) -> None:
+        """Make the protected set ``wanted`` (family, canon, name[, opts]): the
+        kernel's tries first; if it refuses a step, what was done is undone
+        and nothing changes (OSError)."""
         from xdpguard.policy import format_prefix
 
         with self._lock:
             new: dict[str, Entry] = {}
             used = {e.index for e in self.entries.values()}
             free = (i for i in range(B.PROTECT_MAX) if i not in used)
-            for family, canon, name in wanted:
+            for family, canon, name, *rest in wanted:
+                opts = dict(rest[0]) if rest else {}
                 text = format_prefix(family, canon)
                 old = self.entries.get(text)
                 if old is not None:
-                    new[text] = Entry(text, family, canon, name, old.index)
+                    new[text] = Entry(text, family, canon, name, old.index, opts)
                     continue
                 index = next(free, None)
                 if index is None:
                     raise XdpguardError(f"at most {B.PROTECT_MAX} protected prefixes")
-                new[text] = Entry(text, family, canon, name, index)
+                new[text] = Entry(text, family, canon, name, index, opts)
             added = [e for k, e in new.items() if k not in self.entries]
             gone = [e for k, e in self.entries.items() if k not in new]
             done: list[Entry] = []
@@ -134,6 +136,25 @@ class ProtectMaps:
         for k in keys:
             if B.map_delete(self._dests, k.tobytes()):
                 self._deleted += 1
+
+    def entry_of(self, raw: bytes) -> Entry | None:
+        """The most specific protected prefix holding a 16-byte address."""
+        if raw[:12] == _V4_MAPPED:
+            family, value, width = "v4", int.from_bytes(raw[12:], "big"), 32
+        else:
+            family, value, width = "v6", int.from_bytes(raw, "big"), 128
+        best: Entry | None = None
+        for e in list(self.entries.values()):
+            if e.family != family:
+                continue
+            n = width // 8
+            plen = e.canon[n]
+            net = int.from_bytes(e.canon[:n], "big")
+            if (plen == 0 or value >> (width - plen) == net >> (width - plen)) and (
+                best is None or plen > best.canon[n]
+            ):
+                best = e
+        return best
 
     @staticmethod
     def _bits(entries: dict[str, Entry]) -> int:
@@ -179,6 +200,37 @@ class ProtectMaps:
             return None
         (t0, *a), (t1, *b) = self._reads[0], self._reads[-1]
         return t1 - t0, a, b
+
+    def last_second(self) -> tuple[float, dict[bytes, np.ndarray], dict[int, np.ndarray]] | None:
+        """The rates between the last two reads, for the detector: (seconds,
+        per address [class] x (pps, bps), per prefix index the same)."""
+        if len(self._reads) < 2:
+            return None
+        (t0, p0, k0, s0), (t1, p1, k1, s1) = self._reads[-2], self._reads[-1]
+        dt = t1 - t0
+        if dt <= 0:
+            return None
+        before = {bytes(k): i for i, k in enumerate(k0)}
+        addrs: dict[bytes, np.ndarray] = {}
+        for i, k in enumerate(k1):
+            key = bytes(k)
+            now = np.stack([s1[i]["packets"], s1[i]["bytes"]]).astype(np.int64)
+            j = before.get(key)
+            if j is not None:
+                now = now - np.stack([s0[j]["packets"], s0[j]["bytes"]]).astype(np.int64)
+            rate = np.maximum(now, 0) / dt
+            if rate.any():
+                rate[1] *= 8  # bytes to bits
+                addrs[key] = rate.T
+        prefixes: dict[int, np.ndarray] = {}
+        for e in self.entries.values():
+            d = np.stack([p1[e.index]["packets"], p1[e.index]["bytes"]]).astype(np.int64) - (
+                np.stack([p0[e.index]["packets"], p0[e.index]["bytes"]]).astype(np.int64)
+            )
+            rate = np.maximum(d, 0) / dt
+            rate[1] *= 8
+            prefixes[e.index] = rate.T
+        return dt, addrs, prefixes
 
     def prefixes(self) -> list[dict[str, Any]]:
         """Each protected prefix: its name, totals, and rates per class over the

@@ -50,6 +50,9 @@ from xdpguard.policy import parse_comment
 log = logging.getLogger("xdpguard")
 
 LOCAL = "local"
+# The detector's rules (xdpguard.detect): never saved (an attack is found
+# again), and after every operator's rule of the same destination prefix.
+AUTO = "auto"
 STATE_FILE = "rules.json"
 STATE_FORMAT = "xdpguard-rules"
 STATE_VERSION = 1
@@ -189,8 +192,8 @@ class _Slots:
             self.free.append(s)
 
 
-def _entry_order(e: _Entry) -> tuple[Any, int, str]:
-    return (F.precedence(e.rule.match), e.source != LOCAL, e.source)
+def _entry_order(e: _Entry) -> tuple[Any, ...]:
+    return (e.source == AUTO, F.precedence(e.rule.match), e.source != LOCAL, e.source)
 
 
 def _depth_ok(prefixes: Iterable[F.Prefix | None], family: int) -> int:
@@ -467,9 +470,9 @@ class RuleTable:
     def _source(source: Any) -> str:
         source = source or LOCAL
         if not isinstance(source, str) or not (
-            source == LOCAL or (source.startswith("bgp:") and 4 < len(source) <= 64)
+            source in (LOCAL, AUTO) or (source.startswith("bgp:") and 4 < len(source) <= 64)
         ):
-            raise F.RuleError(f"source {source!r}: 'local' or 'bgp:PEER'")
+            raise F.RuleError(f"source {source!r}: 'local', 'auto' or 'bgp:PEER'")
         return source
 
     @staticmethod
@@ -520,7 +523,7 @@ class RuleTable:
         rest are listed in "refused" with why, and nothing else changes
         for them."""
         source = self._source(source)
-        if source == LOCAL:
+        if source in (LOCAL, AUTO):
             raise F.RuleError("updates come from a BGP source")
         self._check_hold(hold)
         matches = [self._parse_match(t) for t in withdraw]
@@ -675,7 +678,7 @@ class RuleTable:
         """A BGP source's session: ``up`` (also the feed's keepalive), ``down``
         or ``eor`` (End-of-RIB: what stayed stale goes now)."""
         source = self._source(source)
-        if source == LOCAL:
+        if source in (LOCAL, AUTO):
             raise F.RuleError("sessions are BGP sources'")
         self._check_hold(hold)
         now = self.clock()
@@ -908,6 +911,48 @@ class RuleTable:
         self.unsaved = statefile.save(
             self.state_path, lambda f: f.write(json.dumps(doc).encode()), "rules", self.unsaved
         )
+
+    # ---- the detector's rules ----
+
+    def auto_add(self, text: str) -> dict[str, Any]:
+        """Install the detector's rule ``text`` (source ``auto``); RuleError if
+        it cannot be (no room, not valid), changing nothing."""
+        rule = self._parse(text, "automatic")
+        with self._lock:
+            result = self._apply(AUTO, [rule], [])
+            e = self.entries[(AUTO, rule.match.key())]
+            return {**result, "rule": rule.text(), "slot": e.slot}
+
+    def auto_delete(self, text: str) -> None:
+        with self._lock:
+            self._apply(AUTO, [], [self._parse_match(text)])
+
+    def auto_counts(self, text: str) -> np.ndarray | None:
+        """(packets, bytes, dropped packets, dropped bytes) of a rule of ``auto``."""
+        with self._lock:
+            e = self.entries.get((AUTO, self._parse_match(text).key()))
+            return None if e is None else e.base + self.maps.rule_counts(e.slot)
+
+    def operator_rules_for(self, family: int, dst: bytes, plen: int) -> list[str]:
+        """The operator's rules (local and BGP) whose destination holds the
+        prefix dst/plen, or that have none: an automatic rule there would
+        come before them (XDP walks the longest destination first), and
+        the operator's rule must win."""
+        want = int.from_bytes(dst, "big")
+        width = 32 if family == 4 else 128
+        out = []
+        with self._lock:
+            for (fam, pfx), lst in self.lists.items():
+                if fam != family:
+                    continue
+                if pfx is not None:
+                    if pfx.plen > plen:
+                        continue  # a part of the prefix only
+                    base = int.from_bytes(pfx.addr, "big")
+                    if pfx.plen and (want ^ base) >> (width - pfx.plen):
+                        continue
+                out += [e.rule.text() for e in lst if e.source != AUTO]
+        return out
 
     def hit_text(self, ratelimit: bool, n: int) -> str | None:
         """What a sample's rule field names (struct xg_sample.rule): the rule

@@ -235,6 +235,10 @@ class Sampler:
         self._recent: collections.deque[tuple[int, np.void]] = collections.deque(maxlen=RECENT)
         self._seq = 0
         self._captures: dict[int, Capture] = {}
+        # The detector's: samples to an attacked destination, while it
+        # fingerprints (every reason raised, within the cap).
+        self._watches: dict[int, tuple[Callable[[np.ndarray], np.ndarray], list[np.void], int]] = {}
+        self.detector: Any | None = None  # xdpguard.detect.Detector: tick() once a second
         self._ids = itertools.count(1)
         now = clock()
         self._tops: dict[tuple[str, int | None], Any] = {}
@@ -249,6 +253,8 @@ class Sampler:
     def effective(self) -> dict[Reason, int]:
         """1 in N per reason: the operator's, or every frame for a capture's reasons."""
         every = {Reason[name]: n for name, n in self.base["every"].items()}
+        if self._watches:
+            return dict.fromkeys(every, 1)
         for c in self._captures.values():
             for r in c.reasons if c.reasons is not None else Reason:
                 every[Reason(r)] = 1
@@ -297,6 +303,8 @@ class Sampler:
                     last_refresh = now
                     if self.protect is not None:
                         self.protect.refresh(now)
+                    if self.detector is not None:
+                        self.detector.tick()
                     self._expire(now)
             except Exception:  # never let the sampler's thread die silently
                 log.exception("samples: reading failed; trying again in a second")
@@ -333,6 +341,10 @@ class Sampler:
                             c.lost += 1
                         c.queue.append(item)
             self._cond.notify_all()
+            for match, into, limit in self._watches.values():
+                room = limit - len(into)
+                if room > 0:
+                    into.extend(recs[match(keys)][:room])
             inbound = recs["dir"] == Direction.IN
             weights = recs["every"].astype(float) * thin
             for by in TOP_BY:
@@ -375,6 +387,31 @@ class Sampler:
                 "dropped": self._ring.dropped() if self._ring is not None else 0,
                 **self.maps.state(),
             }
+
+    def watch(self, wid: int, match: Callable[[np.ndarray], np.ndarray], into: list[np.void],
+              limit: int) -> None:  # fmt: skip
+        """Put the samples whose keys ``match`` in ``into`` (at most ``limit``),
+        every reason sampled at every frame meanwhile (within the cap)."""
+        with self._lock:
+            self._watches[wid] = (match, into, limit)
+            self._write()
+
+    def unwatch(self, wid: int) -> None:
+        with self._lock:
+            if self._watches.pop(wid, None) is not None:
+                self._write()
+
+    def samples_to(
+        self, match: Callable[[np.ndarray], np.ndarray], before_ns: int
+    ) -> list[np.void]:
+        """The samples held (the last RECENT) whose keys ``match``, taken
+        before ``before_ns`` (CLOCK_MONOTONIC, XDP's clock)."""
+        with self._lock:
+            recs = [rec for _, rec in self._recent if int(rec["ts_ns"]) < before_ns]
+        if not recs:
+            return []
+        arr = np.array(recs, dtype=SAMPLE_DTYPE)
+        return list(arr[match(B.sample_keys(arr))])
 
     def capture_start(
         self, reasons: Iterable[str] | None, direction: str | None, before: bool
