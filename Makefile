@@ -22,11 +22,12 @@ STAMP := .stamp
 # prometheus-client is importable), and the tools the labs, tests and
 # benchmarks drive (prometheus for promtool and a real scraper; exabgp, the
 # BGP daemon xdpguard flowspec-feed runs under, and gobgpd, an independent
-# FlowSpec speaker playing the fleet's controller in the interop test).
+# FlowSpec speaker playing the fleet's controller in the interop test; dnsmasq
+# and dig, the real DNS server and client beside a DNS reflection attack).
 DEB_PACKAGES := clang llvm libbpf-dev libxdp-dev bpftool pkg-config gcc make \
 	python3 python3-venv python3-dev python3-prometheus-client \
 	iproute2 ethtool iputils-ping procps tcpdump iptables ipset nftables \
-	libclang-rt-14-dev iperf3 prometheus exabgp gobgpd
+	libclang-rt-14-dev iperf3 prometheus exabgp gobgpd dnsmasq-base bind9-dnsutils
 
 BPF_OBJS := bpf/xdpguard.bpf.o bpf/xg_probe.bpf.o bpf/xg_trace.bpf.o bench/xg_bench.bpf.o bench/xg_tc.bpf.o \
 	scripts/xg_anyport.bpf.o

@@ -302,7 +302,7 @@ class Generator:
     makes every other frame the smallest later IPv4 fragment,
     ``random_host_bits`` varies the low bits of the frame's own source,
     ``random_len_min`` cuts each UDP frame to a random length from that to the
-    template's; ``seed`` (a
+    template's, ``random_dst_bits`` varies the destination's low bits; ``seed`` (a
     fresh one, printed, if None) makes a run repeatable."""
 
     def __init__(
@@ -317,16 +317,19 @@ class Generator:
         seed: int | None = None,
         random_host_bits: int = 0,
         random_len_min: int = 0,
+        random_dst_bits: int = 0,
     ) -> None:
         self.ns = Netns(netns)
         self.dev = resolve_device(self.ns, ifname)
         self.frame = frame
-        if seed is None and (random_saddr or random_sport or random_host_bits or random_len_min):
+        if seed is None and (
+            random_saddr or random_sport or random_host_bits or random_len_min or random_dst_bits
+        ):
             seed = random.getrandbits(63) | 1
             print(f"generator seed {seed}")
         args = (
             ifname, frame, queue, random_saddr, random_sport, mix_fragments, seed or 0,
-            random_host_bits, random_len_min,
+            random_host_bits, random_len_min, random_dst_bits,
         )  # fmt: skip
         # The kernel lets go of a closed socket's hold on the queue a moment
         # later (deferred work): a generator made right after another waits.

@@ -150,7 +150,8 @@ static uint32_t vary(struct xg_gen *g, uint64_t addr, uint64_t seq)
 		ip_checksum(ip, ihl);
 		return len;
 	}
-	if (!g->cfg.random_saddr && !g->cfg.random_sport && !g->cfg.random_host_bits)
+	if (!g->cfg.random_saddr && !g->cfg.random_sport && !g->cfg.random_host_bits &&
+	    !g->cfg.random_dst_bits)
 		return len;
 	r = next_rnd(g);
 	check = l4_check(g, f);
@@ -169,6 +170,15 @@ static uint32_t vary(struct xg_gen *g, uint64_t addr, uint64_t seq)
 	}
 	if (g->cfg.random_sport && g->l4)
 		set_word(f + g->l4, htons(1024 + (r >> 17) % 60000), check);
+	if (g->cfg.random_dst_bits) {
+		uint32_t daddr, mask = (1u << g->cfg.random_dst_bits) - 1;
+
+		memcpy(&daddr, ip + 16, 4);
+		daddr = htonl((ntohl(daddr) & ~mask) | (next_rnd(g) & mask));
+		set_word(ip + 16, (uint16_t)daddr, check);
+		set_word(ip + 18, (uint16_t)(daddr >> 16), check);
+		ip_checksum(ip, ihl);
+	}
 	return len;
 }
 
@@ -208,7 +218,7 @@ int xg_gen_create(const char *ifname, uint32_t queue, const struct xg_gen_cfg *c
 		if (g->l4 + 4 > g->len)
 			g->l4 = 0;
 	}
-	if (cfg->random_host_bits > 24) {
+	if (cfg->random_host_bits > 24 || cfg->random_dst_bits > 24) {
 		free(g);
 		return -EINVAL;
 	}
@@ -217,7 +227,8 @@ int xg_gen_create(const char *ifname, uint32_t queue, const struct xg_gen_cfg *c
 		free(g);
 		return -EINVAL; /* an IPv4 UDP template, no shorter than its headers */
 	}
-	if ((cfg->random_saddr || cfg->random_host_bits || cfg->mix_fragments) && !g->l3) {
+	if ((cfg->random_saddr || cfg->random_host_bits || cfg->random_dst_bits ||
+	     cfg->mix_fragments) && !g->l3) {
 		free(g);
 		return -EINVAL; /* only an IPv4 template can vary so */
 	}

@@ -246,6 +246,8 @@ struct xg_gen_cfg {
 	 * "none"); 0: every frame @len long.
 	 */
 	uint32_t random_len_min;
+	uint32_t random_dst_bits; /* IPv4: the destination's low bits (1-24) random per frame */
+	uint32_t pad;
 	uint64_t seed;		/* of the variations; 0: a fixed one */
 };
 

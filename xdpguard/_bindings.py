@@ -491,6 +491,7 @@ class Generator(_Handle):
         seed: int = 0,
         random_host_bits: int = 0,
         random_len_min: int = 0,
+        random_dst_bits: int = 0,
     ) -> None:
         super().__init__()
         cfg = ffi.new("struct xg_gen_cfg *")
@@ -503,6 +504,7 @@ class Generator(_Handle):
         cfg.mix_fragments = int(mix_fragments)
         cfg.random_host_bits = random_host_bits
         cfg.random_len_min = random_len_min
+        cfg.random_dst_bits = random_dst_bits
         cfg.seed = seed
         out = ffi.new("struct xg_gen **")
         check(lib.xg_gen_create(ifname.encode(), queue, cfg, out), f"AF_XDP generator on {ifname}")
